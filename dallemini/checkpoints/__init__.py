@@ -1,0 +1,168 @@
+"""Checkpoint formats: detect what a path holds and translate it into our configs and state dicts.
+
+Every format ends as a `ModelParts` (configs + state dicts + tokenizer JSON), which `native` can save as
+a model directory and the pipeline can load directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch import Tensor
+
+from ..config import PipelineConfig, TextConfig
+from ..errors import CheckpointError
+from . import native
+
+FORMATS = ("native", "min-dalle", "flax-dalle", "flax-vqgan", "taming")
+
+
+@dataclass
+class ModelParts:
+    """A model in memory before modules are built: config, one state dict per part, tokenizer.json text."""
+
+    config: PipelineConfig
+    states: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    tokenizer_json: str | None = None
+    source: str = ""
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the checkpoint format at path (one of FORMATS) or raise a CheckpointError saying what was found."""
+    from .min_dalle import find_files
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if p.is_file():
+        if p.suffix == ".ckpt":
+            return "taming"
+        raise CheckpointError(
+            f"{p} is a file; give a model directory (or a taming .ckpt). Known formats: {', '.join(FORMATS)}"
+        )
+    if native.is_model_dir(p):
+        return "native"
+    if find_files(p) is not None:
+        return "min-dalle"
+    if (p / "flax_model.msgpack").is_file() and (p / "config.json").is_file():
+        cfg = _json(p / "config.json")
+        if "ch_mult" in cfg or "n_embed" in cfg:
+            return "flax-vqgan"
+        if "image_vocab_size" in cfg or "encoder_vocab_size" in cfg:
+            return "flax-dalle"
+        raise CheckpointError(f"{p}/config.json is neither a DalleBart nor a VQGAN Flax config")
+    ckpts = sorted(p.glob("*.ckpt")) + sorted(p.glob("checkpoints/*.ckpt"))
+    if ckpts:
+        return "taming"
+    raise CheckpointError(
+        f"{p}: no known checkpoint found (looked for config.json of a dallemini model directory, min-dalle "
+        "encoder.pt/decoder.pt, Flax flax_model.msgpack + config.json, taming .ckpt)"
+    )
+
+
+def _tokenizer_json(path: Path | None) -> str | None:
+    """tokenizer.json text from a tokenizer.json / vocab.json+merges.txt location, or None if there is none."""
+    if path is None:
+        return None
+    from ..text import load_tokenizer
+
+    return load_tokenizer(path).to_str()
+
+
+def _find_tokenizer(*dirs: Path) -> Path | None:
+    for d in dirs:
+        if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file():
+            return d
+    return None
+
+
+def _taming_ckpt(p: Path) -> Path:
+    if p.is_file():
+        return p
+    ckpts = sorted(p.glob("checkpoints/last.ckpt")) or sorted(p.glob("*.ckpt")) or sorted(p.glob("checkpoints/*.ckpt"))
+    return ckpts[0]
+
+
+def load_parts(
+    path: str | Path,
+    vqgan: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    attention_heads: int | None = None,
+    taming_config: str | Path | None = None,
+) -> ModelParts:
+    """Read any supported checkpoint (plus an optional separate VQGAN / tokenizer) into ModelParts."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "native":
+        cfg = native.read_config(p)
+        states = {part: native.read_weights(p, part) for part in native.WEIGHT_FILES if getattr(cfg, part)}
+        tok = (p / native.TOKENIZER_FILE).read_text() if (p / native.TOKENIZER_FILE).is_file() else None
+        parts = ModelParts(cfg, states, tok, source=f"native:{p}")
+    elif fmt == "min-dalle":
+        from .min_dalle import load_min_dalle
+
+        bart_cfg, bart_state, vq_cfg, vq_state, files = load_min_dalle(p, attention_heads)
+        cfg = PipelineConfig(bart=bart_cfg, vqgan=vq_cfg, text=TextConfig(max_length=bart_cfg.max_text_length))
+        states = {"bart": bart_state}
+        if vq_state is not None:
+            states["vqgan"] = vq_state
+        tok_dir = files.vocab.parent if files.vocab else None
+        tok_json = None
+        if files.vocab is not None and files.merges is not None:
+            from ..text import load_tokenizer
+
+            tok_json = load_tokenizer(files.vocab, files.merges).to_str()
+        parts = ModelParts(cfg, states, tok_json, source=f"min-dalle:{tok_dir or p}")
+    elif fmt == "flax-dalle":
+        from .flax_dalle import load_flax_dalle
+
+        bart_cfg, bart_state = load_flax_dalle(p)
+        cfg = PipelineConfig(bart=bart_cfg, text=TextConfig(max_length=bart_cfg.max_text_length))
+        tok_dir = _find_tokenizer(p)
+        parts = ModelParts(cfg, {"bart": bart_state}, _tokenizer_json(tok_dir), source=f"flax-dalle:{p}")
+    elif fmt == "flax-vqgan":
+        from .flax_vqgan import load_flax_vqgan
+
+        vq_cfg, vq_state = load_flax_vqgan(p)
+        parts = ModelParts(PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"flax-vqgan:{p}")
+    else:
+        from .taming import load_taming
+
+        vq_cfg, vq_state = load_taming(_taming_ckpt(p), taming_config)
+        parts = ModelParts(PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"taming:{p}")
+
+    if vqgan is not None:
+        other = load_parts(vqgan, taming_config=taming_config)
+        if other.config.vqgan is None:
+            raise CheckpointError(f"{vqgan} holds no VQGAN")
+        parts.config = replace(parts.config, vqgan=other.config.vqgan)
+        parts.states["vqgan"] = other.states["vqgan"]
+    if tokenizer is not None:
+        parts.tokenizer_json = _tokenizer_json(Path(tokenizer))
+    return parts
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    vqgan: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    attention_heads: int | None = None,
+    taming_config: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert any supported checkpoint into a native model directory at dst."""
+    parts = load_parts(src, vqgan, tokenizer, attention_heads, taming_config)
+    return native.save_model_dir(dst, parts.config, parts.states, parts.tokenizer_json, overwrite=overwrite)

@@ -1,0 +1,152 @@
+"""Sampling image tokens from DalleBart: super-conditioning, temperature, top-k, top-p, per-image seeds, streaming.
+
+Order of operations is the original's: mix raw logits (uncond + s·(cond − uncond)), restrict to the VQGAN
+codebook, then temperature → top-k → top-p, then draw. Every image row has its own seed, and all its
+random numbers are drawn up front, so an image depends only on (prompt, seed, settings), not on what
+else shares the batch — which is what lets a server batch requests without changing their results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import SamplingConfig
+from .errors import InputError
+from .models.bart import DalleBart
+
+
+@dataclass
+class TokenBatch:
+    """Tokens sampled so far for every image row: [B, steps], plus how many of image_length are done."""
+
+    tokens: Tensor
+    done: int
+    total: int
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
+
+
+def filter_logits(logits: Tensor, settings: SamplingConfig) -> tuple[Tensor, Tensor | None]:
+    """Apply temperature, top-k and top-p; returns (log-weights, their token ids or None for all ids)."""
+    logits = logits.float() / settings.temperature
+    idx = None
+    if 0 < settings.top_k < logits.shape[-1]:
+        logits, idx = torch.topk(logits, settings.top_k, dim=-1)  # sorted, without a full sort
+    if settings.top_p < 1.0:
+        if idx is None:
+            logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each candidate
+        logits = logits.masked_fill(before >= settings.top_p, float("-inf"))  # the first always stays
+    return logits, idx
+
+
+def draw(logits: Tensor, idx: Tensor | None, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF sampling with one given uniform per row, so each row's draw is reproducible alone."""
+    probs = torch.softmax(logits, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = (uniforms * cdf[:, -1]).unsqueeze(-1).to(cdf.dtype)
+    choice = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+    # Never pick a zero-probability entry (possible only through rounding at the CDF's flat tail).
+    choice = torch.where(probs.gather(-1, choice) > 0, choice, probs.argmax(-1, keepdim=True))
+    if idx is not None:
+        choice = idx.gather(-1, choice)
+    return choice.squeeze(-1)
+
+
+def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> Tensor:
+    """[B, steps] uniforms in [0, 1), row r drawn from a CPU generator seeded with seeds[r]."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        rows.append(torch.rand(steps, generator=g, dtype=torch.float64))
+    return torch.stack(rows).to(device)
+
+
+def iter_image_tokens(
+    model: DalleBart,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    uncond_ids: Tensor,
+    uncond_mask: Tensor,
+    seeds: Sequence[int],
+    settings: SamplingConfig,
+    num_codes: int,
+    prompt_index: Tensor | None = None,
+    prefix: Tensor | None = None,
+    stream_every: int = 0,
+) -> Iterator[TokenBatch]:
+    """Sample image_length tokens for each row; yields partial batches every `stream_every` steps, then the final one.
+
+    input_ids/attention_mask hold one row per distinct prompt; `prompt_index[r]` names the prompt of image
+    row r (default: row r uses prompt r). uncond_ids is the empty caption's encoding (one row). `prefix`
+    [B, m] forces the first m tokens of every row (image completion). `num_codes` is the VQGAN codebook
+    size: decoder logits past it (BOS, padding rows of mega) are never sampled.
+    """
+    cfg = model.config
+    device = input_ids.device
+    b = len(seeds)
+    if prompt_index is None:
+        prompt_index = torch.arange(input_ids.shape[0], device=device)
+    prompt_index = prompt_index.to(device)
+    if prompt_index.shape != (b,):
+        raise InputError(f"{b} seeds given for {prompt_index.shape[0]} image rows")
+    if not 0 < num_codes <= cfg.image_vocab_size:
+        raise InputError(f"num_codes {num_codes} does not fit the decoder vocabulary {cfg.image_vocab_size}")
+    total = cfg.image_length
+    m = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None:
+        if prefix.shape[0] != b or m > total:
+            raise InputError(f"prefix must be [{b}, <= {total}], got {tuple(prefix.shape)}")
+        if prefix.numel() and (prefix.min() < 0 or prefix.max() >= num_codes):
+            raise InputError(f"prefix codes must lie in [0, {num_codes})")
+
+    guided = settings.condition_scale != 1.0
+    p = input_ids.shape[0]
+    if guided:
+        ids = torch.cat([input_ids, uncond_ids[:1].to(device)])
+        mask = torch.cat([attention_mask, uncond_mask[:1].to(device)])
+        if ids.shape[1] != uncond_ids.shape[1]:
+            raise InputError("prompt and unconditional encodings must have the same length")
+        rows = torch.cat([prompt_index, torch.full((b,), p, device=device)])
+    else:
+        ids, mask, rows = input_ids, attention_mask, prompt_index
+    enc = model.encode(ids, mask)
+    cache = model.init_cache(enc, mask, rows=rows)
+    uniforms = row_uniforms(seeds, total, device)
+    out = torch.empty((b, total), dtype=torch.long, device=device)
+    bos = torch.full((b, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    feed = bos if prefix is None else torch.cat([bos, prefix.to(device)], dim=1)
+    if m:
+        out[:, :m] = prefix
+    for step in range(m, total):
+        x = feed.repeat(2, 1) if guided else feed
+        logits = model.decode_step(x, cache)[:, -1, :num_codes]
+        if guided:
+            cond, uncond = logits[:b], logits[b:]
+            logits = uncond + settings.condition_scale * (cond - uncond)
+        lw, idx = filter_logits(logits, settings)
+        token = draw(lw, idx, uniforms[:, step])
+        out[:, step] = token
+        feed = token[:, None]
+        done = step + 1
+        if done == total or (stream_every and done % stream_every == 0):
+            yield TokenBatch(tokens=out[:, :done].clone(), done=done, total=total)
+    if m == total:
+        yield TokenBatch(tokens=out.clone(), done=total, total=total)
+
+
+def sample_image_tokens(*args, **kwargs) -> Tensor:
+    """Run iter_image_tokens to the end and return the final tokens [B, image_length]."""
+    kwargs["stream_every"] = 0
+    last = None
+    for last in iter_image_tokens(*args, **kwargs):
+        pass
+    assert last is not None and last.finished
+    return last.tokens

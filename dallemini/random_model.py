@@ -1,0 +1,48 @@
+"""Randomly initialised model directories: starting points for training and fixtures for smoke tests."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from .checkpoints.native import save_model_dir
+from .config import preset as preset_config
+from .models.bart import DalleBart
+from .models.vqgan import VQGAN
+
+_COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
+_THINGS = ["apple", "pizza", "cat", "dog", "car", "house", "tree", "boat", "flower", "cake", "bird", "fish"]
+_PLACES = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+
+
+def seed_captions() -> list[str]:
+    """A small built-in caption set to fit a tokenizer for a random model (no download needed)."""
+    return [
+        f"{thing} on a {colour} background, {place}"
+        for thing, colour, place in itertools.product(_THINGS, _COLOURS, _PLACES)
+    ]
+
+
+def create_random_model(
+    dst: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Write a model directory with random weights and a tokenizer trained on seed_captions()."""
+    from .text import TextNormalizer, train_tokenizer
+
+    cfg = preset_config(preset)
+    assert cfg.bart is not None and cfg.vqgan is not None
+    torch.manual_seed(seed)
+    bart = DalleBart(cfg.bart)
+    vqgan = VQGAN(cfg.vqgan)
+    tok = train_tokenizer(
+        seed_captions(), vocab_size=min(cfg.bart.encoder_vocab_size, 4096), normalizer=TextNormalizer()
+    )
+    return save_model_dir(
+        dst,
+        cfg,
+        {"bart": bart.state_dict(), "vqgan": vqgan.state_dict()},
+        tokenizer_json=tok.to_str(),
+        overwrite=overwrite,
+    )

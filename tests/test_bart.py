@@ -1,0 +1,135 @@
+"""DalleBart: shapes of the published variants, cached decoding == full forward, training loss, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dallemini.config import BART_PRESETS, BartConfig
+from dallemini.errors import ConfigError, InputError
+from dallemini.models.bart import DalleBart
+
+
+def _inputs(cfg: BartConfig, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, cfg.encoder_vocab_size, (batch, cfg.max_text_length), generator=g)
+    mask = torch.ones_like(ids)
+    ids[:, 0] = 0
+    for b in range(batch):  # different amounts of padding per row
+        n = cfg.max_text_length - 3 * b - 1
+        ids[b, n] = 2
+        ids[b, n + 1 :] = 1
+        mask[b, n + 1 :] = 0
+    labels = torch.randint(0, cfg.image_vocab_size, (batch, cfg.image_length), generator=g)
+    return ids, mask, labels
+
+
+@pytest.fixture
+def tiny() -> DalleBart:
+    torch.manual_seed(0)
+    return DalleBart(BART_PRESETS["tiny"]).eval()
+
+
+def _param_count(cfg: BartConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in DalleBart(cfg).parameters())
+
+
+def test_published_variants_have_the_published_shapes() -> None:
+    mini, mega = BART_PRESETS["mini"], BART_PRESETS["mega"]
+    with torch.device("meta"):
+        m = DalleBart(mini)
+    sd = m.state_dict()
+    assert sd["decoder.embed_tokens.weight"].shape == (16385, 1024)
+    assert sd["decoder.lm_head.weight"].shape == (16385, 1024)
+    assert sd["encoder.embed_tokens.weight"].shape == (50264, 1024)
+    assert sd["encoder.layers.11.glu.fc0.weight"].shape == (2730, 1024)
+    # no dense biases, bias-only norms before dense layers, scaled norms after attention
+    assert not any(k.endswith("proj.bias") or ".fc" in k and k.endswith("bias") for k in sd)
+    assert "encoder.layers.0.pre_self_attn_layer_norm.weight" not in sd
+    assert "decoder.layers.0.glu.ln1.bias" in sd and "decoder.layers.0.glu.ln1.weight" not in sd
+    assert "decoder.layers.0.encoder_attn_layer_norm.weight" in sd
+    assert "decoder.final_ln.weight" not in sd
+    assert 0.40e9 < _param_count(mini) < 0.45e9  # "mini ≈ 0.4B"
+    assert 2.4e9 < _param_count(mega) < 2.8e9  # "mega ≈ 2.6B"
+    with torch.device("meta"):
+        assert DalleBart(mega).decoder.lm_head.weight.shape == (16416, 2048)
+
+
+def test_cached_decoding_equals_full_forward(tiny: DalleBart) -> None:
+    cfg = tiny.config
+    ids, mask, labels = _inputs(cfg)
+    with torch.no_grad():
+        full = tiny(ids, mask, labels=labels).logits
+        dec_in = tiny.shift_right(labels)
+        cache = tiny.init_cache(tiny.encode(ids, mask), mask)
+        steps = torch.cat([tiny.decode_step(dec_in[:, i : i + 1], cache) for i in range(cfg.image_length)], 1)
+        torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+        # chunks of several tokens (a forced prefix) then single steps
+        cache = tiny.init_cache(tiny.encode(ids, mask), mask)
+        chunked = torch.cat([tiny.decode_step(dec_in[:, :5], cache), tiny.decode_step(dec_in[:, 5:9], cache)]
+                            + [tiny.decode_step(dec_in[:, i : i + 1], cache) for i in range(9, cfg.image_length)], 1)
+        torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_leak(tiny: DalleBart) -> None:
+    """Tokens behind the attention mask must not change anything."""
+    ids, mask, labels = _inputs(tiny.config)
+    ids2 = ids.clone()
+    ids2[mask == 0] = 7
+    with torch.no_grad():
+        a = tiny(ids, mask, labels=labels).logits
+        b = tiny(ids2, mask, labels=labels).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_cache_rows_share_prompts(tiny: DalleBart) -> None:
+    """rows= maps several images onto one prompt's encoder pass: same as repeating the prompt."""
+    ids, mask, labels = _inputs(tiny.config, batch=2)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        enc = tiny.encode(ids, mask)
+        c1 = tiny.init_cache(enc, mask, rows=rows)
+        c2 = tiny.init_cache(enc[rows], mask[rows])
+        tok = labels[rows, :3]
+        torch.testing.assert_close(tiny.decode_step(tok, c1), tiny.decode_step(tok, c2))
+
+
+def test_training_loss_falls(tiny: DalleBart) -> None:
+    ids, mask, labels = _inputs(tiny.config, batch=4)
+    tiny.train()
+    opt = torch.optim.AdamW(tiny.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = tiny(ids, mask, labels=labels).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_bad_inputs_are_explained(tiny: DalleBart) -> None:
+    cfg = tiny.config
+    ids, mask, labels = _inputs(cfg)
+    with pytest.raises(InputError, match="at most"):
+        tiny.encode(torch.cat([ids, ids], 1), torch.cat([mask, mask], 1))
+    bad = ids.clone()
+    bad[0, 1] = cfg.encoder_vocab_size
+    with pytest.raises(InputError, match="tokenizer does not match"):
+        tiny.encode(bad, mask)
+    with pytest.raises(InputError, match="labels"):
+        tiny(ids, mask)
+    cache = tiny.init_cache(tiny.encode(ids, mask), mask)
+    with pytest.raises(InputError, match="past image_length"):
+        tiny.decode_step(labels[:, :1].repeat(1, cfg.image_length + 1), cache)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="divisible"):
+        BartConfig(d_model=100, attention_heads=3)
+    with pytest.raises(ConfigError, match="decoder_start_token_id"):
+        BartConfig(image_vocab_size=10, decoder_start_token_id=11)
+    with pytest.raises(ConfigError, match="unknown field"):
+        BartConfig.from_dict({"d_model": 64, "use_alibi": True})
+    assert BartConfig.from_dict(BART_PRESETS["tiny"].to_dict()) == BART_PRESETS["tiny"]

@@ -1,0 +1,147 @@
+"""Parity with min-dalle: its own modules, random weights, saved in its .pt format, loaded through our converter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dallemini.checkpoints.min_dalle import find_files, load_min_dalle
+from dallemini.errors import CheckpointError
+from dallemini.models.bart import DalleBart
+
+md_enc = pytest.importorskip("min_dalle.models.dalle_bart_encoder")
+md_dec = pytest.importorskip("min_dalle.models.dalle_bart_decoder")
+
+D, HEADS, GLU, LAYERS, TEXT_VOCAB, TEXT_LEN, CODES = 128, 2, 96, 2, 100, 16, 40
+
+
+def _randomize(module: torch.nn.Module, seed: int, perturb_norms: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:  # layer-norm scales
+                if perturb_norms:
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:  # layer-norm biases
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _make_min_dalle(tmp_path: Path, perturb_norms: bool) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
+    enc = md_enc.DalleBartEncoder(
+        layer_count=LAYERS,
+        embed_count=D,
+        attention_head_count=HEADS,
+        text_vocab_count=TEXT_VOCAB,
+        text_token_count=TEXT_LEN,
+        glu_embed_count=GLU,
+        device="cpu",
+    ).eval()
+    dec = md_dec.DalleBartDecoder(
+        image_vocab_count=CODES,
+        embed_count=D,
+        attention_head_count=HEADS,
+        glu_embed_count=GLU,
+        layer_count=LAYERS,
+        device="cpu",
+    ).eval()
+    _randomize(enc, 0, perturb_norms)
+    _randomize(dec, 1, perturb_norms)
+    root = tmp_path / "pretrained" / "dalle_bart_mini"
+    root.mkdir(parents=True)
+    torch.save(enc.state_dict(), root / "encoder.pt")
+    torch.save(dec.state_dict(), root / "decoder.pt")
+    return tmp_path / "pretrained", enc, dec
+
+
+def _text(batch_first_uncond: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    cond = torch.randint(3, TEXT_VOCAB, (TEXT_LEN,), generator=g)
+    cond[0], cond[9], cond[10:] = 0, 2, 1  # <s> ... </s> then padding
+    uncond = torch.ones(TEXT_LEN, dtype=torch.long)
+    uncond[0], uncond[1] = 0, 2
+    return torch.stack([uncond, cond])
+
+
+def _ours(root: Path) -> DalleBart:
+    cfg, state, _, _, _ = load_min_dalle(root, attention_heads=HEADS)
+    model = DalleBart(cfg).eval()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("perturb_norms", [True, False])
+def test_encoder_and_teacher_forced_logits_match(tmp_path: Path, perturb_norms: bool) -> None:
+    root, enc, dec = _make_min_dalle(tmp_path, perturb_norms)
+    ours = _ours(root)
+    assert ours.config.force_ln_scale is perturb_norms
+    ids = _text()
+    mask = ids.ne(1)
+    with torch.no_grad():
+        ref_enc = enc(ids)
+        our_enc = ours.encode(ids, mask.long())
+        torch.testing.assert_close(our_enc, ref_enc, atol=2e-5, rtol=1e-4)
+
+        n = 12
+        prev = torch.randint(0, CODES, (1, n), generator=torch.Generator().manual_seed(3))
+        prev[0, 0] = CODES  # BOS row
+        state = torch.zeros(LAYERS, 4, 256, D)
+        ref_logits, _ = dec(
+            attention_mask=mask[:, None, None, :],
+            encoder_state=ref_enc,
+            attention_state=state,
+            prev_tokens=prev,
+            token_index=torch.arange(n),
+        )
+        our_logits = ours(ids, mask.long(), decoder_input_ids=prev.repeat(2, 1)).logits
+    torch.testing.assert_close(our_logits, ref_logits, atol=5e-5, rtol=1e-4)
+
+
+def test_step_by_step_logits_match(tmp_path: Path) -> None:
+    root, enc, dec = _make_min_dalle(tmp_path, perturb_norms=True)
+    ours = _ours(root)
+    ids = _text()
+    mask = ids.ne(1)
+    tokens = torch.randint(0, CODES, (24,), generator=torch.Generator().manual_seed(4))
+    tokens[0] = CODES
+    with torch.no_grad():
+        ref_enc = enc(ids)
+        state = torch.zeros(LAYERS, 4, 256, D)
+        cache = ours.init_cache(ours.encode(ids, mask.long()), mask.long())
+        for i, tok in enumerate(tokens.tolist()):
+            ref, state = dec(
+                attention_mask=mask[:, None, None, :],
+                encoder_state=ref_enc,
+                attention_state=state,
+                prev_tokens=torch.tensor([[tok]]),
+                token_index=torch.tensor([i]),
+            )
+            got = ours.decode_step(torch.tensor([[tok], [tok]]), cache)
+            torch.testing.assert_close(got, ref, atol=5e-5, rtol=1e-4, msg=f"step {i}")
+
+
+def test_layouts_are_found(tmp_path: Path) -> None:
+    root, _, _ = _make_min_dalle(tmp_path, perturb_norms=False)
+    assert find_files(root).encoder == root / "dalle_bart_mini" / "encoder.pt"
+    assert find_files(root / "dalle_bart_mini").decoder.name == "decoder.pt"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for src, dst in (("encoder.pt", "encoder_mini.pt"), ("decoder.pt", "decoder_mini.pt")):
+        (flat / dst).write_bytes((root / "dalle_bart_mini" / src).read_bytes())
+    assert find_files(flat).encoder.name == "encoder_mini.pt"
+    assert find_files(tmp_path / "nothing-here") is None
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    root, _, _ = _make_min_dalle(tmp_path, perturb_norms=False)
+    f = root / "dalle_bart_mini" / "decoder.pt"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"decoder\.pt"):
+        load_min_dalle(root)
+    torch.save({"something": torch.zeros(3)}, f)
+    with pytest.raises(CheckpointError, match="embed_tokens"):
+        load_min_dalle(root)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -95,7 +95,7 @@ def read_weights(path: str | os.PathLike, part: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{f} not found; the model directory's config lists a {part} model")
     try:
         state = load_file(str(f))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{f} is not a readable safetensors file (truncated or corrupt?): {e}"
         ) from e

@@ -1,0 +1,66 @@
+"""The `dallemini` command: create, generate, convert, info, and exit status 2 with a message for user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dallemini.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "tiny"
+    r = run("create", d, "--preset", "tiny")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_generate_writes_images_grid_and_record(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run("generate", "--model", tiny, "-n", "3", "--seed", "5", "--top-k", "8", "--out", out,
+            "pizza on a blue background, top left", "a cat")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "generation.json").read_text())
+    assert [i["seed"] for i in rec["images"]] == [5, 6, 7, 8, 9, 10]
+    assert rec["settings"]["top_k"] == 8
+    assert Image.open(out / "grid-000.png").size == (128, 128)  # 3 images of 64 px on a 2x2 grid
+    assert Image.open(out / "001-002.png").size == (64, 64)
+
+
+def test_user_errors_exit_2_with_a_message(tiny: Path, tmp_path: Path) -> None:
+    cases = [
+        (("generate", "--model", tiny, ""), "empty prompt"),
+        (("generate", "--model", tiny), "no prompt"),
+        (("generate", "a cat"), "no model"),
+        (("generate", "--model", tmp_path / "missing", "a cat"), "does not exist"),
+        (("generate", "--model", tiny, "--temperature", "0", "a cat"), "temperature"),
+        (("generate", "--model", tiny, "-n", "0", "a cat"), "--n"),
+        (("generate", "--model", tiny, "--device", "cuda:7", "a cat"), "cuda"),
+        (("generate", "--model", tiny, "--dtype", "int8", "a cat"), "dtype"),
+        (("generate", "--model", tiny, "--bogus", "a cat"), "No such option"),
+        (("convert", tiny, tiny), "already exists"),
+    ]
+    for args, message in cases:
+        r = run(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_convert_and_info(tiny: Path, tmp_path: Path) -> None:
+    r = run("convert", tiny, tmp_path / "copy")
+    assert r.returncode == 0, r.stderr
+    r = run("info", tmp_path / "copy")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "native" and info["config"]["bart"]["d_model"] == 64

@@ -1,0 +1,104 @@
+"""Native model directories: round trip, atomic writes, and clear refusals of broken or foreign files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from dallemini.checkpoints import detect_format, load_parts
+from dallemini.checkpoints.native import read_config, save_model_dir
+from dallemini.config import PipelineConfig, preset
+from dallemini.errors import CheckpointError
+from dallemini.pipeline import TextToImage, load_pipeline
+from dallemini.random_model import create_random_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_random_model(tmp_path_factory.mktemp("m") / "tiny", preset="tiny", seed=0)
+
+
+def test_round_trip(tiny_dir: Path) -> None:
+    assert detect_format(tiny_dir) == "native"
+    cfg = read_config(tiny_dir)
+    assert cfg == preset("tiny")
+    assert json.loads((tiny_dir / "config.json").read_text())["format"] == "dallemini"
+    parts = load_parts(tiny_dir)
+    assert set(parts.states) == {"bart", "vqgan"}
+    pipe = load_pipeline(tiny_dir, device="cpu")
+    sd = pipe.bart.state_dict()
+    for k, v in parts.states["bart"].items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_generation_is_reproducible(tiny_dir: Path) -> None:
+    pipe = TextToImage.from_pretrained(tiny_dir, device="cpu")
+    a = pipe("pizza on a blue background, top left", num_images=2, seed=3)
+    b = pipe("pizza on a blue background, top left", num_images=2, seed=3)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.seed for r in a] == [3, 4]
+    assert a[0].image.size == (64, 64)
+    assert a[0].image.tobytes() == b[0].image.tobytes()
+    many = pipe(["cat", "dog"], num_images=2, seed=3)
+    assert len(many) == 2 and all(len(x) == 2 for x in many)
+    assert many[0][0].tokens != many[1][0].tokens
+
+
+def test_stream_frames(tiny_dir: Path) -> None:
+    pipe = TextToImage.from_pretrained(tiny_dir, device="cpu")
+    frames = list(pipe.stream("a cat", num_images=2, seed=1, every=4))
+    assert [f.done for f in frames] == [4, 8, 12, 16]
+    final = pipe("a cat", num_images=2, seed=1)
+    assert frames[-1].images[1].tobytes() == final[1].image.tobytes()
+    # the first frame has one token row: everything below the first 16 pixel rows is grey
+    px = frames[0].images[0].crop((0, 16, 64, 64)).getextrema()
+    assert px == ((128, 128), (128, 128), (128, 128))
+
+
+def test_existing_destination_is_kept(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_model_dir(tiny_dir, preset("tiny"), {})
+    assert (tiny_dir / "bart.safetensors").is_file()
+
+
+def test_truncated_weights_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in tiny_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    data = (d / "bart.safetensors").read_bytes()
+    (d / "bart.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"bart\.safetensors.*truncated or corrupt"):
+        load_pipeline(d, device="cpu")
+    (d / "bart.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"bart\.safetensors"):
+        load_pipeline(d, device="cpu")
+
+
+def test_shape_mismatch_names_the_tensor(tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    cfg = read_config(tiny_dir)
+    wrong = replace(cfg, bart=replace(cfg.bart, ffn_dim=cfg.bart.ffn_dim + 1))
+    parts = load_parts(tiny_dir)
+    save_model_dir(d, wrong, parts.states, parts.tokenizer_json)
+    with pytest.raises(CheckpointError, match=r"encoder\.layers\.0\.glu\.fc0\.weight.*shape \(128, 64\).*\(129, 64\)"):
+        load_pipeline(d, device="cpu")
+
+
+def test_foreign_and_bad_configs(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        detect_format(tmp_path / "missing")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "weights.bin").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no known checkpoint"):
+        load_pipeline(tmp_path / "x")
+    (tmp_path / "y").mkdir()
+    cfg = PipelineConfig().to_dict()
+    cfg["version"] = 99
+    (tmp_path / "y" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="version 99"):
+        read_config(tmp_path / "y")

@@ -145,3 +145,79 @@ def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
     torch.save({"something": torch.zeros(3)}, f)
     with pytest.raises(CheckpointError, match="embed_tokens"):
         load_min_dalle(root)
+
+
+def test_convert_min_dalle_folder_and_generate(tmp_path: Path) -> None:
+    """min-dalle folder (+ its vocab.json/merges.txt) + a separate VQGAN -> model dir -> images."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from dallemini.checkpoints import convert
+    from dallemini.checkpoints.native import save_model_dir
+    from dallemini.config import PipelineConfig, VQGANConfig
+    from dallemini.models.vqgan import VQGAN
+    from dallemini.pipeline import load_pipeline
+    from dallemini.random_model import seed_captions
+
+    global TEXT_VOCAB
+    old = TEXT_VOCAB
+    TEXT_VOCAB = 320
+    try:
+        root, _, _ = _make_min_dalle(tmp_path, perturb_norms=True)
+    finally:
+        TEXT_VOCAB = old
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(seed_captions(), vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(root / "dalle_bart_mini"))
+    assert (root / "dalle_bart_mini" / "merges.txt").is_file()
+    vq_cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
+                         n_embed=CODES, num_groups=8)
+    vq_dir = save_model_dir(tmp_path / "vq", PipelineConfig(vqgan=vq_cfg), {"vqgan": VQGAN(vq_cfg).state_dict()})
+    out = convert(root, tmp_path / "model", vqgan=vq_dir, attention_heads=HEADS)
+    pipe = load_pipeline(out, device="cpu")
+    assert pipe.config.bart.force_ln_scale and pipe.config.bart.image_length == 256
+    res = pipe("pizza on a blue background", num_images=1, seed=0, top_k=4)
+    assert res[0].image.size == (256, 256)
+    assert len(res[0].tokens) == 256 and max(res[0].tokens) < CODES
+
+
+def test_greedy_tokens_match_min_dalle_sampler(tmp_path: Path) -> None:
+    """With sampling replaced by argmax (top-k 1), min-dalle's own sampler and ours pick the same tokens."""
+    from dataclasses import replace
+
+    from dallemini.config import SamplingConfig
+    from dallemini.generate import iter_image_tokens
+
+    global CODES
+    old = CODES
+    CODES = 16384  # min-dalle slices logits to the first 2**14, so the BOS row must lie beyond them
+    try:
+        root, enc, dec = _make_min_dalle(tmp_path, perturb_norms=True)
+    finally:
+        CODES = old
+    cfg, state, _, _, _ = load_min_dalle(root, attention_heads=HEADS)
+    # min-dalle starts from token 2**14 - 1 instead of the original's BOS 16384: feed ours the same.
+    ours = DalleBart(replace(cfg, decoder_start_token_id=2**14 - 1)).eval()
+    ours.load_state_dict(state)
+    ids = _text()
+    mask = ids.ne(1)
+    factor, steps = 4.0, 32
+    with torch.no_grad():
+        enc_state = enc(ids)
+        attn_state = torch.zeros(LAYERS, 4, 256, D)
+        settings = torch.tensor([1.0, 1.0, factor])
+        prev, ref = 2**14 - 1, []
+        for i in range(steps):
+            tok, attn_state = dec.sample_tokens(
+                settings=settings,
+                attention_mask=mask[:, None, None, :],
+                encoder_state=enc_state,
+                attention_state=attn_state,
+                prev_tokens=torch.tensor([[prev]]),
+                token_index=torch.tensor([i]),
+            )
+            prev = int(tok[0])
+            ref.append(prev)
+        stream = iter_image_tokens(ours, ids[1:], mask[1:].long(), ids[:1], mask[:1].long(), [0],
+                                   SamplingConfig(top_k=1, condition_scale=factor), 2**14, stream_every=steps)
+        got = next(stream).tokens
+    assert got[0].tolist() == ref

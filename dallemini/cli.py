@@ -25,14 +25,22 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="one or more prompts")] = None,
-    model: Annotated[Path | None, typer.Option(help="model directory or a foreign checkpoint")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="text file with one prompt per line")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="model directory or a foreign checkpoint")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="text file with one prompt per line")
+    ] = None,
     n: Annotated[int, typer.Option("--n", "-n", help="images per prompt")] = 4,
     seed: Annotated[int | None, typer.Option(help="seed; image k of the run uses seed + k")] = None,
     temperature: Annotated[float | None, typer.Option(help="softmax temperature (> 0)")] = None,
-    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens (0 = all)")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="keep the k most likely tokens (0 = all)")
+    ] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass in (0, 1]")] = None,
-    condition_scale: Annotated[float | None, typer.Option(help="super-conditioning scale (1 = off)")] = None,
+    condition_scale: Annotated[
+        float | None, typer.Option(help="super-conditioning scale (1 = off)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("out"),
     vqgan: Annotated[Path | None, typer.Option(help="separate VQGAN checkpoint")] = None,
     device: DeviceOpt = "auto",
@@ -54,18 +62,29 @@ def generate(
     if not 1 <= n <= 1024:
         raise InputError(f"--n must be between 1 and 1024, got {n}")
     if model is None:
-        raise InputError("no model given: pass --model DIR (a model directory or a checkpoint to convert)")
+        raise InputError(
+            "no model given: pass --model DIR (a model directory or a checkpoint to convert)"
+        )
     pipe = TextToImage.from_pretrained(model, device=device, dtype=dtype, vqgan=vqgan)
-    settings = pipe.sampling(temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale)
+    settings = pipe.sampling(
+        temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
+    )
     out.mkdir(parents=True, exist_ok=True)
     results = pipe(texts, num_images=n, seed=seed, **settings.to_dict())
-    record = {"model": str(model), "settings": settings.to_dict(), "device": str(pipe.device),
-              "dtype": str(pipe.dtype).removeprefix("torch."), "images": []}
+    record = {
+        "model": str(model),
+        "settings": settings.to_dict(),
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "images": [],
+    }
     for i, per_prompt in enumerate(results):
         for j, r in enumerate(per_prompt):
             name = f"{i:03d}-{j:03d}.png"
             r.image.save(out / name)
-            record["images"].append({"file": name, "prompt": r.prompt, "seed": r.seed, "score": r.score})
+            record["images"].append(
+                {"file": name, "prompt": r.prompt, "seed": r.seed, "score": r.score}
+            )
         grid = f"grid-{i:03d}.png"
         make_grid([r.image for r in per_prompt]).save(out / grid)
         typer.echo(f"{texts[i]!r}: {len(per_prompt)} images, grid {out / grid}")
@@ -74,19 +93,36 @@ def generate(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="min-dalle folder, Flax model folder, taming .ckpt, or model dir")],
+    src: Annotated[
+        Path, typer.Argument(help="min-dalle folder, Flax model folder, taming .ckpt, or model dir")
+    ],
     dst: Annotated[Path, typer.Argument(help="output model directory")],
-    vqgan: Annotated[Path | None, typer.Option(help="VQGAN checkpoint to add (Flax folder, taming .ckpt, ...)")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or folder with vocab.json + merges.txt")] = None,
-    heads: Annotated[int | None, typer.Option(help="attention heads, if not d_model/64 (min-dalle)")] = None,
-    taming_config: Annotated[Path | None, typer.Option(help="YAML config of a taming .ckpt")] = None,
+    vqgan: Annotated[
+        Path | None, typer.Option(help="VQGAN checkpoint to add (Flax folder, taming .ckpt, ...)")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer.json or folder with vocab.json + merges.txt")
+    ] = None,
+    heads: Annotated[
+        int | None, typer.Option(help="attention heads, if not d_model/64 (min-dalle)")
+    ] = None,
+    taming_config: Annotated[
+        Path | None, typer.Option(help="YAML config of a taming .ckpt")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace dst if it exists")] = False,
 ) -> None:
     """Convert a checkpoint people already have into a dallemini model directory."""
     from .checkpoints import convert as do_convert
 
-    path = do_convert(src, dst, vqgan=vqgan, tokenizer=tokenizer, attention_heads=heads,
-                      taming_config=taming_config, overwrite=overwrite)
+    path = do_convert(
+        src,
+        dst,
+        vqgan=vqgan,
+        tokenizer=tokenizer,
+        attention_heads=heads,
+        taming_config=taming_config,
+        overwrite=overwrite,
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -111,8 +147,16 @@ def info(path: Annotated[Path, typer.Argument(help="model directory or checkpoin
 
     fmt = detect_format(path)
     parts = load_parts(path)
-    typer.echo(json.dumps({"format": fmt, "config": parts.config.to_dict(),
-                           "tokenizer": parts.tokenizer_json is not None}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "format": fmt,
+                "config": parts.config.to_dict(),
+                "tokenizer": parts.tokenizer_json is not None,
+            },
+            indent=2,
+        )
+    )
 
 
 def main() -> None:
@@ -133,6 +177,7 @@ def main() -> None:
             e.show()
             sys.exit(2)
         raise
+
 
 if __name__ == "__main__":
     main()

@@ -121,7 +121,9 @@ class VQGANConfig:
 
     def __post_init__(self) -> None:
         if self.pixel_range not in ("0,1", "-1,1"):
-            raise ConfigError(f"vqgan.pixel_range must be '0,1' or '-1,1', got {self.pixel_range!r}")
+            raise ConfigError(
+                f"vqgan.pixel_range must be '0,1' or '-1,1', got {self.pixel_range!r}"
+            )
         if not self.ch_mult:
             raise ConfigError("vqgan.ch_mult must not be empty")
         for name in ("ch", "num_res_blocks", "z_channels", "embed_dim", "n_embed", "resolution"):
@@ -134,7 +136,9 @@ class VQGANConfig:
             )
         for c in {self.ch * m for m in self.ch_mult} | {self.ch}:
             if c % self.num_groups:
-                raise ConfigError(f"vqgan channel count {c} is not divisible by num_groups={self.num_groups}")
+                raise ConfigError(
+                    f"vqgan channel count {c} is not divisible by num_groups={self.num_groups}"
+                )
 
     @property
     def downsample_factor(self) -> int:

@@ -43,7 +43,9 @@ def filter_logits(logits: Tensor, settings: SamplingConfig) -> tuple[Tensor, Ten
             logits, idx = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each candidate
-        logits = logits.masked_fill(before >= settings.top_p, float("-inf"))  # the first always stays
+        logits = logits.masked_fill(
+            before >= settings.top_p, float("-inf")
+        )  # the first always stays
     return logits, idx
 
 
@@ -98,7 +100,9 @@ def iter_image_tokens(
     if prompt_index.shape != (b,):
         raise InputError(f"{b} seeds given for {prompt_index.shape[0]} image rows")
     if not 0 < num_codes <= cfg.image_vocab_size:
-        raise InputError(f"num_codes {num_codes} does not fit the decoder vocabulary {cfg.image_vocab_size}")
+        raise InputError(
+            f"num_codes {num_codes} does not fit the decoder vocabulary {cfg.image_vocab_size}"
+        )
     total = cfg.image_length
     m = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:
@@ -145,8 +149,6 @@ def iter_image_tokens(
 def sample_image_tokens(*args, **kwargs) -> Tensor:
     """Run iter_image_tokens to the end and return the final tokens [B, image_length]."""
     kwargs["stream_every"] = 0
-    last = None
-    for last in iter_image_tokens(*args, **kwargs):
-        pass
-    assert last is not None and last.finished
+    *_, last = iter_image_tokens(*args, **kwargs)
+    assert last.finished
     return last.tokens

@@ -54,7 +54,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def to_pil(images: Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] -> RGB PIL images."""
-    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     return [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in arr]
 
 
@@ -133,10 +135,10 @@ class TextToImage:
         tokenizer: str | os.PathLike | None = None,
     ) -> TextToImage:
         """Load a model directory (or any foreign format `dallemini convert` accepts) onto a device."""
-        from .checkpoints import load_parts
-        from .checkpoints.native import load_into
         from tokenizers import Tokenizer
 
+        from .checkpoints import load_parts
+        from .checkpoints.native import load_into
         from .text import TextEncoder
 
         dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -147,7 +149,9 @@ class TextToImage:
         if cfg.vqgan is None:
             raise CheckpointError(f"{path} holds no VQGAN; pass one with vqgan=PATH (--vqgan)")
         if parts.tokenizer_json is None:
-            raise CheckpointError(f"{path} has no tokenizer (tokenizer.json or vocab.json + merges.txt)")
+            raise CheckpointError(
+                f"{path} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
+            )
         bart = load_into(DalleBart(cfg.bart), parts.states["bart"], f"{parts.source} (bart)")
         vq = load_into(VQGAN(cfg.vqgan), parts.states["vqgan"], f"{parts.source} (vqgan)")
         text = TextEncoder(Tokenizer.from_str(parts.tokenizer_json), cfg.text)

@@ -13,8 +13,31 @@ from .models.bart import DalleBart
 from .models.vqgan import VQGAN
 
 _COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
-_THINGS = ["apple", "pizza", "cat", "dog", "car", "house", "tree", "boat", "flower", "cake", "bird", "fish"]
-_PLACES = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+_THINGS = [
+    "apple",
+    "pizza",
+    "cat",
+    "dog",
+    "car",
+    "house",
+    "tree",
+    "boat",
+    "flower",
+    "cake",
+    "bird",
+    "fish",
+]
+_PLACES = [
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+]
 
 
 def seed_captions() -> list[str]:
@@ -37,7 +60,9 @@ def create_random_model(
     bart = DalleBart(cfg.bart)
     vqgan = VQGAN(cfg.vqgan)
     tok = train_tokenizer(
-        seed_captions(), vocab_size=min(cfg.bart.encoder_vocab_size, 4096), normalizer=TextNormalizer()
+        seed_captions(),
+        vocab_size=min(cfg.bart.encoder_vocab_size, 4096),
+        normalizer=TextNormalizer(),
     )
     return save_model_dir(
         dst,

@@ -10,7 +10,9 @@ from dallemini.errors import ConfigError, InputError
 from dallemini.models.bart import DalleBart
 
 
-def _inputs(cfg: BartConfig, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(
+    cfg: BartConfig, batch: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, cfg.encoder_vocab_size, (batch, cfg.max_text_length), generator=g)
     mask = torch.ones_like(ids)
@@ -45,7 +47,7 @@ def test_published_variants_have_the_published_shapes() -> None:
     assert sd["encoder.embed_tokens.weight"].shape == (50264, 1024)
     assert sd["encoder.layers.11.glu.fc0.weight"].shape == (2730, 1024)
     # no dense biases, bias-only norms before dense layers, scaled norms after attention
-    assert not any(k.endswith("proj.bias") or ".fc" in k and k.endswith("bias") for k in sd)
+    assert not any(k.endswith("proj.bias") or (".fc" in k and k.endswith("bias")) for k in sd)
     assert "encoder.layers.0.pre_self_attn_layer_norm.weight" not in sd
     assert "decoder.layers.0.glu.ln1.bias" in sd and "decoder.layers.0.glu.ln1.weight" not in sd
     assert "decoder.layers.0.encoder_attn_layer_norm.weight" in sd
@@ -63,12 +65,17 @@ def test_cached_decoding_equals_full_forward(tiny: DalleBart) -> None:
         full = tiny(ids, mask, labels=labels).logits
         dec_in = tiny.shift_right(labels)
         cache = tiny.init_cache(tiny.encode(ids, mask), mask)
-        steps = torch.cat([tiny.decode_step(dec_in[:, i : i + 1], cache) for i in range(cfg.image_length)], 1)
+        steps = torch.cat(
+            [tiny.decode_step(dec_in[:, i : i + 1], cache) for i in range(cfg.image_length)], 1
+        )
         torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
         # chunks of several tokens (a forced prefix) then single steps
         cache = tiny.init_cache(tiny.encode(ids, mask), mask)
-        chunked = torch.cat([tiny.decode_step(dec_in[:, :5], cache), tiny.decode_step(dec_in[:, 5:9], cache)]
-                            + [tiny.decode_step(dec_in[:, i : i + 1], cache) for i in range(9, cfg.image_length)], 1)
+        chunked = torch.cat(
+            [tiny.decode_step(dec_in[:, :5], cache), tiny.decode_step(dec_in[:, 5:9], cache)]
+            + [tiny.decode_step(dec_in[:, i : i + 1], cache) for i in range(9, cfg.image_length)],
+            1,
+        )
         torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
 
 

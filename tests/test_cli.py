@@ -13,7 +13,10 @@ from PIL import Image
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dallemini.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dallemini.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -27,8 +30,21 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_generate_writes_images_grid_and_record(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    r = run("generate", "--model", tiny, "-n", "3", "--seed", "5", "--top-k", "8", "--out", out,
-            "pizza on a blue background, top left", "a cat")
+    r = run(
+        "generate",
+        "--model",
+        tiny,
+        "-n",
+        "3",
+        "--seed",
+        "5",
+        "--top-k",
+        "8",
+        "--out",
+        out,
+        "pizza on a blue background, top left",
+        "a cat",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "generation.json").read_text())
     assert [i["seed"] for i in rec["images"]] == [5, 6, 7, 8, 9, 10]

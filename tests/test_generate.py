@@ -22,7 +22,9 @@ def model() -> DalleBart:
     return m
 
 
-def _text(n: int, length: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _text(
+    n: int, length: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (n, length), generator=g)
     ids[:, 0], ids[:, 10], ids[:, 11:] = 0, 2, 1
@@ -59,7 +61,9 @@ def test_draw_follows_the_distribution() -> None:
 def test_greedy_first_token_uses_superconditioning_formula(model: DalleBart) -> None:
     ids, mask, u, um = _text(1)
     s = 3.0
-    toks = sample_image_tokens(model, ids, mask, u, um, [0], SamplingConfig(top_k=1, condition_scale=s), CODES)
+    toks = sample_image_tokens(
+        model, ids, mask, u, um, [0], SamplingConfig(top_k=1, condition_scale=s), CODES
+    )
     with torch.no_grad():
         bos = torch.full((1, 1), model.config.decoder_start_token_id)
         lc = model.decode_step(bos, model.init_cache(model.encode(ids, mask), mask))[0, -1, :CODES]
@@ -71,8 +75,12 @@ def test_greedy_first_token_uses_superconditioning_formula(model: DalleBart) -> 
 def test_seeds_reproducible_and_batch_independent(model: DalleBart) -> None:
     ids, mask, u, um = _text(2)
     cfg = SamplingConfig(top_k=0)
-    a = sample_image_tokens(model, ids, mask, u, um, [7, 8, 9], cfg, CODES, prompt_index=torch.tensor([0, 0, 1]))
-    b = sample_image_tokens(model, ids, mask, u, um, [7, 8, 9], cfg, CODES, prompt_index=torch.tensor([0, 0, 1]))
+    a = sample_image_tokens(
+        model, ids, mask, u, um, [7, 8, 9], cfg, CODES, prompt_index=torch.tensor([0, 0, 1])
+    )
+    b = sample_image_tokens(
+        model, ids, mask, u, um, [7, 8, 9], cfg, CODES, prompt_index=torch.tensor([0, 0, 1])
+    )
     alone = sample_image_tokens(model, ids[1:], mask[1:], u, um, [9], cfg, CODES)
     assert torch.equal(a, b)
     assert torch.equal(a[2], alone[0])
@@ -84,14 +92,37 @@ def test_prefix_is_kept_and_stream_ends_with_the_result(model: DalleBart) -> Non
     ids, mask, u, um = _text(1)
     cfg = SamplingConfig()
     prefix = torch.tensor([[5, 6, 7, 8, 9, 10]]).repeat(2, 1)
-    frames = list(iter_image_tokens(model, ids, mask, u, um, [1, 2], cfg, CODES,
-                                    prompt_index=torch.tensor([0, 0]), prefix=prefix, stream_every=4))
+    frames = list(
+        iter_image_tokens(
+            model,
+            ids,
+            mask,
+            u,
+            um,
+            [1, 2],
+            cfg,
+            CODES,
+            prompt_index=torch.tensor([0, 0]),
+            prefix=prefix,
+            stream_every=4,
+        )
+    )
     assert [f.done for f in frames] == [8, 12, 16]
     final = frames[-1].tokens
     assert torch.equal(final[:, :6], prefix)
     assert torch.equal(frames[0].tokens, final[:, :8])
-    again = sample_image_tokens(model, ids, mask, u, um, [1, 2], cfg, CODES, prompt_index=torch.tensor([0, 0]),
-                                prefix=prefix)
+    again = sample_image_tokens(
+        model,
+        ids,
+        mask,
+        u,
+        um,
+        [1, 2],
+        cfg,
+        CODES,
+        prompt_index=torch.tensor([0, 0]),
+        prefix=prefix,
+    )
     assert torch.equal(again, final)
 
 
@@ -102,6 +133,8 @@ def test_bad_settings_are_refused(model: DalleBart) -> None:
     with pytest.raises(InputError, match="top_p"):
         SamplingConfig(top_p=1.5)
     with pytest.raises(InputError, match="prefix codes"):
-        sample_image_tokens(model, ids, mask, u, um, [0], SamplingConfig(), CODES, prefix=torch.tensor([[CODES]]))
+        sample_image_tokens(
+            model, ids, mask, u, um, [0], SamplingConfig(), CODES, prefix=torch.tensor([[CODES]])
+        )
     with pytest.raises(InputError, match="seeds"):
         sample_image_tokens(model, ids, mask, u, um, [0, 1], SamplingConfig(), CODES)

@@ -30,7 +30,9 @@ def _randomize(module: torch.nn.Module, seed: int, perturb_norms: bool) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def _make_min_dalle(tmp_path: Path, perturb_norms: bool) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
+def _make_min_dalle(
+    tmp_path: Path, perturb_norms: bool
+) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
     enc = md_enc.DalleBartEncoder(
         layer_count=LAYERS,
         embed_count=D,
@@ -166,12 +168,23 @@ def test_convert_min_dalle_folder_and_generate(tmp_path: Path) -> None:
     finally:
         TEXT_VOCAB = old
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(seed_captions(), vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        seed_captions(), vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     bpe.save_model(str(root / "dalle_bart_mini"))
     assert (root / "dalle_bart_mini" / "merges.txt").is_file()
-    vq_cfg = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, embed_dim=32,
-                         n_embed=CODES, num_groups=8)
-    vq_dir = save_model_dir(tmp_path / "vq", PipelineConfig(vqgan=vq_cfg), {"vqgan": VQGAN(vq_cfg).state_dict()})
+    vq_cfg = VQGANConfig(
+        ch=32,
+        ch_mult=(1, 1, 1, 1, 1),
+        num_res_blocks=1,
+        z_channels=32,
+        embed_dim=32,
+        n_embed=CODES,
+        num_groups=8,
+    )
+    vq_dir = save_model_dir(
+        tmp_path / "vq", PipelineConfig(vqgan=vq_cfg), {"vqgan": VQGAN(vq_cfg).state_dict()}
+    )
     out = convert(root, tmp_path / "model", vqgan=vq_dir, attention_heads=HEADS)
     pipe = load_pipeline(out, device="cpu")
     assert pipe.config.bart.force_ln_scale and pipe.config.bart.image_length == 256
@@ -217,7 +230,16 @@ def test_greedy_tokens_match_min_dalle_sampler(tmp_path: Path) -> None:
             )
             prev = int(tok[0])
             ref.append(prev)
-        stream = iter_image_tokens(ours, ids[1:], mask[1:].long(), ids[:1], mask[:1].long(), [0],
-                                   SamplingConfig(top_k=1, condition_scale=factor), 2**14, stream_every=steps)
+        stream = iter_image_tokens(
+            ours,
+            ids[1:],
+            mask[1:].long(),
+            ids[:1],
+            mask[:1].long(),
+            [0],
+            SamplingConfig(top_k=1, condition_scale=factor),
+            2**14,
+            stream_every=steps,
+        )
         got = next(stream).tokens
     assert got[0].tolist() == ref

@@ -85,7 +85,10 @@ def test_shape_mismatch_names_the_tensor(tiny_dir: Path, tmp_path: Path) -> None
     wrong = replace(cfg, bart=replace(cfg.bart, ffn_dim=cfg.bart.ffn_dim + 1))
     parts = load_parts(tiny_dir)
     save_model_dir(d, wrong, parts.states, parts.tokenizer_json)
-    with pytest.raises(CheckpointError, match=r"encoder\.layers\.0\.glu\.fc0\.weight.*shape \(128, 64\).*\(129, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"encoder\.layers\.0\.glu\.fc0\.weight.*shape \(128, 64\).*\(129, 64\)",
+    ):
         load_pipeline(d, device="cpu")
 
 

@@ -91,7 +91,11 @@ def _find_tokenizer(*dirs: Path) -> Path | None:
 def _taming_ckpt(p: Path) -> Path:
     if p.is_file():
         return p
-    ckpts = sorted(p.glob("checkpoints/last.ckpt")) or sorted(p.glob("*.ckpt")) or sorted(p.glob("checkpoints/*.ckpt"))
+    ckpts = (
+        sorted(p.glob("checkpoints/last.ckpt"))
+        or sorted(p.glob("*.ckpt"))
+        or sorted(p.glob("checkpoints/*.ckpt"))
+    )
     return ckpts[0]
 
 
@@ -107,14 +111,22 @@ def load_parts(
     fmt = detect_format(p)
     if fmt == "native":
         cfg = native.read_config(p)
-        states = {part: native.read_weights(p, part) for part in native.WEIGHT_FILES if getattr(cfg, part)}
-        tok = (p / native.TOKENIZER_FILE).read_text() if (p / native.TOKENIZER_FILE).is_file() else None
+        states = {
+            part: native.read_weights(p, part) for part in native.WEIGHT_FILES if getattr(cfg, part)
+        }
+        tok = (
+            (p / native.TOKENIZER_FILE).read_text()
+            if (p / native.TOKENIZER_FILE).is_file()
+            else None
+        )
         parts = ModelParts(cfg, states, tok, source=f"native:{p}")
     elif fmt == "min-dalle":
         from .min_dalle import load_min_dalle
 
         bart_cfg, bart_state, vq_cfg, vq_state, files = load_min_dalle(p, attention_heads)
-        cfg = PipelineConfig(bart=bart_cfg, vqgan=vq_cfg, text=TextConfig(max_length=bart_cfg.max_text_length))
+        cfg = PipelineConfig(
+            bart=bart_cfg, vqgan=vq_cfg, text=TextConfig(max_length=bart_cfg.max_text_length)
+        )
         states = {"bart": bart_state}
         if vq_state is not None:
             states["vqgan"] = vq_state
@@ -131,12 +143,16 @@ def load_parts(
         bart_cfg, bart_state = load_flax_dalle(p)
         cfg = PipelineConfig(bart=bart_cfg, text=TextConfig(max_length=bart_cfg.max_text_length))
         tok_dir = _find_tokenizer(p)
-        parts = ModelParts(cfg, {"bart": bart_state}, _tokenizer_json(tok_dir), source=f"flax-dalle:{p}")
+        parts = ModelParts(
+            cfg, {"bart": bart_state}, _tokenizer_json(tok_dir), source=f"flax-dalle:{p}"
+        )
     elif fmt == "flax-vqgan":
         from .flax_vqgan import load_flax_vqgan
 
         vq_cfg, vq_state = load_flax_vqgan(p)
-        parts = ModelParts(PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"flax-vqgan:{p}")
+        parts = ModelParts(
+            PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"flax-vqgan:{p}"
+        )
     else:
         from .taming import load_taming
 
@@ -165,4 +181,6 @@ def convert(
 ) -> Path:
     """Convert any supported checkpoint into a native model directory at dst."""
     parts = load_parts(src, vqgan, tokenizer, attention_heads, taming_config)
-    return native.save_model_dir(dst, parts.config, parts.states, parts.tokenizer_json, overwrite=overwrite)
+    return native.save_model_dir(
+        dst, parts.config, parts.states, parts.tokenizer_json, overwrite=overwrite
+    )

@@ -67,7 +67,9 @@ def find_files(path: str | Path) -> MinDalleFiles | None:
 def _num_layers(state: dict[str, Tensor], where: str) -> int:
     idx = {int(m.group(1)) for k in state if (m := _LAYER.match(k))}
     if not idx:
-        raise CheckpointError(f"{where}: no layers.N.* tensors; not a min-dalle encoder/decoder file")
+        raise CheckpointError(
+            f"{where}: no layers.N.* tensors; not a min-dalle encoder/decoder file"
+        )
     if idx != set(range(max(idx) + 1)):
         raise CheckpointError(f"{where}: layer indices are not contiguous: {sorted(idx)}")
     return max(idx) + 1
@@ -75,7 +77,9 @@ def _num_layers(state: dict[str, Tensor], where: str) -> int:
 
 def _shape(state: dict[str, Tensor], key: str, where: str) -> tuple[int, ...]:
     if key not in state:
-        raise CheckpointError(f"{where}: tensor {key!r} is missing; not a min-dalle file of the expected layout")
+        raise CheckpointError(
+            f"{where}: tensor {key!r} is missing; not a min-dalle file of the expected layout"
+        )
     return tuple(state[key].shape)
 
 
@@ -128,18 +132,26 @@ def convert_bart(
     return cfg, state
 
 
-def convert_detoker(state: dict[str, Tensor], where: str = "detoker.pt") -> tuple[VQGANConfig, dict[str, Tensor]]:
+def convert_detoker(
+    state: dict[str, Tensor], where: str = "detoker.pt"
+) -> tuple[VQGANConfig, dict[str, Tensor]]:
     """min-dalle's VQGAN decoder half (f16, 16384 codes) -> our decoder-only VQGAN state dict."""
     n_embed, embed_dim = _shape(state, "embedding.weight", where)
-    out = {("quantize.embedding.weight" if k == "embedding.weight" else k): v for k, v in state.items()}
+    out = {
+        ("quantize.embedding.weight" if k == "embedding.weight" else k): v for k, v in state.items()
+    }
     z_channels = _shape(state, "decoder.conv_in.weight", where)[1]
-    cfg = VQGANConfig(n_embed=n_embed, embed_dim=embed_dim, z_channels=z_channels, decoder_only=True)
+    cfg = VQGANConfig(
+        n_embed=n_embed, embed_dim=embed_dim, z_channels=z_channels, decoder_only=True
+    )
     return cfg, out
 
 
 def load_min_dalle(
     path: str | Path, attention_heads: int | None = None
-) -> tuple[BartConfig, dict[str, Tensor], VQGANConfig | None, dict[str, Tensor] | None, MinDalleFiles]:
+) -> tuple[
+    BartConfig, dict[str, Tensor], VQGANConfig | None, dict[str, Tensor] | None, MinDalleFiles
+]:
     """Read a min-dalle model folder into (bart config, bart state, vqgan config, vqgan state, files)."""
     files = find_files(path)
     if files is None:

@@ -19,7 +19,11 @@ from ..errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-WEIGHT_FILES = {"bart": "bart.safetensors", "vqgan": "vqgan.safetensors", "clip": "clip.safetensors"}
+WEIGHT_FILES = {
+    "bart": "bart.safetensors",
+    "vqgan": "vqgan.safetensors",
+    "clip": "clip.safetensors",
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -60,18 +64,24 @@ def save_model_dir(
     dst = Path(path)
     for part in states:
         if part not in WEIGHT_FILES:
-            raise ConfigError(f"unknown model part {part!r}; expected one of {sorted(WEIGHT_FILES)}")
+            raise ConfigError(
+                f"unknown model part {part!r}; expected one of {sorted(WEIGHT_FILES)}"
+            )
         if getattr(config, part) is None:
             raise ConfigError(f"weights given for {part!r} but the config has no {part} section")
     if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} already exists; remove it or pass overwrite=True (--overwrite)")
+        raise CheckpointError(
+            f"{dst} already exists; remove it or pass overwrite=True (--overwrite)"
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         for part, state in states.items():
             tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-            save_file(tensors, str(tmp / WEIGHT_FILES[part]), metadata={"format": "pt", "part": part})
+            save_file(
+                tensors, str(tmp / WEIGHT_FILES[part]), metadata={"format": "pt", "part": part}
+            )
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
         if dst.exists():
@@ -107,17 +117,23 @@ def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], where: str)
     expected = module.state_dict()
     for name, ref in expected.items():
         if name not in state:
-            raise CheckpointError(f"{where}: tensor {name!r} is missing (expected shape {tuple(ref.shape)})")
+            raise CheckpointError(
+                f"{where}: tensor {name!r} is missing (expected shape {tuple(ref.shape)})"
+            )
         got = state[name]
         if tuple(got.shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{where}: tensor {name!r} has shape {tuple(got.shape)} but the config implies {tuple(ref.shape)}"
             )
         if ref.is_floating_point() and got.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{where}: tensor {name!r} has dtype {got.dtype}; expected a float dtype")
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has dtype {got.dtype}; expected a float dtype"
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+        raise CheckpointError(
+            f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)"
+        )
 
 
 def load_into(module: nn.Module, state: Mapping[str, Tensor], where: str) -> nn.Module:

@@ -243,7 +243,9 @@ class DalleBart(nn.Module):
             raise InputError(
                 f"text is {input_ids.shape[1]} tokens long; this model takes at most {self.config.max_text_length}"
             )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.encoder_vocab_size):
+        if input_ids.numel() and (
+            input_ids.min() < 0 or input_ids.max() >= self.config.encoder_vocab_size
+        ):
             raise InputError(
                 f"text token ids must lie in [0, {self.config.encoder_vocab_size}); the tokenizer does not match "
                 "this model"

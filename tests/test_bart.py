@@ -102,6 +102,7 @@ def test_cache_rows_share_prompts(tiny: DalleBart) -> None:
         torch.testing.assert_close(tiny.decode_step(tok, c1), tiny.decode_step(tok, c2))
 
 
+@torch.enable_grad()  # other tests may import min_dalle.min_dalle, which turns autograd off globally
 def test_training_loss_falls(tiny: DalleBart) -> None:
     ids, mask, labels = _inputs(tiny.config, batch=4)
     tiny.train()

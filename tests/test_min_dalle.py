@@ -11,8 +11,12 @@ from dallemini.checkpoints.min_dalle import find_files, load_min_dalle
 from dallemini.errors import CheckpointError
 from dallemini.models.bart import DalleBart
 
+# Importing min_dalle switches autograd off and changes the thread count process-wide: undo both.
+_grad, _threads = torch.is_grad_enabled(), torch.get_num_threads()
 md_enc = pytest.importorskip("min_dalle.models.dalle_bart_encoder")
 md_dec = pytest.importorskip("min_dalle.models.dalle_bart_decoder")
+torch.set_grad_enabled(_grad)
+torch.set_num_threads(_threads)
 
 D, HEADS, GLU, LAYERS, TEXT_VOCAB, TEXT_LEN, CODES = 128, 2, 96, 2, 100, 16, 40
 

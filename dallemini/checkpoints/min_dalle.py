@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..config import BartConfig, VQGANConfig
 from ..errors import CheckpointError
+from .min_dalle_vqgan import convert_min_dalle_vqgan
 from .safe_load import load_torch_file
 
 # Norms that have no scale in the original unless force_ln_scale is set (their min-dalle weight is all ones).
@@ -132,21 +133,6 @@ def convert_bart(
     return cfg, state
 
 
-def convert_detoker(
-    state: dict[str, Tensor], where: str = "detoker.pt"
-) -> tuple[VQGANConfig, dict[str, Tensor]]:
-    """min-dalle's VQGAN decoder half (f16, 16384 codes) -> our decoder-only VQGAN state dict."""
-    n_embed, embed_dim = _shape(state, "embedding.weight", where)
-    out = {
-        ("quantize.embedding.weight" if k == "embedding.weight" else k): v for k, v in state.items()
-    }
-    z_channels = _shape(state, "decoder.conv_in.weight", where)[1]
-    cfg = VQGANConfig(
-        n_embed=n_embed, embed_dim=embed_dim, z_channels=z_channels, decoder_only=True
-    )
-    return cfg, out
-
-
 def load_min_dalle(
     path: str | Path, attention_heads: int | None = None
 ) -> tuple[
@@ -163,5 +149,7 @@ def load_min_dalle(
     bart_cfg, bart_state = convert_bart(enc, dec, attention_heads, where=str(files.encoder.parent))
     vq_cfg = vq_state = None
     if files.detoker is not None:
-        vq_cfg, vq_state = convert_detoker(load_torch_file(files.detoker), where=str(files.detoker))
+        vq_cfg, vq_state = convert_min_dalle_vqgan(
+            load_torch_file(files.detoker), where=str(files.detoker)
+        )
     return bart_cfg, bart_state, vq_cfg, vq_state, files

@@ -1,0 +1,143 @@
+"""Read .pt/.ckpt files with `torch.load(weights_only=True)` only, stubbing foreign objects inertly.
+
+PyTorch Lightning checkpoints carry more than tensors: callback states keyed by (or holding)
+`pytorch_lightning...ModelCheckpoint`, omegaconf containers in `hyper_parameters`, numpy scalars.
+`weights_only` loading refuses those globals ("Unsupported global"). Instead of ever importing or
+running the foreign code, we register an inert class of ours under each refused global's exact
+name and load again: the object becomes a `ForeignObject` that only records the arguments and
+state it was given. Tensors are untouched; everything else is data for us to ignore.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+_SETITEM = re.compile(
+    r"Can only SETITEMS? for dict.*but got <class '[^']*ForeignObject\[([^\]']+)\]'>"
+)
+_MAX_ROUNDS = 64
+
+
+class ForeignObject:
+    """Inert stand-in for a global a checkpoint names: never imports or calls the real thing."""
+
+    foreign_name: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
+        obj = super().__new__(cls)
+        obj.__dict__["args"] = args
+        obj.__dict__["state"] = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<ForeignObject {self.foreign_name}>"
+
+
+def _stub(name: str) -> type:
+    """A fresh ForeignObject subclass standing for the global `name` (distinct class per name)."""
+    return type(
+        f"ForeignObject[{name}]", (ForeignObject,), {"foreign_name": name, "__module__": __name__}
+    )
+
+
+def _refused_global(message: str) -> str | None:
+    m = _UNSUPPORTED.search(message)
+    if m is None:
+        return None
+    name = m.group(1).rstrip(".,;")
+    # torch prints "builtins.x" as plain "x".
+    return name if "." in name else f"builtins.{name}"
+
+
+def _static_unsafe_globals(path: Path) -> list[str]:
+    """Every non-allowlisted global in a zip checkpoint's pickle, found by disassembly (nothing runs)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) files, or damaged ones: fall back to one name per attempt
+        return []
+
+
+def load_torch_file(path: str | Path) -> dict:
+    """torch.load(path, map_location="cpu", weights_only=True) into a dict; foreign globals become inert stubs."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p} does not exist or is not a file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty (an interrupted download or save?)")
+    stubs: dict[str, Any] = {}
+    obj: Any = None
+    for _ in range(_MAX_ROUNDS):
+        try:
+            with torch.serialization.safe_globals([(cls, name) for name, cls in stubs.items()]):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+            break
+        # torch raises UnpicklingError, RuntimeError, EOFError, ValueError, ... for bad files.
+        except Exception as e:
+            msg = str(e)
+            name = _refused_global(msg)
+            if name is not None and name not in stubs:
+                new = [n for n in _static_unsafe_globals(p) if n not in stubs] if not stubs else []
+                for n in [name, *new]:
+                    stubs.setdefault(n, _stub(n))
+                continue
+            m = _SETITEM.search(msg)
+            if m is not None and m.group(1) in stubs and stubs[m.group(1)] is not OrderedDict:
+                # A dict subclass (e.g. an AttributeDict): stand in a plain OrderedDict so its items load.
+                stubs[m.group(1)] = OrderedDict
+                continue
+            raise CheckpointError(_describe(p, e)) from e
+    else:
+        raise CheckpointError(
+            f"{p}: gave up after stubbing {len(stubs)} foreign globals: {sorted(stubs)}"
+        )
+    if stubs:
+        log.debug("%s: stood in inert stubs for foreign globals %s", p, sorted(stubs))
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{p} holds a {type(obj).__name__}, not a dict of tensors (state dict or checkpoint)"
+        )
+    return obj if isinstance(obj, dict) else dict(obj)
+
+
+def _describe(path: Path, e: Exception) -> str:
+    """A one-line reason for a failed load, naming the file."""
+    inner = e.__context__ if str(e).startswith("Weights only load failed") else None
+    msg = str(inner if inner is not None else e).strip()  # torch's own reason, without its advice
+    low = msg.lower()
+    if (
+        "central directory" in low
+        or "failed reading" in low
+        or "corrupt" in low
+        or isinstance(e, EOFError)
+        or "ran out of input" in low
+    ):
+        what = "is truncated or corrupt (not a complete PyTorch zip archive)"
+    elif any(
+        k in low for k in ("invalid load key", "unsupported operand", "could not find", "not a zip")
+    ):
+        what = "is not a PyTorch checkpoint (torch.save file)"
+    elif "torchscript" in low:
+        what = "is a TorchScript archive, not a torch.save checkpoint"
+    else:
+        what = "could not be read safely (weights_only=True)"
+    first = next((line for line in msg.splitlines() if line.strip()), type(e).__name__)
+    detail = first if len(first) <= 200 else first[:200] + "..."
+    return f"{path} {what}: {type(inner or e).__name__}: {detail}"

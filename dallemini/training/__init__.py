@@ -1,0 +1,1 @@
+"""Training: DalleBart, VQGAN and small-CLIP trainers, schedules, resumable state, distributed setup."""

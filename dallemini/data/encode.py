@@ -1,0 +1,479 @@
+"""Images -> VQGAN token shards (`dallemini encode`): batched, resumable, split over several workers.
+
+The source's records are numbered in its fixed order; output shard k holds the rows of records
+[k*S, (k+1)*S) (S = `shard_size`; one row per caption, so an image with two captions gives two
+rows with the same encoding). Worker i of n encodes the shards with k % n == i, so torchrun ranks
+or `--shard i/n` processes never overlap, and each shard is written whole (temp file + rename):
+a re-run skips the shards that exist and redoes only the missing ones. Workers skip other
+workers' records without reading or decoding them. When a worker ends and finds every shard
+present, it writes `dataset.json` from the shards' own footers, so the last worker to finish
+writes it, and writing it twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, InputError
+from .shards import (
+    DATASET_FORMAT,
+    DATASET_VERSION,
+    MANIFEST_NAME,
+    atomic_write_json,
+    encoding_type,
+    read_shard_meta,
+    shard_index,
+    shard_name,
+    write_shard,
+)
+from .sources import Normalizer, Record, SampleError, SkipStats, Source, decode_record, open_source
+
+if TYPE_CHECKING:
+    from ..models.vqgan import VQGAN
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EncodeResult",
+    "build_manifest",
+    "encode_dataset",
+    "parse_worker",
+    "resize_center_crop",
+    "worker_from_env",
+]
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic, antialiased when shrinking), then crop the centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def parse_worker(spec: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), checked: worker i of n (0-based)."""
+    try:
+        i_s, n_s = spec.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise InputError(f"--shard takes I/N (worker I of N, 0-based), got {spec!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {spec}: need 0 <= I < N")
+    return i, n
+
+
+def worker_from_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them, else (0, 1)."""
+    try:
+        n = int(os.environ.get("WORLD_SIZE", "1"))
+        i = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    return (i, n) if n >= 1 and 0 <= i < n else (0, 1)
+
+
+@dataclass
+class EncodeResult:
+    """What one encode run did; `complete` means dataset.json now lists every shard."""
+
+    out_dir: Path
+    worker: tuple[int, int]
+    shards_written: list[int] = field(default_factory=list)
+    shards_existing: list[int] = field(default_factory=list)
+    images: int = 0
+    rows: int = 0
+    skipped: SkipStats = field(default_factory=SkipStats)
+    seconds: float = 0.0
+    source_records: int = 0
+    num_shards: int = 0
+    complete: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        """Images encoded per second of this run (decode + resize + VQGAN + write)."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One paragraph for the CLI."""
+        i, n = self.worker
+        who = f"worker {i}/{n}: " if n > 1 else ""
+        state = (
+            f"dataset complete: {self.out_dir / MANIFEST_NAME}"
+            if self.complete
+            else "other shards are still missing; dataset.json is written when the last worker finishes"
+        )
+        return (
+            f"{who}encoded {self.images} images ({self.rows} rows) in {self.seconds:.1f}s "
+            f"({self.images_per_s:.1f} images/s); wrote {len(self.shards_written)} shard(s), "
+            f"{len(self.shards_existing)} were already done, of {self.num_shards}; "
+            f"{self.skipped.report('samples')}; {state}"
+        )
+
+
+def _source_id(source: Source) -> str:
+    """Identity of a source that survives moving its folder: kind + file names."""
+    names = "\n".join(p.name for p in source.paths)
+    return f"{source.kind}:{hashlib.sha256(names.encode()).hexdigest()[:16]}"
+
+
+class _Progress:
+    """tqdm bar on a TTY, a log line every `every` seconds otherwise, nothing when disabled."""
+
+    def __init__(
+        self, enabled: bool | None, total: int | None, desc: str, every: float = 15.0
+    ) -> None:
+        self.enabled = enabled if enabled is not None else True
+        tty = sys.stderr.isatty()
+        self.bar = None
+        self.start = self.last = time.perf_counter()
+        self.every = every
+        self.n = 0
+        self.skipped = 0
+        self.total = total
+        self.desc = desc
+        if self.enabled and tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+    def update(self, images: int, skipped: int) -> None:
+        self.n += images
+        self.skipped = skipped
+        if self.bar is not None:
+            self.bar.update(images)
+            self.bar.set_postfix(skipped=skipped, refresh=False)
+        elif self.enabled and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            rate = self.n / max(self.last - self.start, 1e-9)
+            total = f"/{self.total}" if self.total else ""
+            print(
+                f"{self.desc}: {self.n}{total} images, {rate:.1f} images/s, {skipped} skipped",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _prepare(
+    record: Record, normalizer: Normalizer | None, size: int
+) -> tuple[tuple[str, ...], np.ndarray] | SampleError:
+    """Decode, normalize and resize one record in a worker thread; errors are returned, not raised."""
+    try:
+        sample = decode_record(record, normalizer, draft_size=size)
+        img = resize_center_crop(sample.image, size)
+        return sample.captions, np.asarray(img, dtype=np.uint8)
+    except SampleError as e:
+        return e
+    except Exception as e:  # never let one sample stop the run
+        return SampleError("corrupt", f"{type(e).__name__}: {e}")
+
+
+def _scan_existing(out: Path, expect: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Footer metadata of the shards already in `out`, checked against this run's settings."""
+    done: dict[int, dict[str, Any]] = {}
+    for p in sorted(out.iterdir()):
+        k = shard_index(p.name)
+        if k is None:
+            continue
+        try:
+            rows, meta = read_shard_meta(p)
+        except Exception as e:
+            raise InputError(
+                f"{p} is not a readable Parquet shard ({e}); it was not written by dallemini "
+                f"(ours appear whole or not at all). Delete it and re-run"
+            ) from e
+        for name, value in expect.items():
+            if meta.get(name) != value:
+                raise ConfigError(
+                    f"{out} already holds {p.name} made with {name}={meta.get(name)!r}, but this run has "
+                    f"{name}={value!r}; encode into a new folder, or use the same settings to resume"
+                )
+        meta["rows"] = rows
+        done[k] = meta
+    return done
+
+
+def build_manifest(
+    out_dir: str | os.PathLike[str],
+    source_records: int,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """dataset.json's content rebuilt from the shard footers, or None while shards are missing.
+
+    Raises `ConfigError` when the shards present do not tile [0, source_records) (the source
+    changed between runs).
+    """
+    out = Path(out_dir)
+    metas: dict[int, dict[str, Any]] = {}
+    for p in out.iterdir():
+        k = shard_index(p.name)
+        if k is not None:
+            rows, meta = read_shard_meta(p)
+            meta["rows"] = rows
+            metas[k] = meta
+    if not metas and source_records:
+        return None
+    size = int(next(iter(metas.values()))["shard_size"]) if metas else 1
+    num = -(-source_records // size)
+    for k, meta in sorted(metas.items()):
+        first, end = k * size, min((k + 1) * size, source_records)
+        if k >= num or meta.get("first_record") != first or meta.get("end_record") != end:
+            raise ConfigError(
+                f"{out / shard_name(k)} covers source records [{meta.get('first_record')}, "
+                f"{meta.get('end_record')}) but the source now has {source_records} records "
+                f"(expected [{first}, {end})); the source changed since: encode into a new folder"
+            )
+    if any(k not in metas for k in range(num)):
+        return None
+    stats = SkipStats()
+    shards = []
+    for k in range(num):
+        m = metas[k]
+        s = SkipStats.from_dict(m.get("skipped") or {})
+        stats.merge(s)
+        shards.append(
+            {
+                "file": shard_name(k),
+                "rows": m["rows"],
+                "images": m["images"],
+                "first_record": m["first_record"],
+                "end_record": m["end_record"],
+                "skipped": s.total,
+            }
+        )
+    first = metas[0] if metas else dict(defaults or {})
+    return {
+        "format": DATASET_FORMAT,
+        "version": DATASET_VERSION,
+        "complete": True,
+        "source": first.get("source"),
+        "source_kind": first.get("source_kind"),
+        "vqgan_fingerprint": first.get("vqgan_fingerprint"),
+        "vqgan": first.get("vqgan"),
+        "image_size": first.get("image_size"),
+        "grid_size": first.get("grid_size"),
+        "n_embed": first.get("n_embed"),
+        "encoding_dtype": first.get("encoding_dtype"),
+        "captions_normalized": first.get("captions_normalized"),
+        "columns": ["key", "caption", "encoding"],
+        "shard_size": first.get("shard_size"),
+        "source_records": source_records,
+        "images": sum(s["images"] for s in shards),
+        "count": sum(s["rows"] for s in shards),
+        "shards": shards,
+        "skipped": stats.to_dict(),
+    }
+
+
+def encode_dataset(
+    source: Source | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    vqgan: VQGAN,
+    *,
+    batch_size: int = 32,
+    shard_size: int = 10_000,
+    worker: tuple[int, int] | None = None,
+    image_size: int | None = None,
+    threads: int | None = None,
+    normalizer: Normalizer | Literal["default"] | None = "default",
+    progress: bool | None = None,
+) -> EncodeResult:
+    """Encode every (captions, image) record of `source` into Parquet token shards in `out_dir` (see module doc).
+
+    `vqgan` is used on the device and dtype it is on. `worker=(i, n)` encodes only shards
+    k % n == i (default: torchrun's RANK/WORLD_SIZE, else all). `shard_size` counts source
+    records per shard. `image_size` defaults to the VQGAN's resolution. `threads` decode images
+    in parallel (default: CPU count, at most 8). `normalizer` applies when `source` is a path.
+    `progress`: None shows a bar on a TTY and log lines otherwise; False is silent.
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise ConfigError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
+    wi, wn = worker if worker is not None else worker_from_env()
+    if wn < 1 or not 0 <= wi < wn:
+        raise ConfigError(f"worker must be (i, n) with 0 <= i < n, got {(wi, wn)}")
+    if not isinstance(source, Source):
+        source = open_source(source, normalizer=normalizer)
+    cfg = vqgan.config
+    if getattr(cfg, "decoder_only", False):
+        raise ConfigError("this VQGAN has no encoder (decoder-only checkpoint); load a full VQGAN")
+    size = int(image_size or cfg.resolution)
+    factor = cfg.downsample_factor
+    if size % factor:
+        raise ConfigError(
+            f"image_size {size} must be a multiple of the VQGAN's downsampling factor {factor}"
+        )
+    grid = size // factor
+    etype = encoding_type(cfg.n_embed, grid * grid)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    expect = {
+        "format": DATASET_FORMAT,
+        "vqgan_fingerprint": cfg.fingerprint(),
+        "image_size": size,
+        "shard_size": shard_size,
+        "source_id": _source_id(source),
+        "captions_normalized": source.normalizer is not None,
+    }
+    shard_meta = {
+        **expect,
+        "version": DATASET_VERSION,
+        "vqgan": cfg.to_dict(),
+        "grid_size": grid,
+        "n_embed": cfg.n_embed,
+        "encoding_dtype": str(etype.value_type),
+        "source": source.description,
+        "source_kind": source.kind,
+    }
+    done = _scan_existing(out, expect)
+    for p in out.iterdir():  # temp files of my shards left by a killed run
+        if p.name.startswith(".part-") and ".parquet.tmp-" in p.name:
+            k = shard_index(p.name[1:].split(".tmp-")[0])
+            if k is not None and k % wn == wi:
+                p.unlink(missing_ok=True)
+
+    hint = source.count_hint()
+    todo_hint = None
+    if hint is not None:
+        todo_hint = sum(
+            min(shard_size, hint - k * shard_size)
+            for k in range(-(-hint // shard_size))
+            if k % wn == wi and k not in done
+        )
+    result = EncodeResult(out, (wi, wn), shards_existing=sorted(k for k in done if k % wn == wi))
+    bar = _Progress(progress, todo_hint, f"encode {wi}/{wn}" if wn > 1 else "encode")
+    device = next(vqgan.parameters()).device
+    was_training = vqgan.training
+    vqgan.eval()
+    n_threads = threads or min(8, os.cpu_count() or 1)
+    window = max(2 * batch_size, 4 * n_threads)
+    total = 0
+    start = time.perf_counter()
+
+    def work() -> Iterator[tuple[Any, ...]]:
+        """('rec', key, future) for my records and ('end', k, end_record) after each of my shards."""
+        nonlocal total
+        open_k: int | None = None
+        idx = -1
+        for idx, record in enumerate(source.records()):
+            k = idx // shard_size
+            if idx % shard_size == 0:
+                if open_k is not None:
+                    yield ("end", open_k, idx)
+                open_k = k if (k % wn == wi and k not in done) else None
+            if open_k is not None:
+                yield ("rec", record.key, pool.submit(_prepare, record, source.normalizer, size))
+        total = idx + 1
+        if open_k is not None:
+            yield ("end", open_k, total)
+
+    keys: list[str] = []
+    caps: list[str] = []
+    codes: list[np.ndarray] = []
+    batch: list[tuple[str, tuple[str, ...], np.ndarray]] = []
+    images = 0
+    stats = SkipStats()
+
+    def run_batch() -> None:
+        nonlocal images
+        if not batch:
+            return
+        x = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.inference_mode():
+            z = vqgan.encode(x).reshape(len(batch), -1).cpu().numpy()
+        for (key, captions, _), row in zip(batch, z, strict=True):
+            for c in captions:
+                keys.append(key)
+                caps.append(c)
+                codes.append(row)
+        images += len(batch)
+        bar.update(len(batch), result.skipped.total + stats.total)
+        batch.clear()
+
+    def finish_shard(k: int, end: int) -> None:
+        nonlocal images, stats
+        run_batch()
+        arr = np.stack(codes) if codes else np.zeros((0, grid * grid), dtype=np.int64)
+        meta = {
+            **shard_meta,
+            "shard": k,
+            "first_record": k * shard_size,
+            "end_record": end,
+            "images": images,
+            "skipped": stats.to_dict(),
+        }
+        write_shard(out / shard_name(k), keys, caps, arr, n_embed=cfg.n_embed, metadata=meta)
+        result.shards_written.append(k)
+        result.images += images
+        result.rows += len(keys)
+        result.skipped.merge(stats)
+        keys.clear()
+        caps.clear()
+        codes.clear()
+        images, stats = 0, SkipStats()
+
+    pool = cf.ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="encode-decode")
+    pending: collections.deque[tuple[Any, ...]] = collections.deque()
+
+    def handle(item: tuple[Any, ...]) -> None:
+        if item[0] == "end":
+            finish_shard(item[1], item[2])
+            return
+        _, key, fut = item
+        res = fut.result()
+        if isinstance(res, SampleError):
+            stats.add(res.reason, key)
+            bar.update(0, result.skipped.total + stats.total)
+        else:
+            batch.append((key, res[0], res[1]))
+            if len(batch) >= batch_size:
+                run_batch()
+
+    try:
+        for item in work():
+            pending.append(item)
+            if item[0] == "end":  # a shard is complete: write it now
+                while pending:
+                    handle(pending.popleft())
+            while len(pending) > window:
+                handle(pending.popleft())
+        while pending:
+            handle(pending.popleft())
+    finally:
+        for item in pending:
+            if item[0] == "rec":
+                item[2].cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        vqgan.train(was_training)
+    result.seconds = time.perf_counter() - start
+    result.source_records = total
+    result.num_shards = -(-total // shard_size)
+    manifest = build_manifest(out, total, shard_meta)
+    if manifest is not None:
+        atomic_write_json(out / MANIFEST_NAME, manifest)
+        result.complete = True
+    level = logging.WARNING if result.skipped else logging.INFO
+    log.log(level, "%s", result.summary())
+    return result

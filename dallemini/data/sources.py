@@ -1,0 +1,726 @@
+"""Caption–image sources: an image folder with `.txt` captions, webdataset `.tar` shards, Parquet files.
+
+Every source yields `Record`s in one deterministic order (sorted files, then the order inside each
+file). A record carries its raw captions and a lazy loader for the image bytes, so that a process
+that only wants some records (one encode worker of several) never reads or decodes the others.
+`decode_record` turns a record into normalized captions and an RGB image, or into a skip reason
+that `SkipStats` counts; iterating a `Source` does both and reports what it skipped at the end.
+
+Layouts read:
+- folder: `dir/**/name.{jpg,png,webp,…}` with `dir/**/name.txt` beside it (img2dataset's "files"
+  output, or any hand-made folder). By default each non-empty line of the `.txt` is one caption.
+- tar: webdataset shards as img2dataset writes them: `key.jpg|png|webp` + `key.txt` + `key.json`
+  (the `.json` "caption" field is used when there is no `.txt`). Uncompressed tars are read lazily.
+- parquet: one row per image with an image-bytes column (binary, or a struct with a `bytes` field
+  as Hugging Face `datasets` writes it) and a caption column (string or list of strings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FolderSource",
+    "ParquetSource",
+    "Record",
+    "Sample",
+    "SampleError",
+    "SkipStats",
+    "Source",
+    "TarSource",
+    "decode_image",
+    "decode_record",
+    "open_source",
+    "prepare_captions",
+    "to_rgb",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    "jpg",
+    "jpeg",
+    "png",
+    "webp",
+    "bmp",
+    "gif",
+    "tif",
+    "tiff",
+)
+# Column names tried, in order, when a Parquet source is not told which to use.
+IMAGE_COLUMNS: tuple[str, ...] = ("jpg", "png", "webp", "image", "img", "image_bytes", "bytes")
+CAPTION_COLUMNS: tuple[str, ...] = ("txt", "caption", "text", "prompt", "captions")
+
+Normalizer = Callable[[str], str]
+CaptionLines = Literal["split", "join"]
+
+# Skip reasons, in report order.
+REASONS: tuple[str, ...] = (
+    "empty_caption",
+    "missing_caption",
+    "missing_image",
+    "undecodable",
+    "truncated",
+    "too_large",
+    "corrupt",
+    "unreadable_file",
+)
+
+
+class SampleError(Exception):
+    """One sample cannot be used; `reason` is one of `REASONS` (counted, never fatal)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped samples per reason plus a few offending keys each, so that no skip is silent."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, reason: str, key: str, n: int = 1) -> None:
+        """Count `n` skips of `key` for `reason`."""
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.max_examples and key not in ex:
+            ex.append(key)
+
+    def merge(self, other: SkipStats) -> None:
+        """Add another tally to this one (e.g. the per-shard tallies of an encode)."""
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            ex = self.examples.setdefault(reason, [])
+            for key in other.examples.get(reason, []):
+                if len(ex) < self.max_examples and key not in ex:
+                    ex.append(key)
+
+    @property
+    def total(self) -> int:
+        """Number of skips over all reasons."""
+        return sum(self.counts.values())
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form with reasons in a fixed order (so manifests are byte-for-byte reproducible)."""
+        order = sorted(self.counts, key=lambda r: (REASONS.index(r) if r in REASONS else 99, r))
+        return {
+            "total": self.total,
+            "counts": {r: self.counts[r] for r in order},
+            "examples": {r: list(self.examples.get(r, [])) for r in order},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SkipStats:
+        """Inverse of `to_dict`."""
+        return cls(
+            counts={str(k): int(v) for k, v in (data.get("counts") or {}).items()},
+            examples={str(k): list(v) for k, v in (data.get("examples") or {}).items()},
+        )
+
+    def report(self, what: str = "samples") -> str:
+        """One human line, e.g. 'skipped 3 samples: 2 truncated (a.jpg, b.jpg), 1 empty_caption (c.png)'."""
+        if not self:
+            return f"skipped 0 {what}"
+        parts = []
+        for reason, n in self.to_dict()["counts"].items():
+            ex = ", ".join(self.examples.get(reason, []))
+            more = ", …" if n > len(self.examples.get(reason, [])) else ""
+            parts.append(f"{n} {reason} ({ex}{more})")
+        return f"skipped {self.total} {what}: " + "; ".join(parts)
+
+
+@dataclass
+class Record:
+    """One raw sample of a source: key, raw captions, and a lazy loader of the image bytes.
+
+    `problem` is set when the sample is known bad before decoding (e.g. a tar entry with no image).
+    """
+
+    key: str
+    captions: tuple[str, ...]
+    loader: Callable[[], bytes] | None = None
+    problem: str | None = None
+
+    def read_bytes(self) -> bytes:
+        """The encoded image file's bytes; raises `SampleError` when they cannot be read."""
+        if self.problem is not None:
+            raise SampleError(self.problem)
+        if self.loader is None:
+            raise SampleError("missing_image")
+        try:
+            return self.loader()
+        except SampleError:
+            raise
+        except Exception as e:  # an unreadable file must not stop a long run
+            raise SampleError("unreadable_file", f"{type(e).__name__}: {e}") from e
+
+    def image(self, draft_size: int | None = None) -> Image.Image:
+        """The decoded RGB image (see `decode_image`)."""
+        return decode_image(self.read_bytes(), draft_size=draft_size)
+
+
+@dataclass
+class Sample:
+    """A usable sample: key, normalized non-empty captions (at least one) and an RGB image."""
+
+    key: str
+    captions: tuple[str, ...]
+    image: Image.Image
+
+    @property
+    def caption(self) -> str:
+        """The first caption."""
+        return self.captions[0]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB version of any Pillow image: alpha (incl. palette transparency) composited on white, 16-bit scaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        arr = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB image; raises `SampleError` (never anything else) when unusable.
+
+    `img.load()` runs here so truncated files fail now, not later. With `draft_size`, JPEGs are
+    decoded at the smallest DCT scale whose shorter side is still >= 2 x `draft_size` (much faster
+    for large photos; the resize after it still antialiases).
+    """
+    if not data:
+        raise SampleError("missing_image", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (2 * draft_size, 2 * draft_size))
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise SampleError("too_large", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise SampleError("undecodable", str(e)) from e
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise SampleError(reason, str(e)) from e
+    except Exception as e:  # Pillow plugins raise SyntaxError, ValueError, struct.error, …
+        raise SampleError("corrupt", f"{type(e).__name__}: {e}") from e
+    if img.width < 1 or img.height < 1:
+        raise SampleError("corrupt", f"size {img.width}x{img.height}")
+    with contextlib.suppress(Exception):  # a broken EXIF block is not worth losing the picture
+        img = ImageOps.exif_transpose(img) or img
+    try:
+        return to_rgb(img)
+    except Exception as e:
+        raise SampleError("corrupt", f"cannot convert mode {img.mode} to RGB: {e}") from e
+
+
+def prepare_captions(captions: Iterable[str], normalizer: Normalizer | None) -> tuple[str, ...]:
+    """Normalize captions and drop those with no words left (the normalized text keeps its leading space)."""
+    out = []
+    for c in captions:
+        if not isinstance(c, str):
+            continue
+        text = normalizer(c) if normalizer is not None else c.strip()
+        if text.strip():
+            out.append(text)
+    return tuple(out)
+
+
+def decode_record(
+    record: Record,
+    normalizer: Normalizer | None,
+    *,
+    draft_size: int | None = None,
+) -> Sample:
+    """Record -> Sample with normalized captions and a decoded image; raises `SampleError` with the skip reason.
+
+    Captions are checked first, so a sample with no usable caption is never decoded.
+    """
+    if record.problem is not None:
+        raise SampleError(record.problem)
+    if not record.captions:
+        raise SampleError("missing_caption")
+    captions = prepare_captions(record.captions, normalizer)
+    if not captions:
+        raise SampleError("empty_caption")
+    return Sample(record.key, captions, record.image(draft_size))
+
+
+def _split_caption_text(text: str, lines: CaptionLines) -> tuple[str, ...]:
+    if lines == "split":
+        return tuple(line for line in text.splitlines() if line.strip())
+    joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return (joined,) if joined else ("",)
+
+
+def _resolve_normalizer(normalizer: Normalizer | Literal["default"] | None) -> Normalizer | None:
+    if normalizer == "default":
+        from ..text import TextNormalizer
+
+        return TextNormalizer()
+    if normalizer is not None and not callable(normalizer):
+        raise InputError(f"normalizer must be a callable, 'default' or None, got {normalizer!r}")
+    return normalizer  # type: ignore[return-value]
+
+
+class Source:
+    """Base of all sources: `records()` in a fixed order; iterating yields decoded `Sample`s and counts skips.
+
+    `stats` holds the skips of the last full iteration, which is also logged when it ends.
+    """
+
+    kind: str = "source"
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        normalizer: Normalizer | Literal["default"] | None = "default",
+        description: str | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.normalizer = _resolve_normalizer(normalizer)
+        self.description = description or ", ".join(str(p) for p in self.paths)
+        self.stats = SkipStats()
+
+    def records(self) -> Iterator[Record]:
+        """Every raw sample, good or bad, in the source's deterministic order."""
+        raise NotImplementedError
+
+    def count_hint(self) -> int | None:
+        """Number of records when cheap to know (for progress bars), else None."""
+        return None
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Decoded samples; bad ones are skipped, counted in `stats` and reported when the iteration ends."""
+        self.stats = SkipStats()
+        n = 0
+        for record in self.records():
+            try:
+                sample = decode_record(record, self.normalizer)
+            except SampleError as e:
+                self.stats.add(e.reason, record.key)
+                continue
+            n += 1
+            yield sample
+        level = logging.WARNING if self.stats else logging.INFO
+        log.log(level, "%s: read %d samples, %s", self.description, n, self.stats.report())
+
+    def pairs(self) -> Iterator[tuple[str, Image.Image]]:
+        """(caption, image) pairs: one per caption, so an image with two captions comes twice."""
+        for sample in self:
+            for caption in sample.captions:
+                yield caption, sample.image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r})"
+
+
+def _read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class FolderSource(Source):
+    """Images anywhere under a folder, each captioned by the `.txt` file with the same stem beside it."""
+
+    kind = "folder"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        normalizer: Normalizer | Literal["default"] | None = "default",
+        caption_lines: CaptionLines = "split",
+    ) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"{root} is not a folder")
+        super().__init__([root], normalizer=normalizer, description=str(root))
+        self.root = root
+        self.caption_lines = caption_lines
+        self._images: list[Path] | None = None
+
+    def image_paths(self) -> list[Path]:
+        """All image files under the root, sorted by relative POSIX path (hidden entries ignored)."""
+        if self._images is None:
+            found = []
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+                    if ext in IMAGE_EXTENSIONS and not name.startswith("."):
+                        found.append(Path(dirpath) / name)
+            found.sort(key=lambda p: p.relative_to(self.root).as_posix())
+            self._images = found
+        return self._images
+
+    def count_hint(self) -> int | None:
+        return len(self.image_paths())
+
+    def records(self) -> Iterator[Record]:
+        for path in self.image_paths():
+            key = path.relative_to(self.root).as_posix()
+            txt = path.with_suffix(".txt")
+            try:
+                text = txt.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                yield Record(key, ())
+                continue
+            except OSError:
+                yield Record(key, (), problem="unreadable_file")
+                continue
+            yield Record(
+                key,
+                _split_caption_text(text, self.caption_lines),
+                loader=lambda p=path: _read_file(p),
+            )
+
+
+def _json_caption(data: bytes) -> str | None:
+    try:
+        meta = json.loads(data.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    cap = meta.get("caption") if isinstance(meta, dict) else None
+    return cap if isinstance(cap, str) else None
+
+
+def _read_range(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise SampleError("truncated", f"tar member has {len(data)} of {size} bytes")
+    return data
+
+
+class TarSource(Source):
+    """webdataset shards: consecutive tar members sharing a key (`dir/key.ext`) form one sample."""
+
+    kind = "tar"
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        normalizer: Normalizer | Literal["default"] | None = "default",
+        caption_lines: CaptionLines = "join",
+        description: str | None = None,
+    ) -> None:
+        super().__init__(
+            sorted((Path(p) for p in paths), key=str),
+            normalizer=normalizer,
+            description=description,
+        )
+        self.caption_lines = caption_lines
+
+    def records(self) -> Iterator[Record]:
+        for path in self.paths:
+            yield from self._tar_records(path)
+
+    def _tar_records(self, path: Path) -> Iterator[Record]:
+        lazy = path.suffix == ".tar"  # uncompressed: members can be read later by offset
+        group: dict[str, Any] = {}
+        current: str | None = None
+        try:
+            tf = tarfile.open(path, "r:" if lazy else "r|*")  # noqa: SIM115 (closed below)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.warning("cannot open %s: %s", path, e)
+            yield Record(path.name, (), problem="unreadable_file")
+            return
+        with tf:
+            while True:
+                try:
+                    member = tf.next()
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    log.warning("%s is damaged after %r: %s", path, current, e)
+                    if current is not None:  # its members may be cut short: not to be trusted
+                        yield Record(f"{path.name}/{current}", (), problem="truncated")
+                        current = None
+                    yield Record(f"{path.name}@{tf.offset}", (), problem="unreadable_file")
+                    break
+                if member is None:
+                    break
+                if not member.isfile():
+                    continue
+                dirname, _, base = member.name.rpartition("/")
+                if base.startswith(".") or "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                key = f"{dirname}/{stem}" if dirname else stem
+                if key != current:
+                    if current is not None:
+                        yield self._make_record(path, current, group)
+                    current, group = key, {}
+                ext = ext.lower()
+                if lazy and ext in IMAGE_EXTENSIONS:
+                    group[ext] = (member.offset_data, member.size)
+                else:
+                    try:
+                        f = tf.extractfile(member)
+                        group[ext] = f.read() if f is not None else b""
+                    except (tarfile.TarError, OSError, EOFError):
+                        group[ext] = None
+            if current is not None:
+                yield self._make_record(path, current, group)
+
+    def _make_record(self, path: Path, key: str, group: dict[str, Any]) -> Record:
+        full_key = f"{path.name}/{key}"
+        text: str | None = None
+        if isinstance(group.get("txt"), bytes):
+            text = group["txt"].decode("utf-8", errors="replace")
+        elif isinstance(group.get("json"), bytes):
+            text = _json_caption(group["json"])
+        captions = _split_caption_text(text, self.caption_lines) if text is not None else ()
+        for ext in IMAGE_EXTENSIONS:
+            if ext not in group:
+                continue
+            item = group[ext]
+            if item is None:
+                return Record(full_key, captions, problem="truncated")
+            if isinstance(item, bytes):
+                return Record(full_key, captions, loader=lambda b=item: b)
+            offset, size = item
+            return Record(
+                full_key, captions, loader=lambda o=offset, s=size: _read_range(path, o, s)
+            )
+        return Record(full_key, captions, problem="missing_image")
+
+
+class ParquetSource(Source):
+    """Parquet files with one image per row: image bytes column + caption column (+ optional `key`)."""
+
+    kind = "parquet"
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        key_column: str | None = "key",
+        normalizer: Normalizer | Literal["default"] | None = "default",
+        caption_lines: CaptionLines = "join",
+        batch_rows: int = 256,
+        description: str | None = None,
+    ) -> None:
+        import pyarrow.parquet as pq
+
+        super().__init__(
+            sorted((Path(p) for p in paths), key=str),
+            normalizer=normalizer,
+            description=description,
+        )
+        if not self.paths:
+            raise InputError("no Parquet files given")
+        names = pq.ParquetFile(self.paths[0]).schema_arrow.names
+        self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+        self.caption_column = caption_column or next(
+            (c for c in CAPTION_COLUMNS if c in names), None
+        )
+        for what, col, options in (
+            ("image", self.image_column, IMAGE_COLUMNS),
+            ("caption", self.caption_column, CAPTION_COLUMNS),
+        ):
+            if col is None or col not in names:
+                raise InputError(
+                    f"{self.paths[0]} has no {what} column "
+                    f"({'column ' + repr(col) + ' not found' if col else 'tried ' + ', '.join(options)}); "
+                    f"its columns are {names}. Pass --{what}-column NAME"
+                    + (
+                        " (img2dataset's webdataset output keeps images in the .tar files, not the .parquet)"
+                        if what == "image"
+                        else ""
+                    )
+                )
+        self.key_column = key_column if key_column in names else None
+        self.caption_lines = caption_lines
+        self.batch_rows = batch_rows
+
+    def count_hint(self) -> int | None:
+        import pyarrow.parquet as pq
+
+        try:
+            return sum(pq.ParquetFile(p).metadata.num_rows for p in self.paths)
+        except Exception:
+            return None
+
+    def _captions(self, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return _split_caption_text(value, self.caption_lines)
+        if isinstance(value, (list, tuple)):
+            return tuple(v for v in value if isinstance(v, str))
+        return ()
+
+    def records(self) -> Iterator[Record]:
+        import pyarrow.parquet as pq
+
+        columns = [self.image_column, self.caption_column]
+        if self.key_column:
+            columns.append(self.key_column)
+        for path in self.paths:
+            row = 0
+            try:
+                pf = pq.ParquetFile(path)
+                missing = [c for c in columns if c not in pf.schema_arrow.names]
+                if missing:
+                    raise InputError(f"{path} lacks column(s) {missing}")
+                for batch in pf.iter_batches(batch_size=self.batch_rows, columns=columns):
+                    images = batch.column(self.image_column).to_pylist()
+                    captions = batch.column(self.caption_column).to_pylist()
+                    keys = (
+                        batch.column(self.key_column).to_pylist()
+                        if self.key_column
+                        else [None] * len(images)
+                    )
+                    for img, cap, k in zip(images, captions, keys, strict=True):
+                        key = f"{path.name}/{k if k is not None else row}"
+                        row += 1
+                        if isinstance(img, dict):  # HF datasets' Image feature: {bytes, path}
+                            img = img.get("bytes")
+                        caps = self._captions(cap)
+                        if not img:
+                            yield Record(key, caps, problem="missing_image")
+                        else:
+                            yield Record(key, caps, loader=lambda b=img: bytes(b))
+            except InputError:
+                raise
+            except Exception as e:  # a damaged file: keep what was read, note the rest
+                log.warning("%s is damaged after row %d: %s", path, row, e)
+                yield Record(f"{path.name}@{row}", (), problem="unreadable_file")
+
+
+def _expand(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    items = (
+        [path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else list(path_or_glob)  # type: ignore[arg-type]
+    )
+    out: list[Path] = []
+    for item in items:
+        s = os.fspath(item)
+        if glob.has_magic(s):
+            matches = sorted(glob.glob(s, recursive=True))
+            if not matches:
+                raise InputError(f"no files match {s!r}")
+            out.extend(Path(m) for m in matches)
+        elif not os.path.exists(s):
+            raise InputError(f"{s} does not exist")
+        else:
+            out.append(Path(s))
+    return out
+
+
+def _files_with(paths: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
+    found = []
+    for p in paths:
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found.extend(
+                    Path(dirpath) / n
+                    for n in filenames
+                    if n.lower().endswith(suffixes) and not n.startswith(".")
+                )
+        elif p.name.lower().endswith(suffixes):
+            found.append(p)
+    return sorted(found, key=str)
+
+
+def open_source(
+    path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    kind: Literal["auto", "folder", "tar", "parquet"] = "auto",
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    normalizer: Normalizer | Literal["default"] | None = "default",
+    caption_lines: CaptionLines | None = None,
+) -> Source:
+    """Open a caption–image source; `kind="auto"` picks tar, else parquet, else image folder by what it finds.
+
+    `path_or_glob` is a folder, a file, a glob (`data/*.tar`) or a list of them. A folder holding
+    `.tar` files is read as webdataset shards (img2dataset puts `.parquet` metadata beside them,
+    which is then ignored); one holding `.parquet` files (and no tars) as Parquet; otherwise as
+    an image folder. `normalizer` is applied to every caption: "default" is dalle-mini's
+    `TextNormalizer`, None keeps captions as they are (stripped). `caption_lines`: "split" makes
+    each line of a caption text its own caption (folder default), "join" joins them (tar/parquet
+    default).
+    """
+    if kind not in ("auto", "folder", "tar", "parquet"):
+        raise InputError(f"unknown source kind {kind!r}; use auto, folder, tar or parquet")
+    paths = _expand(path_or_glob)
+    desc = ", ".join(
+        os.fspath(p)
+        for p in ([path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else path_or_glob)
+    )
+    tars = _files_with(paths, (".tar", ".tar.gz", ".tgz"))
+    parquets = _files_with(paths, (".parquet",))
+    if kind == "auto":
+        if tars:
+            kind = "tar"
+        elif parquets:
+            kind = "parquet"
+        elif len(paths) == 1 and paths[0].is_dir():
+            kind = "folder"
+        else:
+            raise InputError(
+                f"cannot tell what {desc} is: expected an image folder, .tar shards or .parquet files"
+            )
+    if kind == "folder":
+        if len(paths) != 1 or not paths[0].is_dir():
+            raise InputError(f"a folder source takes exactly one folder, got {desc}")
+        return FolderSource(paths[0], normalizer=normalizer, caption_lines=caption_lines or "split")
+    if kind == "tar":
+        if not tars:
+            raise InputError(f"no .tar files in {desc}")
+        return TarSource(
+            tars, normalizer=normalizer, caption_lines=caption_lines or "join", description=desc
+        )
+    if not parquets:
+        raise InputError(f"no .parquet files in {desc}")
+    return ParquetSource(
+        parquets,
+        image_column=image_column,
+        caption_column=caption_column,
+        normalizer=normalizer,
+        caption_lines=caption_lines or "join",
+        description=desc,
+    )

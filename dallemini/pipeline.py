@@ -280,6 +280,22 @@ class TextToImage:
             yield StreamFrame(to_pil(images), batch.done, total)
 
 
+def load_vqgan(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> VQGAN:
+    """The VQGAN of a model directory or of any VQGAN checkpoint (Flax folder, taming .ckpt, min-dalle)."""
+    from .checkpoints import load_parts
+    from .checkpoints.native import load_into
+
+    parts = load_parts(Path(path))
+    if parts.config.vqgan is None:
+        raise CheckpointError(f"{path} holds no VQGAN")
+    vq = load_into(VQGAN(parts.config.vqgan), parts.states["vqgan"], f"{parts.source} (vqgan)")
+    return vq.to(resolve_device(device), resolve_dtype(dtype)).eval()
+
+
 def load_pipeline(
     path: str | os.PathLike,
     device: str | torch.device | None = None,

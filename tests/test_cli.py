@@ -80,3 +80,32 @@ def test_convert_and_info(tiny: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["format"] == "native" and info["config"]["bart"]["d_model"] == 64
+
+
+def test_encode_folder_into_shards(tiny: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"a picture number {i}")
+    (src / "bad.png").write_bytes(b"not an image")
+    (src / "bad.txt").write_text("broken")
+    out = tmp_path / "enc"
+    r = run("encode", src, out, "--model", tiny, "--shard-size", "2", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "dataset.json").read_text())
+    assert (
+        meta["count"] == 5
+        and meta["grid_size"] == 4
+        and meta["skipped"]["counts"] == {"undecodable": 1}
+    )
+    table = pq.read_table(sorted(out.glob("part-*.parquet"))[0])
+    assert {"caption", "encoding"} <= set(table.column_names) and len(
+        table.column("encoding")[0]
+    ) == 16
+    r = run("encode", src, out, "--model", tiny, "--shard", "3/2")
+    assert r.returncode == 2 and "0 <= I < N" in r.stderr

@@ -696,3 +696,30 @@ def test_flax_vqgan_default_preset_names() -> None:
         assert want in names, want
     assert not any(n.startswith("encoder/down_4/downsample") or "up_0/upsample" in n for n in names)
     assert dataclasses.replace(VQGAN_PRESETS["f16_16384"]).num_groups == 32
+
+
+def test_convert_flax_dalle_with_flax_vqgan(tmp_path: Path) -> None:
+    """`convert` joins a Flax DalleBart and a Flax VQGAN into one model directory that keeps the logits."""
+    from dataclasses import replace
+
+    from dallemini.checkpoints import convert, detect_format, load_parts
+    from dallemini.checkpoints.native import load_into
+    from dallemini.models.bart import DalleBart
+
+    cfg = replace(
+        _vq_config(), resolution=6, attn_resolutions=(3,)
+    )  # grid 3x3 = the fixture's 9 image tokens
+    vq_dir = _vq_folder(
+        tmp_path, _to_flax(_random_taming_state(cfg)), resolution=6, attn_resolutions=[3]
+    )
+    assert detect_format(vq_dir) == "flax-vqgan"
+    out = convert(DALLE["scan"], tmp_path / "model", vqgan=vq_dir)
+    assert detect_format(out) == "native"
+    parts = load_parts(out)
+    assert parts.config.vqgan.grid_size**2 == parts.config.bart.image_length == 9
+    model = load_into(DalleBart(parts.config.bart), parts.states["bart"], "converted").eval()
+    ref = np.load(DALLE["scan"] / "reference.npz")
+    ids, mask, dec = _inputs(ref)
+    with torch.no_grad():
+        logits = model(ids, mask, decoder_input_ids=dec).logits
+    np.testing.assert_allclose(logits.numpy(), ref["logits"], atol=1e-4)

@@ -53,7 +53,25 @@ def test_generate_writes_images_grid_and_record(tiny: Path, tmp_path: Path) -> N
     assert Image.open(out / "001-002.png").size == (64, 64)
 
 
-def test_user_errors_exit_2_with_a_message(tiny: Path, tmp_path: Path) -> None:
+def run_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    """Run the CLI's main() in this process (no interpreter start-up): (exit status, stderr)."""
+    from dallemini.cli import main
+
+    old = sys.argv
+    sys.argv = ["dallemini", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def test_user_errors_exit_2_with_a_message(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = [
         (("generate", "--model", tiny, ""), "empty prompt"),
         (("generate", "--model", tiny), "no prompt"),
@@ -67,10 +85,12 @@ def test_user_errors_exit_2_with_a_message(tiny: Path, tmp_path: Path) -> None:
         (("convert", tiny, tiny), "already exists"),
     ]
     for args, message in cases:
-        r = run(*args)
-        assert r.returncode == 2, (args, r.returncode, r.stderr)
-        assert message in r.stderr, (args, r.stderr)
-        assert "Traceback" not in r.stderr, (args, r.stderr)
+        code, err = run_here(capsys, *args)
+        assert code == 2, (args, code, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err, (args, err)
+    r = run("generate", "--model", tiny, "")  # and once through a real process
+    assert r.returncode == 2 and "empty prompt" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_convert_and_info(tiny: Path, tmp_path: Path) -> None:

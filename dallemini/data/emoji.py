@@ -1,0 +1,588 @@
+"""Emoji scenes: the built-in captioned image set (DESIGN.md §5), generated offline and deterministically.
+
+A scene is one colour emoji glyph (Noto Color Emoji) on a solid background of one of 8 palette
+colours, at one of 9 positions on a 3×3 grid aligned to the VQGAN token grid, captioned from a few
+templates ("pizza on a blue background, top left"). Glyphs come from the atlas packaged in
+`assets/` (32×32 RGBA cells, ordered so that the first 64 / 256 subjects are the tiers); when the
+font is installed, `render_from_font=True` renders them from it instead.
+
+Splits (seeded, and consistent across tiers because they depend only on a subject's place in the
+global order): "heldout-colour" holds, for every subject, all 9 positions of one colour that is
+never seen with it in training; "heldout-triples" holds 10 % of the (subject, colour, position)
+triples (7 or 8 per subject, never emptying a subject's colour or position in training);
+"train" is everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..errors import ConfigError, InputError
+
+__all__ = [
+    "ATLAS_CELL",
+    "COLOURS",
+    "FONT_SIZE",
+    "PALETTE",
+    "POSITIONS",
+    "SPLITS",
+    "TEMPLATES",
+    "EmojiScenes",
+    "Scene",
+    "Subject",
+    "find_font",
+    "fit_glyph",
+    "load_subjects",
+    "render_glyph",
+    "write_emoji_dataset",
+]
+
+ASSETS_DIR = Path(__file__).with_name("assets")
+ATLAS_FILE = "emoji_atlas.png"
+SUBJECTS_FILE = "emoji_subjects.json"
+ATLAS_CELL = (
+    32  # side of one glyph cell in the packaged atlas: the largest subject of a 64×64 scene
+)
+FONT_SIZE = 109  # Noto Color Emoji is a CBDT bitmap font with a single strike at 109 ppem
+FONT_CANDIDATES = (
+    "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
+    "/usr/share/fonts/noto/NotoColorEmoji.ttf",
+    "/usr/local/share/fonts/NotoColorEmoji.ttf",
+)
+
+# Well separated under colour drift: the closest pair (orange/yellow) is ~100 RGB apart.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 20, 30),
+    "orange": (255, 128, 0),
+    "yellow": (255, 230, 0),
+    "green": (30, 160, 50),
+    "blue": (30, 80, 220),
+    "purple": (140, 40, 180),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+POSITIONS: tuple[str, ...] = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+# No article before {name}: CLDR names include plurals ("musical notes"). {a} is "a"/"an" for the colour.
+TEMPLATES: tuple[str, ...] = (
+    "{name} on {a} {colour} background, {position}",
+    "{a} {colour} picture with {name} in the {position}",
+    "{name}, {position}, {colour} background",
+    "{colour} background, {name} at the {position}",
+    "{position}: {name} on {colour}",
+    "{a} {colour} image, {name} in the {position}",
+)
+SPLITS: tuple[str, ...] = ("train", "heldout-triples", "heldout-colour")
+HELDOUT_TRIPLE_FRACTION = 0.10
+LOW_CONTRAST_DISTANCE = 60.0  # RGB distance under which a glyph pixel "is" the background
+LOW_CONTRAST_FRACTION = (
+    0.5  # a (subject, colour) pair is low contrast above this share of such pixels
+)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One emoji subject: its caption name (cleaned CLDR name), aliases and Unicode categories."""
+
+    index: int
+    name: str
+    emoji: str
+    aliases: tuple[str, ...]
+    category: str
+    subcategory: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One (subject, colour, position) triple: the attributes of one image, by name."""
+
+    subject: str
+    colour: str
+    position: str
+
+
+def _seed_int(*parts: object) -> int:
+    """A stable 64-bit seed from any printable parts (Python's hash() is salted per process)."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    """A numpy generator seeded by `_seed_int(*parts)`, for per-item deterministic choices."""
+    return np.random.default_rng(_seed_int(*parts))
+
+
+def article(word: str) -> str:
+    """'an' before a vowel-initial word, else 'a' (good enough for the palette names)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+# --------------------------------------------------------------------------------------------
+# Font rendering (used by tools/build_emoji_atlas.py and by render_from_font=True)
+
+
+def find_font(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The Noto Color Emoji font file: `path` if given, else $DALLEMINI_EMOJI_FONT or a Debian path."""
+    candidates = [path] if path is not None else [os.environ.get("DALLEMINI_EMOJI_FONT")]
+    if path is None:
+        candidates += list(FONT_CANDIDATES)
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_font(path: str) -> ImageFont.FreeTypeFont:
+    """The font at its only bitmap size, with RAQM layout so ZWJ and FE0F sequences are one glyph."""
+    layout = ImageFont.Layout.RAQM if hasattr(ImageFont, "Layout") else ImageFont.LAYOUT_RAQM
+    return ImageFont.truetype(path, FONT_SIZE, layout_engine=layout)
+
+
+def render_glyph(text: str, font_path: str | os.PathLike[str]) -> Image.Image:
+    """Render one emoji at 109 px with its embedded colours, cropped to its alpha bounding box."""
+    font = _load_font(str(font_path))
+    im = Image.new("RGBA", (3 * FONT_SIZE, 2 * FONT_SIZE), (0, 0, 0, 0))
+    ImageDraw.Draw(im).text((FONT_SIZE // 4, FONT_SIZE // 4), text, font=font, embedded_color=True)
+    box = im.getchannel("A").getbbox()
+    if box is None:
+        raise InputError(f"the font renders {text!r} as an empty glyph")
+    return im.crop(box)
+
+
+def fit_glyph(glyph: Image.Image, size: int) -> Image.Image:
+    """Scale a tight RGBA glyph (aspect kept, longer side = size) and centre it on a size×size cell."""
+    w, h = glyph.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = glyph.convert("RGBA").resize((nw, nh), Image.Resampling.LANCZOS)  # premultiplied alpha
+    cell = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    cell.paste(small, ((size - nw) // 2, (size - nh) // 2))
+    return cell
+
+
+# --------------------------------------------------------------------------------------------
+# The packaged atlas
+
+
+@functools.lru_cache(maxsize=1)
+def _load_atlas() -> tuple[tuple[Subject, ...], np.ndarray, dict[str, Any]]:
+    """Read the packaged subject list and atlas: (subjects in tier order, uint8 [N, 32, 32, 4], header)."""
+    meta_path, atlas_path = ASSETS_DIR / SUBJECTS_FILE, ASSETS_DIR / ATLAS_FILE
+    if not meta_path.is_file() or not atlas_path.is_file():
+        raise ConfigError(
+            f"the emoji atlas is missing from {ASSETS_DIR}; rebuild it with tools/build_emoji_atlas.py"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cell, cols = int(meta["cell"]), int(meta["columns"])
+    with Image.open(atlas_path) as im:
+        sheet = np.asarray(im.convert("RGBA"))
+    subjects, glyphs = [], []
+    for i, s in enumerate(meta["subjects"]):
+        subjects.append(
+            Subject(
+                index=i,
+                name=s["name"],
+                emoji=s["emoji"],
+                aliases=tuple(s.get("aliases", ())),
+                category=s["category"],
+                subcategory=s["subcategory"],
+            )
+        )
+        r, c = divmod(i, cols)
+        glyphs.append(sheet[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell])
+    stack = np.stack(glyphs)
+    stack.setflags(write=False)
+    return tuple(subjects), stack, meta
+
+
+def load_subjects() -> tuple[Subject, ...]:
+    """All packaged subjects, in tier order (the first 64 / 256 are the small tiers)."""
+    return _load_atlas()[0]
+
+
+def _tier_count(tier: int | str, total: int) -> int:
+    """Number of subjects in a tier: 64, 256 (or any positive int up to the total) or 'all'."""
+    if tier == "all":
+        return total
+    try:
+        n = int(tier)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"emoji tier must be 64, 256, another count or 'all', got {tier!r}"
+        ) from None
+    if not 1 <= n <= total:
+        raise ConfigError(f"emoji tier {n} is out of range: the atlas has {total} subjects")
+    return n
+
+
+def _clean_caption(text: str) -> str:
+    """Lower case, single spaces, no trailing full stop: the form captions are parsed in."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".").strip()
+
+
+class EmojiScenes:
+    """The emoji-scenes dataset: subjects of one tier × 8 colours × 9 positions, with seeded splits.
+
+    `resolution` is the image side; `subject_size` (default: half the side, a multiple of `grid`)
+    the glyph side; `grid` the VQGAN token cell size in pixels (default: side / 8) that the
+    placement offsets are aligned to, e.g. {0, 16, 32} for 64×64 with 32 px subjects.
+    """
+
+    def __init__(
+        self,
+        tier: int | str = 64,
+        resolution: int = 64,
+        subject_size: int | None = None,
+        seed: int = 0,
+        *,
+        grid: int | None = None,
+        alias_prob: float = 0.2,
+        render_from_font: bool = False,
+        font_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        all_subjects, atlas, _ = _load_atlas()
+        self.tier = tier
+        self.seed = int(seed)
+        self.resolution = int(resolution)
+        if self.resolution < 8:
+            raise ConfigError(f"emoji scene resolution must be at least 8, got {resolution}")
+        self.grid = int(grid) if grid is not None else max(1, self.resolution // 8)
+        if self.grid < 1:
+            raise ConfigError(f"grid must be a positive number of pixels, got {grid}")
+        if subject_size is None:
+            subject_size = max(self.grid, (self.resolution // 2) // self.grid * self.grid)
+        self.subject_size = int(subject_size)
+        if not 4 <= self.subject_size <= self.resolution:
+            raise ConfigError(
+                f"subject_size must be between 4 and the resolution ({self.resolution}), got {subject_size}"
+            )
+        if not 0.0 <= alias_prob <= 1.0:
+            raise ConfigError(f"alias_prob must be in [0, 1], got {alias_prob}")
+        self.alias_prob = float(alias_prob)
+        n = _tier_count(tier, len(all_subjects))
+        self.subjects: tuple[Subject, ...] = all_subjects[:n]
+        self.names: tuple[str, ...] = tuple(s.name for s in self.subjects)
+        self._atlas = atlas[:n]
+        self._by_name: dict[str, Subject] = {}
+        for s in self.subjects:
+            self._by_name[s.name] = s
+        for s in self.subjects:
+            for a in s.aliases:
+                self._by_name.setdefault(a, s)
+        self.font_path: Path | None = None
+        if render_from_font:
+            self.font_path = find_font(font_path)
+            if self.font_path is None:
+                raise ConfigError(
+                    "render_from_font=True needs Noto Color Emoji (Debian: apt-get install "
+                    "fonts-noto-color-emoji) or a font_path; without it the packaged atlas is used"
+                )
+        # Placement: offsets {0, middle, end}, the middle one rounded to the token grid.
+        free = self.resolution - self.subject_size
+        mid = min(free, round(free / 2 / self.grid) * self.grid)
+        steps = (0, mid, free)
+        self.offsets: dict[str, tuple[int, int]] = {
+            p: (steps[i % 3], steps[i // 3]) for i, p in enumerate(POSITIONS)
+        }
+        half = self.subject_size / 2
+        self.centres: dict[str, tuple[float, float]] = {
+            p: (x + half, y + half) for p, (x, y) in self.offsets.items()
+        }
+        self._glyphs: dict[str, Image.Image] = {}
+
+    # ---- description
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that reproduce this dataset (stored next to written datasets)."""
+        return {
+            "tier": self.tier,
+            "resolution": self.resolution,
+            "subject_size": self.subject_size,
+            "seed": self.seed,
+            "grid": self.grid,
+            "alias_prob": self.alias_prob,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> EmojiScenes:
+        """Rebuild a dataset from `config()` output (e.g. a written folder's emoji_scenes.json)."""
+        keys = ("tier", "resolution", "subject_size", "seed", "grid", "alias_prob")
+        kwargs = {k: config[k] for k in keys if k in config}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"EmojiScenes(tier={self.tier!r}, subjects={len(self.subjects)}, resolution={self.resolution}, "
+            f"subject_size={self.subject_size}, seed={self.seed})"
+        )
+
+    def subject(self, name: str | Subject) -> Subject:
+        """Look a subject up by caption name or alias (case-insensitive)."""
+        if isinstance(name, Subject):
+            return name
+        s = self._by_name.get(_clean_caption(name))
+        if s is None:
+            raise InputError(f"{name!r} is not a subject of emoji tier {self.tier!r}")
+        return s
+
+    # ---- rendering
+
+    def glyph(self, subject: str | Subject) -> Image.Image:
+        """The subject's RGBA glyph at `subject_size` (from the font if asked, else the atlas)."""
+        s = self.subject(subject)
+        g = self._glyphs.get(s.name)
+        if g is None:
+            if self.font_path is not None:
+                g = fit_glyph(render_glyph(s.emoji, self.font_path), self.subject_size)
+            else:
+                g = Image.fromarray(self._atlas[s.index], "RGBA")
+                if self.subject_size != ATLAS_CELL:
+                    g = g.resize((self.subject_size,) * 2, Image.Resampling.LANCZOS)
+            self._glyphs[s.name] = g
+        return g
+
+    def render(self, subject: str | Subject, colour: str, position: str) -> Image.Image:
+        """The RGB image of one scene: the glyph alpha-composited on a solid palette background."""
+        if colour not in PALETTE:
+            raise InputError(f"unknown colour {colour!r}; the palette is {list(COLOURS)}")
+        if position not in self.offsets:
+            raise InputError(f"unknown position {position!r}; positions are {list(POSITIONS)}")
+        im = Image.new("RGB", (self.resolution, self.resolution), PALETTE[colour])
+        g = self.glyph(subject)
+        im.paste(g, self.offsets[position], g)
+        return im
+
+    def render_scene(self, scene: Scene) -> Image.Image:
+        """`render` for a Scene."""
+        return self.render(scene.subject, scene.colour, scene.position)
+
+    # ---- captions
+
+    def captions(self, scene: Scene, name: str | None = None) -> list[str]:
+        """The scene captioned by every template, with its canonical name (or the given alias)."""
+        name = name or scene.subject
+        return [
+            t.format(
+                name=name, colour=scene.colour, position=scene.position, a=article(scene.colour)
+            )
+            for t in TEMPLATES
+        ]
+
+    def caption(self, scene: Scene, epoch: int = 0, variant: int = 0) -> str:
+        """One caption of a scene, chosen deterministically from (seed, epoch, scene, variant)."""
+        return self.sample_captions(scene, max(1, variant + 1), epoch)[variant]
+
+    def sample_captions(self, scene: Scene, k: int = 1, epoch: int = 0) -> list[str]:
+        """k captions of a scene with distinct templates, each naming an alias with p=alias_prob."""
+        if not 1 <= k <= len(TEMPLATES):
+            raise ConfigError(f"captions per image must be between 1 and {len(TEMPLATES)}, got {k}")
+        rng = _rng(self.seed, "caption", epoch, scene.subject, scene.colour, scene.position)
+        order = rng.permutation(len(TEMPLATES))[:k]
+        aliases = self.subject(scene.subject).aliases
+        out = []
+        for t in order:
+            name = scene.subject
+            use_alias = rng.random() < self.alias_prob
+            if aliases and use_alias:
+                name = aliases[int(rng.integers(len(aliases)))]
+            a = article(scene.colour)
+            out.append(
+                TEMPLATES[t].format(name=name, colour=scene.colour, position=scene.position, a=a)
+            )
+        return out
+
+    # ---- splits
+
+    def scenes(self) -> list[Scene]:
+        """Every (subject, colour, position) triple of the tier, in subject/colour/position order."""
+        return [Scene(s, c, p) for s in self.names for c in COLOURS for p in POSITIONS]
+
+    @functools.cached_property
+    def heldout_colour(self) -> dict[str, str]:
+        """Per subject, the colour never seen with it in training (balanced within blocks of 8)."""
+        out = {}
+        for s in self.subjects:
+            perm = _rng(self.seed, "heldout-colour", s.index // len(COLOURS)).permutation(
+                len(COLOURS)
+            )
+            out[s.name] = COLOURS[int(perm[s.index % len(COLOURS)])]
+        return out
+
+    @functools.cached_property
+    def _heldout_triples(self) -> frozenset[Scene]:
+        """10 % of triples (7 or 8 per subject), never the last training position of a colour or vice versa."""
+        per_subject = len(COLOURS) * len(POSITIONS) * HELDOUT_TRIPLE_FRACTION
+        held: set[Scene] = set()
+        for s in self.subjects:
+            k = math.floor(per_subject * (s.index + 1) + 1e-9) - math.floor(
+                per_subject * s.index + 1e-9
+            )
+            colours = [c for c in COLOURS if c != self.heldout_colour[s.name]]
+            cands = [(c, p) for c in colours for p in POSITIONS]
+            by_colour = {c: len(POSITIONS) for c in colours}
+            by_position = {p: len(colours) for p in POSITIONS}
+            rng = _rng(self.seed, "heldout-triples", s.index)
+            taken = 0
+            for j in rng.permutation(len(cands)):
+                if taken == k:
+                    break
+                c, p = cands[int(j)]
+                if by_colour[c] <= 1 or by_position[p] <= 1:
+                    continue
+                by_colour[c] -= 1
+                by_position[p] -= 1
+                held.add(Scene(s.name, c, p))
+                taken += 1
+        return frozenset(held)
+
+    @functools.cached_property
+    def _splits(self) -> dict[str, list[Scene]]:
+        """All three splits, in canonical scene order."""
+        out: dict[str, list[Scene]] = {k: [] for k in SPLITS}
+        for sc in self.scenes():
+            out[self.split_of(sc)].append(sc)
+        return out
+
+    def split_of(self, scene: Scene) -> str:
+        """The split a scene belongs to."""
+        if self.heldout_colour[scene.subject] == scene.colour:
+            return "heldout-colour"
+        if scene in self._heldout_triples:
+            return "heldout-triples"
+        return "train"
+
+    def split(self, name: str) -> list[Scene]:
+        """The scenes of a split: 'train', 'heldout-triples', 'heldout-colour' or 'all'."""
+        if name == "all":
+            return self.scenes()
+        if name not in SPLITS:
+            raise ConfigError(f"unknown emoji split {name!r}; splits are {[*SPLITS, 'all']}")
+        return list(self._splits[name])
+
+    # ---- contrast
+
+    @functools.cached_property
+    def low_contrast(self) -> frozenset[tuple[str, str]]:
+        """(subject, colour) pairs where most glyph pixels are within 60 RGB of the background."""
+        rgba = self._atlas.astype(np.float32)
+        solid = rgba[..., 3] >= 128
+        out = set()
+        for c, rgb in PALETTE.items():
+            near = (
+                np.linalg.norm(rgba[..., :3] - np.asarray(rgb, np.float32), axis=-1)
+                < LOW_CONTRAST_DISTANCE
+            )
+            frac = (near & solid).sum(axis=(1, 2)) / np.maximum(solid.sum(axis=(1, 2)), 1)
+            out.update((self.names[i], c) for i in np.flatnonzero(frac > LOW_CONTRAST_FRACTION))
+        return frozenset(out)
+
+    def is_low_contrast(self, scene: Scene) -> bool:
+        """Whether the scene's glyph nearly disappears into its background (report these apart)."""
+        return (self.subject(scene.subject).name, scene.colour) in self.low_contrast
+
+    # ---- iteration
+
+    def pairs(
+        self,
+        split: str = "train",
+        epoch: int = 0,
+        captions_per_image: int = 1,
+        shuffle: bool = False,
+    ) -> Iterator[tuple[str, Image.Image]]:
+        """(caption, RGB image) pairs of a split; `shuffle` permutes them by (seed, epoch)."""
+        scenes = self.split(split)
+        if shuffle:
+            order = _rng(self.seed, "shuffle", split, epoch).permutation(len(scenes))
+            scenes = [scenes[int(i)] for i in order]
+        for sc in scenes:
+            im = self.render_scene(sc)
+            for cap in self.sample_captions(sc, captions_per_image, epoch):
+                yield cap, im
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        return self.pairs("train")
+
+    def __len__(self) -> int:
+        return len(self._splits["train"])
+
+
+def write_emoji_dataset(
+    out_dir: str | os.PathLike[str],
+    tier: int | str = 64,
+    resolution: int = 64,
+    splits: str | Sequence[str] = ("train", "heldout-triples", "heldout-colour"),
+    captions_per_image: int = 2,
+    *,
+    seed: int = 0,
+    subject_size: int | None = None,
+    epoch: int = 0,
+) -> dict[str, int]:
+    """Write an image folder: NNNNNN.png + NNNNNN.txt (one caption a line), metadata.jsonl, config.
+
+    Returns the number of images written per split. `metadata.jsonl` has one row per image with
+    file, subject, colour, position, split, low_contrast and captions; `emoji_scenes.json` holds
+    the EmojiScenes config so evaluation can rebuild the same dataset and judge.
+    """
+    scenes = EmojiScenes(tier, resolution, subject_size, seed)
+    names = [splits] if isinstance(splits, str) else list(splits)
+    if names == ["all"]:
+        names = list(SPLITS)
+    for n in names:
+        if n not in SPLITS:
+            raise ConfigError(f"unknown emoji split {n!r}; splits are {list(SPLITS)} or 'all'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    i = 0
+    with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
+        for n in names:
+            todo = scenes.split(n)
+            counts[n] = len(todo)
+            for sc in todo:
+                stem = f"{i:06d}"
+                caps = scenes.sample_captions(sc, captions_per_image, epoch)
+                scenes.render_scene(sc).save(out / f"{stem}.png", optimize=False)
+                (out / f"{stem}.txt").write_text("\n".join(caps) + "\n", encoding="utf-8")
+                row = {
+                    "file": f"{stem}.png",
+                    "subject": sc.subject,
+                    "colour": sc.colour,
+                    "position": sc.position,
+                    "split": n,
+                    "low_contrast": scenes.is_low_contrast(sc),
+                    "captions": caps,
+                }
+                meta.write(json.dumps(row, ensure_ascii=False) + "\n")
+                i += 1
+    config = {
+        **scenes.config(),
+        "splits": names,
+        "captions_per_image": captions_per_image,
+        "epoch": epoch,
+    }
+    (out / "emoji_scenes.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return counts

@@ -1,4 +1,5 @@
-"""The `dallemini` command line: generate, convert, create (a random model directory), info."""
+"""The `dallemini` command line: generate, convert, create (a random model directory), encode,
+dataset emoji, eval, info."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import DalleMiniError, InputError
+from .errors import ConfigError, DalleMiniError, InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -186,6 +187,210 @@ def encode(
         source, out, vq, batch_size=batch_size, shard_size=shard_size, worker=worker
     )
     typer.echo(result.summary())
+
+
+dataset_app = typer.Typer(
+    no_args_is_help=True, help="Build a captioned image dataset as an image folder (+ .txt)."
+)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _parse_tier(tier: str) -> int | str:
+    """An emoji tier option as EmojiScenes takes it: a subject count, or 'all'."""
+    return int(tier) if tier.strip().isdigit() else tier.strip()
+
+
+@dataset_app.command("emoji")
+def dataset_emoji(
+    out: Annotated[Path, typer.Argument(help="output folder (new or empty)")],
+    tier: Annotated[str, typer.Option(help="subjects: 64, 256, any count, or all")] = "64",
+    resolution: Annotated[int, typer.Option(help="image side in pixels")] = 64,
+    subject_size: Annotated[
+        int | None, typer.Option(help="emoji side in pixels (default: half the image side)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the splits and caption choice")] = 0,
+    splits: Annotated[
+        str, typer.Option(help="comma list of train, heldout-triples, heldout-colour, or all")
+    ] = "all",
+    captions_per_image: Annotated[
+        int, typer.Option(help="captions per image (distinct templates), 1 to 6")
+    ] = 2,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it holds an emoji dataset written before")
+    ] = False,
+) -> None:
+    """Write the emoji-scenes dataset: NNNNNN.png + NNNNNN.txt, metadata.jsonl and emoji_scenes.json."""
+    import shutil
+    import tempfile
+
+    from .data.emoji import SPLITS, write_emoji_dataset
+
+    names = [s.strip() for s in splits.split(",") if s.strip()]
+    names = list(SPLITS) if "all" in names else names
+    if not names or any(n not in SPLITS for n in names):
+        raise ConfigError(f"--splits must list {', '.join(SPLITS)} or all, got {splits!r}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not overwrite:
+        raise InputError(
+            f"{out} is not empty; pass --overwrite to replace it, or pick a new folder"
+        )
+    if replace and not (out / "emoji_scenes.json").is_file():
+        raise InputError(
+            f"{out} holds files that are not an emoji dataset; --overwrite only replaces a folder "
+            "written by `dallemini dataset emoji`, so pick an empty or new folder"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        counts = write_emoji_dataset(
+            tmp,
+            tier=_parse_tier(tier),
+            resolution=resolution,
+            splits=names,
+            captions_per_image=captions_per_image,
+            seed=seed,
+            subject_size=subject_size,
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    for name, count in counts.items():
+        typer.echo(f"{name}: {count} images")
+    total = sum(counts.values())
+    typer.echo(f"wrote {out}: {total} images, {total * captions_per_image} captions")
+
+
+def _eval_items(folder: Path) -> tuple[str, list[tuple[Path, str]], dict[str, object] | None]:
+    """What `eval --images` scores: (folder kind, [(image path, caption)], emoji_scenes.json or None)."""
+    if not folder.is_dir():
+        raise InputError(f"{folder} does not exist or is not a folder")
+    cfg = None
+    if (folder / "emoji_scenes.json").is_file():
+        try:
+            cfg = json.loads((folder / "emoji_scenes.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ConfigError(f"{folder / 'emoji_scenes.json'} is not valid JSON: {e}") from e
+    try:
+        if (folder / "generation.json").is_file():
+            kind = "generate"
+            record = json.loads((folder / "generation.json").read_text(encoding="utf-8"))
+            items = [(folder / r["file"], r["prompt"]) for r in record.get("images", [])]
+        elif (folder / "metadata.jsonl").is_file():
+            kind = "dataset"
+            lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+            items = [(folder / r["file"], r["captions"][0]) for r in rows if r.get("captions")]
+        else:
+            raise InputError(
+                f"{folder} has neither generation.json (from `dallemini generate`) nor "
+                "metadata.jsonl (from `dallemini dataset emoji`)"
+            )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"cannot read the image list of {folder}: {e!r}") from e
+    if not items:
+        raise InputError(f"no captioned images listed in {folder}")
+    missing = [p for p, _ in items if not p.is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} listed images are missing, e.g. {missing[0]}")
+    return kind, items, cfg
+
+
+@app.command("eval")
+def eval_(
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder to score: an emoji dataset (`dallemini dataset emoji`) or the output "
+            "folder of `dallemini generate`"
+        ),
+    ] = None,
+    tier: Annotated[
+        str | None, typer.Option(help="emoji tier of the captions, if the folder does not say")
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="emoji scene side in pixels, if the folder does not say")
+    ] = None,
+    subject_size: Annotated[
+        int | None, typer.Option(help="emoji side in pixels, if the folder does not say")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="dataset seed, if the folder does not say")
+    ] = None,
+    json_file: Annotated[
+        Path | None,
+        typer.Option("--json", help="also write the report as JSON to FILE (- = stdout)"),
+    ] = None,
+) -> None:
+    """Score images against their emoji-scenes captions with the judge: colour, position, subject, all."""
+    from collections.abc import Iterator
+
+    from PIL import Image
+
+    from .data.emoji import EmojiScenes
+    from .data.judge import EmojiJudge
+
+    if images is None:
+        raise InputError(
+            "nothing to score: pass --images DIR (scoring a model on held-out captions is not "
+            "implemented yet)"
+        )
+    kind, items, cfg = _eval_items(images)
+    given = {"tier": tier, "resolution": resolution, "subject_size": subject_size, "seed": seed}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "tier" in given:
+        given["tier"] = _parse_tier(str(given["tier"]))
+    if cfg is not None:
+        clash = [f"--{k.replace('_', '-')}" for k, v in given.items() if cfg.get(k) != v]
+        if clash:
+            raise ConfigError(
+                f"{' '.join(clash)} differ from {images / 'emoji_scenes.json'}, which fixes the "
+                "dataset settings; leave them out"
+            )
+        scenes = EmojiScenes.from_config(cfg)
+    else:
+        scenes = EmojiScenes(
+            given.get("tier", 64), given.get("resolution", 64), subject_size, given.get("seed", 0)
+        )
+    judge = EmojiJudge(scenes)
+    for _, caption in items:  # every caption must parse before any image is scored
+        judge.parse_caption(caption)
+
+    def pairs() -> Iterator[tuple[Image.Image, str]]:
+        for path, caption in items:
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except OSError as e:
+                raise InputError(f"cannot read image {path}: {e}") from e
+            yield image, caption
+
+    report = judge.evaluate(pairs())
+    report = {"images": str(images), "kind": kind, "scenes": scenes.config(), **report}
+    if json_file is not None and str(json_file) == "-":
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    chance = report["chance"]
+    typer.echo(f"{'metric':<14} {'accuracy':>8} {'chance':>8}")
+    for key, label in (
+        ("colour", "colour"),
+        ("position", "position"),
+        ("subject", "subject top-1"),
+        ("subject_top5", "subject top-5"),
+        ("all", "all"),
+    ):
+        typer.echo(f"{label:<14} {report[key]:>8.3f} {chance[key]:>8.4f}")
+    typer.echo(f"{'count':<14} {report['n']:>8d}")
+    low = report["low_contrast"]
+    if low["n"]:
+        typer.echo(f"(low-contrast scenes: {low['n']}, all = {low['all']:.3f})")
 
 
 @app.command()

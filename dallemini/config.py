@@ -177,6 +177,49 @@ class ClipConfig:
     vision_width: int = 256
     vision_layers: int = 4
     vision_heads: int = 4
+    # Hidden width of each transformer MLP, as a multiple of the block's width.
+    mlp_ratio: float = 4.0
+    # Padding id of the (BART-style) tokenizer; used to build a mask when none is given.
+    pad_token_id: int = 1
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "max_text_length",
+            "embed_dim",
+            "text_width",
+            "text_layers",
+            "text_heads",
+            "image_size",
+            "patch_size",
+            "vision_width",
+            "vision_layers",
+            "vision_heads",
+        ):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"clip.{name} must be positive, got {getattr(self, name)}")
+        for width, heads in (("text_width", "text_heads"), ("vision_width", "vision_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ConfigError(
+                    f"clip.{width} ({getattr(self, width)}) must be divisible by "
+                    f"{heads} ({getattr(self, heads)})"
+                )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"clip.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
+            )
+        if not self.mlp_ratio > 0:
+            raise ConfigError(f"clip.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(
+                f"clip.pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image side, squared: the image tower's sequence length without the class token."""
+        return (self.image_size // self.patch_size) ** 2
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

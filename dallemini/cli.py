@@ -393,6 +393,95 @@ def eval_(
         typer.echo(f"(low-contrast scenes: {low['n']}, all = {low['all']:.3f})")
 
 
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML or JSON file of settings (see --set)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override any setting: --set lr=0.001 --set bart.d_model=256"),
+]
+
+
+def _fit(kind: str, config: Path | None, sets: list[str] | None, **options: object) -> None:
+    """Build a trainer from a config file + overrides (explicit options win) and run it to the end."""
+    import logging
+
+    from .training import trainer_class
+    from .training.loop import load_config, parse_overrides
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cls = trainer_class(kind)
+    overrides = parse_overrides(sets)
+    overrides.update({k: v for k, v in options.items() if v is not None})
+    cfg = load_config(cls.config_class, config, overrides)
+    trainer = cls(cfg)
+    try:
+        trainer.fit()
+    finally:
+        from .training.distributed import shutdown
+
+        shutdown()
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str | None, typer.Option(help="folder of encoded token shards (dallemini encode)")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")] = None,
+    model_preset: Annotated[
+        str | None, typer.Option("--model-preset", help="tiny, mini or mega (from scratch)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="model directory to fine-tune")] = None,
+    vqgan: Annotated[
+        str | None, typer.Option(help="VQGAN (model dir/checkpoint) for samples and export")
+    ] = None,
+    eval_data: Annotated[str | None, typer.Option(help="held-out encoded shards")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer updates")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per-rank micro-batch")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per update")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adafactor or adamw")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 autocast")
+    ] = None,
+    distributed: Annotated[str | None, typer.Option(help="ddp or fsdp (under torchrun)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of everything random")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="continue the run in --out")
+    ] = None,
+    wandb: Annotated[
+        bool | None, typer.Option("--wandb", help="also log to Weights & Biases")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train DalleBart on encoded shards (resumable; data-parallel under torchrun)."""
+    _fit(
+        "seq2seq",
+        config,
+        set_,
+        data=data,
+        out=out,
+        preset=model_preset,
+        model=model,
+        vqgan=vqgan,
+        eval_data=eval_data,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        optimizer=optimizer,
+        precision=precision,
+        distributed=distributed,
+        device=device,
+        seed=seed,
+        resume=resume,
+        wandb=wandb,
+    )
+
+
 @app.command()
 def info(path: Annotated[Path, typer.Argument(help="model directory or checkpoint")]) -> None:
     """Print the detected format and the configuration of a model."""

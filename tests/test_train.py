@@ -1,0 +1,231 @@
+"""The DalleBart trainer: loss falls, exact resume after kill -9, torchrun data parallelism, bad state refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dallemini.errors import ConfigError
+from dallemini.pipeline import TextToImage
+from dallemini.random_model import create_random_model
+from dallemini.training.checkpointing import list_checkpoints, load_checkpoint
+from dallemini.training.loop import load_config, parse_overrides
+from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
+
+from .train_utils import tiny_bart_overrides, write_token_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(data: Path, out: Path, **kw) -> Seq2SeqConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        steps=40,
+        batch_size=16,
+        optimizer="adamw",
+        lr=3e-3,
+        log_every=10,
+        save_every=20,
+        bart=tiny_bart_overrides(),
+        tensorboard=False,
+    )
+    base.update(kw)
+    return load_config(Seq2SeqConfig, None, base)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
+    env["PYTHONPATH"] = str(ROOT)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli_args(data: Path, out: Path, steps: int, extra: list[str] | None = None) -> list[str]:
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+        "--device",
+        "cpu",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "log_every=50",
+    ]
+    for k, v in tiny_bart_overrides().items():
+        args += ["--set", f"bart.{k}={v}"]
+    return args + (extra or [])
+
+
+def test_loss_falls_and_export_generates(tmp_path: Path) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    vq = create_random_model(tmp_path / "random", preset="tiny")
+    cfg = _cfg(
+        data,
+        tmp_path / "run",
+        steps=60,
+        eval_data=str(data),
+        vqgan=str(vq),
+        sample_every=30,
+        sample_images=2,
+        tensorboard=True,
+    )
+    trainer = Seq2SeqTrainer(cfg)
+    first = trainer.evaluate()["loss"]
+    last = trainer.fit()
+    assert last["eval/loss"] < 0.75 * first, (first, last)
+    assert last["train/tokens_per_s"] > 0
+    run = tmp_path / "run"
+    assert (run / "samples" / "step-000030.png").is_file()
+    assert (run / "samples" / "step-000060.png").is_file()
+    assert any((run / "logs").glob("events.out.tfevents.*"))
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 60
+    pipe = TextToImage.from_pretrained(run / "model", device="cpu")
+    images = pipe("a red cat", num_images=2, seed=0)
+    assert len(images) == 2 and images[0].image.size == (64, 64)
+
+
+def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    f = tmp_path / "train.yaml"
+    f.write_text(f"data: {data}\nsteps: 7\nlr: 0.01\nbart:\n  d_model: 32\n")
+    cfg = load_config(Seq2SeqConfig, f, parse_overrides(["lr=0.002", "bart.encoder_layers=1"]))
+    assert cfg.steps == 7 and cfg.lr == 0.002
+    assert cfg.bart == {"d_model": 32, "encoder_layers": 1}
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_config(Seq2SeqConfig, f, {"learning_rate": 1})
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(Seq2SeqConfig, f, {"steps": 0})
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(Seq2SeqConfig, f, parse_overrides(["steps=many"]))
+    with pytest.raises(ConfigError, match="bart: unknown"):
+        Seq2SeqTrainer(_cfg(data, tmp_path / "r", bart={"d_modle": 8}))
+
+
+def test_existing_run_needs_resume_and_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    Seq2SeqTrainer(_cfg(data, out, steps=4, save_every=2)).fit()
+    with pytest.raises(ConfigError, match="--resume"):
+        Seq2SeqTrainer(_cfg(data, out, steps=6, save_every=2)).fit()
+    newest = out / "checkpoints" / "step-000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
+    trainer = Seq2SeqTrainer(_cfg(data, out, steps=6, save_every=2, resume=True))
+    assert trainer.load() == 2  # the broken step 4 is skipped
+    trainer.fit()
+    assert load_checkpoint(out / "checkpoints").step == 6
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    data = write_token_dataset(tmp_path / "data", repeat=4)
+    steps, every = 300, 25
+    extra = ["--set", f"save_every={every}", "--set", "keep_last=0"]
+    ref = tmp_path / "ref"
+    subprocess.run(
+        [sys.executable, "-m", "dallemini.cli", *_cli_args(data, ref, steps, extra)],
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dallemini.cli", *_cli_args(data, run, steps, extra)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(run / "checkpoints")) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list_checkpoints(run / "checkpoints")
+    assert done and done[-1] < steps, "the run finished before it could be killed"
+    subprocess.run(
+        [sys.executable, "-m", "dallemini.cli", *_cli_args(data, run, steps, [*extra, "--resume"])],
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
+    a = load_file(str(ref / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ta = torch.load(ref / "checkpoints" / f"step-{steps:06d}" / "trainer.pt", weights_only=True)
+    tb = torch.load(run / "checkpoints" / f"step-{steps:06d}" / "trainer.pt", weights_only=True)
+    assert ta["data"] == tb["data"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path: Path) -> None:
+    # 16 rows: one global batch of 16 = 2 ranks × 8, so both runs see the same examples every step.
+    data = write_token_dataset(tmp_path / "data", rows=16, shards=3)
+    steps = 5
+    common = ["--set", "blank_caption_prob=0", "--set", "keep_last=1", "--set", "save_every=5"]
+    one = _cli_args(data, tmp_path / "one", steps, common)
+    subprocess.run(
+        [sys.executable, "-m", "dallemini.cli", *one], check=True, env=_env(), capture_output=True
+    )
+    two = _cli_args(data, tmp_path / "two", steps, common)
+    two[two.index("--batch-size") + 1] = "8"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "dallemini.cli",
+            *two,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+    state = json.loads(
+        (tmp_path / "two" / "checkpoints" / f"step-{steps:06d}" / "state.json").read_text()
+    )
+    assert state["extra"]["world_size"] == 2
+    shutil.rmtree(tmp_path / "two")
+
+
+def test_cli_train_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .test_cli import run_here
+
+    code, err = run_here(capsys, "train", "--out", tmp_path / "x")
+    assert code == 2 and "data must name" in err
+    code, err = run_here(capsys, "train", "--data", tmp_path / "missing", "--out", tmp_path / "x")
+    assert code == 2 and "is not a folder" in err
+    code, err = run_here(capsys, "train", "--data", tmp_path, "--set", "lr")
+    assert code == 2 and "key=value" in err

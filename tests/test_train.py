@@ -180,44 +180,51 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_one_process(tmp_path: Path, strategy: str) -> None:
     # 16 rows: one global batch of 16 = 2 ranks × 8, so both runs see the same examples every step.
     data = write_token_dataset(tmp_path / "data", rows=16, shards=3)
     steps = 5
-    common = ["--set", "blank_caption_prob=0", "--set", "keep_last=1", "--set", "save_every=5"]
+    common = ["--set", "blank_caption_prob=0", "--set", "keep_last=1", "--set", "save_every=1"]
     one = _cli_args(data, tmp_path / "one", steps, common)
     subprocess.run(
         [sys.executable, "-m", "dallemini.cli", *one], check=True, env=_env(), capture_output=True
     )
-    two = _cli_args(data, tmp_path / "two", steps, common)
-    two[two.index("--batch-size") + 1] = "8"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "dallemini.cli",
-            *two,
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(str(tmp_path / "one" / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    # FSDP also goes through a checkpoint: the last two steps are deleted and redone from step 3.
+    resume = [] if strategy == "ddp" else ["--resume"]
+    for more in ([], resume) if resume else ([],):
+        two = _cli_args(data, tmp_path / "two", steps, [*common, "--distributed", strategy, *more])
+        two[two.index("--batch-size") + 1] = "8"
+        two += ["--set", "keep_last=0"]
+        r = subprocess.run(
+            [*launch, "-m", "dallemini.cli", *two],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        if more != resume:
+            for s in (4, 5):
+                shutil.rmtree(tmp_path / "two" / "checkpoints" / f"step-{s:06d}")
+    last = f"step-{steps:06d}"
+    a = load_file(str(tmp_path / "one" / "checkpoints" / last / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / last / "model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
-    state = json.loads(
-        (tmp_path / "two" / "checkpoints" / f"step-{steps:06d}" / "state.json").read_text()
-    )
+    state = json.loads((tmp_path / "two" / "checkpoints" / last / "state.json").read_text())
     assert state["extra"]["world_size"] == 2
-    shutil.rmtree(tmp_path / "two")
+    exported = load_file(str(tmp_path / "two" / "model" / "bart.safetensors"))
+    assert all(torch.equal(exported[k], b[k]) for k in b)  # the model dir holds the full weights
 
 
 def test_cli_train_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

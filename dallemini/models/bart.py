@@ -122,14 +122,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cross_k: Tensor,
-        cross_v: Tensor,
+        cross_k: Tensor | None,
+        cross_v: Tensor | None,
         cross_mask: Tensor,
         self_k: Tensor | None = None,
         self_v: Tensor | None = None,
         start: int = 0,
+        encoder_states: Tensor | None = None,
     ) -> Tensor:
-        """Full causal pass when no cache is given; else writes this chunk's K/V at `start` and attends the prefix."""
+        """Full causal pass when no cache is given; else writes this chunk's K/V at `start` and attends the prefix.
+
+        Cross-attention K/V are given (cached) or projected here from `encoder_states` (training: inside
+        the layer's forward, so that FSDP has gathered this layer's weights).
+        """
+        if cross_k is None or cross_v is None:
+            if encoder_states is None:
+                raise ValueError("DecoderLayer needs cross_k/cross_v or encoder_states")
+            cross_k, cross_v = self.encoder_attn.project_kv(encoder_states)
         h = self.pre_self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h)
         n = x.shape[1]
@@ -283,8 +292,7 @@ class DalleBart(nn.Module):
         cross_mask = attention_mask.bool()[:, None, None, :]
         x = dec.embed(decoder_input_ids, 0)
         for layer in dec.layers:
-            ck, cv = layer.encoder_attn.project_kv(enc)
-            x = layer(x, ck, cv, cross_mask)
+            x = layer(x, None, None, cross_mask, encoder_states=enc)
         logits = dec.lm_head(dec.final_ln(x))
         loss = None
         if labels is not None:

@@ -103,6 +103,11 @@ class TrainConfig:
             raise ConfigError(f"clip_grad must be >= 0, got {self.clip_grad}")
         if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
+        if self.distributed == "fsdp" and self.optimizer == "adafactor":
+            raise ConfigError(
+                "distributed=fsdp needs optimizer=adamw: Adafactor's factored statistics need whole "
+                "rows and columns, which FSDP shards"
+            )
         if self.ema_decay and self.distributed == "fsdp":
             raise ConfigError("ema_decay is not supported with distributed=fsdp; use ddp or no EMA")
 

@@ -12,9 +12,7 @@ them, with the machine's CPU, cores, load and torch version, to benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,45 +24,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_info, merge_results, sync
 from dallemini.config import VQGAN_PRESETS
 from dallemini.data.encode import encode_dataset
 from dallemini.models.vqgan import VQGAN
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_encode.json"
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo, else whatever platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, object]:
-    """What the figures were measured on, including load (other work on the box slows them)."""
-    info: dict[str, object] = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_1m_before"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_model(
@@ -173,15 +138,7 @@ def main() -> None:
         "machine": info,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {}
-    if args.output.exists():
-        try:
-            results = json.loads(args.output.read_text())
-        except ValueError:
-            results = {}
-    results[preset] = record  # keep the other preset's figures
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    merge_results(args.output, preset, record)  # keep the other preset's figures
     print(f"wrote {args.output}")
 
 

@@ -123,6 +123,20 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
         Seq2SeqTrainer(_cfg(data, tmp_path / "r", bart={"d_modle": 8}))
 
 
+def test_original_recipe_is_one_config_away(tmp_path: Path) -> None:
+    cfg = load_config(Seq2SeqConfig, "original-mini", {"data": str(tmp_path)})
+    assert (cfg.preset, cfg.optimizer, cfg.lr, cfg.warmup_steps, cfg.decay, cfg.precision) == (
+        "mini",
+        "adafactor",
+        0.005,
+        2000,
+        "linear",
+        "bfloat16",
+    )
+    assert cfg.batch_size * cfg.grad_accum * 8 == 3584  # on 8 ranks, as the original's 8 TPU chips
+    assert load_config(Seq2SeqConfig, "original-mega", {"data": str(tmp_path)}).preset == "mega"
+
+
 def test_existing_run_needs_resume_and_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
     data = write_token_dataset(tmp_path / "data")
     out = tmp_path / "run"

@@ -1,0 +1,58 @@
+"""What every benchmark records beside its figures: the machine, its load, and a JSON results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, else whatever platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    """What the figures were measured on, including load (other work on the box slows them)."""
+    info: dict[str, object] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m_before"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def merge_results(path: Path, key: str, record: dict[str, object]) -> None:
+    """Store `record` under `key` in a JSON file, keeping the other keys' figures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {}
+    if path.exists():
+        try:
+            results = json.loads(path.read_text())
+        except ValueError:
+            results = {}
+    results[key] = record
+    path.write_text(json.dumps(results, indent=2) + "\n")

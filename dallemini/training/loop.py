@@ -153,13 +153,24 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A config file path, or the name of a packaged recipe (e.g. 'original-mini')."""
+    p = Path(path)
+    if not p.exists() and (RECIPES / f"{p.name}.yaml").is_file():
+        return RECIPES / f"{p.name}.yaml"
+    return p
+
+
 def load_config(
     cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> C:
     """A config from a YAML/JSON file (optional) with `overrides` on top; unknown keys are errors."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_recipe(path)
         try:
             text = p.read_text()
         except OSError as e:

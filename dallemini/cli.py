@@ -402,7 +402,7 @@ SetOpt = Annotated[
 ]
 
 
-def _fit(kind: str, config: Path | None, sets: list[str] | None, **options: object) -> None:
+def _fit(kind: str, config: Path | None, sets: list[str] | None, /, **options: object) -> None:
     """Build a trainer from a config file + overrides (explicit options win) and run it to the end."""
     import logging
 
@@ -421,6 +421,76 @@ def _fit(kind: str, config: Path | None, sets: list[str] | None, **options: obje
         from .training.distributed import shutdown
 
         shutdown()
+
+
+@app.command("train-clip")
+def train_clip(
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="caption–image source: image folder (+ .txt), webdataset .tar(s), parquet"
+        ),
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="model directory whose CLIP to fine-tune and/or whose tokenizer to use"),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="tokenizer files (default: the model's, else trained on data)"),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="held-out source for loss and retrieval accuracy")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="auto, folder, tar or parquet")] = None,
+    image_column: Annotated[
+        str | None, typer.Option(help="parquet column with image bytes")
+    ] = None,
+    caption_column: Annotated[str | None, typer.Option(help="parquet column with captions")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer updates")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="per-rank micro-batch (the contrastive batch)")
+    ] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per update")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 autocast")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of everything random")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="continue the run in --out")
+    ] = None,
+    wandb: Annotated[
+        bool | None, typer.Option("--wandb", help="also log to Weights & Biases")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train or fine-tune the built-in small CLIP reranker on caption–image pairs (resumable; DDP under torchrun)."""
+    _fit(
+        "clip",
+        config,
+        set_,
+        data=data,
+        out=out,
+        model=model,
+        tokenizer=tokenizer,
+        eval_data=eval_data,
+        kind=kind,
+        image_column=image_column,
+        caption_column=caption_column,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        precision=precision,
+        device=device,
+        seed=seed,
+        resume=resume,
+        wandb=wandb,
+    )
 
 
 @app.command()

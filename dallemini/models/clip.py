@@ -234,15 +234,29 @@ class SmallClip(nn.Module):
         return self.logits(self.encode_text(ids, mask), self.encode_image(pixels))
 
 
-def contrastive_loss(logits_per_text: Tensor) -> Tensor:
-    """CLIP's symmetric cross-entropy: text i should pick image i and image i text i."""
+def contrastive_loss(logits_per_text: Tensor, positives: Tensor | None = None) -> Tensor:
+    """CLIP's symmetric cross-entropy: text i should pick image i and image i text i.
+
+    `positives` [N, N] (bool) marks every (text, image) pair that matches, for batches where a caption
+    or an image occurs twice; each row's (and column's) target is then spread evenly over its
+    positives. Its diagonal must be set. None means only the diagonal, CLIP's plain loss.
+    """
     if logits_per_text.dim() != 2 or logits_per_text.shape[0] != logits_per_text.shape[1]:
         raise InputError(
             f"contrastive_loss needs square [N, N] logits of matching pairs, got {tuple(logits_per_text.shape)}"
         )
-    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
     logits = logits_per_text.float()
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    if positives is None:
+        labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    if positives.shape != logits.shape or not bool(positives.diagonal().all()):
+        raise InputError(
+            f"positives must be a [N, N] mask with its diagonal set, like the logits {tuple(logits.shape)}"
+        )
+    target = positives.to(logits.dtype)
+    per_text = target / target.sum(dim=1, keepdim=True)
+    per_image = target.t() / target.t().sum(dim=1, keepdim=True)
+    return (F.cross_entropy(logits, per_text) + F.cross_entropy(logits.t(), per_image)) / 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 
 # kind -> (module, class): imported lazily so that `dallemini train` does not load the GAN losses etc.
 TRAINERS = {
+    "clip": ("clip", "ClipTrainer"),
     "seq2seq": ("seq2seq", "Seq2SeqTrainer"),
 }
 

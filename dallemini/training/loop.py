@@ -19,7 +19,7 @@ import time
 import types
 import typing
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,9 +281,18 @@ class Trainer:
 
     # --- registration ---------------------------------------------------------------------------
     def add_module(
-        self, name: str, module: nn.Module, *, train: bool = True, lr: float | None = None
+        self,
+        name: str,
+        module: nn.Module,
+        *,
+        train: bool = True,
+        lr: float | None = None,
+        no_decay: Callable[[str, Tensor], bool] | None = None,
     ) -> nn.Module:
-        """Move a module to the device, wrap it for DDP/FSDP and give it an optimizer + schedule when trained."""
+        """Move a module to the device, wrap it for DDP/FSDP and give it an optimizer + schedule when trained.
+
+        `no_decay(param_name, param)` picks parameters that get no weight decay (e.g. gains and biases).
+        """
         cfg = self.cfg
         module = module.to(self.device)
         self.modules[name] = module
@@ -293,8 +302,15 @@ class Trainer:
             return module
         wrapped = D.wrap_model(module, self.env, cfg.distributed)
         self.wrapped[name] = wrapped
+        params: Any = wrapped.parameters()
+        if no_decay is not None:
+            named = list(wrapped.named_parameters())
+            params = [
+                {"params": [p for n, p in named if not no_decay(n, p)]},
+                {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+            ]
         opt = build_optimizer(
-            wrapped.parameters(),
+            params,
             cfg.optimizer,
             lr if lr is not None else cfg.lr,
             cfg.weight_decay,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ OPTIMIZERS = ("adafactor", "adamw")
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
     name: str,
     lr: float,
     weight_decay: float = 0.0,
@@ -22,15 +23,20 @@ def build_optimizer(
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
     """`torch.optim.Adafactor` (factored second moments, no first moment: the original's memory-light choice) or AdamW."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    items: list[Any] = list(params)
+    if items and isinstance(items[0], dict):  # parameter groups with their own settings
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+        chosen: list[Any] = [g for g in groups if g["params"]]
+    else:
+        chosen = [p for p in items if p.requires_grad]
+    if not chosen:
         raise ConfigError("nothing to optimize: the model has no trainable parameters")
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
     if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adafactor(chosen, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(chosen, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 

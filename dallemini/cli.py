@@ -44,11 +44,31 @@ def generate(
     ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("out"),
     vqgan: Annotated[Path | None, typer.Option(help="separate VQGAN checkpoint")] = None,
+    clip: Annotated[
+        Path | None,
+        typer.Option(
+            help="reranker: a Hugging Face CLIP folder or a model directory with a built-in CLIP "
+            "(default: the model's own built-in CLIP, if any)"
+        ),
+    ] = None,
+    rerank: Annotated[
+        bool, typer.Option("--rerank/--no-rerank", help="sort each prompt's images by CLIP score")
+    ] = True,
+    init_image: Annotated[
+        Path | None, typer.Option(help="image to complete: its top --keep-rows token rows are kept")
+    ] = None,
+    keep_rows: Annotated[
+        int | None,
+        typer.Option(help="token rows of --init-image to keep, 0..grid (0 = plain generation)"),
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="sample at most N images at a time (same images)")
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
 ) -> None:
-    """Generate images for prompts: one PNG per image, a grid per prompt and a JSON record of the run."""
-    from .pipeline import TextToImage, make_grid
+    """Generate images for prompts: one PNG per image (best first when reranked), a grid per prompt, generation.json."""
+    from .pipeline import TextToImage, load_image, make_grid
 
     texts = list(prompts or [])
     if prompt_file is not None:
@@ -62,21 +82,64 @@ def generate(
         raise InputError("empty prompt given")
     if not 1 <= n <= 1024:
         raise InputError(f"--n must be between 1 and 1024, got {n}")
+    if max_batch is not None and max_batch < 1:
+        raise InputError(f"--max-batch must be at least 1, got {max_batch}")
+    if (init_image is None) != (keep_rows is None):
+        raise InputError(
+            "--init-image and --keep-rows go together: --init-image FILE --keep-rows K keeps the "
+            "image's top K token rows and samples the rest"
+        )
+    image = None if init_image is None else load_image(init_image)  # fail before loading a model
     if model is None:
         raise InputError(
             "no model given: pass --model DIR (a model directory or a checkpoint to convert)"
         )
-    pipe = TextToImage.from_pretrained(model, device=device, dtype=dtype, vqgan=vqgan)
+    pipe = TextToImage.from_pretrained(model, device=device, dtype=dtype, vqgan=vqgan, clip=clip)
     settings = pipe.sampling(
         temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
     )
+    if keep_rows == 0:
+        typer.echo(
+            "note: --keep-rows 0 keeps nothing of --init-image: this is plain generation", err=True
+        )
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc="sampling", unit="step", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     out.mkdir(parents=True, exist_ok=True)
-    results = pipe(texts, num_images=n, seed=seed, **settings.to_dict())
+    try:
+        results = pipe(
+            texts,
+            num_images=n,
+            seed=seed,
+            rerank=rerank,
+            init_image=image,
+            keep_rows=keep_rows or 0,
+            max_batch=max_batch,
+            progress=progress if bar is not None else None,
+            **settings.to_dict(),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    reranked = rerank and pipe.scorer is not None
+    reranker = None if pipe.scorer is None else (str(clip) if clip is not None else "built-in")
+    init = None if image is None else {"file": str(init_image), "size": list(image.size)}
     record = {
         "model": str(model),
         "settings": settings.to_dict(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
+        "clip": reranker,
+        "rerank": reranked,
+        "init_image": None if init is None else {**init, "keep_rows": keep_rows},
+        "max_batch": max_batch,
         "images": [],
     }
     for i, per_prompt in enumerate(results):
@@ -88,7 +151,8 @@ def generate(
             )
         grid = f"grid-{i:03d}.png"
         make_grid([r.image for r in per_prompt]).save(out / grid)
-        typer.echo(f"{texts[i]!r}: {len(per_prompt)} images, grid {out / grid}")
+        order = " (best first)" if reranked else ""
+        typer.echo(f"{texts[i]!r}: {len(per_prompt)} images{order}, grid {out / grid}")
     (out / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -1,10 +1,10 @@
-"""TextToImage: prompts -> PIL images, from any supported model directory, on any device and dtype."""
+"""TextToImage: prompts -> CLIP-ranked PIL images, from any supported model directory, on any device and dtype."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,8 +15,9 @@ from torch import Tensor
 
 from .config import PipelineConfig, SamplingConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .generate import iter_image_tokens
+from .generate import TokenBatch, iter_image_tokens
 from .models.bart import DalleBart
+from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip, load_scorer
 from .models.vqgan import VQGAN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +75,24 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
     return grid
 
 
+ImageSource = Image.Image | str | os.PathLike
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """An RGB PIL image from a PIL image or an image file; an unreadable file raises InputError."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(
+            f"an image must be a PIL image or a file path, got {type(source).__name__}"
+        )
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read image {source}: {e}") from e
+
+
 @dataclass
 class GeneratedImage:
     """One generated image with what made it: prompt, seed, CLIP score (None without a reranker), tokens."""
@@ -94,8 +113,20 @@ class StreamFrame:
     total: int
 
 
+@dataclass
+class _Request:
+    """One call's prompts encoded, with a prompt index, a seed and (for completion) forced tokens per image row."""
+
+    prompts: list[str]
+    ids: Tensor
+    mask: Tensor
+    index: Tensor
+    seeds: list[int]
+    prefix: Tensor | None
+
+
 class TextToImage:
-    """The DALL·E Mini pipeline: normalize + tokenize -> DalleBart sampling -> VQGAN decoding."""
+    """The DALL·E Mini pipeline: normalize + tokenize -> DalleBart sampling -> VQGAN decoding -> CLIP reranking."""
 
     def __init__(
         self,
@@ -105,6 +136,7 @@ class TextToImage:
         config: PipelineConfig,
         device: torch.device,
         dtype: torch.dtype,
+        scorer: ImageTextScorer | None = None,
     ) -> None:
         if config.bart is None or config.vqgan is None:
             raise ConfigError("a pipeline needs both a DalleBart and a VQGAN")
@@ -124,6 +156,11 @@ class TextToImage:
         self.config = config
         self.device = device
         self.dtype = dtype
+        # Reranks the images of each prompt by CLIP score; None: images come back in seed order.
+        self.scorer = scorer
+        # VQGAN decoding runs this many images at a time, in groups that do not depend on max_batch,
+        # so chunked requests give the very same pixels (conv results change with the batch size).
+        self.decode_batch = 8
 
     @classmethod
     def from_pretrained(
@@ -133,8 +170,13 @@ class TextToImage:
         dtype: str | torch.dtype | None = None,
         vqgan: str | os.PathLike | None = None,
         tokenizer: str | os.PathLike | None = None,
+        clip: str | os.PathLike | None = None,
     ) -> TextToImage:
-        """Load a model directory (or any foreign format `dallemini convert` accepts) onto a device."""
+        """Load a model directory (or any foreign format `dallemini convert` accepts) onto a device.
+
+        `clip` is a Hugging Face CLIP folder or a dallemini model directory with a built-in CLIP; without
+        it the model directory's own built-in CLIP (clip.safetensors) is the reranker when it has one.
+        """
         from tokenizers import Tokenizer
 
         from .checkpoints import load_parts
@@ -160,17 +202,65 @@ class TextToImage:
                 f"tokenizer has {text.vocab_size} tokens but the model's text vocabulary is "
                 f"{cfg.bart.encoder_vocab_size}; they do not belong together"
             )
+        scorer: ImageTextScorer | None = None
+        if clip is not None:
+            scorer = load_scorer(clip, device=dev, dtype=dt)
+        elif cfg.clip is not None:
+            small = load_into(SmallClip(cfg.clip), parts.states["clip"], f"{parts.source} (clip)")
+            scorer = BuiltinClipScorer(small, text).to(dev, dt)
         # The VQGAN decoder runs in float32 unless asked otherwise: it is cheap and colours stay exact.
-        return cls(bart.to(dev, dt), vq.to(dev), text, cfg, dev, dt)
+        return cls(bart.to(dev, dt), vq.to(dev), text, cfg, dev, dt, scorer=scorer)
 
     def sampling(self, **overrides: float | int | None) -> SamplingConfig:
         """The model's default settings with the given non-None overrides (validated)."""
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(self.config.sampling, **given)
 
-    def _prepare(
-        self, prompt: str | Sequence[str], num_images: int, seed: int | None
-    ) -> tuple[list[str], Tensor, Tensor, Tensor, list[int]]:
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageSource]) -> Tensor:
+        """Images (PIL or files) -> VQGAN codes [N, image_length], after resizing and centre-cropping to its resolution."""
+        from .data.encode import resize_center_crop
+
+        size = self.config.vqgan.resolution
+        arr = np.stack(
+            [np.asarray(resize_center_crop(load_image(im), size), dtype=np.uint8) for im in images]
+        )
+        pixels = torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return self.vqgan.encode(pixels).flatten(1)
+
+    def _init_codes(
+        self, init_image: ImageSource | Sequence[ImageSource] | None, keep_rows: int, prompts: int
+    ) -> Tensor | None:
+        """The first keep_rows token rows of the init image(s), one row of codes per prompt; None when nothing is kept."""
+        g = self.config.vqgan.grid_size
+        if isinstance(keep_rows, bool) or not isinstance(keep_rows, int) or not 0 <= keep_rows <= g:
+            raise InputError(
+                f"keep_rows must be an integer from 0 to {g} (the token grid is {g}x{g}), got {keep_rows!r}"
+            )
+        if init_image is None:
+            if keep_rows:
+                raise InputError(f"keep_rows={keep_rows} needs an init_image to take the rows from")
+            return None
+        images = list(init_image) if isinstance(init_image, (list, tuple)) else [init_image]
+        if len(images) not in (1, prompts):
+            raise InputError(
+                f"{len(images)} init images given for {prompts} prompts; give one, or one per prompt"
+            )
+        # keep_rows=0 keeps nothing of the image: that is plain generation, so the image is not even read.
+        if keep_rows == 0:
+            return None
+        codes = self.encode_images(images)[:, : keep_rows * g]
+        return codes.expand(prompts, -1)  # one image serves every prompt
+
+    def _request(
+        self,
+        prompt: str | Sequence[str],
+        num_images: int,
+        seed: int | None,
+        init_image: ImageSource | Sequence[ImageSource] | None = None,
+        keep_rows: int = 0,
+    ) -> _Request:
+        """Check and encode one call's inputs: prompts, one seed per image row, forced tokens if any."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("no prompt given")
@@ -182,41 +272,59 @@ class TextToImage:
         if not 0 <= seed < 2**63 - 2**20:
             raise InputError(f"seed must be a non-negative 63-bit integer, got {seed}")
         seeds = [seed + i for i in range(len(prompts) * num_images)]
-        index = torch.arange(len(prompts)).repeat_interleave(num_images)
-        return prompts, ids.to(self.device), mask.to(self.device), index.to(self.device), seeds
+        index = torch.arange(len(prompts), device=self.device).repeat_interleave(num_images)
+        codes = self._init_codes(init_image, keep_rows, len(prompts))
+        prefix = None if codes is None else codes[index]
+        return _Request(prompts, ids.to(self.device), mask.to(self.device), index, seeds, prefix)
 
     def _token_stream(
-        self,
-        prompt: str | Sequence[str],
-        num_images: int,
-        seed: int | None,
-        settings: SamplingConfig,
-        stream_every: int,
-        prefix: Tensor | None = None,
-    ) -> tuple[list[str], Tensor, list[int], Iterator]:
-        prompts, ids, mask, index, seeds = self._prepare(prompt, num_images, seed)
+        self, req: _Request, rows: slice, settings: SamplingConfig, stream_every: int
+    ) -> Iterator[TokenBatch]:
+        """Sample the image rows `rows` of a request; only the prompts those rows use are encoded."""
+        used, local = torch.unique(req.index[rows], return_inverse=True)
         u_ids, u_mask = self.text.unconditional(1)
-        stream = iter_image_tokens(
+        return iter_image_tokens(
             self.bart,
-            ids,
-            mask,
+            req.ids[used],
+            req.mask[used],
             u_ids.to(self.device),
             u_mask.to(self.device),
-            seeds,
+            req.seeds[rows],
             settings,
             num_codes=self.config.vqgan.n_embed,
-            prompt_index=index,
-            prefix=prefix,
+            prompt_index=local,
+            prefix=None if req.prefix is None else req.prefix[rows],
             stream_every=stream_every,
         )
-        return prompts, index, seeds, stream
+
+    def _decode_groups(self, tokens: Tensor) -> Iterator[Tensor]:
+        """Image tokens [B, image_length] -> pixels [b, 3, H, W] in [0, 1], `decode_batch` images at a time."""
+        g = self.config.vqgan.grid_size
+        for codes in tokens.to(self.device).view(-1, g, g).split(self.decode_batch):
+            yield self.vqgan.decode(codes)
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor) -> list[Image.Image]:
         """Image tokens [B, image_length] -> PIL images through the VQGAN decoder."""
-        g = self.config.vqgan.grid_size
-        images = self.vqgan.decode(tokens.to(self.device).view(-1, g, g))
-        return to_pil(images)
+        return [im for pixels in self._decode_groups(tokens) for im in to_pil(pixels)]
+
+    def rerank(self, groups: list[list[GeneratedImage]]) -> list[list[GeneratedImage]]:
+        """Score every group's images against its prompt with `scorer` (one call) and sort each group best first."""
+        if self.scorer is None:
+            raise ConfigError(
+                "no CLIP reranker loaded: pass clip=PATH (--clip) or use a model with a built-in CLIP"
+            )
+        if not groups or any(not g for g in groups):
+            raise InputError("rerank needs a non-empty list of images for every prompt")
+        images = [r.image for g in groups for r in g]
+        scores = self.scorer.score(images, [g[0].prompt for g in groups])  # [prompts, images]
+        ranked, start = [], 0
+        for p, group in enumerate(groups):
+            mine = scores[p, start : start + len(group)]
+            start += len(group)
+            order = torch.argsort(mine, descending=True, stable=True).tolist()
+            ranked.append([replace(group[j], score=float(mine[j])) for j in order])
+        return ranked
 
     @torch.inference_mode()
     def __call__(
@@ -228,21 +336,48 @@ class TextToImage:
         top_k: int | None = None,
         top_p: float | None = None,
         condition_scale: float | None = None,
+        rerank: bool = True,
+        init_image: ImageSource | Sequence[ImageSource] | None = None,
+        keep_rows: int = 0,
+        max_batch: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
     ) -> list[GeneratedImage] | list[list[GeneratedImage]]:
-        """Generate num_images per prompt; one prompt gives a list, several give a list per prompt."""
+        """Generate num_images per prompt; one prompt gives a list, several give a list per prompt.
+
+        With a scorer and rerank=True each prompt's images come best first with `score` set; otherwise
+        in seed order (image k of the call has seed + k) with score None. `init_image` (one, or one per
+        prompt) with keep_rows=K keeps the image's top K token rows and samples the rest; keep_rows=0
+        keeps nothing and is plain generation. All images are sampled as one batch, or in chunks of at
+        most `max_batch` image rows, which gives the same images. `progress(done, total)` is called after
+        every decoding step.
+        """
         settings = self.sampling(
             temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
         )
-        prompts, index, seeds, stream = self._token_stream(prompt, num_images, seed, settings, 0)
-        tokens = None
-        for batch in stream:
-            tokens = batch.tokens
-        assert tokens is not None
-        images = self.decode(tokens)
-        out: list[list[GeneratedImage]] = [[] for _ in prompts]
-        for r, im in enumerate(images):
-            p = int(index[r])
-            out[p].append(GeneratedImage(im, prompts[p], seeds[r], None, tokens[r].tolist()))
+        if max_batch is not None and (
+            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+        ):
+            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        req = self._request(prompt, num_images, seed, init_image, keep_rows)
+        b = len(req.seeds)
+        chunk = max_batch or b
+        kept = 0 if req.prefix is None else req.prefix.shape[1]
+        steps = self.config.bart.image_length - kept
+        total = -(-b // chunk) * steps
+        chunks = []
+        for n, start in enumerate(range(0, b, chunk)):
+            rows = slice(start, start + chunk)
+            for batch in self._token_stream(req, rows, settings, 1 if progress else 0):
+                if progress is not None:
+                    progress(n * steps + batch.done - kept, total)
+            chunks.append(batch.tokens)
+        tokens = torch.cat(chunks)
+        out: list[list[GeneratedImage]] = [[] for _ in req.prompts]
+        made = zip(self.decode(tokens), tokens.tolist(), req.index.tolist(), req.seeds, strict=True)
+        for im, row, p, s in made:
+            out[p].append(GeneratedImage(im, req.prompts[p], s, None, row))
+        if rerank and self.scorer is not None:
+            out = self.rerank(out)
         return out[0] if isinstance(prompt, str) else out
 
     @torch.inference_mode()
@@ -256,8 +391,13 @@ class TextToImage:
         top_k: int | None = None,
         top_p: float | None = None,
         condition_scale: float | None = None,
+        init_image: ImageSource | None = None,
+        keep_rows: int = 0,
     ) -> Iterator[StreamFrame]:
-        """Yield partial images every `every` tokens (default: one token row), the last frame complete."""
+        """Yield partial images every `every` tokens (default: one token row), the last frame complete.
+
+        Images come in seed order, not reranked; init_image/keep_rows work as in __call__.
+        """
         if not isinstance(prompt, str):
             raise InputError("stream() takes one prompt")
         g = self.config.vqgan.grid_size
@@ -267,12 +407,12 @@ class TextToImage:
         settings = self.sampling(
             temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
         )
-        _, _, _, stream = self._token_stream(prompt, num_images, seed, settings, every)
+        req = self._request(prompt, num_images, seed, init_image, keep_rows)
         total = self.config.bart.image_length
-        for batch in stream:
+        for batch in self._token_stream(req, slice(None), settings, every):
             full = torch.zeros((batch.tokens.shape[0], total), dtype=torch.long, device=self.device)
             full[:, : batch.done] = batch.tokens
-            images = self.vqgan.decode(full.view(-1, g, g))
+            images = torch.cat(list(self._decode_groups(full)))
             if not batch.finished:
                 rows = -(-batch.done // g)  # token rows begun
                 cut = rows * self.config.vqgan.downsample_factor

@@ -129,3 +129,96 @@ def test_encode_folder_into_shards(tiny: Path, tmp_path: Path) -> None:
     ) == 16
     r = run("encode", src, out, "--model", tiny, "--shard", "3/2")
     assert r.returncode == 2 and "0 <= I < N" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    from .test_clip import save_tiny_hf_clip
+
+    return save_tiny_hf_clip(tmp_path_factory.mktemp("hf") / "tiny-clip")
+
+
+def _init_image(path: Path) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize((96, 80), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+def test_generate_reranks_completes_and_chunks(
+    tiny: Path, hf_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dallemini.pipeline import TextToImage
+
+    img = _init_image(tmp_path / "init.png")
+    out = tmp_path / "out"
+    prompts = ["a red cat", "blue"]
+    flags = ("--seed", "2", "-n", "3", "--init-image", img, "--keep-rows", "1")
+    gen = ("generate", "--model", tiny, "--clip", hf_clip)
+    code, err = run_here(capsys, *gen, "--max-batch", "2", *flags, "--out", out, *prompts)
+    assert code == 0, err
+    assert "sampling" not in err  # no progress bar when stderr is not a terminal
+    rec = json.loads((out / "generation.json").read_text())
+    assert rec["rerank"] is True and rec["clip"] == str(hf_clip) and rec["max_batch"] == 2
+    assert rec["init_image"] == {"file": str(img), "size": [96, 80], "keep_rows": 1}
+    # the files are the API's images, best first: the same call through TextToImage
+    pipe = TextToImage.from_pretrained(tiny, device="cpu", clip=hf_clip)
+    expected = pipe(prompts, num_images=3, seed=2, init_image=img, keep_rows=1)
+    listed = iter(rec["images"])
+    for i, group in enumerate(expected):
+        for j, r in enumerate(group):
+            entry = next(listed)
+            assert entry["file"] == f"{i:03d}-{j:03d}.png"
+            assert (entry["prompt"], entry["seed"]) == (r.prompt, r.seed)
+            assert entry["score"] == pytest.approx(r.score)
+            with Image.open(out / entry["file"]) as saved:
+                assert saved.tobytes() == r.image.tobytes()
+        scores = [r.score for r in group]
+        assert scores == sorted(scores, reverse=True)
+
+    # --no-rerank: seed order, no scores
+    code, err = run_here(capsys, *gen, "--no-rerank", *flags, "--out", tmp_path / "plain", *prompts)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "plain" / "generation.json").read_text())
+    assert rec["rerank"] is False
+    assert [(i["seed"], i["score"]) for i in rec["images"]] == [(s, None) for s in range(2, 8)]
+
+
+def test_generate_progress_bar_on_a_terminal(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    args = ("generate", "--model", tiny, "-n", "3", "--max-batch", "2", "--out", tmp_path)
+    code, err = run_here(capsys, *args, "a cat")
+    assert code == 0, err
+    assert "sampling" in err and "32/32" in err  # two chunks of 16 decoding steps
+
+
+def test_generate_flag_errors(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = _init_image(tmp_path / "init.png")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    gen = ("generate", "--model", tiny, "--out", tmp_path / "out")
+    cases = [
+        ((*gen, "--init-image", img, "--keep-rows", "5", "a cat"), "from 0 to 4"),
+        ((*gen, "--init-image", img, "--keep-rows", "-1", "a cat"), "from 0 to 4"),
+        ((*gen, "--keep-rows", "1", "a cat"), "go together"),
+        ((*gen, "--init-image", img, "a cat"), "go together"),
+        ((*gen, "--init-image", tmp_path / "nope.png", "--keep-rows", "1", "a cat"), "cannot read"),
+        ((*gen, "--init-image", text, "--keep-rows", "1", "a cat"), "cannot read image"),
+        ((*gen, "--clip", tmp_path / "no-clip", "a cat"), "does not exist"),
+        ((*gen, "--clip", tmp_path, "a cat"), "holds no CLIP"),
+        ((*gen, "--max-batch", "0", "a cat"), "--max-batch"),
+    ]
+    for args, message in cases:
+        code, err = run_here(capsys, *args)
+        assert code == 2, (args, code, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err, (args, err)
+    code, err = run_here(capsys, *gen, "--init-image", img, "--keep-rows", "0", "a cat")
+    assert code == 0 and "plain generation" in err

@@ -285,10 +285,10 @@ def write_preprocessor_config(folder: Path, size: int) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module")
-def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf") / "tiny-clip"
+def save_tiny_hf_clip(folder: Path) -> Path:
+    """A tiny random transformers CLIPModel saved as a local Hugging Face CLIP folder (weights, tokenizer, preprocessor)."""
+    import transformers
+
     vocab_size = write_tiny_clip_tokenizer(folder)
     eos = vocab_size - 1
     config = transformers.CLIPConfig(
@@ -317,6 +317,12 @@ def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers.CLIPModel(config).eval().save_pretrained(folder, safe_serialization=True)
     write_preprocessor_config(folder, 32)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    return save_tiny_hf_clip(tmp_path_factory.mktemp("hf") / "tiny-clip")
 
 
 def _hf_images() -> list[Image.Image]:

@@ -616,6 +616,89 @@ def train(
     )
 
 
+@app.command("train-vqgan")
+def train_vqgan(
+    data: Annotated[
+        str | None, typer.Option(help="image folder, webdataset .tar(s) or parquet file(s)")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="model dir or VQGAN checkpoint to fine-tune")
+    ] = None,
+    model_preset: Annotated[
+        str | None, typer.Option("--model-preset", help="VQGAN preset when training from scratch")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="auto, folder, tar or parquet")] = None,
+    image_column: Annotated[
+        str | None, typer.Option(help="parquet column with image bytes")
+    ] = None,
+    eval_data: Annotated[str | None, typer.Option(help="held-out images for L1/PSNR")] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="training image side (default: the VQGAN's)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer updates")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per-rank micro-batch")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per update")] = None,
+    lr: Annotated[float | None, typer.Option(help="VQGAN learning rate")] = None,
+    disc_lr: Annotated[
+        float | None, typer.Option(help="discriminator learning rate (default: --lr)")
+    ] = None,
+    disc_start: Annotated[int | None, typer.Option(help="updates before the GAN starts")] = None,
+    discriminator: Annotated[
+        str | None, typer.Option(help="taming .ckpt to start the discriminator from")
+    ] = None,
+    lpips_vgg: Annotated[
+        str | None, typer.Option(help="torchvision VGG16 weights for LPIPS")
+    ] = None,
+    lpips_lin: Annotated[str | None, typer.Option(help="lpips' vgg.pth linear heads")] = None,
+    lpips_taming: Annotated[
+        str | None, typer.Option(help="taming .ckpt to take LPIPS from")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 autocast")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of everything random")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="continue the run in --out")
+    ] = None,
+    wandb: Annotated[
+        bool | None, typer.Option("--wandb", help="also log to Weights & Biases")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train or fine-tune a VQGAN on images (L1 + perceptual + codebook + patch-GAN; resumable, DDP under torchrun)."""
+    _fit(
+        "vqgan",
+        config,
+        set_,
+        data=data,
+        out=out,
+        model=model,
+        preset=model_preset,
+        kind=kind,
+        image_column=image_column,
+        eval_data=eval_data,
+        resolution=resolution,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        disc_lr=disc_lr,
+        disc_start=disc_start,
+        discriminator=discriminator,
+        lpips_vgg=lpips_vgg,
+        lpips_lin=lpips_lin,
+        lpips_taming=lpips_taming,
+        precision=precision,
+        device=device,
+        seed=seed,
+        resume=resume,
+        wandb=wandb,
+    )
+
+
 @app.command()
 def info(path: Annotated[Path, typer.Argument(help="model directory or checkpoint")]) -> None:
     """Print the detected format and the configuration of a model."""

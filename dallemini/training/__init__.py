@@ -10,6 +10,7 @@ from ..errors import ConfigError
 TRAINERS = {
     "clip": ("clip", "ClipTrainer"),
     "seq2seq": ("seq2seq", "Seq2SeqTrainer"),
+    "vqgan": ("vqgan", "VQGANTrainer"),
 }
 
 

@@ -484,10 +484,8 @@ class Trainer:
             if any(p.requires_grad for p in m.parameters()):
                 m.train()
         window: dict[str, float] = defaultdict(float)
-        steps_in_window, seconds = (
-            0,
-            0.0,
-        )  # throughput counts training time only, not saves or samples
+        seen: dict[str, int] = defaultdict(int)  # steps that logged each key (some only log later)
+        seconds = 0.0  # throughput counts training time only, not saves or samples
         last: dict[str, float] = {}
         try:
             while self.step < cfg.steps:
@@ -496,13 +494,13 @@ class Trainer:
                 self.scaler.update()
                 seconds += time.perf_counter() - t0
                 self.step += 1
-                steps_in_window += 1
                 for k, v in logs.items():
                     window[k] += v
+                    seen[k] += 1
                 done = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or done:
-                    last = self._log_window(window, steps_in_window, seconds)
-                    window, steps_in_window, seconds = defaultdict(float), 0, 0.0
+                    last = self._log_window(window, seen, seconds)
+                    window, seen, seconds = defaultdict(float), defaultdict(int), 0.0
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
                     last.update(self._run_eval())
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or done:
@@ -523,19 +521,22 @@ class Trainer:
             self.tracker.close()
         return last
 
-    def _log_window(self, window: dict[str, float], steps: int, seconds: float) -> dict[str, float]:
+    def _log_window(
+        self, window: dict[str, float], seen: dict[str, int], seconds: float
+    ) -> dict[str, float]:
         keys = sorted(window)
         totals = D.all_reduce_sum(
-            torch.tensor([window[k] for k in keys] + [float(steps)], dtype=torch.float64),
+            torch.tensor(
+                [window[k] for k in keys] + [float(seen[k]) for k in keys], dtype=torch.float64
+            ),
             self.env,
         ).tolist()
-        n_steps = totals[-1]
         out: dict[str, float] = {}
-        for k, v in zip(keys, totals[:-1], strict=True):
+        for k, v, count in zip(keys, totals[: len(keys)], totals[len(keys) :], strict=True):
             if k.startswith("n_"):
                 out[f"train/{k[2:]}_per_s"] = v / max(seconds, 1e-9)
-            else:
-                out[f"train/{k}"] = v / n_steps
+            else:  # the mean over the steps (on all ranks) that logged it
+                out[f"train/{k}"] = v / max(count, 1.0)
         for n in self.optims:
             out[f"train/lr_{n}" if len(self.optims) > 1 else "train/lr"] = self.lr(n)
         self.tracker.scalars(self.step, out)

@@ -1,0 +1,579 @@
+"""The VQGAN trainer: L1/L2 + perceptual + codebook + patch-GAN losses on raw images (taming's recipe).
+
+Two modules train side by side, each with its own optimizer and schedule: "model" (the VQGAN) and
+"discriminator" (taming's PatchGAN). Every micro-batch does the generator pass (reconstruction losses,
+plus the adaptively weighted GAN term once `disc_start` updates are done) and, once the GAN is on, the
+discriminator pass on the same, detached reconstructions. Both schedules count global updates, so the
+discriminator's learning rate at a step does not depend on when it started.
+
+Taming trains the f16 VQGAN with Adam, lr 4.5e-6 × global batch, betas (0.5, 0.9) and a constant
+rate; those are the defaults here (with AdamW and no weight decay, which is the same optimizer).
+Images come from any source `open_source` reads (captions are not needed) through `ImageStream`, a
+resumable, rank-aware stream whose position is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import typing
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..checkpoints.native import save_model_dir
+from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig
+from ..data.encode import resize_center_crop
+from ..data.sources import (
+    FolderSource,
+    Record,
+    SampleError,
+    SkipStats,
+    Source,
+    decode_image,
+    open_source,
+)
+from ..errors import ConfigError, InputError
+from ..models.vqgan import VQGAN
+from . import distributed as D
+from .loop import TrainConfig, Trainer, _coerce
+from .losses import D_LOSSES, LPIPS, ActNorm, VQGANLoss, load_taming_discriminator
+
+log = logging.getLogger("dallemini.train")
+
+SOURCE_KINDS = ("auto", "folder", "tar", "parquet")
+
+
+# --- data ----------------------------------------------------------------------------------------
+class ImageStream:
+    """Batches [B, 3, R, R] of float images in [0, 1] from a source, in a seeded per-epoch order, resumable.
+
+    Record i of the source (after the first `start`, which are held out) belongs to rank i % world_size.
+    Each rank shuffles its records with a buffer of `shuffle_buffer` (a full shuffle when the buffer
+    holds them all) seeded by (seed, epoch, rank). Images are decoded lazily, only when they are
+    reached; undecodable ones are counted in `stats` and skipped. The position is (epoch, records of
+    this rank's epoch consumed), so a resume skips records without decoding them and yields exactly
+    the batches that would have come next. Batches run across epoch ends; `epochs=None` never ends.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int,
+        resolution: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        start: int = 0,
+        stop: int | None = None,
+        epochs: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size < 1 or resolution < 1:
+            raise ConfigError(
+                f"batch_size and resolution must be >= 1, got {batch_size}, {resolution}"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+        self.source = source
+        self.batch_size, self.resolution = int(batch_size), int(resolution)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle, self.shuffle_buffer = bool(shuffle), int(shuffle_buffer)
+        self.start, self.stop = int(start), stop
+        self.epochs, self.drop_last = epochs, drop_last
+        self.epoch, self.position = 0, 0
+        self.stats = SkipStats()
+
+    # --- order ----------------------------------------------------------------------------------
+    def _all_records(self) -> Iterator[Record]:
+        """Every record of the source in its fixed order (a folder's images need no caption here)."""
+        if isinstance(self.source, FolderSource):
+            root = self.source.root
+            for path in self.source.image_paths():
+                yield Record(path.relative_to(root).as_posix(), (), loader=path.read_bytes)
+            return
+        yield from self.source.records()
+
+    def _rank_records(self) -> Iterator[Record]:
+        for i, record in enumerate(self._all_records()):
+            if self.stop is not None and i >= self.stop:
+                return
+            if i >= self.start and (i - self.start) % self.world_size == self.rank:
+                yield record
+
+    def epoch_records(self, epoch: int) -> Iterator[Record]:
+        """This rank's records of an epoch, in the order they are consumed."""
+        stream = self._rank_records()
+        size = self.shuffle_buffer if self.shuffle else 0
+        if size <= 1:
+            yield from stream
+            return
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 0x7647])
+        buffer: list[Record] = []
+        for record in stream:
+            if len(buffer) < size:
+                buffer.append(record)
+                continue
+            j = int(rng.integers(size))
+            out, buffer[j] = buffer[j], record
+            yield out
+        for j in rng.permutation(len(buffer)).tolist():
+            yield buffer[j]
+
+    # --- reading --------------------------------------------------------------------------------
+    def decode(self, record: Record) -> np.ndarray | None:
+        """The record's image as uint8 [R, R, 3] (resized + centre-cropped), or None (counted) when unusable."""
+        try:
+            image = decode_image(record.read_bytes(), draft_size=self.resolution)
+            image = resize_center_crop(image, self.resolution)
+        except SampleError as e:
+            self.stats.add(e.reason, record.key)
+            return None
+        except (OSError, ValueError):  # Pillow failing on a decoded but odd image
+            self.stats.add("corrupt", record.key)
+            return None
+        return np.asarray(image, dtype=np.uint8)
+
+    def _collate(self, images: list[np.ndarray]) -> Tensor:
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        return batch.float().div_(255.0).contiguous()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Batches from the current position on; the position advances as each batch is handed out."""
+        epoch, skip = self.epoch, self.position
+        images: list[np.ndarray] = []
+        while self.epochs is None or epoch < self.epochs:
+            n = used = 0
+            skipped_before = self.stats.total
+            for n, record in enumerate(self.epoch_records(epoch), 1):
+                if n <= skip:
+                    continue
+                image = self.decode(record)
+                if image is None:
+                    continue
+                used += 1
+                images.append(image)
+                if len(images) == self.batch_size:
+                    self.epoch, self.position = epoch, n
+                    yield self._collate(images)
+                    images = []
+            if n == 0:
+                raise InputError(
+                    f"{self.source.description}: no images for rank {self.rank} of {self.world_size}"
+                    + (f" after the {self.start} held out" if self.start else "")
+                )
+            if used == 0 and skip == 0:
+                raise InputError(
+                    f"{self.source.description}: none of {n} images could be read; "
+                    f"{self.stats.report('images')}"
+                )
+            if self.stats.total > skipped_before:  # a warning the first time, then quietly
+                log.log(
+                    logging.WARNING if skipped_before == 0 else logging.DEBUG,
+                    "%s (rank %d, epoch %d): %s",
+                    self.source.description,
+                    self.rank,
+                    epoch,
+                    self.stats.report("images"),
+                )
+            epoch, skip = epoch + 1, 0
+        if images and not self.drop_last:
+            yield self._collate(images)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "start": self.start,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position (epoch, records consumed in it) plus the settings the order depends on."""
+        return {"version": 1, "epoch": self.epoch, "position": self.position, **self._settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; refuses settings that would give a different order."""
+        for name, value in self._settings().items():
+            if name in state and state[name] != value:
+                raise ConfigError(
+                    f"cannot resume the data position: {name} was {state[name]!r}, now {value!r}"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# --- configuration -------------------------------------------------------------------------------
+@dataclass
+class VQGANTrainConfig(TrainConfig):
+    """`dallemini train-vqgan` settings: images, the VQGAN to train, loss weights, discriminator, LPIPS."""
+
+    data: str = ""  # image folder / webdataset tars / parquet files (images only are used)
+    kind: str = "auto"  # auto, folder, tar, parquet (as `dallemini encode`)
+    image_column: str | None = None  # parquet column with image bytes
+    caption_column: str | None = None  # parquet files need one to be readable; it is not used
+    eval_data: str | None = None  # held-out images for eval/l1 and eval/psnr
+    eval_holdout: int = 0  # without eval_data: the first N records of data, kept out of training
+    model: str | None = None  # model dir / VQGAN checkpoint to fine-tune; else `preset`
+    preset: str = "f16_16384"  # VQGAN_PRESETS name when training from scratch
+    vqgan: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    resolution: int | None = None  # training image side; default: the VQGAN's resolution
+    shuffle_buffer: int = 1000  # records held for shuffling (parquet/.tar.gz ones with their bytes)
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0  # needs lpips_vgg + lpips_lin, or lpips_taming
+    codebook_weight: float = 1.0
+    disc_weight: float = 0.8  # scales the adaptive GAN weight (taming's custom_vqgan: 0.8)
+    disc_factor: float = 1.0
+    disc_start: int = 10_000  # updates before the GAN terms start
+    disc_loss: str = "hinge"
+    disc_lr: float | None = None  # default: lr
+    disc_ch: int = 64
+    disc_layers: int = 3
+    disc_norm: str = "batch"  # batch or actnorm
+    discriminator: str | None = None  # taming .ckpt to start the discriminator from
+    lpips_vgg: str | None = None  # torchvision vgg16-397923af.pth
+    lpips_lin: str | None = None  # the lpips package's weights/v0.1/vgg.pth
+    lpips_taming: str | None = None  # or a taming .ckpt carrying loss.perceptual_loss.*
+    sample_images: int = 8  # originals over reconstructions in out/samples/step-NNNNNN.png
+    # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
+    optimizer: str = "adamw"
+    lr: float = 3.6e-5
+    beta1: float = 0.5
+    beta2: float = 0.9
+    decay: str = "constant"
+    clip_grad: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise ConfigError("data must name an image folder, webdataset .tar(s) or parquet files")
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
+        if self.preset not in VQGAN_PRESETS:
+            raise ConfigError(
+                f"unknown VQGAN preset {self.preset!r}; choose one of {sorted(VQGAN_PRESETS)}"
+            )
+        if self.model and self.vqgan:
+            raise ConfigError("vqgan.* overrides shape a new VQGAN; they cannot apply to --model")
+        for name in (
+            "l1_weight",
+            "l2_weight",
+            "perceptual_weight",
+            "codebook_weight",
+            "disc_weight",
+            "disc_factor",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("disc_start", "eval_holdout", "shuffle_buffer", "sample_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ConfigError(f"resolution must be >= 1, got {self.resolution}")
+        if self.disc_loss not in D_LOSSES:
+            raise ConfigError(
+                f"disc_loss must be one of {sorted(D_LOSSES)}, got {self.disc_loss!r}"
+            )
+        if self.disc_lr is not None and not self.disc_lr > 0:
+            raise ConfigError(f"disc_lr must be > 0, got {self.disc_lr}")
+        if bool(self.lpips_vgg) != bool(self.lpips_lin):
+            raise ConfigError("LPIPS needs both lpips_vgg (VGG16 weights) and lpips_lin (vgg.pth)")
+        if self.lpips_taming and self.lpips_vgg:
+            raise ConfigError("give either lpips_vgg + lpips_lin or lpips_taming, not both")
+        if self.distributed == "fsdp":
+            raise ConfigError(
+                "the VQGAN trainer runs with distributed=ddp (the adaptive GAN weight needs the "
+                "decoder's whole last layer); a VQGAN fits on every device"
+            )
+
+
+def _vqgan_config(preset: str, overrides: dict[str, Any]) -> VQGANConfig:
+    """A preset's VQGANConfig with field overrides (values from YAML or --set, coerced to the field types)."""
+    base = VQGAN_PRESETS[preset].to_dict()
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise ConfigError(f"vqgan: unknown field(s) {unknown}; known: {sorted(base)}")
+    hints = typing.get_type_hints(VQGANConfig)
+    for name, value in overrides.items():
+        if typing.get_origin(hints[name]) is tuple and not isinstance(value, (str, list, tuple)):
+            value = [value]
+        base[name] = _coerce(value, hints[name], f"vqgan.{name}")
+    return VQGANConfig.from_dict(base)
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+class VQGANTrainer(Trainer):
+    """Trains (or fine-tunes) a VQGAN with its discriminator; exports `out/model` holding only the VQGAN."""
+
+    config_class = VQGANTrainConfig
+    cfg: VQGANTrainConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.source = self._open(cfg.data)
+        self.eval_source = self._open(cfg.eval_data) if cfg.eval_data else None
+        self.vqgan = self._build_vqgan()
+        vc = self.vqgan.config
+        if vc.decoder_only:
+            raise ConfigError(
+                f"{cfg.model} holds only a VQGAN decoder; training needs the encoder too"
+            )
+        self.resolution = cfg.resolution or vc.resolution
+        if self.resolution % vc.downsample_factor:
+            raise ConfigError(
+                f"resolution {self.resolution} is not a multiple of the VQGAN's downsampling factor "
+                f"{vc.downsample_factor}"
+            )
+        lpips = self._lpips()
+        if cfg.disc_start >= cfg.steps and self.env.is_main:
+            log.info(
+                "disc_start=%d >= steps=%d: the discriminator does not train in this run",
+                cfg.disc_start,
+                cfg.steps,
+            )
+        if lpips is None and cfg.perceptual_weight > 0 and self.env.is_main:
+            log.warning(
+                "no LPIPS weights given (lpips_vgg + lpips_lin, or lpips_taming): training without "
+                "the perceptual term"
+            )
+        self.loss = VQGANLoss(
+            lpips=lpips,
+            disc_start=cfg.disc_start,
+            disc_loss=cfg.disc_loss,
+            l1_weight=cfg.l1_weight,
+            l2_weight=cfg.l2_weight,
+            perceptual_weight=cfg.perceptual_weight if lpips is not None else 0.0,
+            codebook_weight=cfg.codebook_weight,
+            disc_weight=cfg.disc_weight,
+            disc_factor=cfg.disc_factor,
+            disc_in_channels=vc.out_ch,
+            disc_ch=cfg.disc_ch,
+            disc_layers=cfg.disc_layers,
+            disc_norm=cfg.disc_norm,
+        )
+        if cfg.discriminator:  # its shape comes from the checkpoint; disc_ch/layers/norm are unused
+            self.loss.discriminator = load_taming_discriminator(cfg.discriminator)
+        uses_actnorm = any(isinstance(m, ActNorm) for m in self.loss.discriminator.modules())
+        if uses_actnorm and self.env.distributed and not cfg.discriminator:
+            raise ConfigError(
+                "disc_norm=actnorm initialises from each rank's first batch, so ranks would disagree; "
+                "use disc_norm=batch, one process, or a trained discriminator"
+            )
+        self.loss.to(self.device)
+        self.add_module("model", self.vqgan)
+        self.add_module("discriminator", self.loss.discriminator, lr=cfg.disc_lr)
+
+        count = self.source.count_hint()
+        holdout = 0 if cfg.eval_data else cfg.eval_holdout
+        if count is not None and count <= holdout:
+            raise ConfigError(
+                f"{cfg.data} holds {count} images; eval_holdout={holdout} would leave none to train on"
+            )
+        self.data = ImageStream(
+            self.source,
+            cfg.batch_size,
+            self.resolution,
+            seed=cfg.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            shuffle_buffer=cfg.shuffle_buffer,
+            start=holdout,
+        )
+        self._samples: Tensor | None = None
+
+    # --- building -------------------------------------------------------------------------------
+    def _build_vqgan(self) -> VQGAN:
+        """The VQGAN to fine-tune (model dir or foreign checkpoint), else a fresh one from preset + overrides."""
+        cfg = self.cfg
+        if cfg.model:
+            from ..pipeline import load_vqgan
+
+            return load_vqgan(cfg.model, device="cpu", dtype="float32")
+        return VQGAN(_vqgan_config(cfg.preset, cfg.vqgan))
+
+    def _lpips(self) -> LPIPS | None:
+        cfg = self.cfg
+        if cfg.perceptual_weight <= 0:
+            return None
+        if cfg.lpips_taming:
+            return LPIPS.from_taming(cfg.lpips_taming)
+        if cfg.lpips_vgg and cfg.lpips_lin:
+            return LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin)
+        return None
+
+    def _open(self, path: str) -> Source:
+        return open_source(
+            path,
+            self.cfg.kind,  # type: ignore[arg-type]
+            image_column=self.cfg.image_column,
+            caption_column=self.cfg.caption_column,
+            normalizer=None,
+        )
+
+    def _eval_stream(self, rank: int, world_size: int, batch_size: int) -> ImageStream | None:
+        """One ordered pass over the evaluation images (eval_data, or the held-out head of data)."""
+        cfg = self.cfg
+        if self.eval_source is not None:
+            source, stop = self.eval_source, None
+        elif cfg.eval_holdout:
+            source, stop = self.source, cfg.eval_holdout
+        else:
+            return None
+        return ImageStream(
+            source,
+            batch_size,
+            self.resolution,
+            rank=rank,
+            world_size=world_size,
+            shuffle=False,
+            stop=stop,
+            epochs=1,
+            drop_last=False,
+        )
+
+    # --- a step ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _wrapped_discriminator(self) -> Iterator[None]:
+        """The loss's discriminator calls go through the DDP wrapper (gradient all-reduce) for the duration."""
+        inner, wrapped = self.loss.discriminator, self.wrapped["discriminator"]
+        if wrapped is inner:
+            yield
+            return
+        self.loss.discriminator = wrapped
+        try:
+            yield
+        finally:
+            self.loss.discriminator = inner
+
+    def train_step(self) -> dict[str, float]:
+        """Generator update (and, once the GAN is on, discriminator update) over `grad_accum` micro-batches."""
+        accum = self.cfg.grad_accum
+        model, disc = self.wrapped["model"], self.wrapped["discriminator"]
+        # The adaptive weight differentiates w.r.t. the real parameter, not a DDP wrapper's view of it.
+        last_layer = self.vqgan.decoder.conv_out.weight
+        gan = self.loss.gan_active(self.step)
+        logs: dict[str, float] = defaultdict(float)
+        for i in range(accum):
+            images = self.next_batch().to(self.device, non_blocking=True)
+            sync = i == accum - 1
+            with D.gradient_sync(model, sync), self.autocast():
+                recon, codebook_loss, _ = model(images)
+                loss, g_logs = self.loss.generator_loss(
+                    images, recon, codebook_loss, self.step, last_layer
+                )
+            self.backward(loss / accum)
+            if not gan:  # the GAN terms appear in the logs once they count
+                for k in ("g_loss", "d_weight", "disc_factor"):
+                    g_logs.pop(k)
+            else:
+                with D.gradient_sync(disc, sync), self.autocast(), self._wrapped_discriminator():
+                    d_loss, d_logs = self.loss.discriminator_loss(images, recon, self.step)
+                self.backward(d_loss / accum)
+                g_logs.update(d_logs)
+            for k, v in g_logs.items():
+                logs[k] += v / accum
+            logs["n_images"] += float(images.shape[0])
+        logs["grad_norm"] = self.optimizer_step("model")
+        if gan:
+            logs["d_grad_norm"] = self.optimizer_step("discriminator")
+        else:  # the discriminator's schedule counts global updates, trained or not
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message=r"Detected call of `lr_scheduler.step\(\)`"
+                )
+                self.optims["discriminator"].scheduler.step()
+        return logs
+
+    # --- evaluation, samples, export -----------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Reconstruction L1 and PSNR (clamped, [0, 1] pixels) and codebook usage on the evaluation images."""
+        env = self.env
+        stream = self._eval_stream(env.rank, env.world_size, self.cfg.batch_size)
+        if stream is None:
+            return {}
+        n_embed = self.vqgan.config.n_embed
+        sums = torch.zeros(3, dtype=torch.float64)
+        used = torch.zeros(n_embed, dtype=torch.float64)
+        try:
+            for images in stream:
+                images = images.to(self.device)
+                with self.autocast():
+                    recon, _, codes = self.vqgan(images)
+                err = recon.float().clamp(0.0, 1.0) - images
+                l1 = err.abs().mean(dim=(1, 2, 3))
+                mse = err.square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+                psnr = -10.0 * torch.log10(mse)
+                sums += torch.tensor([float(l1.sum()), float(psnr.sum()), float(images.shape[0])])
+                used += torch.bincount(codes.flatten().cpu(), minlength=n_embed).double()
+        except InputError as e:  # a rank with no evaluation images still joins the all-reduce
+            log.warning("evaluation: %s", e)
+        totals = D.all_reduce_sum(torch.cat([sums, used]), env)
+        n = float(totals[2])
+        if n == 0:
+            return {}
+        return {
+            "l1": float(totals[0]) / n,
+            "psnr": float(totals[1]) / n,
+            "codebook_usage": float((totals[3:] > 0).sum()) / n_embed,
+        }
+
+    def _sample_images(self) -> Tensor | None:
+        """The first `sample_images` readable evaluation (else training) images, in source order."""
+        k = self.cfg.sample_images
+        if self._samples is None and k > 0:
+            stream = self._eval_stream(0, 1, k) or ImageStream(
+                self.source, k, self.resolution, shuffle=False, epochs=1, drop_last=False
+            )
+            with contextlib.suppress(InputError):
+                self._samples = next(iter(stream), None)
+        return self._samples
+
+    @torch.no_grad()
+    def sample(self, step: int) -> Path | None:
+        """Rank 0 writes out/samples/step-NNNNNN.png: originals (top row) above their reconstructions."""
+        if not self.env.is_main:
+            return None
+        images = self._sample_images()
+        if images is None:
+            return None
+        from ..pipeline import make_grid
+
+        model = self.vqgan
+        was_training = model.training
+        model.eval()
+        try:
+            with self.autocast():
+                recon, _, _ = model(images.to(self.device))
+        finally:
+            model.train(was_training)
+        recon = recon.float().clamp(0.0, 1.0).cpu()
+        tiles = [
+            Image.fromarray((t.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8))
+            for t in torch.cat([images, recon])
+        ]
+        dst = self.out / "samples" / f"step-{step:06d}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(tiles, cols=images.shape[0]).save(dst)
+        return dst
+
+    def export(self, state: dict[str, Tensor]) -> Path:
+        """out/model: a model directory with only the VQGAN (config.json + vqgan.safetensors)."""
+        return save_model_dir(
+            self.out / "model",
+            PipelineConfig(vqgan=self.vqgan.config),
+            {"vqgan": state},
+            overwrite=True,
+        )

@@ -1,0 +1,386 @@
+"""The VQGAN trainer: image stream, L1 falls, late GAN start, fine-tuning, export, exact resume, torchrun."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dallemini.checkpoints.native import save_model_dir
+from dallemini.config import PipelineConfig, VQGANConfig
+from dallemini.data.sources import FolderSource, open_source
+from dallemini.errors import ConfigError
+from dallemini.models.vqgan import VQGAN
+from dallemini.pipeline import load_vqgan
+from dallemini.training.checkpointing import list_checkpoints
+from dallemini.training.loop import load_config
+from dallemini.training.losses import LPIPS, PatchDiscriminator
+from dallemini.training.vqgan import ImageStream, VQGANTrainConfig, VQGANTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 16
+# 16x16 images -> 8x8 codes from 32 entries; a training step takes a few milliseconds.
+TINY_VQGAN: dict[str, Any] = {
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "z_channels": 16,
+    "embed_dim": 16,
+    "n_embed": 32,
+    "resolution": RES,
+    "num_groups": 8,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny convolutions gain nothing from a second thread, and the shared cores stay responsive."""
+    torch.set_num_threads(1)  # conftest puts the old count back
+
+
+def _picture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A flat background with a square of another colour somewhere on it."""
+    a = np.empty((size, size, 3), np.uint8)
+    a[:] = rng.integers(0, 256, 3)
+    side = size // 2
+    x, y = rng.integers(0, size - side, 2)
+    a[y : y + side, x : x + side] = rng.integers(0, 256, 3)
+    return a
+
+
+def write_images(folder: Path, n: int = 32, size: int = 24, seed: int = 0) -> Path:
+    """n PNG images (size x size, resized to RES by the trainer) with a .txt caption each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(_picture(rng, size)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"picture {i}\n")
+    return folder
+
+
+def _cfg(data: Path, out: Path, **kw: Any) -> VQGANTrainConfig:
+    base: dict[str, Any] = dict(
+        data=str(data),
+        out=str(out),
+        steps=30,
+        batch_size=8,
+        lr=1e-3,
+        preset="tiny",
+        vqgan=TINY_VQGAN,
+        disc_start=20,
+        disc_ch=8,
+        disc_layers=2,
+        log_every=5,
+        save_every=100,
+        tensorboard=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return load_config(VQGANTrainConfig, None, base)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
+    env["PYTHONPATH"] = str(ROOT)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli_args(data: Path, out: Path, steps: int, extra: list[str] | None = None) -> list[str]:
+    args = [
+        "train-vqgan",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.001",
+        "--model-preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "disc_ch=8",
+        "--set",
+        "disc_layers=2",
+    ]
+    for k, v in TINY_VQGAN.items():
+        value = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        args += ["--set", f"vqgan.{k}={value or '[]'}"]
+    return args + (extra or [])
+
+
+# --- the image stream ----------------------------------------------------------------------------
+def test_image_stream_resumes_exactly_splits_ranks_and_counts_skips(tmp_path: Path) -> None:
+    folder = write_images(tmp_path / "imgs", n=20, size=12)
+    (folder / "bad1.png").write_bytes(b"not a png")
+    (folder / "bad2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(folder / "nocaption.png")  # still used
+    source = FolderSource(folder, normalizer=None)
+
+    def stream(**kw: Any) -> ImageStream:
+        return ImageStream(source, 4, 8, **{"seed": 1, "shuffle_buffer": 5, **kw})
+
+    s = stream()
+    it = iter(s)
+    first = [next(it) for _ in range(3)]
+    saved = s.state_dict()
+    rest = [next(it) for _ in range(5)]  # 21 usable images: this crosses into epoch 1
+    assert s.epoch == 1
+    assert all(b.shape == (4, 3, 8, 8) and b.dtype == torch.float32 for b in first + rest)
+    assert all(float(b.min()) >= 0.0 and float(b.max()) <= 1.0 for b in rest)
+    resumed = stream()
+    resumed.load_state_dict({**saved, "rank": 0})
+    it = iter(resumed)
+    assert all(torch.equal(a, next(it)) for a in rest)
+    assert resumed.state_dict() == s.state_dict()
+    with pytest.raises(ConfigError, match="seed"):
+        stream(seed=2).load_state_dict(saved)
+    fresh = stream()
+    assert [r.key for r in fresh.epoch_records(0)] != [r.key for r in fresh.epoch_records(1)]
+
+    # Rank r of 2 takes every other record; together they cover the folder once.
+    parts = [{r.key for r in stream(rank=r, world_size=2).epoch_records(0)} for r in (0, 1)]
+    assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 23
+    # One ordered pass: the 2 broken files are counted, never raised.
+    once = stream(shuffle=False, epochs=1, drop_last=False)
+    assert sum(b.shape[0] for b in once) == 21
+    assert once.stats.total == 2
+    assert {k for keys in once.stats.examples.values() for k in keys} == {"bad1.png", "bad2.png"}
+
+    # A webdataset tar works the same way, captions or not.
+    tar_path = tmp_path / "shard-00000.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((9, 9, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    tar = ImageStream(open_source(tar_path, normalizer=None), 5, 8, shuffle=False)
+    batch = next(iter(tar))
+    assert torch.allclose(batch[:, 0, 0, 0], torch.tensor([0, 40, 80, 120, 160]) / 255.0)
+
+
+# --- training ------------------------------------------------------------------------------------
+def test_l1_falls_gan_starts_after_disc_start_and_export_encodes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_images(tmp_path / "imgs")
+    run = tmp_path / "run"
+    cfg = _cfg(data, run, eval_holdout=8, sample_every=15, tensorboard=True)
+    caplog.set_level(logging.INFO, logger="dallemini.train")
+    trainer = VQGANTrainer(cfg)
+    before = trainer.evaluate()
+    last = trainer.fit()
+    assert last["eval/l1"] < 0.85 * before["l1"], (before, last)
+    assert last["eval/psnr"] > before["psnr"] + 1.0
+    assert last["train/images_per_s"] > 0 and last["train/d_weight"] > 0
+    lines = {
+        int(m.group(1)): r.getMessage()
+        for r in caplog.records
+        if (m := re.match(r"step (\d+)/30 ", r.getMessage()))
+    }
+    assert sorted(lines) == [5, 10, 15, 20, 25, 30]
+    assert all(" d_loss " not in lines[s] and " g_loss " not in lines[s] for s in (5, 10, 15, 20))
+    assert all(" d_loss " in lines[s] and " d_weight " in lines[s] for s in (25, 30))
+    warned = [r for r in caplog.records if "without the perceptual term" in r.getMessage()]
+    assert len(warned) == 1
+    for step in (15, 30):
+        with Image.open(run / "samples" / f"step-{step:06d}.png") as im:
+            assert im.size == (8 * RES, 2 * RES)  # originals above reconstructions
+    assert any((run / "logs").glob("events.out.tfevents.*"))
+
+    final = load_file(str(run / "checkpoints" / "step-000030" / "model.safetensors"))
+    vq = load_vqgan(run / "model", device="cpu")
+    assert all(torch.equal(v, final[k]) for k, v in vq.state_dict().items())
+    assert json.loads((run / "model" / "config.json").read_text())["bart"] is None
+    images = next(iter(ImageStream(FolderSource(data), 4, RES, shuffle=False)))
+    assert vq.encode(images).shape == (4, RES // 2, RES // 2)
+
+    from .test_cli import run_here
+
+    code, err = run_here(
+        capsys, "encode", data, tmp_path / "enc", "--model", run / "model", "--device", "cpu"
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "enc" / "dataset.json").read_text())["count"] == 32
+
+
+def test_finetune_from_model_dir_with_lpips_and_taming_discriminator(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "imgs", n=16, size=RES)
+    torch.manual_seed(1)
+    vq_cfg = VQGANConfig.from_dict({**VQGANConfig().to_dict(), **TINY_VQGAN, "pixel_range": "-1,1"})
+    start = VQGAN(vq_cfg).state_dict()
+    model_dir = save_model_dir(tmp_path / "start", PipelineConfig(vqgan=vq_cfg), {"vqgan": start})
+    disc = PatchDiscriminator(3, 8, 2).state_dict()
+    ckpt = tmp_path / "taming.ckpt"
+    torch.save({"state_dict": {f"loss.discriminator.{k}": v for k, v in disc.items()}}, ckpt)
+    lp = LPIPS().state_dict()
+    torch.save({k: v for k, v in lp.items() if k.startswith("features.")}, tmp_path / "vgg16.pth")
+    torch.save({k: v.abs() for k, v in lp.items() if k.startswith("lin")}, tmp_path / "vgg.pth")
+
+    with pytest.raises(ConfigError, match="cannot apply to --model"):
+        _cfg(data, tmp_path / "x", model=str(model_dir))  # the tiny shape overrides
+    cfg = _cfg(
+        data,
+        tmp_path / "run",
+        vqgan={},
+        preset="f16_16384",
+        model=str(model_dir),
+        discriminator=str(ckpt),
+        lpips_vgg=str(tmp_path / "vgg16.pth"),
+        lpips_lin=str(tmp_path / "vgg.pth"),
+        disc_start=0,
+        disc_lr=2e-4,
+        steps=3,
+    )
+    trainer = VQGANTrainer(cfg)
+    assert all(torch.equal(v, start[k]) for k, v in trainer.vqgan.state_dict().items())
+    got = trainer.loss.discriminator.state_dict()
+    assert got.keys() == disc.keys() and all(torch.equal(got[k], disc[k]) for k in disc)
+    assert trainer.lr("discriminator") == 2e-4 and trainer.lr("model") == 1e-3
+    last = trainer.fit()
+    assert last["train/perceptual"] > 0 and "train/d_loss" in last
+    out = load_vqgan(tmp_path / "run" / "model")
+    assert out.config == vq_cfg
+    assert any(not torch.equal(v, start[k]) for k, v in out.state_dict().items())
+
+
+def test_cli_train_vqgan_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .test_cli import run_here
+
+    code, err = run_here(capsys, "train-vqgan", "--out", tmp_path / "x")
+    assert code == 2 and "data must name" in err
+    code, err = run_here(capsys, "train-vqgan", "--data", tmp_path, "--model-preset", "huge")
+    assert code == 2 and "unknown VQGAN preset" in err
+    data = write_images(tmp_path / "imgs", n=4, size=RES)
+    code, err = run_here(
+        capsys, "train-vqgan", "--data", data, "--out", tmp_path / "z", "--set", "vqgan.chh=1"
+    )
+    assert code == 2 and "vqgan: unknown field" in err
+    code, err = run_here(
+        capsys,
+        *_cli_args(data, tmp_path / "y", 1, ["--set", "eval_holdout=4"]),
+    )
+    assert code == 2 and "would leave none" in err
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "imgs")
+    steps, every = 48, 6
+    extra = ["--set", f"save_every={every}", "--set", "keep_last=0", "--set", "disc_start=9"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    cli = [sys.executable, "-m", "dallemini.cli"]
+    # The uninterrupted run goes alongside the one that is killed (one thread each).
+    reference = subprocess.Popen(
+        [*cli, *_cli_args(data, ref, steps, extra)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    proc = subprocess.Popen(
+        [*cli, *_cli_args(data, run, steps, extra)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(run / "checkpoints")) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list_checkpoints(run / "checkpoints")
+    assert done and done[-1] < steps, "the run finished before it could be killed"
+    subprocess.run(
+        [*cli, *_cli_args(data, run, steps, [*extra, "--resume"])],
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    last = f"step-{steps:06d}"
+    a = load_file(str(ref / "checkpoints" / last / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / last / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ta = torch.load(ref / "checkpoints" / last / "trainer.pt", weights_only=True)
+    tb = torch.load(run / "checkpoints" / last / "trainer.pt", weights_only=True)
+    da, db = ta["modules"]["discriminator"], tb["modules"]["discriminator"]
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+    assert ta["data"] == tb["data"] and ta["data"]["epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "imgs")
+    # No shuffling: rank r takes records r, r+2, ..., so 2 ranks x 4 images see what one process
+    # with batches of 8 sees. Before the GAN starts the losses are batch means, so the weights agree;
+    # after it, each rank's adaptive weight is its own, and the run only has to work.
+    common = ["--set", "shuffle_buffer=0", "--set", "keep_last=0", "--set", "save_every=3"]
+    common += ["--set", "disc_start=3", "--set", "log_every=1"]
+    two = _cli_args(data, tmp_path / "two", 6, [*common, "--set", "grad_accum=2"])
+    two[two.index("--batch-size") + 1] = "2"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    r = subprocess.run(
+        [*launch, "-m", "dallemini.cli", *two],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = re.search(r"step 6/6 .*", r.stderr)
+    assert final and " d_loss " in final.group(0), r.stderr[-3000:]
+    assert float(re.search(r" d_weight (\S+)", final.group(0)).group(1)) > 0
+    state = json.loads(
+        (tmp_path / "two" / "checkpoints" / "step-000006" / "state.json").read_text()
+    )
+    assert state["extra"]["world_size"] == 2
+    assert load_vqgan(tmp_path / "two" / "model").config.n_embed == 32
+
+    one = VQGANTrainer(
+        _cfg(data, tmp_path / "one", steps=3, disc_start=3, shuffle_buffer=0, save_every=3)
+    )
+    one.fit()
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-000003" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-000003" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # Adam's first steps are about lr * sign(gradient), so the few weights whose gradient is 0 up to
+    # float noise (e.g. the attention key bias, which softmax ignores) may move either way; every
+    # other weight must agree. (A one-process run on other images disagrees on ~96% of them.)
+    off = sum(int((~torch.isclose(a[k], b[k], rtol=1e-4, atol=2e-5)).sum()) for k in a)
+    total = sum(v.numel() for v in a.values())
+    assert off <= 1e-3 * total, (off, total)

@@ -700,6 +700,70 @@ def train_vqgan(
 
 
 @app.command()
+def serve(
+    model: Annotated[
+        Path | None, typer.Option(help="model directory or a foreign checkpoint (required for now)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    clip: Annotated[
+        Path | None,
+        typer.Option(
+            help="reranker: a Hugging Face CLIP folder or a model dir with a built-in CLIP"
+        ),
+    ] = None,
+    vqgan: Annotated[Path | None, typer.Option(help="separate VQGAN checkpoint")] = None,
+    max_batch_images: Annotated[
+        int, typer.Option(help="images sampled together in one decoder batch")
+    ] = 16,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="how long a request waits for others to share its batch")
+    ] = 10.0,
+    max_queue: Annotated[
+        int, typer.Option(help="images waiting at most; past it requests get 429")
+    ] = 64,
+    timeout_s: Annotated[
+        float, typer.Option(help="per request, queueing included; past it 504")
+    ] = 300.0,
+    max_images: Annotated[int, typer.Option(help="largest num_images of one request")] = 16,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DALLEMINI_API_KEY",
+            help="require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (env DALLEMINI_API_KEY)",
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Serve the model over HTTP: JSON API, server-sent events, the original demo's /generate and a web page."""
+    if model is None:
+        raise InputError(
+            "no model given: pass --model DIR (a model directory or a checkpoint to convert); "
+            "there is no built-in default model yet"
+        )
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be between 1 and 65535, got {port}")
+    from .serve.app import ServeSettings, create_app
+    from .serve.server import run
+
+    settings = ServeSettings(
+        max_batch_images=max_batch_images,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        max_images=max_images,
+        api_key=api_key or None,
+    )
+    settings.check()  # before loading the model
+    application = create_app(model, settings, device=device, dtype=dtype, vqgan=vqgan, clip=clip)
+    typer.echo(f"serving {model} on http://{host}:{port} (Ctrl-C stops it gracefully)", err=True)
+    run(application, host=host, port=port)
+
+
+@app.command()
 def info(path: Annotated[Path, typer.Argument(help="model directory or checkpoint")]) -> None:
     """Print the detected format and the configuration of a model."""
     from .checkpoints import detect_format, load_parts

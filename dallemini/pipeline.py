@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -106,11 +107,12 @@ class GeneratedImage:
 
 @dataclass
 class StreamFrame:
-    """Partial images while tokens arrive: rows not sampled yet are grey."""
+    """Partial images while tokens arrive: rows not sampled yet are grey; `tokens` [B, done] sampled so far."""
 
     images: list[Image.Image]
     done: int
     total: int
+    tokens: Tensor | None = None
 
 
 @dataclass
@@ -255,8 +257,8 @@ class TextToImage:
     def _request(
         self,
         prompt: str | Sequence[str],
-        num_images: int,
-        seed: int | None,
+        num_images: int | Sequence[int],
+        seed: int | Sequence[int | None] | None,
         init_image: ImageSource | Sequence[ImageSource] | None = None,
         keep_rows: int = 0,
     ) -> _Request:
@@ -264,15 +266,30 @@ class TextToImage:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("no prompt given")
-        if not 1 <= num_images <= 1024:
-            raise InputError(f"num_images must be between 1 and 1024, got {num_images}")
+        counts = [num_images] * len(prompts) if isinstance(num_images, int) else list(num_images)
+        if len(counts) != len(prompts):
+            raise InputError(f"{len(counts)} image counts given for {len(prompts)} prompts")
+        for n in counts:
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+                raise InputError(f"num_images must be between 1 and 1024, got {n}")
         ids, mask = self.text(prompts)
-        if seed is None:
-            seed = secrets.randbelow(2**31)
-        if not 0 <= seed < 2**63 - 2**20:
-            raise InputError(f"seed must be a non-negative 63-bit integer, got {seed}")
-        seeds = [seed + i for i in range(len(prompts) * num_images)]
-        index = torch.arange(len(prompts), device=self.device).repeat_interleave(num_images)
+        if seed is None or isinstance(seed, int):
+            # One seed for the call: its images are numbered on across all prompts.
+            start = secrets.randbelow(2**31) if seed is None else seed
+            firsts = list(itertools.accumulate(counts[:-1], initial=start))
+        else:
+            # One seed per prompt (None: a random one): each prompt's images count on from its own.
+            firsts = list(seed)
+            if len(firsts) != len(prompts):
+                raise InputError(f"{len(firsts)} seeds given for {len(prompts)} prompts")
+            firsts = [secrets.randbelow(2**31) if s is None else s for s in firsts]
+        for s in firsts:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 - 2**20:
+                raise InputError(f"seed must be a non-negative 63-bit integer, got {s}")
+        seeds = [first + k for first, n in zip(firsts, counts, strict=True) for k in range(n)]
+        index = torch.arange(len(prompts), device=self.device).repeat_interleave(
+            torch.tensor(counts, device=self.device)
+        )
         codes = self._init_codes(init_image, keep_rows, len(prompts))
         prefix = None if codes is None else codes[index]
         return _Request(prompts, ids.to(self.device), mask.to(self.device), index, seeds, prefix)
@@ -330,8 +347,8 @@ class TextToImage:
     def __call__(
         self,
         prompt: str | Sequence[str],
-        num_images: int = 1,
-        seed: int | None = None,
+        num_images: int | Sequence[int] = 1,
+        seed: int | Sequence[int | None] | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -345,7 +362,9 @@ class TextToImage:
         """Generate num_images per prompt; one prompt gives a list, several give a list per prompt.
 
         With a scorer and rerank=True each prompt's images come best first with `score` set; otherwise
-        in seed order (image k of the call has seed + k) with score None. `init_image` (one, or one per
+        in seed order (image k of the call has seed + k) with score None. `num_images` and `seed` may
+        also be lists with one entry per prompt (image k of prompt p then has seed[p] + k): an image
+        depends only on its prompt, seed and settings, so unrelated requests can share one call. `init_image` (one, or one per
         prompt) with keep_rows=K keeps the image's top K token rows and samples the rest; keep_rows=0
         keeps nothing and is plain generation. All images are sampled as one batch, or in chunks of at
         most `max_batch` image rows, which gives the same images. `progress(done, total)` is called after
@@ -383,9 +402,9 @@ class TextToImage:
     @torch.inference_mode()
     def stream(
         self,
-        prompt: str,
-        num_images: int = 1,
-        seed: int | None = None,
+        prompt: str | Sequence[str],
+        num_images: int | Sequence[int] = 1,
+        seed: int | Sequence[int | None] | None = None,
         every: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -396,10 +415,9 @@ class TextToImage:
     ) -> Iterator[StreamFrame]:
         """Yield partial images every `every` tokens (default: one token row), the last frame complete.
 
-        Images come in seed order, not reranked; init_image/keep_rows work as in __call__.
+        Images come in seed order, not reranked; several prompts give their images one after another in
+        one list; num_images, seed, init_image and keep_rows work as in __call__.
         """
-        if not isinstance(prompt, str):
-            raise InputError("stream() takes one prompt")
         g = self.config.vqgan.grid_size
         every = every or g
         if every < 1:
@@ -417,7 +435,7 @@ class TextToImage:
                 rows = -(-batch.done // g)  # token rows begun
                 cut = rows * self.config.vqgan.downsample_factor
                 images[:, :, cut:] = 0.5
-            yield StreamFrame(to_pil(images), batch.done, total)
+            yield StreamFrame(to_pil(images), batch.done, total, batch.tokens)
 
 
 def load_vqgan(

@@ -7,6 +7,7 @@ set -uo pipefail
 # "debian-package:file that shows it is installed", one per line.
 PACKAGES=(
   "fonts-noto-color-emoji:/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+  "chromium:/usr/bin/chromium"
 )
 
 missing=()

@@ -1,0 +1,123 @@
+"""Request and response models of the HTTP API (pydantic): every field checked, unknown fields rejected."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+
+MAX_PROMPT_CHARS = 500
+MAX_SEED = 2**62
+
+
+def _not_blank(v: str) -> str:
+    """A prompt must say something."""
+    if not v.strip():
+        raise ValueError("prompt must contain more than white space")
+    return v
+
+
+Prompt = Annotated[
+    str,
+    Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw (1 to 500 characters)"
+    ),
+    AfterValidator(_not_blank),
+]
+
+
+class _Strict(BaseModel):
+    """Base: unknown fields are an error, NaN and infinity are not numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class GenerateRequest(_Strict):
+    """POST /v1/generate (and the query of GET /v1/generate/stream); None means the model's default."""
+
+    prompt: Prompt
+    num_images: int = Field(4, ge=1, le=16, description="images to make for the prompt")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="image k gets seed + k; default: a random seed"
+    )
+    temperature: float | None = Field(None, gt=0, le=10, description="softmax temperature")
+    top_k: int | None = Field(
+        None, ge=0, le=1_000_000, description="keep the k most likely (0: all)"
+    )
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    condition_scale: float | None = Field(
+        None, ge=0, le=100, description="super-conditioning scale (1: off)"
+    )
+    rerank: bool = Field(True, description="sort the images by CLIP score (when a CLIP is loaded)")
+    response: Literal["base64", "url"] = Field(
+        "base64", description="images inline as base64 PNG, or as URLs to fetch within a while"
+    )
+
+
+def request_model(max_images: int, default_images: int) -> type[GenerateRequest]:
+    """GenerateRequest with this server's bound on num_images (so the OpenAPI schema states it)."""
+    return create_model(
+        "GenerateRequest",
+        __base__=GenerateRequest,
+        __doc__=GenerateRequest.__doc__,
+        num_images=(
+            int,
+            Field(
+                min(default_images, max_images),
+                ge=1,
+                le=max_images,
+                description=f"images to make for the prompt (1 to {max_images})",
+            ),
+        ),
+    )
+
+
+class Settings(BaseModel):
+    """The settings a request was run with (model defaults filled in)."""
+
+    num_images: int
+    seed: int
+    temperature: float
+    top_k: int
+    top_p: float
+    condition_scale: float
+    rerank: bool
+
+
+class ImageOut(BaseModel):
+    """One image: its seed, CLIP score (null without a reranker) and the PNG inline or as a URL."""
+
+    seed: int
+    score: float | None
+    base64: str | None = Field(None, description="PNG file bytes, base64")
+    url: str | None = Field(None, description="GET this for the PNG (kept for a limited time)")
+
+
+class GenerateResponse(BaseModel):
+    """Images best first (when reranked), with the settings used."""
+
+    prompt: str
+    images: list[ImageOut]
+    settings: Settings
+    model: str
+    queued_s: float
+    run_s: float
+
+
+class OriginalRequest(_Strict):
+    """The original dalle-mini demo backend's request."""
+
+    prompt: Prompt
+
+
+class OriginalResponse(BaseModel):
+    """The original demo backend's reply: base64-encoded image files and a version string."""
+
+    images: list[str]
+    version: str
+
+
+class ErrorOut(BaseModel):
+    """An error: what was wrong, in one line."""
+
+    detail: str

@@ -389,8 +389,48 @@ def eval_(
         Path | None,
         typer.Option("--json", help="also write the report as JSON to FILE (- = stdout)"),
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="model directory to generate for held-out captions and judge"),
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="with --model: heldout-triples, heldout-colour, train or all")
+    ] = "heldout-triples",
+    limit: Annotated[
+        int, typer.Option(help="with --model: captions sampled from the split (0 = all)")
+    ] = 512,
+    candidates: Annotated[
+        int, typer.Option(help="with --model: images per caption (CLIP picks the best)")
+    ] = 4,
+    clip: Annotated[
+        Path | None, typer.Option(help="with --model: CLIP reranker (default: the model's)")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
-    """Score images against their emoji-scenes captions with the judge: colour, position, subject, all."""
+    """Score images against their emoji-scenes captions with the judge: colour, position, subject, all.
+
+    With --model, generate for a held-out split's captions and report the model beside the ceiling
+    (its VQGAN's reconstructions), the floor (mismatched captions) and the CLIP reranking lift.
+    """
+    if model is not None:
+        if images is not None:
+            raise InputError("give --images DIR or --model DIR, not both")
+        _eval_model(
+            model,
+            split,
+            limit,
+            candidates,
+            clip,
+            device,
+            dtype,
+            json_file,
+            tier,
+            resolution,
+            subject_size,
+            seed,
+        )
+        return
     from collections.abc import Iterator
 
     from PIL import Image
@@ -400,8 +440,7 @@ def eval_(
 
     if images is None:
         raise InputError(
-            "nothing to score: pass --images DIR (scoring a model on held-out captions is not "
-            "implemented yet)"
+            "nothing to score: pass --images DIR (a folder of images) or --model DIR (a model)"
         )
     kind, items, cfg = _eval_items(images)
     given = {"tier": tier, "resolution": resolution, "subject_size": subject_size, "seed": seed}
@@ -455,6 +494,55 @@ def eval_(
     low = report["low_contrast"]
     if low["n"]:
         typer.echo(f"(low-contrast scenes: {low['n']}, all = {low['all']:.3f})")
+
+
+def _eval_model(
+    model: Path,
+    split: str,
+    limit: int,
+    candidates: int,
+    clip: Path | None,
+    device: str,
+    dtype: str,
+    json_file: Path | None,
+    tier: str | None,
+    resolution: int | None,
+    subject_size: int | None,
+    seed: int | None,
+) -> None:
+    """`eval --model`: generate for a split's captions, judge, print the table (and JSON)."""
+    from tqdm import tqdm
+
+    from .evaluation import evaluate_model, format_report, scenes_for_model
+    from .pipeline import TextToImage
+
+    scenes = scenes_for_model(
+        model,
+        tier=_parse_tier(tier) if tier is not None else None,
+        resolution=resolution,
+        subject_size=subject_size,
+        seed=seed,
+    )
+    pipe = TextToImage.from_pretrained(model, device=device, dtype=dtype, clip=clip)
+    bar = tqdm(total=0, unit="caption", disable=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    report = evaluate_model(
+        pipe, scenes, split, limit=limit or None, candidates=candidates, progress=progress
+    )
+    bar.close()
+    report["model_dir"] = str(model)
+    if json_file is not None and str(json_file) == "-":
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    typer.echo(format_report(report))
 
 
 ConfigOpt = Annotated[

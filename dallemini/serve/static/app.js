@@ -68,7 +68,7 @@ function makeCards(count) {
     const card = document.createElement("figure");
     card.className = "card";
     const img = document.createElement("img");
-    img.alt = "image being generated";
+    img.alt = "";  // set once the image is there
     const meta = document.createElement("figcaption");
     meta.className = "meta";
     const label = document.createElement("span");
@@ -153,24 +153,31 @@ async function generate(event) {
     headers["X-API-Key"] = key;
     localStorage.setItem("dallemini-api-key", key);
   }
-  const cards = makeCards(count);
+  let cards = [];
   controller = new AbortController();
   setBusy(true);
   setStatus("Sending…");
   setProgress(0);
   const started = performance.now();
   let finished = false;
+  let frames = 0;
   try {
     const res = await fetch(`/v1/generate/stream?${query(prompt)}`, { headers, signal: controller.signal });
     if (!res.ok) throw new Error(await errorText(res));
+    cards = makeCards(count);  // only now: a refused request leaves the last results in place
     await readEvents(res, (name, data) => {
       if (name === "accepted") {
         setStatus(`Waiting for the model… (seed ${data.seed})`);
       } else if (name === "progress") {
+        frames += 1;
+        $("grid").dataset.frames = String(frames);
         setProgress(data.done / data.total);
         setStatus(`Drawing… ${data.done} of ${data.total} tokens`);
         data.images.forEach((b64, i) => {
-          if (cards[i]) cards[i].img.src = `data:image/png;base64,${b64}`;
+          if (cards[i]) {
+            cards[i].img.src = `data:image/png;base64,${b64}`;
+            cards[i].img.alt = `partial image ${i + 1}`;
+          }
         });
       } else if (name === "result") {
         finished = true;
@@ -201,6 +208,7 @@ async function generate(event) {
       showError(e.message);
       setStatus("");
     }
+    cards.forEach((c) => c.card.classList.contains("done") || c.card.remove());
     setProgress(null);
   } finally {
     controller = null;

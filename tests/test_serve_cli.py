@@ -30,7 +30,7 @@ def test_serve_user_errors_exit_2(tiny: Path, capsys: pytest.CaptureFixture[str]
         (("serve",), "no model given: pass --model DIR"),
         (
             ("serve", "--model", tiny, "--max-queue", "4"),
-            "max_queue (4) must hold one whole request (max_images = 16 images)",
+            "max_queue (4) must hold one whole request (16 images",
         ),
         (
             ("serve", "--model", tiny, "--max-batch-images", "0"),

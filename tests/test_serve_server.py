@@ -80,7 +80,7 @@ def queued(srv: BackgroundServer) -> int:
 def test_overload_gets_429_with_retry_after(pipe: TextToImage) -> None:
     gated = GatedPipe(pipe)
     gated.gate.clear()
-    app = create_app(gated, ServeSettings(max_queue=4, max_images=4))
+    app = create_app(gated, ServeSettings(max_queue=4, max_images=4, original_images=4))
     with BackgroundServer(app) as srv:
         running = Call(f"{srv.url}/v1/generate", {"prompt": "running", "num_images": 1})
         assert gated.entered.wait(10)

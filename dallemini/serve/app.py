@@ -56,7 +56,7 @@ class ServeSettings:
     api_key: str | None = None
     max_images: int = 16  # per request
     default_images: int = 4
-    original_images: int = 9  # per request of the original demo protocol (at most max_images)
+    original_images: int = 9  # per request of the original demo protocol
     max_body_bytes: int = 16_384
     cache_images: int = 512  # PNGs kept for response="url"
     stream_every: int | None = None  # tokens between partial frames (default: one token row)
@@ -69,10 +69,11 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ConfigError("max_wait_ms must be >= 0 and timeout_s > 0")
-        if self.max_queue < self.max_images:
+        largest = max(self.max_images, self.original_images)
+        if self.max_queue < largest:
             raise ConfigError(
-                f"max_queue ({self.max_queue}) must hold one whole request "
-                f"(max_images = {self.max_images} images)"
+                f"max_queue ({self.max_queue}) must hold one whole request ({largest} images: "
+                f"max_images {self.max_images}, original protocol {self.original_images})"
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key must not be empty")
@@ -433,8 +434,8 @@ def create_app(
     )
     async def generate_original(request: Request, body: OriginalRequest) -> dict[str, Any]:
         """{"prompt": ...} -> {"images": [base64 PNG, ...], "version": ...}, best first."""
-        req = Req(prompt=body.prompt, num_images=min(settings.original_images, settings.max_images))
-        job = submit(req, req.num_images)
+        req = GenerateRequest(prompt=body.prompt)  # the model's defaults
+        job = submit(req, settings.original_images)
         images = await wait(job, request)
         pngs = await anyio.to_thread.run_sync(lambda: [png_bytes(g.image) for g in images])
         return {"images": [b64(p) for p in pngs], "version": version}

@@ -250,3 +250,46 @@ def test_cli_train_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 2 and "is not a folder" in err
     code, err = run_here(capsys, "train", "--data", tmp_path, "--set", "lr")
     assert code == 2 and "key=value" in err
+
+
+def test_grad_accum_matches_one_big_batch_and_ema_is_exported(tmp_path: Path) -> None:
+    data = write_token_dataset(tmp_path / "data", rows=16, shards=1)
+    common = dict(steps=4, blank_caption_prob=0.0, save_every=4, shuffle_buffer=0)
+    big = Seq2SeqTrainer(_cfg(data, tmp_path / "big", batch_size=16, **common))
+    big.fit()
+    small = Seq2SeqTrainer(_cfg(data, tmp_path / "small", batch_size=8, grad_accum=2, **common))
+    small.fit()
+    a, b = big.modules["model"].state_dict(), small.modules["model"].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+
+    ema = Seq2SeqTrainer(_cfg(data, tmp_path / "ema", batch_size=16, ema_decay=0.5, **common))
+    ema.fit()
+    exported = load_file(str(tmp_path / "ema" / "model" / "bart.safetensors"))
+    raw = ema.modules["model"].state_dict()
+    names = [n for n, _ in ema.modules["model"].named_parameters()]
+    shadow = dict(zip(names, ema.ema.shadow, strict=True))
+    assert all(torch.equal(exported[k], shadow[k]) for k in shadow)  # the model dir holds the EMA
+    assert any(not torch.equal(exported[k], raw[k]) for k in shadow)  # ... not the raw weights
+    # and the EMA is resumable: it is in the checkpoint
+    assert "ema" in load_checkpoint(tmp_path / "ema" / "checkpoints").trainer
+
+
+def test_bfloat16_autocast_trains(tmp_path: Path) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    trainer = Seq2SeqTrainer(
+        _cfg(data, tmp_path / "run", precision="bfloat16", eval_data=str(data))
+    )
+    first = trainer.evaluate()["loss"]
+    last = trainer.fit()
+    assert last["eval/loss"] < 0.85 * first, (first, last)
+
+
+def test_wandb_offline_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = write_token_dataset(tmp_path / "data")
+    Seq2SeqTrainer(_cfg(data, tmp_path / "run", steps=4, log_every=2, wandb=True)).fit()
+    runs = list((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes()

@@ -31,6 +31,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None:
+            # Bias added outside: CPU layer_norm's backward with a bias but no weight fails under
+            # bf16 autocast ("expected scalar type BFloat16 but found Float"); same result.
+            return F.layer_norm(x, (self.dim,), None, None, self.eps) + self.bias
         return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
 
 

@@ -180,7 +180,8 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     state = get_model_state_dict(
         unwrap(model), options=_options(full_state_dict=True, cpu_offload=True)
     )
-    return {k: v.detach().cpu() for k, v in state.items()}
+    # A copy even on CPU: callers keep it while the live weights change (e.g. EMA swapped back out).
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:

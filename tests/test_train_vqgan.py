@@ -1,4 +1,4 @@
-"""The VQGAN trainer: image stream, L1 falls, late GAN start, fine-tuning, export, exact resume, torchrun."""
+"""The VQGAN trainer: its images (PairDataset), L1 falls, late GAN start, fine-tuning, export, exact resume, torchrun."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tarfile
 import time
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,15 @@ from safetensors.torch import load_file
 
 from dallemini.checkpoints.native import save_model_dir
 from dallemini.config import PipelineConfig, VQGANConfig
-from dallemini.data.sources import FolderSource, open_source
-from dallemini.errors import ConfigError
+from dallemini.data.pairs import PairDataset
+from dallemini.data.sources import FolderSource, Record, Source, open_source
+from dallemini.errors import ConfigError, InputError
 from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
 from dallemini.training.checkpointing import list_checkpoints
 from dallemini.training.loop import load_config
 from dallemini.training.losses import LPIPS, PatchDiscriminator
-from dallemini.training.vqgan import ImageStream, VQGANTrainConfig, VQGANTrainer
+from dallemini.training.vqgan import VQGANTrainConfig, VQGANTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16
@@ -132,43 +135,70 @@ def _cli_args(data: Path, out: Path, steps: int, extra: list[str] | None = None)
     return args + (extra or [])
 
 
-# --- the image stream ----------------------------------------------------------------------------
-def test_image_stream_resumes_exactly_splits_ranks_and_counts_skips(tmp_path: Path) -> None:
-    folder = write_images(tmp_path / "imgs", n=20, size=12)
+# --- the images: PairDataset without captions ---------------------------------------------------
+# Exact resume in the default (whole-index shuffle) mode, the rank split, counted decode failures and
+# refused setting changes are tested in test_train_clip.py; here what the VQGAN trainer adds.
+def _folder_with_oddities(folder: Path) -> Path:
+    """20 captioned images, 2 broken files and 1 image without a caption: 23 records, 21 decodable."""
+    write_images(folder, n=20, size=12)
     (folder / "bad1.png").write_bytes(b"not a png")
     (folder / "bad2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(folder / "nocaption.png")  # still used
+    Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(folder / "nocaption.png")
+    return folder
+
+
+class _Watched(Source):
+    """A source whose records are watched, to see how many a reader holds at once."""
+
+    def __init__(self, inner: Source) -> None:
+        super().__init__(inner.paths, normalizer=None, description=inner.description)
+        self.inner = inner
+        self.refs: list[weakref.ref[Record]] = []
+
+    def records(self) -> Iterator[Record]:
+        for rec in self.inner.records():
+            rec = Record(rec.key, rec.captions, rec.loader, rec.problem)
+            self.refs.append(weakref.ref(rec))
+            yield rec
+
+    @property
+    def alive(self) -> int:
+        """Records made and not yet freed."""
+        return sum(r() is not None for r in self.refs)
+
+
+def test_images_without_captions_holdout_tar_and_skip_reports(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _folder_with_oddities(tmp_path / "imgs")
     source = FolderSource(folder, normalizer=None)
 
-    def stream(**kw: Any) -> ImageStream:
-        return ImageStream(source, 4, 8, **{"seed": 1, "shuffle_buffer": 5, **kw})
+    def images(**kw: Any) -> PairDataset:
+        base = dict(shuffle=False, epochs=1, drop_last=False, require_captions=False)
+        return PairDataset(source, 4, 8, **{**base, **kw})
 
-    s = stream()
-    it = iter(s)
-    first = [next(it) for _ in range(3)]
-    saved = s.state_dict()
-    rest = [next(it) for _ in range(5)]  # 21 usable images: this crosses into epoch 1
-    assert s.epoch == 1
-    assert all(b.shape == (4, 3, 8, 8) and b.dtype == torch.float32 for b in first + rest)
-    assert all(float(b.min()) >= 0.0 and float(b.max()) <= 1.0 for b in rest)
-    resumed = stream()
-    resumed.load_state_dict({**saved, "rank": 0})
-    it = iter(resumed)
-    assert all(torch.equal(a, next(it)) for a in rest)
-    assert resumed.state_dict() == s.state_dict()
-    with pytest.raises(ConfigError, match="seed"):
-        stream(seed=2).load_state_dict(saved)
-    fresh = stream()
-    assert [r.key for r in fresh.epoch_records(0)] != [r.key for r in fresh.epoch_records(1)]
-
-    # Rank r of 2 takes every other record; together they cover the folder once.
-    parts = [{r.key for r in stream(rank=r, world_size=2).epoch_records(0)} for r in (0, 1)]
-    assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 23
-    # One ordered pass: the 2 broken files are counted, never raised.
-    once = stream(shuffle=False, epochs=1, drop_last=False)
-    assert sum(b.shape[0] for b in once) == 21
+    # Without captions required, the caption-less image is used (caption ""); broken files are counted.
+    once = images()
+    assert [it.key for it in once.records][-1] == "nocaption.png"
+    batches = list(once)
+    assert sum(len(b.captions) for b in batches) == 21
+    assert once.records[int(batches[-1].record[-1])].key == "nocaption.png"
+    assert batches[-1].captions[-1] == ""
     assert once.stats.total == 2
     assert {k for keys in once.stats.examples.values() for k in keys} == {"bad1.png", "bad2.png"}
+    assert images(require_captions=True).index_stats.counts == {"missing_caption": 3}
+
+    # start/stop: the first 5 records held out (source order, bad ones counted), the rest to train on.
+    head, rest = images(stop=5), images(start=5)
+    assert [it.key for it in head.records] == [f"{i:03d}.png" for i in range(5)]
+    assert {it.key for it in head.records} | {it.key for it in rest.records} == {
+        it.key for it in once.records
+    }
+    assert len(rest.records) == 18
+    with pytest.raises(ConfigError, match="start changed"):
+        images(start=6).load_state_dict(rest.state_dict())
+    with pytest.raises(InputError, match=r"records 30 to the end\) holds no usable images"):
+        images(start=30)
 
     # A webdataset tar works the same way, captions or not.
     tar_path = tmp_path / "shard-00000.tar"
@@ -179,9 +209,74 @@ def test_image_stream_resumes_exactly_splits_ranks_and_counts_skips(tmp_path: Pa
             info = tarfile.TarInfo(f"{i:04d}.png")
             info.size = len(buf.getvalue())
             tf.addfile(info, io.BytesIO(buf.getvalue()))
-    tar = ImageStream(open_source(tar_path, normalizer=None), 5, 8, shuffle=False)
-    batch = next(iter(tar))
-    assert torch.allclose(batch[:, 0, 0, 0], torch.tensor([0, 40, 80, 120, 160]) / 255.0)
+    tar = open_source(tar_path, normalizer=None)
+    batch = next(iter(PairDataset(tar, 5, 8, shuffle=False, require_captions=False)))
+    assert torch.allclose(batch.pixels[:, 0, 0, 0], torch.tensor([0, 40, 80, 120, 160]) / 255.0)
+    with pytest.raises(InputError, match="no usable"):
+        PairDataset(tar, 5, 8)
+
+    # The same files fail every epoch: a warning the first time, then quietly (debug).
+    caplog.set_level(logging.DEBUG, logger="dallemini.data.pairs")
+    caplog.clear()
+    list(images(epochs=3))
+    reports = [r for r in caplog.records if "skipped 2 images" in r.getMessage()]
+    assert [r.levelno for r in reports] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+def test_streamed_images_resume_exactly_split_ranks_and_hold_few_records(tmp_path: Path) -> None:
+    folder = _folder_with_oddities(tmp_path / "imgs")
+    source = FolderSource(folder, normalizer=None)
+
+    def stream(src: Source = source, **kw: Any) -> PairDataset:
+        base = dict(seed=1, shuffle_buffer=5, require_captions=False)
+        return PairDataset(src, 4, 8, **{**base, **kw})
+
+    s = stream()
+    it = iter(s)
+    first = [next(it) for _ in range(3)]
+    saved = s.state_dict()
+    rest = [next(it) for _ in range(5)]  # 21 decodable images, 5 batches an epoch: into epoch 1
+    assert s.epoch == 1
+    assert all(b.pixels.shape == (4, 3, 8, 8) for b in first + rest)
+    resumed = stream()
+    resumed.load_state_dict({**saved, "rank": 0})
+    it = iter(resumed)
+    assert all(torch.equal(a.pixels, next(it).pixels) for a in rest)
+    assert resumed.state_dict() == s.state_dict()
+    with pytest.raises(ConfigError, match="shuffle_buffer changed"):
+        stream(shuffle_buffer=6).load_state_dict(saved)
+    with pytest.raises(ConfigError, match="shuffle_buffer changed"):
+        stream(shuffle_buffer=None).load_state_dict(saved)
+
+    # A local shuffle: item i comes out at position >= i - 5; each epoch has its own order.
+    order = s.rank_items(0)
+    assert sorted(order.tolist()) == list(range(23))
+    assert all(pos >= item - 5 for pos, item in enumerate(order.tolist()))
+    assert order.tolist() != s.rank_items(1).tolist()
+    # Without shuffling it reads the source order: the same batches as the in-memory index.
+    plain = PairDataset(source, 4, 8, shuffle=False, require_captions=False)
+    for a, b, _ in zip(stream(shuffle=False), plain, range(6), strict=False):
+        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.record, b.record)
+
+    # Rank r of 2 takes records r, r+2, ...; together they read every decodable image once.
+    seen = []
+    for rank in (0, 1):
+        part = stream(rank=rank, world_size=2, epochs=1, drop_last=False)
+        assert part.rank_items(0).tolist()[:3] != list(range(rank, 6, 2))  # shuffled
+        assert set(part.rank_items(0).tolist()) == set(range(rank, 23, 2))
+        seen.append({part.records[int(r)].key for b in part for r in b.record})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 21
+
+    # Streaming holds about shuffle_buffer records at a time; the in-memory index holds them all.
+    watched = _Watched(source)
+    held = []
+    for _ in stream(watched, epochs=2, drop_last=False):
+        held.append(watched.alive)
+    assert max(held) <= 5 + 3, held
+    indexed = _Watched(source)
+    ds = PairDataset(indexed, 4, 8, require_captions=False)
+    next(iter(ds))
+    assert indexed.alive == 23
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -217,7 +312,7 @@ def test_l1_falls_gan_starts_after_disc_start_and_export_encodes(
     vq = load_vqgan(run / "model", device="cpu")
     assert all(torch.equal(v, final[k]) for k, v in vq.state_dict().items())
     assert json.loads((run / "model" / "config.json").read_text())["bart"] is None
-    images = next(iter(ImageStream(FolderSource(data), 4, RES, shuffle=False)))
+    images = next(iter(PairDataset(FolderSource(data), 4, RES, shuffle=False))).pixels
     assert vq.encode(images).shape == (4, RES // 2, RES // 2)
 
     from .test_cli import run_here

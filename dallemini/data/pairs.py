@@ -4,21 +4,31 @@
 `Source` (`open_source`: image folder, webdataset tars, Parquet) and yields `PairBatch`es of captions,
 float pixels in [0, 1] (decoded, `resize_center_crop`ped to `image_size`) and item indices.
 
-- Index: the source's records are listed once, in its fixed order. Records that are known bad
-  before decoding (no image, no usable caption) are dropped there and counted in `index_stats`.
-  Image loaders stay lazy (folder files, uncompressed tar members by offset); Parquet and
-  compressed tar sources keep their encoded image bytes in memory, as their `records()` do.
+- Index: the source's records are listed once, in its fixed order (only those numbered `start`
+  to `stop - 1` there, when given: e.g. the first N held out for evaluation, counted before any
+  are dropped). Records that are known bad before decoding (no image; no usable caption, unless
+  `require_captions=False`, which keeps them with the caption "") are dropped there and counted in
+  `index_stats`. Image loaders stay lazy (folder files, uncompressed tar members by offset);
+  Parquet and compressed tar sources keep their encoded image bytes in memory, as their
+  `records()` do, unless `shuffle_buffer` is set (below).
 - Items: one per record (`captions="random"`: a caption drawn per epoch from (seed, epoch, item);
   `"first"`: always its first caption) or one per caption (`"all"`: an image with two captions is
   two items, which share `record`).
 - Order: epoch e is a permutation of the items drawn from (seed, e) (or the source order without
   `shuffle`); all ranks draw the same one, and rank r of w takes every w-th item from position r.
-  So the order is a pure function of the settings, and the saved position is just (epoch, items
-  of this rank's list used so far): resuming skips that many items without reading them and goes
-  on with exactly the batches an uninterrupted run would have made.
+- Streaming (`shuffle_buffer=N`, for sources larger than memory): the index keeps only keys and
+  captions, and each epoch reads the source again. Rank r takes items r, r + w, ... of the source
+  order and shuffles them through a buffer of N items drawn from (seed, epoch, r), as
+  `ShardDataset` does: a local shuffle (a full one when N covers the rank's items; 0 keeps the
+  source order), with about N records' bytes held at a time.
+- Either way the order is a pure function of the settings, and the saved position is just (epoch,
+  items of this rank's list used so far): resuming skips that many items without decoding them and
+  goes on with exactly the batches an uninterrupted run would have made.
 - Images that fail to decode are skipped and counted in `stats` (by reason, with example keys);
   the batch is filled from the next items. Decoding is a pure function of the file, so a resumed
-  run skips the same ones. With `workers > 0` a thread pool decodes ahead, in the same order.
+  run skips the same ones. An epoch's skips are logged at its end: as a warning the first time
+  (and when a reason is counted more often than before), then at debug level, as the same files
+  fail every epoch. With `workers > 0` a thread pool decodes ahead, in the same order.
 - Ranks may end an epoch after different numbers of batches (skips differ); training streams
   (`epochs=None`) never run dry, so data-parallel ranks still take one batch per step each.
 """
@@ -31,6 +41,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,7 +50,15 @@ from PIL import Image
 
 from ..errors import ConfigError, InputError
 from .encode import resize_center_crop
-from .sources import Record, SampleError, SkipStats, Source, prepare_captions
+from .sources import (
+    ParquetSource,
+    Record,
+    SampleError,
+    SkipStats,
+    Source,
+    TarSource,
+    prepare_captions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +84,14 @@ class PairBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class PairItem:
-    """One usable record of the index: its key, normalized captions and image loader."""
+    """One usable record of the index: its key, normalized captions and image loader.
+
+    `record` is None when streaming (`shuffle_buffer`): the image is read from the source each epoch.
+    """
 
     key: str
     captions: tuple[str, ...]
-    record: Record
+    record: Record | None
 
 
 def to_pixels(img: Image.Image, size: int) -> torch.Tensor:
@@ -82,14 +104,42 @@ def _seed(*parts: int) -> list[int]:
     return [int(p) % (2**63) for p in parts]
 
 
+def _buffer_shuffle(ids: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`ids` in the order a shuffle buffer of `size` hands them out (a full shuffle if it holds them all).
+
+    Each id at input position p comes out at position >= p - size, so a reader that follows this
+    order through the source holds at most about `size` records it has read but not yet used.
+    """
+    if size <= 1 or len(ids) <= 1:
+        return ids
+    buffer = ids[:size].tolist()
+    rest = ids[size:].tolist()
+    out: list[int] = []
+    for new, j in zip(rest, rng.integers(0, size, len(rest)).tolist(), strict=True):
+        out.append(buffer[j])
+        buffer[j] = new
+    out.extend(buffer[j] for j in rng.permutation(len(buffer)).tolist())
+    return np.array(out, dtype=ids.dtype)
+
+
+def _holds_bytes(source: Source) -> bool:
+    """Whether the source's records carry their encoded images in memory (Parquet, compressed tars)."""
+    if isinstance(source, ParquetSource):
+        return True
+    return isinstance(source, TarSource) and any(p.suffix != ".tar" for p in source.paths)
+
+
 class PairDataset:
     """Exactly resumable, rank-split batches of (caption, image) from a `Source` (see the module doc).
 
     `require_captions=False` keeps records without a caption (their caption is ""), for image-only
-    training. `transform(image, rng)` replaces the default `to_pixels(image, image_size)`; `rng` is
+    training. `start`/`stop` restrict it to the source's records start..stop-1 (numbered in source
+    order, bad ones included). `shuffle_buffer=None` shuffles each epoch over the whole in-memory
+    index; an int streams the source through a buffer of that many items instead (bounded memory).
+    `transform(image, rng)` replaces the default `to_pixels(image, image_size)`; `rng` is
     seeded by (seed, epoch, item), so random augmentations resume exactly too (with `workers` it runs
-    in threads). `epochs=None`
-    streams forever; `state_dict()` after a batch is the position right after it.
+    in threads). `epochs=None` streams forever; `state_dict()` after a batch is the position right
+    after it.
     """
 
     def __init__(
@@ -108,6 +158,9 @@ class PairDataset:
         require_captions: bool = True,
         transform: Transform | None = None,
         workers: int = 0,
+        shuffle_buffer: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -121,6 +174,10 @@ class PairDataset:
             )
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, got {workers}")
+        if shuffle_buffer is not None and shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer must be >= 0 (or None), got {shuffle_buffer}")
+        if start < 0 or (stop is not None and stop < start):
+            raise ConfigError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
         self.source = source
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
@@ -134,6 +191,10 @@ class PairDataset:
         self.require_captions = bool(require_captions)
         self.transform = transform
         self.workers = int(workers)
+        self.shuffle_buffer = None if shuffle_buffer is None else int(shuffle_buffer)
+        self.start = int(start)
+        self.stop = None if stop is None else int(stop)
+        self._what = "(caption, image) pairs" if self.require_captions else "images"
         self.index_stats = SkipStats()
         self.records: list[PairItem] = self._index()
         # items: (record number, caption number or -1 for "drawn per epoch")
@@ -147,36 +208,60 @@ class PairDataset:
         self.epoch = 0
         self.position = 0  # items of this rank's list for this epoch already used (or skipped)
         self.stats = SkipStats()
+        self._reported: dict[str, int] = {}  # the most skips per reason logged as a warning
         fewest = len(self._items) // self.world_size
         if fewest < (self.batch_size if self.drop_last else 1):
             raise ConfigError(
-                f"{source.description}: {len(self._items)} usable (caption, image) pairs over "
+                f"{source.description}: {len(self._items)} usable {self._what} over "
                 f"{self.world_size} rank(s) do not make one batch of {self.batch_size} per rank; use a "
                 f"smaller batch size or more data"
                 + (f" ({self.index_stats.report('records')})" if self.index_stats else "")
             )
 
     # --- the index ------------------------------------------------------------------------------
-    def _index(self) -> list[PairItem]:
-        out = []
-        for record in self.source.records():
+    def _scan(self, stats: SkipStats | None) -> Iterator[tuple[Record, tuple[str, ...]]]:
+        """The usable records of start..stop-1 with their normalized captions; `stats` counts the others."""
+        for n, record in enumerate(self.source.records()):
+            if self.stop is not None and n >= self.stop:
+                return
+            if n < self.start:
+                continue
             if record.problem is not None:
-                self.index_stats.add(record.problem, record.key)
+                if stats is not None:
+                    stats.add(record.problem, record.key)
                 continue
             caps = prepare_captions(record.captions, self.source.normalizer)
             if not caps:
                 if self.require_captions:
-                    reason = "empty_caption" if record.captions else "missing_caption"
-                    self.index_stats.add(reason, record.key)
+                    if stats is not None:
+                        reason = "empty_caption" if record.captions else "missing_caption"
+                        stats.add(reason, record.key)
                     continue
                 caps = ("",)
-            out.append(PairItem(record.key, caps, record))
+            yield record, caps
+
+    def _index(self) -> list[PairItem]:
+        keep = self.shuffle_buffer is None  # else the images are read again from the source
+        out = [
+            PairItem(r.key, caps, r if keep else None) for r, caps in self._scan(self.index_stats)
+        ]
         if self.index_stats:
             log.warning("%s: %s", self.source.description, self.index_stats.report("records"))
         if not out:
+            end = "the end" if self.stop is None else self.stop - 1
+            span = (
+                "" if (self.start, self.stop) == (0, None) else f" (records {self.start} to {end})"
+            )
             raise InputError(
-                f"{self.source.description} holds no usable (caption, image) pairs"
+                f"{self.source.description}{span} holds no usable {self._what}"
                 + (f": {self.index_stats.report('records')}" if self.index_stats else "")
+            )
+        if keep and _holds_bytes(self.source):
+            log.info(
+                "%s: the index holds the %d records' encoded images in memory (shuffle_buffer "
+                "streams them instead)",
+                self.source.description,
+                len(out),
             )
         return out
 
@@ -195,6 +280,12 @@ class PairDataset:
         """The item numbers this rank reads in this epoch, in order."""
         rank = self.rank if rank is None else rank
         n = len(self._items)
+        if self.shuffle_buffer is not None:  # streaming: this rank's share of the source order
+            mine = np.arange(rank, n, self.world_size)
+            if not self.shuffle:
+                return mine
+            rng = np.random.default_rng(_seed(self.seed, epoch, rank, 0xB0F))
+            return _buffer_shuffle(mine, self.shuffle_buffer, rng)
         if self.shuffle:
             order = np.random.default_rng(_seed(self.seed, epoch, 0xC11F)).permutation(n)
         else:
@@ -203,7 +294,7 @@ class PairDataset:
 
     def __len__(self) -> int:
         """Batches of this rank per epoch when no image is skipped."""
-        n = len(self.rank_items(self.epoch))
+        n = len(range(self.rank, len(self._items), self.world_size))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _caption(self, epoch: int, item: int) -> str:
@@ -217,43 +308,77 @@ class PairDataset:
             )
         return caps[c]
 
-    def _load(self, epoch: int, item: int) -> tuple[str, torch.Tensor, int] | SampleError:
-        r = int(self._items[item, 0])
+    def _records_for(self, items: np.ndarray, start: int) -> Iterator[tuple[int, int, Record]]:
+        """(position, item, record to read its image from) for items[start:], in order."""
+        if self.shuffle_buffer is None:
+            for pos in range(start, len(items)):
+                item = int(items[pos])
+                record = self.records[int(self._items[item, 0])].record
+                assert record is not None
+                yield pos, item, record
+            return
+        # Streaming: read the source in order, keeping only the records still wanted and not yet used
+        # (those read ahead of the buffer's order: about shuffle_buffer of them).
+        wanted = self._items[items[start:], 0]
+        need = np.bincount(wanted, minlength=len(self.records))
+        held: dict[int, Record] = {}
+        scan = self._scan(None)
+        read = 0  # usable records read so far
+        for k, r in enumerate(wanted.tolist()):
+            while r not in held:
+                got = next(scan, None)
+                if got is None or got[0].key != self.records[read].key:
+                    raise InputError(
+                        f"{self.source.description} changed since it was indexed: usable record "
+                        f"{read} was {self.records[read].key!r}, now "
+                        f"{'gone' if got is None else repr(got[0].key)}"
+                    )
+                if need[read]:
+                    held[read] = got[0]
+                read += 1
+            need[r] -= 1
+            record = held[r] if need[r] else held.pop(r)
+            yield start + k, int(items[start + k]), record
+
+    def _load(
+        self, epoch: int, item: int, record: Record
+    ) -> tuple[str, torch.Tensor, int] | SampleError:
         try:
-            img = self.records[r].record.image(draft_size=self.image_size)
+            img = record.image(draft_size=self.image_size)
             if self.transform is None:
-                pixels = to_pixels(img, self.image_size)
+                try:
+                    pixels = to_pixels(img, self.image_size)
+                except (OSError, ValueError) as e:  # Pillow failing on a decoded but odd image
+                    raise SampleError("corrupt", f"{type(e).__name__}: {e}") from e
             else:
                 rng = np.random.default_rng(_seed(self.seed, epoch, item, 0x7A5))
                 pixels = self.transform(img, rng)
         except SampleError as e:
             return e
-        return self._caption(epoch, item), pixels, r
+        return self._caption(epoch, item), pixels, int(self._items[item, 0])
 
     def _decoded(
         self, epoch: int, items: np.ndarray, start: int
     ) -> Iterator[tuple[int, tuple[str, torch.Tensor, int] | SampleError]]:
         """(position, sample or the reason it was skipped) for items[start:], in order."""
+        todo = self._records_for(items, start)
         if self.workers == 0:
-            for pos in range(start, len(items)):
-                yield pos, self._load(epoch, int(items[pos]))
+            for pos, item, record in todo:
+                yield pos, self._load(epoch, item, record)
             return
         window = max(self.batch_size, 2 * self.workers)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pairs")
-        pending: deque[tuple[int, list[Future[Any]]]] = deque()
+        pending: deque[list[tuple[int, Future[Any]]]] = deque()
         try:
-            for lo in range(start, len(items), window):
-                chunk = [int(i) for i in items[lo : lo + window]]
-                pending.append((lo, [pool.submit(self._load, epoch, i) for i in chunk]))
+            while chunk := list(islice(todo, window)):
+                pending.append([(pos, pool.submit(self._load, epoch, i, r)) for pos, i, r in chunk])
                 if len(pending) < 2:  # keep one window decoding while the other is used
                     continue
-                first, futures = pending.popleft()
-                for k, f in enumerate(futures):
-                    yield first + k, f.result()
+                for pos, f in pending.popleft():
+                    yield pos, f.result()
             while pending:
-                first, futures = pending.popleft()
-                for k, f in enumerate(futures):
-                    yield first + k, f.result()
+                for pos, f in pending.popleft():
+                    yield pos, f.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -271,10 +396,24 @@ class PairDataset:
                     f"not one batch of {self.batch_size} decodable images ({self.stats.report('images')})"
                 )
             if self.stats:
-                log.warning(
-                    "%s, epoch %d: %s", self.source.description, self.epoch, self.stats.report()
-                )
+                self._report_skips()
             self.epoch, self.position = self.epoch + 1, 0
+
+    def _report_skips(self) -> None:
+        """Log the epoch's skips: a warning when a reason is counted more often than ever before, else debug."""
+        counts = self.stats.counts
+        louder = any(n > self._reported.get(reason, 0) for reason, n in counts.items())
+        for reason, n in counts.items():
+            self._reported[reason] = max(n, self._reported.get(reason, 0))
+        where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        log.log(
+            logging.WARNING if louder else logging.DEBUG,
+            "%s%s, epoch %d: %s",
+            self.source.description,
+            where,
+            self.epoch,
+            self.stats.report("images"),
+        )
 
     def _epoch_batches(self, epoch: int) -> Generator[PairBatch, None, int]:
         items = self.rank_items(epoch)
@@ -323,6 +462,9 @@ class PairDataset:
             "rank": self.rank,
             "world_size": self.world_size,
             "drop_last": self.drop_last,
+            "shuffle_buffer": self.shuffle_buffer,
+            "start": self.start,
+            "stop": self.stop,
             "items": len(self._items),
             "keys": self._keys_hash,
         }

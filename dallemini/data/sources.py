@@ -18,6 +18,7 @@ Layouts read:
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import json
@@ -399,19 +400,16 @@ class FolderSource(Source):
         for path in self.image_paths():
             key = path.relative_to(self.root).as_posix()
             txt = path.with_suffix(".txt")
+            loader = functools.partial(_read_file, path)
             try:
                 text = txt.read_text(encoding="utf-8", errors="replace")
-            except FileNotFoundError:
-                yield Record(key, ())
+            except FileNotFoundError:  # an image without a caption, still usable on its own
+                yield Record(key, (), loader=loader)
                 continue
             except OSError:
                 yield Record(key, (), problem="unreadable_file")
                 continue
-            yield Record(
-                key,
-                _split_caption_text(text, self.caption_lines),
-                loader=lambda p=path: _read_file(p),
-            )
+            yield Record(key, _split_caption_text(text, self.caption_lines), loader=loader)
 
 
 def _json_caption(data: bytes) -> str | None:

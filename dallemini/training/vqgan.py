@@ -8,8 +8,9 @@ discriminator's learning rate at a step does not depend on when it started.
 
 Taming trains the f16 VQGAN with Adam, lr 4.5e-6 × global batch, betas (0.5, 0.9) and a constant
 rate; those are the defaults here (with AdamW and no weight decay, which is the same optimizer).
-Images come from any source `open_source` reads (captions are not needed) through `ImageStream`, a
-resumable, rank-aware stream whose position is saved in every checkpoint.
+Images come from any source `open_source` reads (captions are not needed) through `PairDataset`
+(`require_captions=False`), the exactly resumable, rank-split reader the CLIP trainer uses too; its
+position is saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -31,16 +32,8 @@ from torch import Tensor
 
 from ..checkpoints.native import save_model_dir
 from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig
-from ..data.encode import resize_center_crop
-from ..data.sources import (
-    FolderSource,
-    Record,
-    SampleError,
-    SkipStats,
-    Source,
-    decode_image,
-    open_source,
-)
+from ..data.pairs import PairDataset
+from ..data.sources import Source, open_source
 from ..errors import ConfigError, InputError
 from ..models.vqgan import VQGAN
 from . import distributed as D
@@ -50,168 +43,6 @@ from .losses import D_LOSSES, LPIPS, ActNorm, VQGANLoss, load_taming_discriminat
 log = logging.getLogger("dallemini.train")
 
 SOURCE_KINDS = ("auto", "folder", "tar", "parquet")
-
-
-# --- data ----------------------------------------------------------------------------------------
-class ImageStream:
-    """Batches [B, 3, R, R] of float images in [0, 1] from a source, in a seeded per-epoch order, resumable.
-
-    Record i of the source (after the first `start`, which are held out) belongs to rank i % world_size.
-    Each rank shuffles its records with a buffer of `shuffle_buffer` (a full shuffle when the buffer
-    holds them all) seeded by (seed, epoch, rank). Images are decoded lazily, only when they are
-    reached; undecodable ones are counted in `stats` and skipped. The position is (epoch, records of
-    this rank's epoch consumed), so a resume skips records without decoding them and yields exactly
-    the batches that would have come next. Batches run across epoch ends; `epochs=None` never ends.
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        batch_size: int,
-        resolution: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        shuffle_buffer: int = 1000,
-        start: int = 0,
-        stop: int | None = None,
-        epochs: int | None = None,
-        drop_last: bool = True,
-    ) -> None:
-        if batch_size < 1 or resolution < 1:
-            raise ConfigError(
-                f"batch_size and resolution must be >= 1, got {batch_size}, {resolution}"
-            )
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size), got {rank} of {world_size}")
-        self.source = source
-        self.batch_size, self.resolution = int(batch_size), int(resolution)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.shuffle, self.shuffle_buffer = bool(shuffle), int(shuffle_buffer)
-        self.start, self.stop = int(start), stop
-        self.epochs, self.drop_last = epochs, drop_last
-        self.epoch, self.position = 0, 0
-        self.stats = SkipStats()
-
-    # --- order ----------------------------------------------------------------------------------
-    def _all_records(self) -> Iterator[Record]:
-        """Every record of the source in its fixed order (a folder's images need no caption here)."""
-        if isinstance(self.source, FolderSource):
-            root = self.source.root
-            for path in self.source.image_paths():
-                yield Record(path.relative_to(root).as_posix(), (), loader=path.read_bytes)
-            return
-        yield from self.source.records()
-
-    def _rank_records(self) -> Iterator[Record]:
-        for i, record in enumerate(self._all_records()):
-            if self.stop is not None and i >= self.stop:
-                return
-            if i >= self.start and (i - self.start) % self.world_size == self.rank:
-                yield record
-
-    def epoch_records(self, epoch: int) -> Iterator[Record]:
-        """This rank's records of an epoch, in the order they are consumed."""
-        stream = self._rank_records()
-        size = self.shuffle_buffer if self.shuffle else 0
-        if size <= 1:
-            yield from stream
-            return
-        rng = np.random.default_rng([self.seed, epoch, self.rank, 0x7647])
-        buffer: list[Record] = []
-        for record in stream:
-            if len(buffer) < size:
-                buffer.append(record)
-                continue
-            j = int(rng.integers(size))
-            out, buffer[j] = buffer[j], record
-            yield out
-        for j in rng.permutation(len(buffer)).tolist():
-            yield buffer[j]
-
-    # --- reading --------------------------------------------------------------------------------
-    def decode(self, record: Record) -> np.ndarray | None:
-        """The record's image as uint8 [R, R, 3] (resized + centre-cropped), or None (counted) when unusable."""
-        try:
-            image = decode_image(record.read_bytes(), draft_size=self.resolution)
-            image = resize_center_crop(image, self.resolution)
-        except SampleError as e:
-            self.stats.add(e.reason, record.key)
-            return None
-        except (OSError, ValueError):  # Pillow failing on a decoded but odd image
-            self.stats.add("corrupt", record.key)
-            return None
-        return np.asarray(image, dtype=np.uint8)
-
-    def _collate(self, images: list[np.ndarray]) -> Tensor:
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        return batch.float().div_(255.0).contiguous()
-
-    def __iter__(self) -> Iterator[Tensor]:
-        """Batches from the current position on; the position advances as each batch is handed out."""
-        epoch, skip = self.epoch, self.position
-        images: list[np.ndarray] = []
-        while self.epochs is None or epoch < self.epochs:
-            n = used = 0
-            skipped_before = self.stats.total
-            for n, record in enumerate(self.epoch_records(epoch), 1):
-                if n <= skip:
-                    continue
-                image = self.decode(record)
-                if image is None:
-                    continue
-                used += 1
-                images.append(image)
-                if len(images) == self.batch_size:
-                    self.epoch, self.position = epoch, n
-                    yield self._collate(images)
-                    images = []
-            if n == 0:
-                raise InputError(
-                    f"{self.source.description}: no images for rank {self.rank} of {self.world_size}"
-                    + (f" after the {self.start} held out" if self.start else "")
-                )
-            if used == 0 and skip == 0:
-                raise InputError(
-                    f"{self.source.description}: none of {n} images could be read; "
-                    f"{self.stats.report('images')}"
-                )
-            if self.stats.total > skipped_before:  # a warning the first time, then quietly
-                log.log(
-                    logging.WARNING if skipped_before == 0 else logging.DEBUG,
-                    "%s (rank %d, epoch %d): %s",
-                    self.source.description,
-                    self.rank,
-                    epoch,
-                    self.stats.report("images"),
-                )
-            epoch, skip = epoch + 1, 0
-        if images and not self.drop_last:
-            yield self._collate(images)
-
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer,
-            "start": self.start,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """The exact position (epoch, records consumed in it) plus the settings the order depends on."""
-        return {"version": 1, "epoch": self.epoch, "position": self.position, **self._settings()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; refuses settings that would give a different order."""
-        for name, value in self._settings().items():
-            if name in state and state[name] != value:
-                raise ConfigError(
-                    f"cannot resume the data position: {name} was {state[name]!r}, now {value!r}"
-                )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -229,7 +60,11 @@ class VQGANTrainConfig(TrainConfig):
     preset: str = "f16_16384"  # VQGAN_PRESETS name when training from scratch
     vqgan: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
     resolution: int | None = None  # training image side; default: the VQGAN's resolution
-    shuffle_buffer: int = 1000  # records held for shuffling (parquet/.tar.gz ones with their bytes)
+    # None: each epoch is a shuffle of the whole index (parquet/.tar.gz sources keep every encoded
+    # image in memory); N: stream the source each epoch through a shuffle buffer of N images (bounded
+    # memory, a local shuffle; 0 keeps the source order)
+    shuffle_buffer: int | None = None
+    workers: int = 0  # image-decoding threads (0: decode in the training thread)
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual_weight: float = 1.0  # needs lpips_vgg + lpips_lin, or lpips_taming
@@ -277,9 +112,11 @@ class VQGANTrainConfig(TrainConfig):
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("disc_start", "eval_holdout", "shuffle_buffer", "sample_images"):
+        for name in ("disc_start", "eval_holdout", "sample_images", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shuffle_buffer is not None and self.shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer must be >= 0 (or none), got {self.shuffle_buffer}")
         if self.resolution is not None and self.resolution < 1:
             raise ConfigError(f"resolution must be >= 1, got {self.resolution}")
         if self.disc_loss not in D_LOSSES:
@@ -381,16 +218,16 @@ class VQGANTrainer(Trainer):
             raise ConfigError(
                 f"{cfg.data} holds {count} images; eval_holdout={holdout} would leave none to train on"
             )
-        self.data = ImageStream(
+        self.data = self._images(
             self.source,
             cfg.batch_size,
-            self.resolution,
             seed=cfg.seed,
             rank=self.env.rank,
             world_size=self.env.world_size,
             shuffle_buffer=cfg.shuffle_buffer,
             start=holdout,
         )
+        self.eval_data = self._eval_images(self.env.rank, self.env.world_size, cfg.batch_size)
         self._samples: Tensor | None = None
 
     # --- building -------------------------------------------------------------------------------
@@ -422,19 +259,35 @@ class VQGANTrainer(Trainer):
             normalizer=None,
         )
 
-    def _eval_stream(self, rank: int, world_size: int, batch_size: int) -> ImageStream | None:
-        """One ordered pass over the evaluation images (eval_data, or the held-out head of data)."""
-        cfg = self.cfg
-        if self.eval_source is not None:
-            source, stop = self.eval_source, None
-        elif cfg.eval_holdout:
-            source, stop = self.source, cfg.eval_holdout
-        else:
-            return None
-        return ImageStream(
+    def _images(self, source: Source, batch_size: int, **kw: Any) -> PairDataset:
+        """Batches of this source's images (captions or not) at the training resolution."""
+        return PairDataset(
             source,
             batch_size,
             self.resolution,
+            captions="first",
+            require_captions=False,
+            workers=self.cfg.workers,
+            **kw,
+        )
+
+    def _eval_images(
+        self, rank: int, world_size: int, batch_size: int, limit: int | None = None
+    ) -> PairDataset | None:
+        """One ordered pass over the evaluation images (eval_data, or the held-out head of data).
+
+        `limit`: only the first that many records of them.
+        """
+        cfg = self.cfg
+        if self.eval_source is not None:
+            source, stop = self.eval_source, limit
+        elif cfg.eval_holdout:
+            source, stop = self.source, min(cfg.eval_holdout, limit or cfg.eval_holdout)
+        else:
+            return None
+        return self._images(
+            source,
+            batch_size,
             rank=rank,
             world_size=world_size,
             shuffle=False,
@@ -466,7 +319,7 @@ class VQGANTrainer(Trainer):
         gan = self.loss.gan_active(self.step)
         logs: dict[str, float] = defaultdict(float)
         for i in range(accum):
-            images = self.next_batch().to(self.device, non_blocking=True)
+            images = self.next_batch().pixels.to(self.device, non_blocking=True)
             sync = i == accum - 1
             with D.gradient_sync(model, sync), self.autocast():
                 recon, codebook_loss, _ = model(images)
@@ -501,15 +354,15 @@ class VQGANTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         """Reconstruction L1 and PSNR (clamped, [0, 1] pixels) and codebook usage on the evaluation images."""
         env = self.env
-        stream = self._eval_stream(env.rank, env.world_size, self.cfg.batch_size)
-        if stream is None:
+        if self.eval_data is None:
             return {}
+        self.eval_data.set_epoch(0)
         n_embed = self.vqgan.config.n_embed
         sums = torch.zeros(3, dtype=torch.float64)
         used = torch.zeros(n_embed, dtype=torch.float64)
         try:
-            for images in stream:
-                images = images.to(self.device)
+            for batch in self.eval_data:
+                images = batch.pixels.to(self.device)
                 with self.autocast():
                     recon, _, codes = self.vqgan(images)
                 err = recon.float().clamp(0.0, 1.0) - images
@@ -531,14 +384,15 @@ class VQGANTrainer(Trainer):
         }
 
     def _sample_images(self) -> Tensor | None:
-        """The first `sample_images` readable evaluation (else training) images, in source order."""
+        """The readable ones of the first `sample_images` evaluation (else training) images, in source order."""
         k = self.cfg.sample_images
         if self._samples is None and k > 0:
-            stream = self._eval_stream(0, 1, k) or ImageStream(
-                self.source, k, self.resolution, shuffle=False, epochs=1, drop_last=False
-            )
             with contextlib.suppress(InputError):
-                self._samples = next(iter(stream), None)
+                images = self._eval_images(0, 1, k, limit=k) or self._images(
+                    self.source, k, shuffle=False, stop=k, epochs=1, drop_last=False
+                )
+                batch = next(iter(images), None)
+                self._samples = batch.pixels if batch is not None else None
         return self._samples
 
     @torch.no_grad()

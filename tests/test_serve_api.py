@@ -109,6 +109,10 @@ BAD = [
     ({"prompt": "x" * 501}, "prompt: String should have at most 500 characters"),
     ({}, "prompt: Field required"),
     ({"prompt": 5}, "prompt: Input should be a valid string"),
+    (
+        {"prompt": "\u200b"},
+        "prompt: prompt 0 ('\\u200b') has no words left after text normalization",
+    ),
     ({"prompt": "a", "num_images": 0}, "num_images: Input should be greater than or equal to 1"),
     ({"prompt": "a", "num_images": 9}, "num_images: Input should be less than or equal to 8"),
     ({"prompt": "a", "num_images": 1.5}, "num_images: Input should be a valid integer"),

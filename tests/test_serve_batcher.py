@@ -221,3 +221,14 @@ def test_a_failing_request_fails_alone(pipe: TextToImage) -> None:
     assert b.close()
     assert good.state == "done" and len(good.result) == 1
     assert bad.state == "failed" and str(bad.error) == "boom"
+
+
+def test_a_closed_batcher_can_start_again(pipe: TextToImage) -> None:
+    b = Batcher(pipe).start()
+    assert b.close(30)
+    with pytest.raises(Rejected):
+        b.submit("a", 1, 1, pipe.sampling())
+    b.start()  # an ASGI host may run the app's lifespan more than once
+    job = b.submit("a", 1, 1, pipe.sampling())
+    assert job.wait(30) and job.state == "done"
+    assert b.close(30)

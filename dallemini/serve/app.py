@@ -33,6 +33,7 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     ImageOut,
+    InvalidOut,
     OriginalRequest,
     OriginalResponse,
     Settings,
@@ -80,8 +81,13 @@ class ServeSettings:
 
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for error replies."""
-    return {c: {"model": ErrorOut} for c in codes}
+    """OpenAPI entries for error replies (422 in this service's own shape)."""
+    return {c: {"model": InvalidOut if c == 422 else ErrorOut} for c in codes}
+
+
+def _invalid(loc: str, msg: str) -> RequestValidationError:
+    """A 422 for one field, answered like pydantic's own validation errors."""
+    return RequestValidationError([{"loc": ("body", loc), "msg": msg, "type": "value_error"}])
 
 
 def _validation_message(exc: RequestValidationError) -> JSONResponse:
@@ -90,6 +96,8 @@ def _validation_message(exc: RequestValidationError) -> JSONResponse:
     for e in exc.errors():
         loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query")]
         msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "json_invalid":
+            loc, msg = [], f"the body is not valid JSON ({msg})"
         lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
         errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
     return JSONResponse({"detail": "; ".join(lines), "errors": errors}, status_code=422)
@@ -164,16 +172,22 @@ def _sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _job_error(job: Job) -> HTTPException:
-    """The HTTP error for a job that did not produce images."""
+def _job_failure(job: Job) -> tuple[int, str]:
+    """HTTP status and message for a job that did not produce images."""
     e = job.error
     if isinstance(e, JobTimeout):
-        return HTTPException(504, "the request timed out")
+        return 504, "the request timed out"
     if isinstance(e, JobCancelled):
-        return HTTPException(499, "the request was cancelled")
+        return 499, "the request was cancelled"
     if isinstance(e, DalleMiniError):
-        return HTTPException(422, str(e))
-    return HTTPException(500, f"generation failed: {type(e).__name__}")
+        return 422, str(e)
+    return 500, f"generation failed: {type(e).__name__}"
+
+
+def _job_error(job: Job) -> HTTPException | RequestValidationError:
+    """The exception to answer a failed job with."""
+    status, detail = _job_failure(job)
+    return _invalid("prompt", detail) if status == 422 else HTTPException(status, detail)
 
 
 def create_app(
@@ -235,8 +249,9 @@ def create_app(
                 top_p=req.top_p,
                 condition_scale=req.condition_scale,
             )
+            pipe.text([req.prompt])  # a prompt with nothing to tokenize fails here, not in a batch
         except DalleMiniError as e:
-            raise HTTPException(422, str(e)) from e
+            raise _invalid("prompt" if "prompt" in str(e) else "settings", str(e)) from e
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         try:
             return batcher.submit(
@@ -343,7 +358,7 @@ def create_app(
         response_model=GenerateResponse,
         dependencies=auth,
         summary="Generate images for a prompt",
-        responses=_error_responses(401, 413, 429, 503, 504),
+        responses=_error_responses(400, 401, 413, 422, 429, 503, 504),
     )
     async def generate(request: Request, req: Req) -> dict[str, Any]:  # type: ignore[valid-type]
         """Make num_images images (best first when reranked), inline as base64 PNG or as URLs."""
@@ -361,7 +376,7 @@ def create_app(
                 "description": "events: accepted, progress {done, total, images}, "
                 "result (the /v1/generate body) or error {status, detail}",
             },
-            **_error_responses(401, 429, 503),
+            **_error_responses(401, 422, 429, 503),
         },
     )
     async def generate_stream(
@@ -396,8 +411,8 @@ def create_app(
                         last_beat = time.monotonic()
                         yield b": waiting\n\n"
                 if job.state != "done" or job.result is None:
-                    err = _job_error(job)
-                    yield _sse("error", {"status": err.status_code, "detail": err.detail})
+                    status, detail = _job_failure(job)
+                    yield _sse("error", {"status": status, "detail": detail})
                     return
                 yield _sse("result", await render(request, req, job, job.result))
             finally:
@@ -430,7 +445,7 @@ def create_app(
         response_model=OriginalResponse,
         dependencies=auth,
         summary="The original dalle-mini demo backend protocol",
-        responses=_error_responses(401, 413, 429, 503, 504),
+        responses=_error_responses(400, 401, 413, 422, 429, 503, 504),
     )
     async def generate_original(request: Request, body: OriginalRequest) -> dict[str, Any]:
         """{"prompt": ...} -> {"images": [base64 PNG, ...], "version": ...}, best first."""

@@ -197,9 +197,10 @@ class Batcher:
     # ---- life cycle --------------------------------------------------------------------------
 
     def start(self) -> Batcher:
-        """Start the worker thread (idempotent)."""
+        """Start the worker thread (idempotent; after close() it starts accepting again)."""
         with self._cond:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
+                self._accepting, self._closing = True, False
                 self._thread = threading.Thread(
                     target=self._work, name="dallemini-batcher", daemon=True
                 )

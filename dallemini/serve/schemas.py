@@ -121,3 +121,18 @@ class ErrorOut(BaseModel):
     """An error: what was wrong, in one line."""
 
     detail: str
+
+
+class FieldError(BaseModel):
+    """One invalid field: where (field names), what is wrong, pydantic's error type."""
+
+    loc: list[str]
+    msg: str
+    type: str
+
+
+class InvalidOut(BaseModel):
+    """422: a readable line ('field: what is wrong; ...') and the errors one by one."""
+
+    detail: str
+    errors: list[FieldError] = []

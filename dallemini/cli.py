@@ -545,6 +545,35 @@ def _eval_model(
     typer.echo(format_report(report))
 
 
+recipe_app = typer.Typer(
+    help="Build a model end to end with the project's own commands.", no_args_is_help=True
+)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("emoji")
+def recipe_emoji(
+    out: Annotated[Path, typer.Argument(help="run folder: data, tokens, each model, eval, model")],
+    config: Annotated[
+        str, typer.Option("--config", help="recipe YAML or a packaged name: default, tiny")
+    ] = "default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a setting: --set bart.steps=100 --set seed=1"),
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The built-in default model: emoji dataset -> VQGAN -> tokens -> DalleBart -> CLIP -> eval -> OUT/model."""
+    import logging
+
+    from .recipe import run_recipe
+    from .training.loop import parse_overrides
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = run_recipe(out, config, parse_overrides(set_), device=device, echo=typer.echo)
+    typer.echo(f"model: {path}")
+
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML or JSON file of settings (see --set)")
 ]

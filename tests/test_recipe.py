@@ -1,0 +1,50 @@
+"""`dallemini recipe emoji`: every step of the built-in model's recipe at test size, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dallemini.errors import ConfigError
+from dallemini.pipeline import TextToImage
+from dallemini.recipe import STEPS, load_recipe, run_recipe
+
+from .test_cli import run_here
+
+
+def test_recipe_settings_and_overrides() -> None:
+    cfg = load_recipe("tiny", {"seed": 3, "bart.steps": 5, "bart.bart.d_model": 16})
+    assert cfg["seed"] == 3 and cfg["bart"]["steps"] == 5 and cfg["bart"]["bart"]["d_model"] == 16
+    with pytest.raises(ConfigError, match=r"SECTION\.key"):
+        load_recipe("tiny", {"steps": 5})
+    with pytest.raises(ConfigError, match="no recipe"):
+        load_recipe("nonexistent")
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code, err = run_here(capsys, "recipe", "emoji", out, "--config", "tiny", "--device", "cpu")
+    assert code == 0, err
+    model = out / "model"
+    for name in ("config.json", "bart.safetensors", "vqgan.safetensors", "clip.safetensors"):
+        assert (model / name).is_file(), name
+    card = (model / "MODEL_CARD.md").read_text()
+    assert "heldout-triples" in card and "heldout-colour" in card and "seed 0" in card
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report) == {"heldout-triples", "heldout-colour"}
+    assert report["heldout-colour"]["captions"] == 4 and "reranked" in report["heldout-colour"]
+    assert json.loads((model / "emoji_scenes.json").read_text())["tier"] == 8
+    pipe = TextToImage.from_pretrained(model, device="cpu")
+    assert pipe.scorer is not None
+    images = pipe("cat on a red background, top left", num_images=2, seed=0)
+    assert images[0].image.size == (32, 32) and images[0].score is not None
+    # A second run finds every step done; other settings in the same folder are refused.
+    said: list[str] = []
+    assert run_recipe(out, "tiny", device="cpu", echo=said.append) == model
+    assert said == [f"recipe: {step} done before, skipped" for step in STEPS]
+    code, err = run_here(capsys, "recipe", "emoji", out, "--config", "tiny", "--set", "seed=1")
+    assert code == 2 and "other settings" in err
+    assert len(list((out / "steps").glob("*.json"))) == len(STEPS)

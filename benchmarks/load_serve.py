@@ -1,0 +1,222 @@
+"""Load test of `dallemini serve` on 127.0.0.1: many concurrent clients, overload, and batching's gain.
+
+Starts the real server (`python -m dallemini.cli serve`, a separate process) on a free loopback port
+with a small random model, runs `--clients` concurrent clients for `--seconds` (each: POST
+/v1/generate with 1, 2 or 4 images, again and again; after a 429/503 it waits Retry-After, at most
+1 s), then shuts the server down gracefully. It does this twice in the same run: with
+`--max-batch-images N` and with 1 (no batching). Prints and records in
+benchmarks/results/load_serve.json, per setting: responses by status, 5xx count, requests accepted
+by the server but never answered (must be 0), 429/503 overflows, p50/p95 latency, images/s; and
+the gain of batching (images/s with N over images/s with 1).
+
+    python benchmarks/load_serve.py                 # 64 clients, 20 s per setting, tiny model
+    python benchmarks/load_serve.py --seconds 5 --clients 16
+
+Traffic goes only to 127.0.0.1, and every loop is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info, merge_results
+from dallemini.random_model import create_random_model, seed_captions
+from dallemini.serve.server import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results" / "load_serve.json"
+HOST = "127.0.0.1"
+
+
+def start_server(model: Path, port: int, max_batch_images: int, args: argparse.Namespace):
+    """The server process, once /health answers."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "dallemini.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-batch-images",
+        str(max_batch_images),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(args.max_queue),
+        "--timeout-s",
+        str(args.timeout_s),
+    ]
+    log = open(args.log_dir / f"server-{port}.log", "w")  # noqa: SIM115 (a file the process keeps)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {Path(log.name).read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://{HOST}:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not come up in 120 s")
+
+
+async def client(
+    http: httpx.AsyncClient, url: str, stop_at: float, rng: random.Random, log: list[dict]
+) -> None:
+    """Send requests until stop_at; record status, latency and images of each."""
+    prompts = seed_captions()
+    while time.monotonic() < stop_at:
+        body = {"prompt": rng.choice(prompts), "num_images": rng.choice([1, 2, 4])}
+        t0 = time.monotonic()
+        entry: dict = {"images": body["num_images"]}
+        try:
+            r = await http.post(url, json=body)
+            entry["status"] = r.status_code
+            if r.status_code == 200:
+                entry["got"] = len(r.json()["images"])
+            elif r.status_code in (429, 503):
+                retry = float(r.headers.get("retry-after", "1"))
+                entry["latency"] = time.monotonic() - t0
+                log.append(entry)
+                await asyncio.sleep(min(retry, 1.0, max(0.0, stop_at - time.monotonic())))
+                continue
+        except httpx.HTTPError as e:
+            entry["status"] = f"error: {type(e).__name__}"
+        entry["latency"] = time.monotonic() - t0
+        log.append(entry)
+
+
+async def load(port: int, clients: int, seconds: float, timeout_s: float) -> tuple[list, float]:
+    """Run the clients; returns the log and the wall time from the first request to the last answer."""
+    url = f"http://{HOST}:{port}/v1/generate"
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    log: list[dict] = []
+    async with httpx.AsyncClient(limits=limits, timeout=timeout_s + 30) as http:
+        start = time.monotonic()
+        stop_at = start + seconds
+        rngs = [random.Random(i) for i in range(clients)]
+        await asyncio.gather(*(client(http, url, stop_at, rngs[i], log) for i in range(clients)))
+        wall = time.monotonic() - start
+    return log, wall
+
+
+def summarize(log: list[dict], wall: float, health: dict) -> dict:
+    """Figures of one setting."""
+    statuses: dict[str, int] = {}
+    for e in log:
+        statuses[str(e["status"])] = statuses.get(str(e["status"]), 0) + 1
+    ok = [e for e in log if e["status"] == 200]
+    lat = np.array([e["latency"] for e in ok]) if ok else np.array([float("nan")])
+    images = sum(e["got"] for e in ok)
+    stats = health["stats"]
+    accepted = stats["done"] + stats["failed"] + stats["cancelled"] + stats["expired"]
+    return {
+        "requests": len(log),
+        "statuses": statuses,
+        "server_errors_5xx": sum(
+            n for s, n in statuses.items() if s.isdigit() and int(s) >= 500 and s != "503"
+        ),
+        "transport_errors": sum(n for s, n in statuses.items() if not s.isdigit()),
+        "overflow_429": statuses.get("429", 0),
+        "shutting_down_503": statuses.get("503", 0),
+        "accepted_by_server": accepted,
+        "answered_200": len(ok),
+        # Clients send only valid requests: every HTTP answer but 429/503 is for an accepted request.
+        "lost_accepted": accepted - sum(n for s, n in statuses.items() if s not in ("429", "503")),
+        "images_short": sum(e["images"] - e["got"] for e in ok),
+        "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
+        "latency_p95_s": round(float(np.percentile(lat, 95)), 4),
+        "images": images,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(images / wall, 2),
+        "decoder_batches": stats["batches"],
+        "images_per_pipeline_call": round(stats["images"] / max(1, stats["batches"]), 2),
+    }
+
+
+def run_setting(model: Path, max_batch_images: int, args: argparse.Namespace) -> dict:
+    """Start a server, load it, read its counters, shut it down gracefully."""
+    port = free_port(HOST)
+    proc = start_server(model, port, max_batch_images, args)
+    try:
+        log, wall = asyncio.run(load(port, args.clients, args.seconds, args.timeout_s))
+        health = httpx.get(f"http://{HOST}:{port}/health", timeout=10).json()
+    finally:
+        proc.terminate()  # SIGTERM: graceful shutdown
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = summarize(log, wall, health)
+    out["max_batch_images"] = max_batch_images
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=20.0, help="load time per setting")
+    p.add_argument("--batch", type=int, default=16, help="max_batch_images to compare with 1")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.add_argument("--preset", default="tiny", help="random model preset (tiny: 64 px, 16 tokens)")
+    p.add_argument("--model", type=Path, help="serve this model directory instead")
+    args = p.parse_args()
+    if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 600:
+        p.error("--clients must be 1..1024 and --seconds 0..600")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.log_dir = Path(tmp)
+        model = args.model or create_random_model(Path(tmp) / "model", preset=args.preset)
+        runs = {}
+        for n in (args.batch, 1):
+            print(f"max_batch_images={n}: {args.clients} clients for {args.seconds:g} s ...")
+            r = run_setting(model, n, args)
+            runs[f"batch_{n}"] = r
+            print(
+                f"  {r['answered_200']} OK, 5xx {r['server_errors_5xx']}, "
+                f"transport errors {r['transport_errors']}, lost accepted {r['lost_accepted']}, "
+                f"overflow 429 {r['overflow_429']}, 503 {r['shutting_down_503']}, "
+                f"p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s, "
+                f"{r['images_per_s']:.1f} images/s, {r['images_per_pipeline_call']} images per pipeline call"
+            )
+    gain = runs[f"batch_{args.batch}"]["images_per_s"] / max(1e-9, runs["batch_1"]["images_per_s"])
+    print(f"batching gain: {gain:.2f}x images/s (max_batch_images={args.batch} vs 1)")
+    record = {
+        "model": str(args.model) if args.model else f"random {args.preset}",
+        "clients": args.clients,
+        "seconds_per_setting": args.seconds,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue_images": args.max_queue,
+        "runs": runs,
+        "batching_gain": round(gain, 2),
+        "machine": machine_info(torch.device("cpu")),
+    }
+    key = f"{record['model']}-{args.clients}clients"
+    merge_results(RESULTS, key, record)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

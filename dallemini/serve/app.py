@@ -240,7 +240,9 @@ def create_app(
     auth = [Depends(_auth_dependency(settings.api_key))]
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def submit(req: GenerateRequest, num_images: int, on_frame=None) -> Job:
+    def submit(
+        req: GenerateRequest, num_images: int, on_frame: Callable[..., object] | None = None
+    ) -> Job:
         """Queue a validated request (429/503 with Retry-After when it cannot be taken)."""
         try:
             sampling = pipe.sampling(

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 from PIL import Image
 
@@ -143,7 +144,7 @@ class Batcher:
 
     def __init__(
         self,
-        pipe,  # a TextToImage, or anything with its __call__ / stream / rerank / scorer
+        pipe: Any,  # a TextToImage, or anything with its __call__ / stream / rerank / scorer
         max_batch_images: int = 16,
         max_wait_ms: float = 10.0,
         max_queue: int = 64,

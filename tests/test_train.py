@@ -291,5 +291,8 @@ def test_wandb_offline_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WANDB_SILENT", "true")
     data = write_token_dataset(tmp_path / "data")
     Seq2SeqTrainer(_cfg(data, tmp_path / "run", steps=4, log_every=2, wandb=True)).fit()
-    runs = list((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes()
+    logs = tmp_path / "run" / "logs" / "wandb"
+    runs = list(logs.glob("offline-run-*/run-*.wandb"))
+    debug = logs / "debug-internal.log"
+    why = debug.read_text()[-2000:] if debug.is_file() else sorted(map(str, logs.rglob("*")))
+    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes(), why

@@ -583,25 +583,42 @@ SetOpt = Annotated[
 ]
 
 
-def _fit(kind: str, config: Path | None, sets: list[str] | None, /, **options: object) -> None:
-    """Build a trainer from a config file + overrides (explicit options win) and run it to the end."""
+def _fit(kind: str, options: dict[str, object]) -> None:
+    """Build a trainer from --config + --set overrides + the explicit options (which win) and run it."""
     import logging
 
     from .training import trainer_class
+    from .training.distributed import shutdown
     from .training.loop import load_config, parse_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = dict(options)
+    config, sets = options.pop("config"), options.pop("set_")
+    if "model_preset" in options:
+        options["preset"] = options.pop("model_preset")
     cls = trainer_class(kind)
-    overrides = parse_overrides(sets)
+    overrides = parse_overrides(sets)  # type: ignore[arg-type]
     overrides.update({k: v for k, v in options.items() if v is not None})
-    cfg = load_config(cls.config_class, config, overrides)
-    trainer = cls(cfg)
+    trainer = cls(load_config(cls.config_class, config, overrides))  # type: ignore[arg-type]
     try:
         trainer.fit()
     finally:
-        from .training.distributed import shutdown
-
         shutdown()
+
+
+# Options every trainer takes (None = leave the config file's or the default value).
+OutOpt = Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")]
+StepsOpt = Annotated[int | None, typer.Option(help="optimizer updates")]
+BatchOpt = Annotated[int | None, typer.Option(help="per-rank micro-batch")]
+AccumOpt = Annotated[int | None, typer.Option(help="micro-batches per update")]
+LrOpt = Annotated[float | None, typer.Option(help="peak learning rate")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 autocast")]
+TrainDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")]
+SeedOpt = Annotated[int | None, typer.Option(help="seed of everything random")]
+ResumeOpt = Annotated[bool | None, typer.Option("--resume", help="continue the run in --out")]
+WandbOpt = Annotated[bool | None, typer.Option("--wandb", help="also log to Weights & Biases")]
+KindOpt = Annotated[str | None, typer.Option(help="auto, folder, tar or parquet")]
+ImageColumnOpt = Annotated[str | None, typer.Option(help="parquet column with image bytes")]
 
 
 @app.command("train-clip")
@@ -612,7 +629,7 @@ def train_clip(
             help="caption–image source: image folder (+ .txt), webdataset .tar(s), parquet"
         ),
     ] = None,
-    out: Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")] = None,
+    out: OutOpt = None,
     model: Annotated[
         str | None,
         typer.Option(help="model directory whose CLIP to fine-tune and/or whose tokenizer to use"),
@@ -624,54 +641,23 @@ def train_clip(
     eval_data: Annotated[
         str | None, typer.Option(help="held-out source for loss and retrieval accuracy")
     ] = None,
-    kind: Annotated[str | None, typer.Option(help="auto, folder, tar or parquet")] = None,
-    image_column: Annotated[
-        str | None, typer.Option(help="parquet column with image bytes")
-    ] = None,
+    kind: KindOpt = None,
+    image_column: ImageColumnOpt = None,
     caption_column: Annotated[str | None, typer.Option(help="parquet column with captions")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer updates")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="per-rank micro-batch (the contrastive batch)")
-    ] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per update")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 autocast")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of everything random")] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume", help="continue the run in --out")
-    ] = None,
-    wandb: Annotated[
-        bool | None, typer.Option("--wandb", help="also log to Weights & Biases")
-    ] = None,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    lr: LrOpt = None,
+    precision: PrecisionOpt = None,
+    device: TrainDeviceOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = None,
+    wandb: WandbOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train or fine-tune the built-in small CLIP reranker on caption–image pairs (resumable; DDP under torchrun)."""
-    _fit(
-        "clip",
-        config,
-        set_,
-        data=data,
-        out=out,
-        model=model,
-        tokenizer=tokenizer,
-        eval_data=eval_data,
-        kind=kind,
-        image_column=image_column,
-        caption_column=caption_column,
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        precision=precision,
-        device=device,
-        seed=seed,
-        resume=resume,
-        wandb=wandb,
-    )
+    _fit("clip", locals())
 
 
 @app.command()
@@ -679,7 +665,7 @@ def train(
     data: Annotated[
         str | None, typer.Option(help="folder of encoded token shards (dallemini encode)")
     ] = None,
-    out: Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")] = None,
+    out: OutOpt = None,
     model_preset: Annotated[
         str | None, typer.Option("--model-preset", help="tiny, mini or mega (from scratch)")
     ] = None,
@@ -688,49 +674,22 @@ def train(
         str | None, typer.Option(help="VQGAN (model dir/checkpoint) for samples and export")
     ] = None,
     eval_data: Annotated[str | None, typer.Option(help="held-out encoded shards")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer updates")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="per-rank micro-batch")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per update")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    lr: LrOpt = None,
     optimizer: Annotated[str | None, typer.Option(help="adafactor or adamw")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 autocast")
-    ] = None,
+    precision: PrecisionOpt = None,
     distributed: Annotated[str | None, typer.Option(help="ddp or fsdp (under torchrun)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of everything random")] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume", help="continue the run in --out")
-    ] = None,
-    wandb: Annotated[
-        bool | None, typer.Option("--wandb", help="also log to Weights & Biases")
-    ] = None,
+    device: TrainDeviceOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = None,
+    wandb: WandbOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train DalleBart on encoded shards (resumable; data-parallel under torchrun)."""
-    _fit(
-        "seq2seq",
-        config,
-        set_,
-        data=data,
-        out=out,
-        preset=model_preset,
-        model=model,
-        vqgan=vqgan,
-        eval_data=eval_data,
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        optimizer=optimizer,
-        precision=precision,
-        distributed=distributed,
-        device=device,
-        seed=seed,
-        resume=resume,
-        wandb=wandb,
-    )
+    _fit("seq2seq", locals())
 
 
 @app.command("train-vqgan")
@@ -738,25 +697,23 @@ def train_vqgan(
     data: Annotated[
         str | None, typer.Option(help="image folder, webdataset .tar(s) or parquet file(s)")
     ] = None,
-    out: Annotated[str | None, typer.Option(help="run folder: checkpoints, logs, model")] = None,
+    out: OutOpt = None,
     model: Annotated[
         str | None, typer.Option(help="model dir or VQGAN checkpoint to fine-tune")
     ] = None,
     model_preset: Annotated[
         str | None, typer.Option("--model-preset", help="VQGAN preset when training from scratch")
     ] = None,
-    kind: Annotated[str | None, typer.Option(help="auto, folder, tar or parquet")] = None,
-    image_column: Annotated[
-        str | None, typer.Option(help="parquet column with image bytes")
-    ] = None,
+    kind: KindOpt = None,
+    image_column: ImageColumnOpt = None,
     eval_data: Annotated[str | None, typer.Option(help="held-out images for L1/PSNR")] = None,
     resolution: Annotated[
         int | None, typer.Option(help="training image side (default: the VQGAN's)")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer updates")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="per-rank micro-batch")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per update")] = None,
-    lr: Annotated[float | None, typer.Option(help="VQGAN learning rate")] = None,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    lr: LrOpt = None,
     disc_lr: Annotated[
         float | None, typer.Option(help="discriminator learning rate (default: --lr)")
     ] = None,
@@ -771,49 +728,16 @@ def train_vqgan(
     lpips_taming: Annotated[
         str | None, typer.Option(help="taming .ckpt to take LPIPS from")
     ] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 autocast")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of everything random")] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume", help="continue the run in --out")
-    ] = None,
-    wandb: Annotated[
-        bool | None, typer.Option("--wandb", help="also log to Weights & Biases")
-    ] = None,
+    precision: PrecisionOpt = None,
+    device: TrainDeviceOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = None,
+    wandb: WandbOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train or fine-tune a VQGAN on images (L1 + perceptual + codebook + patch-GAN; resumable, DDP under torchrun)."""
-    _fit(
-        "vqgan",
-        config,
-        set_,
-        data=data,
-        out=out,
-        model=model,
-        preset=model_preset,
-        kind=kind,
-        image_column=image_column,
-        eval_data=eval_data,
-        resolution=resolution,
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        disc_lr=disc_lr,
-        disc_start=disc_start,
-        discriminator=discriminator,
-        lpips_vgg=lpips_vgg,
-        lpips_lin=lpips_lin,
-        lpips_taming=lpips_taming,
-        precision=precision,
-        device=device,
-        seed=seed,
-        resume=resume,
-        wandb=wandb,
-    )
+    _fit("vqgan", locals())
 
 
 @app.command()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +15,16 @@ from safetensors.torch import load_file
 from dallemini.errors import ConfigError
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
-from dallemini.training.checkpointing import list_checkpoints, load_checkpoint
+from dallemini.training.checkpointing import load_checkpoint
 from dallemini.training.loop import load_config, parse_overrides
 from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
 
-from .train_utils import tiny_bart_overrides, write_token_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
+from .train_utils import (
+    kill9_resume_and_compare,
+    subprocess_env,
+    tiny_bart_overrides,
+    write_token_dataset,
+)
 
 
 def _cfg(data: Path, out: Path, **kw) -> Seq2SeqConfig:
@@ -42,13 +42,6 @@ def _cfg(data: Path, out: Path, **kw) -> Seq2SeqConfig:
     )
     base.update(kw)
     return load_config(Seq2SeqConfig, None, base)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
-    env["PYTHONPATH"] = str(ROOT)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _cli_args(data: Path, out: Path, steps: int, extra: list[str] | None = None) -> list[str]:
@@ -154,43 +147,13 @@ def test_existing_run_needs_resume_and_corrupt_checkpoint_falls_back(tmp_path: P
 @pytest.mark.slow
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = write_token_dataset(tmp_path / "data", repeat=4)
-    steps, every = 300, 25
-    extra = ["--set", f"save_every={every}", "--set", "keep_last=0"]
-    ref = tmp_path / "ref"
-    subprocess.run(
-        [sys.executable, "-m", "dallemini.cli", *_cli_args(data, ref, steps, extra)],
-        check=True,
-        env=_env(),
-        capture_output=True,
-    )
-    run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dallemini.cli", *_cli_args(data, run, steps, extra)],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list_checkpoints(run / "checkpoints")) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list_checkpoints(run / "checkpoints")
-    assert done and done[-1] < steps, "the run finished before it could be killed"
-    subprocess.run(
-        [sys.executable, "-m", "dallemini.cli", *_cli_args(data, run, steps, [*extra, "--resume"])],
-        check=True,
-        env=_env(),
-        capture_output=True,
-    )
-    a = load_file(str(ref / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
-    b = load_file(str(run / "checkpoints" / f"step-{steps:06d}" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ta = torch.load(ref / "checkpoints" / f"step-{steps:06d}" / "trainer.pt", weights_only=True)
-    tb = torch.load(run / "checkpoints" / f"step-{steps:06d}" / "trainer.pt", weights_only=True)
-    assert ta["data"] == tb["data"]
+    steps = 300
+    extra = ["--set", "save_every=25", "--set", "keep_last=0"]
+
+    def command(out: Path, more: list[str]) -> list[str]:
+        return [sys.executable, "-m", "dallemini.cli", *_cli_args(data, out, steps, extra + more)]
+
+    kill9_resume_and_compare(command, tmp_path, steps)
 
 
 @pytest.mark.slow
@@ -202,7 +165,10 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path, strategy: str) -> 
     common = ["--set", "blank_caption_prob=0", "--set", "keep_last=1", "--set", "save_every=1"]
     one = _cli_args(data, tmp_path / "one", steps, common)
     subprocess.run(
-        [sys.executable, "-m", "dallemini.cli", *one], check=True, env=_env(), capture_output=True
+        [sys.executable, "-m", "dallemini.cli", *one],
+        check=True,
+        env=subprocess_env(),
+        capture_output=True,
     )
     launch = [
         sys.executable,
@@ -220,7 +186,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path, strategy: str) -> 
         two += ["--set", "keep_last=0"]
         r = subprocess.run(
             [*launch, "-m", "dallemini.cli", *two],
-            env=_env(),
+            env=subprocess_env(),
             capture_output=True,
             text=True,
             timeout=300,

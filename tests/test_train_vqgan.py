@@ -5,13 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +27,12 @@ from dallemini.data.sources import FolderSource, Record, Source, open_source
 from dallemini.errors import ConfigError, InputError
 from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
-from dallemini.training.checkpointing import list_checkpoints
 from dallemini.training.loop import load_config
 from dallemini.training.losses import LPIPS, PatchDiscriminator
 from dallemini.training.vqgan import VQGANTrainConfig, VQGANTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .train_utils import kill9_resume_and_compare, subprocess_env
+
 RES = 16
 # 16x16 images -> 8x8 codes from 32 entries; a training step takes a few milliseconds.
 TINY_VQGAN: dict[str, Any] = {
@@ -96,13 +93,6 @@ def _cfg(data: Path, out: Path, **kw: Any) -> VQGANTrainConfig:
     )
     base.update(kw)
     return load_config(VQGANTrainConfig, None, base)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
-    env["PYTHONPATH"] = str(ROOT)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _cli_args(data: Path, out: Path, steps: int, extra: list[str] | None = None) -> list[str]:
@@ -386,49 +376,16 @@ def test_cli_train_vqgan_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
 @pytest.mark.slow
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = write_images(tmp_path / "imgs")
-    steps, every = 48, 6
-    extra = ["--set", f"save_every={every}", "--set", "keep_last=0", "--set", "disc_start=9"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    cli = [sys.executable, "-m", "dallemini.cli"]
-    # The uninterrupted run goes alongside the one that is killed (one thread each).
-    reference = subprocess.Popen(
-        [*cli, *_cli_args(data, ref, steps, extra)],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    proc = subprocess.Popen(
-        [*cli, *_cli_args(data, run, steps, extra)],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list_checkpoints(run / "checkpoints")) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list_checkpoints(run / "checkpoints")
-    assert done and done[-1] < steps, "the run finished before it could be killed"
-    subprocess.run(
-        [*cli, *_cli_args(data, run, steps, [*extra, "--resume"])],
-        check=True,
-        env=_env(),
-        capture_output=True,
-    )
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err[-3000:]
-    last = f"step-{steps:06d}"
-    a = load_file(str(ref / "checkpoints" / last / "model.safetensors"))
-    b = load_file(str(run / "checkpoints" / last / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ta = torch.load(ref / "checkpoints" / last / "trainer.pt", weights_only=True)
-    tb = torch.load(run / "checkpoints" / last / "trainer.pt", weights_only=True)
+    steps = 48
+    extra = ["--set", "save_every=6", "--set", "keep_last=0", "--set", "disc_start=9"]
+
+    def command(out: Path, more: list[str]) -> list[str]:
+        return [sys.executable, "-m", "dallemini.cli", *_cli_args(data, out, steps, extra + more)]
+
+    ta, tb = kill9_resume_and_compare(command, tmp_path, steps)
     da, db = ta["modules"]["discriminator"], tb["modules"]["discriminator"]
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
-    assert ta["data"] == tb["data"] and ta["data"]["epoch"] >= 1
+    assert ta["data"]["epoch"] >= 1
 
 
 @pytest.mark.slow
@@ -451,7 +408,7 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
     ]
     r = subprocess.run(
         [*launch, "-m", "dallemini.cli", *two],
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -480,17 +480,11 @@ def eval_(
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    chance = report["chance"]
-    typer.echo(f"{'metric':<14} {'accuracy':>8} {'chance':>8}")
-    for key, label in (
-        ("colour", "colour"),
-        ("position", "position"),
-        ("subject", "subject top-1"),
-        ("subject_top5", "subject top-5"),
-        ("all", "all"),
-    ):
-        typer.echo(f"{label:<14} {report[key]:>8.3f} {chance[key]:>8.4f}")
-    typer.echo(f"{'count':<14} {report['n']:>8d}")
+    from .evaluation import accuracy_table
+
+    for line in accuracy_table({"accuracy": report, "chance": report["chance"]}):
+        typer.echo(line)
+    typer.echo(f"{'count':<14} {report['n']:>10d}")
     low = report["low_contrast"]
     if low["n"]:
         typer.echo(f"(low-contrast scenes: {low['n']}, all = {low['all']:.3f})")

@@ -120,21 +120,30 @@ def evaluate_model(
     return report
 
 
+METRICS = (
+    ("colour", "colour"),
+    ("position", "position"),
+    ("subject", "subject top-1"),
+    ("subject_top5", "subject top-5"),
+    ("all", "all"),
+)
+
+
+def accuracy_table(columns: dict[str, dict[str, Any]]) -> list[str]:
+    """Lines of a table: one row per judge metric, one column per named set of accuracies."""
+    lines = [f"{'':<14}" + "".join(f"{c:>10}" for c in columns)]
+    for key, label in METRICS:
+        lines.append(f"{label:<14}" + "".join(f"{col[key]:>10.3f}" for col in columns.values()))
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A table of the report's accuracies: model, reranked, ceiling and floor side by side."""
     cols = [c for c in ("model", "reranked", "ceiling", "floor") if c in report]
     lines = [
         f"split {report['split']}: {report['captions']} captions × {report['candidates']} images"
     ]
-    lines.append(f"{'':<14}" + "".join(f"{c:>10}" for c in cols))
-    for key, label in (
-        ("colour", "colour"),
-        ("position", "position"),
-        ("subject", "subject top-1"),
-        ("subject_top5", "subject top-5"),
-        ("all", "all"),
-    ):
-        lines.append(f"{label:<14}" + "".join(f"{report[c][key]:>10.3f}" for c in cols))
+    lines += accuracy_table({c: report[c] for c in cols})
     if report.get("ratio_to_ceiling") is not None:
         lines.append(f"model / ceiling (all): {report['ratio_to_ceiling']:.3f}")
     if "rerank_lift" in report:

@@ -241,10 +241,13 @@ def run_recipe(
 
 
 def _table(report: dict[str, Any]) -> list[str]:
+    """The report's accuracies as a Markdown table (model, reranked, ceiling, floor)."""
+    from .evaluation import METRICS
+
     cols = [c for c in ("model", "reranked", "ceiling", "floor") if c in report]
     rows = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for key in ("colour", "position", "subject", "subject_top5", "all"):
-        rows.append(f"| {key} | " + " | ".join(f"{report[c][key]:.3f}" for c in cols) + " |")
+    for key, label in METRICS:
+        rows.append(f"| {label} | " + " | ".join(f"{report[c][key]:.3f}" for c in cols) + " |")
     return rows
 
 

@@ -132,18 +132,14 @@ def run_recipe(
                 subject_size=d.get("subject_size"),
             )
 
-    def vqgan() -> None:
-        _train(
-            "vqgan",
-            {
-                **sec["vqgan"],
-                "data": str(data / "train"),
-                "eval_data": str(data / "heldout"),
-                "out": str(out / "vqgan"),
-                "seed": seed,
-                "device": device,
-            },
-        )
+    def trainer(kind: str, section: str, **paths: Path) -> Callable[[], None]:
+        """A step that runs one trainer on the section's settings with the recipe's paths, seed, device."""
+        settings = {k: str(v) for k, v in paths.items()}
+        return lambda: _train(kind, {**sec[section], **settings, "seed": seed, "device": device})
+
+    vqgan = trainer(
+        "vqgan", "vqgan", data=data / "train", eval_data=data / "heldout", out=out / "vqgan"
+    )
 
     def encode() -> None:
         from .data.encode import encode_dataset
@@ -156,33 +152,22 @@ def run_recipe(
                 open_source(data / folder), tokens / folder, vq, **sec["encode"], progress=False
             )
 
-    def bart() -> None:
-        _train(
-            "seq2seq",
-            {
-                **sec["bart"],
-                "data": str(tokens / "train"),
-                "eval_data": str(tokens / "heldout"),
-                "vqgan": str(out / "vqgan" / "model"),
-                "out": str(out / "bart"),
-                "seed": seed,
-                "device": device,
-            },
-        )
-
-    def clip() -> None:
-        _train(
-            "clip",
-            {
-                **sec["clip"],
-                "data": str(data / "train"),
-                "eval_data": str(data / "heldout"),
-                "model": str(out / "bart" / "model"),
-                "out": str(out / "clip"),
-                "seed": seed,
-                "device": device,
-            },
-        )
+    bart = trainer(
+        "seq2seq",
+        "bart",
+        data=tokens / "train",
+        eval_data=tokens / "heldout",
+        vqgan=out / "vqgan" / "model",
+        out=out / "bart",
+    )
+    clip = trainer(
+        "clip",
+        "clip",
+        data=data / "train",
+        eval_data=data / "heldout",
+        model=out / "bart" / "model",
+        out=out / "clip",
+    )
 
     def evaluate() -> None:
         from .data.emoji import EmojiScenes

@@ -162,7 +162,8 @@ class TextToImage:
         self.scorer = scorer
         # VQGAN decoding runs this many images at a time, in groups that do not depend on max_batch,
         # so chunked requests give the very same pixels (conv results change with the batch size).
-        self.decode_batch = 8
+        # On CPU one at a time is fastest (~8% over 8 at once) and keeps activation memory small.
+        self.decode_batch = 1 if device.type == "cpu" else 8
 
     @classmethod
     def from_pretrained(
@@ -173,19 +174,22 @@ class TextToImage:
         vqgan: str | os.PathLike | None = None,
         tokenizer: str | os.PathLike | None = None,
         clip: str | os.PathLike | None = None,
+        vqgan_dtype: str | torch.dtype | None = None,
     ) -> TextToImage:
         """Load a model directory (or any foreign format `dallemini convert` accepts) onto a device.
 
         `clip` is a Hugging Face CLIP folder or a dallemini model directory with a built-in CLIP; without
         it the model directory's own built-in CLIP (clip.safetensors) is the reranker when it has one.
+        `vqgan_dtype` (default float32) runs the VQGAN decoder in another dtype: bfloat16 halves its time
+        on CPUs with avx512_bf16, at the price of pixel values a few levels off float32's.
         """
         from tokenizers import Tokenizer
 
         from .checkpoints import load_parts
-        from .checkpoints.native import load_into
+        from .checkpoints.native import build_from_state, load_into
         from .text import TextEncoder
 
-        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
         parts = load_parts(Path(path), vqgan=vqgan, tokenizer=tokenizer)
         cfg = parts.config
         if cfg.bart is None:
@@ -196,8 +200,11 @@ class TextToImage:
             raise CheckpointError(
                 f"{path} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
             )
-        bart = load_into(DalleBart(cfg.bart), parts.states["bart"], f"{parts.source} (bart)")
-        vq = load_into(VQGAN(cfg.vqgan), parts.states["vqgan"], f"{parts.source} (vqgan)")
+        # One copy of the weights in memory: modules adopt the loaded tensors (see build_from_state).
+        bart_state, vq_state = parts.states.pop("bart"), parts.states.pop("vqgan")
+        bart = build_from_state(lambda: DalleBart(cfg.bart), bart_state, f"{parts.source} (bart)")
+        vq = build_from_state(lambda: VQGAN(cfg.vqgan), vq_state, f"{parts.source} (vqgan)")
+        del bart_state, vq_state
         text = TextEncoder(Tokenizer.from_str(parts.tokenizer_json), cfg.text)
         if text.vocab_size > cfg.bart.encoder_vocab_size:
             raise CheckpointError(
@@ -211,7 +218,10 @@ class TextToImage:
             small = load_into(SmallClip(cfg.clip), parts.states["clip"], f"{parts.source} (clip)")
             scorer = BuiltinClipScorer(small, text).to(dev, dt)
         # The VQGAN decoder runs in float32 unless asked otherwise: it is cheap and colours stay exact.
-        return cls(bart.to(dev, dt), vq.to(dev), text, cfg, dev, dt, scorer=scorer)
+        # Channels-last convolutions are ~15% faster with oneDNN on CPU (measured on the f16 decoder).
+        fmt = torch.channels_last if dev.type == "cpu" else torch.preserve_format
+        vq = vq.to(dev, vq_dt, memory_format=fmt)
+        return cls(bart.to(dev, dt), vq, text, cfg, dev, dt, scorer=scorer)
 
     def sampling(self, **overrides: float | int | None) -> SamplingConfig:
         """The model's default settings with the given non-None overrides (validated)."""

@@ -141,3 +141,58 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="unknown field"):
         BartConfig.from_dict({"d_model": 64, "use_alibi": True})
     assert BartConfig.from_dict(BART_PRESETS["tiny"].to_dict()) == BART_PRESETS["tiny"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: torch.dtype) -> None:
+    """Cached decoding without autograd (oneDNN, packed and fused weights, a float32 K/V cache) gives the
+    logits of the teacher-forced forward with autograd on (plain F.linear), for 2 rows and for 10
+    (the float32 packing threshold), and a weight change reaches the packed copies."""
+    model = DalleBart(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict())
+    model = model.to(dtype)
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+    for batch in (2, 10):
+        ids, mask, labels = _inputs(model.config, batch=batch, seed=batch)
+        dec_in = model.shift_right(labels)[:, :12]
+        with torch.enable_grad():
+            full = model(ids, mask, decoder_input_ids=dec_in).logits.detach()
+        with torch.inference_mode():
+            cache = model.init_cache(model.encode(ids, mask), mask)
+            assert cache.self_k.dtype == torch.float32  # attention runs in float32 on CPU
+            steps = torch.cat(
+                [model.decode_step(dec_in[:, i : i + 1], cache) for i in range(12)], 1
+            )
+        assert steps.dtype == dtype
+        torch.testing.assert_close(steps.float(), full.float(), **tol)
+    with torch.no_grad():  # in-place update: packed copies must not go stale
+        for p in model.decoder.parameters():
+            p.mul_(1.5)
+    ids, mask, labels = _inputs(model.config, batch=10, seed=1)
+    dec_in = model.shift_right(labels)[:, :3]
+    with torch.enable_grad():
+        full = model(ids, mask, decoder_input_ids=dec_in).logits.detach()
+    with torch.inference_mode():
+        cache = model.init_cache(model.encode(ids, mask), mask)
+        steps = torch.cat([model.decode_step(dec_in[:, i : i + 1], cache) for i in range(3)], 1)
+    torch.testing.assert_close(steps.float(), full.float(), **tol)
+
+
+def test_trimmed_padding_gives_the_same_logits(tiny: DalleBart) -> None:
+    """Cutting the text columns that are padding in every row changes neither encoder states nor decoding."""
+    from dallemini.generate import trim_padding
+
+    ids, mask, labels = _inputs(tiny.config, batch=2)
+    keep = tiny.config.max_text_length // 2
+    mask[:, keep:] = 0
+    ids[:, keep:] = 1
+    mask[1, keep - 3 :] = 0  # a shorter row: the longest one decides
+    short_ids, short_mask = trim_padding(ids, mask)
+    assert short_ids.shape[1] == keep
+    with torch.no_grad():
+        enc = tiny.encode(ids, mask)
+        short = tiny.encode(short_ids, short_mask)
+        torch.testing.assert_close(short, enc[:, :keep], atol=1e-5, rtol=1e-5)
+        a = tiny.decode_step(labels[:, :4], tiny.init_cache(enc, mask))
+        b = tiny.decode_step(labels[:, :4], tiny.init_cache(short, short_mask))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,38 @@ def test_foreign_and_bad_configs(tmp_path: Path) -> None:
     (tmp_path / "y" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="version 99"):
         read_config(tmp_path / "y")
+
+
+def test_loading_adopts_the_weights_and_takes_dtypes(tiny_dir: Path) -> None:
+    """from_pretrained builds modules without a second copy of the weights; dtype and vqgan_dtype apply."""
+    from dallemini.checkpoints.native import build_from_state
+    from dallemini.models.vqgan import VQGAN
+
+    parts = load_parts(tiny_dir)
+    state = parts.states["vqgan"]
+    vq = build_from_state(lambda: VQGAN(parts.config.vqgan), state, "test")
+    key = "decoder.conv_in.weight"
+    assert vq.state_dict()[key].data_ptr() == state[key].data_ptr()  # adopted, not copied
+    half = {k: v.half() for k, v in state.items()}
+    assert build_from_state(
+        lambda: VQGAN(parts.config.vqgan), half, "t"
+    ).decoder.conv_in.weight.dtype == (torch.float32)
+    with pytest.raises(CheckpointError, match="missing"):
+        build_from_state(
+            lambda: VQGAN(parts.config.vqgan), {k: v for k, v in state.items() if k != key}, "t"
+        )
+    pipe = TextToImage.from_pretrained(
+        tiny_dir, device="cpu", dtype="bfloat16", vqgan_dtype="bfloat16"
+    )
+    assert pipe.bart.decoder.lm_head.weight.dtype == torch.bfloat16
+    assert pipe.vqgan.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert pipe.vqgan.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ref = TextToImage.from_pretrained(tiny_dir, device="cpu")
+    assert ref.vqgan.decoder.conv_in.weight.dtype == torch.float32
+    out = pipe("pizza on a blue background, top left", num_images=2, seed=3)
+    assert len(out) == 2 and out[0].image.size == (64, 64)
+    tokens = torch.tensor([r.tokens for r in out])
+    # a bf16 decoder reproduces float32's pixels to within a few levels
+    a = torch.tensor(np.asarray(pipe.decode(tokens)[0]), dtype=torch.float32)
+    b = torch.tensor(np.asarray(ref.decode(tokens)[0]), dtype=torch.float32)
+    assert (a - b).abs().mean() < 3.0

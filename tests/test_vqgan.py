@@ -500,3 +500,27 @@ def test_pixel_range_conversion() -> None:
     torch.testing.assert_close(b.decode(codes), ((raw + 1) / 2).clamp(0, 1))
     x = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(b.encode_latents(x), a.encode_latents(x * 2 - 1))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_inference_decoder_matches_the_autograd_path(fmt: torch.memory_format) -> None:
+    """Without autograd, upsampling runs as 2x2 sub-pixel convolutions and activations in place: same pixels."""
+    model = _tiny().to(memory_format=fmt).requires_grad_(False)
+    codes = torch.randint(0, TINY.n_embed, (2, 4, 4), generator=torch.Generator().manual_seed(2))
+    with torch.enable_grad():  # the plain path: nearest x2 + 3x3 conv, out-of-place activations
+        ref = model.decode(codes)
+    with torch.inference_mode():
+        out = model.decode(codes)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    up = model.decoder.up[1].upsample
+    x = torch.randn(2, up.conv.in_channels, 5, 3).contiguous(memory_format=fmt)
+    with torch.enable_grad():
+        ref = up(x)
+    with torch.no_grad():
+        got = up(x)
+        assert got.is_contiguous(memory_format=fmt)
+        up.conv.weight.mul_(2)  # the cached 2x2 kernels follow the weight
+        torch.testing.assert_close(
+            up(x), 2 * got - up.conv.bias[:, None, None], atol=1e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -140,4 +140,25 @@ def load_into(module: nn.Module, state: Mapping[str, Tensor], where: str) -> nn.
     """Check, then copy a state dict into a module (dtype converted to the module's)."""
     check_state_dict(module, state, where)
     module.load_state_dict(dict(state), strict=True)
+    return module
+
+
+def build_from_state(
+    factory: Callable[[], nn.Module], state: Mapping[str, Tensor], where: str
+) -> nn.Module:
+    """Like load_into(factory(), ...) without a second copy of the weights: the module is built on the meta
+    device (no allocation, no random init) and adopts the state's tensors, converted to its dtypes.
+
+    Peak memory is one copy of the weights instead of two; drop other references to `state` so that a
+    later `.to(dtype)` can free each original tensor as it converts it.
+    """
+    with torch.device("meta"):
+        module = factory()
+    check_state_dict(module, state, where)
+    expected = module.state_dict()
+    adopted = {k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}
+    module.load_state_dict(adopted, strict=True, assign=True)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{where}: {leftover[0]!r} was not in the state dict")
     return module

@@ -17,6 +17,135 @@ from ..config import BartConfig
 from ..errors import InputError
 
 
+def _has_onednn_linear() -> bool:
+    """Whether this build has oneDNN's linear ops (CPU builds with MKL-DNN)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _has_onednn_linear()
+# bf16 packing pays only where the CPU has native bf16 dot products (avx512_bf16 / AMX).
+_ONEDNN_BF16 = _ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# oneDNN picks the blocked weight layout for this many rows; decoding uses 2-64 (one or two per image).
+_PACK_ROWS = 64
+# float32 packing only pays from this many rows on (~25% at 18 rows, nothing at 2), so a float32 model
+# only makes its packed copy once it decodes a batch this large.
+_PACK_MIN_ROWS_F32 = 8
+
+
+class Dense(nn.Linear):
+    """Bias-free linear layer with fast CPU inference paths; same parameter, same state-dict name.
+
+    Decoding multiplies a few rows by every weight matrix, so it is bound by how fast weights stream from
+    memory (one image) or by matmul speed (several). Without autograd on CPU, float32 goes through oneDNN,
+    which streams weights ~2x faster than MKL's small-batch sgemm (same float32 arithmetic). Layers marked
+    `prepack` (the decoder's, used at every step) keep a second copy of their weight in oneDNN's blocked
+    layout, 20-50% faster again: always in bfloat16, in float32 once a step has 8 rows or more.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.prepack = False
+        self._packed: tuple[tuple, Tensor] | None = None
+
+    def packed_weight(self) -> Tensor:
+        """The weight in oneDNN's blocked layout, re-made whenever the weight changes."""
+        w = self.weight
+        try:
+            key: tuple = (w.data_ptr(), w.dtype, w._version)
+        except (
+            RuntimeError
+        ):  # inference tensors have no version counter (and cannot change outside it)
+            key = (w.data_ptr(), w.dtype)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # free the old copy first
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_ROWS))
+        return self._packed[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (
+            _ONEDNN_LINEAR
+            and x.device.type == "cpu"
+            and x.dtype == w.dtype
+            and not torch.is_grad_enabled()
+        ):
+            if w.dtype == torch.float32:
+                rows = x.numel() // max(1, x.shape[-1])
+                if self.prepack and (self._packed is not None or rows >= _PACK_MIN_ROWS_F32):
+                    w = self.packed_weight()
+                return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            if w.dtype == torch.bfloat16 and self.prepack and _ONEDNN_BF16:
+                return torch.ops.mkldnn._linear_pointwise(
+                    x, self.packed_weight(), None, "none", [], ""
+                )
+        return F.linear(x, w)
+
+
+class FusedDense:
+    """Dense layers that read the same input, run as one matmul where Dense would pack their weights.
+
+    One packed copy of the concatenated weight replaces the layers' separate packed copies (same memory):
+    one larger read streams faster than several small ones and saves calls (~5% of a bf16 decoding step).
+    It is a cache next to the layers' own parameters, re-made when any of them changes.
+    """
+
+    def __init__(self, layers: tuple[Dense, ...]) -> None:
+        self.layers = layers
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def weight(self, x: Tensor) -> Tensor | None:
+        """The packed fused weight to multiply `x` by, or None where the layers should run one by one."""
+        first = self.layers[0].weight
+        if not (
+            _ONEDNN_LINEAR
+            and x.device.type == "cpu"
+            and x.dtype == first.dtype
+            and not torch.is_grad_enabled()
+        ):
+            return None
+        if first.dtype == torch.bfloat16:
+            if not _ONEDNN_BF16:
+                return None
+        elif first.dtype == torch.float32:
+            rows = x.numel() // max(1, x.shape[-1])
+            if self._cache is None and rows < _PACK_MIN_ROWS_F32:
+                return None
+        else:
+            return None
+        ws = [m.weight for m in self.layers]
+        try:
+            key: tuple = tuple((w.data_ptr(), w.dtype, w._version) for w in ws)
+        except RuntimeError:  # inference tensors: no version counter
+            key = tuple((w.data_ptr(), w.dtype) for w in ws)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the old copy first
+            fused = torch.cat([w.detach() for w in ws])
+            self._cache = (key, torch.ops.mkldnn._reorder_linear_weight(fused, _PACK_ROWS))
+        return self._cache[1]
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        """Each layer's output for x, from one matmul when possible."""
+        w = self.weight(x)
+        if w is None:
+            return [m(x) for m in self.layers]
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return list(out.split([m.out_features for m in self.layers], dim=-1))
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the decoding K/V cache and attention: float32 for bf16/fp16 models on CPU.
+
+    PyTorch's reduced-precision CPU attention kernels run single-query (decoding) attention 2-5x slower
+    than float32 ones; the cache costs twice the memory there and attention gets more exact, not less.
+    """
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 class LayerNorm(nn.Module):
     """LayerNorm whose scale is optional: the original has bias-only norms before every dense layer."""
 
@@ -31,7 +160,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight is None:
+        if self.weight is None and torch.is_grad_enabled():
             # Bias added outside: CPU layer_norm's backward with a bias but no weight fails under
             # bf16 autocast ("expected scalar type BFloat16 but found Float"); same result.
             return F.layer_norm(x, (self.dim,), None, None, self.eps) + self.bias
@@ -45,16 +174,17 @@ class GLU(nn.Module):
         super().__init__()
         d, f, eps, s = cfg.d_model, cfg.ffn_dim, cfg.layer_norm_eps, cfg.force_ln_scale
         self.ln0 = LayerNorm(d, eps, scale=s)
-        self.fc0 = nn.Linear(d, f, bias=False)
-        self.fc1 = nn.Linear(d, f, bias=False)
+        self.fc0 = Dense(d, f)
+        self.fc1 = Dense(d, f)
         self.ln1 = LayerNorm(f, eps, scale=s)
-        self.fc2 = nn.Linear(f, d, bias=False)
+        self.fc2 = Dense(f, d)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.fc01 = FusedDense((self.fc0, self.fc1))
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.ln0(x)
-        z = F.gelu(self.fc0(z)) * self.fc1(z)
-        return self.fc2(self.dropout(self.ln1(z)))
+        a, b = self.fc01(z) if self.fc0.prepack else (self.fc0(z), self.fc1(z))
+        return self.fc2(self.dropout(self.ln1(F.gelu(a) * b)))
 
 
 class Attention(nn.Module):
@@ -65,10 +195,11 @@ class Attention(nn.Module):
         d = cfg.d_model
         self.heads = cfg.attention_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.out_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = Dense(d, d)
+        self.k_proj = Dense(d, d)
+        self.v_proj = Dense(d, d)
+        self.out_proj = Dense(d, d)
+        self.qkv = FusedDense((self.q_proj, self.k_proj, self.v_proj))
 
     def split(self, x: Tensor) -> Tensor:
         """[B, T, d] -> [B, H, T, Dh]."""
@@ -78,14 +209,34 @@ class Attention(nn.Module):
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split(self.k_proj(x)), self.split(self.v_proj(x))
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of x, [B, H, T, Dh] each (one fused matmul in CPU inference)."""
+        q, k, v = self.qkv(x)
+        return self.split(q), self.split(k), self.split(v)
+
     def attend(
         self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False
     ) -> Tensor:
         """Queries from x [B, Tq, d] against keys/values [B, H, Tk, Dh]; mask is bool, True = attend."""
-        q = self.split(self.q_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.attend_q(self.split(self.q_proj(x)), k, v, mask, causal, x.dtype)
+
+    def attend_q(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Split queries q [B, H, Tq, Dh] against keys/values; the output projection runs in `dtype` (q's)."""
+        dtype = dtype or q.dtype
+        out = F.scaled_dot_product_attention(  # a float32 cache: see attention_dtype
+            q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal
+        )
         b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.out_proj(out.to(dtype))
 
 
 class EncoderLayer(nn.Module):
@@ -122,6 +273,14 @@ class DecoderLayer(nn.Module):
         self.encoder_attn_layer_norm = LayerNorm(d, eps)
         self.glu = GLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        # The layers every decoding step uses (cross-attention K/V are projected once per prompt).
+        per_step = (
+            *self.self_attn.children(),
+            self.encoder_attn.q_proj,
+            self.encoder_attn.out_proj,
+        )
+        for dense in (*per_step, *(m for m in self.glu.children() if isinstance(m, Dense))):
+            dense.prepack = True
 
     def forward(
         self,
@@ -144,11 +303,12 @@ class DecoderLayer(nn.Module):
                 raise ValueError("DecoderLayer needs cross_k/cross_v or encoder_states")
             cross_k, cross_v = self.encoder_attn.project_kv(encoder_states)
         h = self.pre_self_attn_layer_norm(x)
-        k, v = self.self_attn.project_kv(h)
         n = x.shape[1]
         if self_k is None or self_v is None:
+            k, v = self.self_attn.project_kv(h)
             h = self.self_attn.attend(h, k, v, causal=n > 1)
         else:
+            q, k, v = self.self_attn.project_qkv(h)
             end = start + n
             self_k[:, :, start:end] = k
             self_v[:, :, start:end] = v
@@ -157,7 +317,7 @@ class DecoderLayer(nn.Module):
             if n > 1:  # chunk of several new tokens: query i sees keys 0..start+i
                 q_pos = torch.arange(start, end, device=x.device)[:, None]
                 mask = torch.arange(end, device=x.device)[None, :] <= q_pos
-            h = self.self_attn.attend(h, k, v, mask)
+            h = self.self_attn.attend_q(q, k, v, mask, dtype=x.dtype)
         x = x + self.dropout(self.self_attn_layer_norm(h))
         h = self.pre_encoder_attn_layer_norm(x)
         h = self.encoder_attn.attend(h, cross_k, cross_v, cross_mask)
@@ -200,7 +360,8 @@ class DalleBartDecoder(nn.Module):
         self.layernorm_embedding = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.final_ln = LayerNorm(cfg.d_model, cfg.layer_norm_eps, scale=cfg.force_ln_scale)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.decoder_vocab_size, bias=False)
+        self.lm_head = Dense(cfg.d_model, cfg.decoder_vocab_size)
+        self.lm_head.prepack = True
         self.embed_scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
 
     def embed(self, tokens: Tensor, start: int) -> Tensor:
@@ -317,17 +478,18 @@ class DalleBart(nn.Module):
         if rows is None:
             rows = torch.arange(encoder_states.shape[0], device=encoder_states.device)
         layers = self.decoder.layers
+        device = encoder_states.device
+        dtype = attention_dtype(encoder_states.dtype, device)
         cks, cvs = [], []
         for layer in layers:
             k, v = layer.encoder_attn.project_kv(encoder_states)
-            cks.append(k.index_select(0, rows))
-            cvs.append(v.index_select(0, rows))
+            cks.append(k.index_select(0, rows).to(dtype))
+            cvs.append(v.index_select(0, rows).to(dtype))
         mask = attention_mask.bool().index_select(0, rows)[:, None, None, :]
         shape = (len(layers), rows.shape[0], cfg.attention_heads, cfg.image_length, cfg.head_dim)
-        dtype, device = encoder_states.dtype, encoder_states.device
         return DecoderCache(
-            self_k=torch.zeros(shape, dtype=dtype, device=device),
-            self_v=torch.zeros(shape, dtype=dtype, device=device),
+            self_k=torch.empty(shape, dtype=dtype, device=device),
+            self_v=torch.empty(shape, dtype=dtype, device=device),
             cross_k=torch.stack(cks),
             cross_v=torch.stack(cvs),
             cross_mask=mask,

@@ -197,8 +197,10 @@ def test_convert_min_dalle_folder_and_generate(tmp_path: Path) -> None:
     assert len(res[0].tokens) == 256 and max(res[0].tokens) < CODES
 
 
-def test_greedy_tokens_match_min_dalle_sampler(tmp_path: Path) -> None:
-    """With sampling replaced by argmax (top-k 1), min-dalle's own sampler and ours pick the same tokens."""
+@pytest.mark.parametrize("images", [1, 9])
+def test_greedy_tokens_match_min_dalle_sampler(tmp_path: Path, images: int) -> None:
+    """With sampling replaced by argmax (top-k 1), min-dalle's own sampler and ours pick the same tokens
+    for 32 steps, for one image and for nine (18 rows: our float32 packed/fused decoding path)."""
     from dataclasses import replace
 
     from dallemini.config import SamplingConfig
@@ -218,32 +220,35 @@ def test_greedy_tokens_match_min_dalle_sampler(tmp_path: Path) -> None:
     ids = _text()
     mask = ids.ne(1)
     factor, steps = 4.0, 32
+    rows = [0] * images + [1] * images  # min-dalle's layout: unconditional rows, then conditional
     with torch.no_grad():
-        enc_state = enc(ids)
-        attn_state = torch.zeros(LAYERS, 4, 256, D)
+        enc_state = enc(ids)[rows]
+        attn_state = torch.zeros(LAYERS, 4 * images, 256, D)
         settings = torch.tensor([1.0, 1.0, factor])
-        prev, ref = 2**14 - 1, []
+        prev = torch.full((images, 1), 2**14 - 1)
+        ref = []
         for i in range(steps):
             tok, attn_state = dec.sample_tokens(
                 settings=settings,
-                attention_mask=mask[:, None, None, :],
+                attention_mask=mask[rows][:, None, None, :],
                 encoder_state=enc_state,
                 attention_state=attn_state,
-                prev_tokens=torch.tensor([[prev]]),
+                prev_tokens=prev,
                 token_index=torch.tensor([i]),
             )
-            prev = int(tok[0])
-            ref.append(prev)
+            prev = tok[:, None]
+            ref.append(tok)
         stream = iter_image_tokens(
             ours,
             ids[1:],
             mask[1:].long(),
             ids[:1],
             mask[:1].long(),
-            [0],
+            list(range(images)),
             SamplingConfig(top_k=1, condition_scale=factor),
             2**14,
+            prompt_index=torch.zeros(images, dtype=torch.long),
             stream_every=steps,
         )
         got = next(stream).tokens
-    assert got[0].tolist() == ref
+    assert got.tolist() == torch.stack(ref, 1).tolist()

@@ -33,8 +33,13 @@ _ONEDNN_BF16 = _ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supporte
 # oneDNN picks the blocked weight layout for this many rows; decoding uses 2-64 (one or two per image).
 _PACK_ROWS = 64
 # float32 packing only pays from this many rows on (~25% at 18 rows, nothing at 2), so a float32 model
-# only makes its packed copy once it decodes a batch this large.
+# only makes its packed copy once it decodes a batch this large (rows: see _batch_rows).
 _PACK_MIN_ROWS_F32 = 8
+
+
+def _batch_rows(x: Tensor) -> int:
+    """Rows that decode in parallel: the batch of a [B, T, d] input (a prefill's T tokens run once)."""
+    return x.shape[0] if x.dim() == 3 else x.numel() // max(1, x.shape[-1])
 
 
 class Dense(nn.Linear):
@@ -75,7 +80,7 @@ class Dense(nn.Linear):
             and not torch.is_grad_enabled()
         ):
             if w.dtype == torch.float32:
-                rows = x.numel() // max(1, x.shape[-1])
+                rows = _batch_rows(x)
                 if self.prepack and (self._packed is not None or rows >= _PACK_MIN_ROWS_F32):
                     w = self.packed_weight()
                 return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
@@ -112,7 +117,7 @@ class FusedDense:
             if not _ONEDNN_BF16:
                 return None
         elif first.dtype == torch.float32:
-            rows = x.numel() // max(1, x.shape[-1])
+            rows = _batch_rows(x)
             if self._cache is None and rows < _PACK_MIN_ROWS_F32:
                 return None
         else:

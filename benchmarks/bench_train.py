@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, merge_results, sync
+from benchmarks.common import machine_info, matmul_peak, merge_results, sync
 from dallemini.data.shards import MANIFEST_NAME, write_shard
 from dallemini.training.loop import load_config
 from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
@@ -80,23 +80,6 @@ def write_data(folder: Path, rows: int, grid: int, n_embed: int) -> Path:
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     return folder
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 3.0) -> float:
-    """FLOP/s of an n×n @ n×n matmul, repeated for about `seconds`."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-        if reps % 4 == 0:
-            sync(device)
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def bench_shape(

@@ -56,3 +56,36 @@ def merge_results(path: Path, key: str, record: dict[str, object]) -> None:
             results = {}
     results[key] = record
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 3.0) -> float:
+    """FLOP/s of an n×n @ n×n matmul, repeated for about `seconds`."""
+    import time
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync(device)
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums over a float32 tensor of `nbytes` (far beyond any cache)."""
+    import time
+
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best

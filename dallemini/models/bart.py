@@ -383,7 +383,7 @@ class DecoderCache:
     self_v: Tensor
     cross_k: Tensor  # [layers, B, H, text_length, Dh]
     cross_v: Tensor
-    cross_mask: Tensor  # [B, 1, 1, text_length] bool
+    cross_mask: Tensor  # [B, 1, 1, text_length]: 0 where attended, -inf on padding (cache dtype)
     length: int = 0
 
     @property
@@ -490,7 +490,11 @@ class DalleBart(nn.Module):
             k, v = layer.encoder_attn.project_kv(encoder_states)
             cks.append(k.index_select(0, rows).to(dtype))
             cvs.append(v.index_select(0, rows).to(dtype))
-        mask = attention_mask.bool().index_select(0, rows)[:, None, None, :]
+        # An additive mask, made once: SDPA would turn a bool mask into one at every step.
+        keep = attention_mask.bool().index_select(0, rows)[:, None, None, :]
+        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(
+            ~keep, float("-inf")
+        )
         shape = (len(layers), rows.shape[0], cfg.attention_heads, cfg.image_length, cfg.head_dim)
         return DecoderCache(
             self_k=torch.empty(shape, dtype=dtype, device=device),

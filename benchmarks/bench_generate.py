@@ -160,28 +160,33 @@ def weight_streaming(nbytes: int = 512 << 20, repeats: int = 3) -> float:
     return sum(w.numel() * 4 for w in ws) / best
 
 
-def measure_limits() -> dict[str, Any]:
-    """This machine's read bandwidth (sum over 1 GiB), 2-row matmul weight streaming, and float32/bfloat16
-    matmul FLOP/s (2048^3), now."""
+def measure_limits(matmul: bool) -> dict[str, Any]:
+    """This machine's read bandwidth (sum over 1 GiB) and 2-row matmul weight streaming, now; with `matmul`
+    also float32/bfloat16 matmul FLOP/s (2048^3, ~3 s each)."""
     cpu = torch.device("cpu")
     with torch.no_grad():
-        return {
+        out: dict[str, Any] = {
             "memory_bandwidth_bytes_per_s": memory_bandwidth(),
             "weight_streaming_bytes_per_s": weight_streaming(),
-            "matmul_flops_per_s": {
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        }
+        if matmul:
+            out["matmul_flops_per_s"] = {
                 "float32": matmul_peak(cpu, torch.float32, 2048),
                 "bfloat16": matmul_peak(cpu, torch.bfloat16, 2048),
-            },
-        }
+            }
+    return out
 
 
 def _limits_line(lim: dict[str, Any]) -> str:
-    mm = lim["matmul_flops_per_s"]
-    return (
+    line = (
         f"memory {lim['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum), "
-        f"{lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s (2-row matmul), matmul "
-        f"{mm['float32'] / 1e9:.0f} GFLOP/s float32, {mm['bfloat16'] / 1e9:.0f} GFLOP/s bfloat16"
+        f"{lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s (2-row matmul)"
     )
+    if "matmul_flops_per_s" in lim:
+        mm = lim["matmul_flops_per_s"]
+        line += f", matmul {mm['float32'] / 1e9:.0f} / {mm['bfloat16'] / 1e9:.0f} GFLOP/s float32 / bfloat16"
+    return line
 
 
 # --- accounting ------------------------------------------------------------------------------------
@@ -474,8 +479,8 @@ def child(args: argparse.Namespace) -> None:
 
 
 # --- parent ----------------------------------------------------------------------------------------
-def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter and parse its figures."""
+def spawn(variant: str, images: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one variant at one batch size in a fresh interpreter and parse its figures."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -490,7 +495,7 @@ def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "--seed",
         str(args.seed),
         "--batches",
-        *map(str, args.batches),
+        str(images),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -510,10 +515,27 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per variant and batch; the fastest is kept"
+    )
     p.add_argument("--work", type=Path, default=None, help="keep/reuse the weights here")
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the README table of the results file's latest full run (else latest run) and exit",
+    )
     p.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.markdown:
+        results = json.loads(args.output.read_text())
+        key = (
+            "cpu-mini"
+            if "cpu-mini" in results
+            else max(results, key=lambda k: results[k]["measured_at"])
+        )
+        print(markdown(results[key]))
+        return
     if not 2 <= args.steps <= IMAGE_TOKENS:
         p.error(f"--steps must be in [2, {IMAGE_TOKENS}]")
     for n in args.batches:
@@ -532,36 +554,63 @@ def main() -> None:
         t0 = time.perf_counter()
         write_weights(args.work)
         print(f"weights (min-dalle .pt layout) in {args.work} ({time.perf_counter() - t0:.0f} s)")
-        before = measure_limits()
+        # Interleaved, one process per (side, batch): comparable runs follow each other closely, so a
+        # change in the box's load hits all sides alike; the limits are measured between runs.
+        limits_seen = [measure_limits(matmul=True)]
         print(f"{info['cpu']}, {args.threads} threads, load {info.get('load_average_1m_before')}")
-        print(f"  limits before: {_limits_line(before)}")
-        sides = {}
-        for v in args.variants:
-            t1, load = time.perf_counter(), round(os.getloadavg()[0], 2)
-            sides[v] = spawn(v, args)
-            sides[v]["load_average_1m_before"] = load
-            sides[v]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-            print(f"  {v}: done in {time.perf_counter() - t1:.0f} s")
-        after = measure_limits()
-        print(f"  limits after:  {_limits_line(after)}")
+        print(f"  limits: {_limits_line(limits_seen[0])}")
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {v: {} for v in args.variants}
+        for rep in range(args.repeats):
+            for n in args.batches:
+                for v in args.variants:
+                    load, t1 = round(os.getloadavg()[0], 2), time.perf_counter()
+                    out = spawn(v, n, args)
+                    r = out["batches"][str(n)]
+                    r.update(
+                        repeat=rep,
+                        load_average_1m_before=load,
+                        load_average_1m_after=round(os.getloadavg()[0], 2),
+                        max_rss_kib=out["max_rss_kib"],
+                        load=out["load"],
+                    )
+                    for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads"):
+                        r[k] = out[k]
+                    runs[v].setdefault(str(n), []).append(r)
+                    print(
+                        f"  {v} x{n} (run {rep + 1}): {r['total_s'] / n:.2f} s/image, "
+                        f"load {load}->{r['load_average_1m_after']} ({time.perf_counter() - t1:.0f} s)"
+                    )
+                    limits_seen.append(measure_limits(matmul=False))
+        limits_seen.append(measure_limits(matmul=True))
+        print(f"  limits: {_limits_line(limits_seen[-1])}")
     finally:
         if tmp is not None:
             tmp.cleanup()
     info["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    # The machine's capability: the better of the two measurements (other work on the box only lowers them).
+    # The machine's capability: the best of all measurements (other work on the box only lowers them).
+    mm = [lim for lim in limits_seen if "matmul_flops_per_s" in lim]
     limits = {
         "memory_bandwidth_bytes_per_s": max(
-            before["memory_bandwidth_bytes_per_s"], after["memory_bandwidth_bytes_per_s"]
+            lim["memory_bandwidth_bytes_per_s"] for lim in limits_seen
         ),
         "weight_streaming_bytes_per_s": max(
-            before["weight_streaming_bytes_per_s"], after["weight_streaming_bytes_per_s"]
+            lim["weight_streaming_bytes_per_s"] for lim in limits_seen
         ),
         "matmul_flops_per_s": {
-            k: max(before["matmul_flops_per_s"][k], after["matmul_flops_per_s"][k])
-            for k in before["matmul_flops_per_s"]
+            k: max(lim["matmul_flops_per_s"][k] for lim in mm) for k in mm[0]["matmul_flops_per_s"]
         },
-        "measured": {"before": before, "after": after},
+        "measured": limits_seen,
     }
+    sides = {}
+    for v, by_n in runs.items():
+        best = {n: min(rs, key=lambda r: r["total_s"]) for n, rs in by_n.items()}
+        first = next(iter(best.values()))
+        sides[v] = {
+            "batches": best,
+            "all_runs": by_n,
+            "max_rss_kib": max(r["max_rss_kib"] for rs in by_n.values() for r in rs),
+            **{k: first[k] for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads")},
+        }
     report(sides, limits, args)
     targets = check_targets(sides)
     for t in targets:
@@ -647,7 +696,7 @@ def summarize(sides: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, A
                 "images_per_s": round(images / r["total_s"], 4),
                 "decoding_ms_per_step": round(step_s * 1e3, 1),
                 "extrapolated": r["extrapolated"],
-                "peak_rss_mib": round(s["max_rss_kib"] / 1024),
+                "peak_rss_mib": round(r["max_rss_kib"] / 1024),  # this (side, batch) process
                 "generation_peak_mib": round(r["peak_kib"] / 1024),
                 "weight_bytes_per_s": costs["weight_bytes"] / step_s,
                 "fraction_of_memory_bandwidth": round(
@@ -667,9 +716,42 @@ def summarize(sides: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, A
                 row["decoding_speedup_vs_min_dalle"] = round(
                     b["token_decoding_s"] / r["token_decoding_s"], 2
                 )
-                row["peak_rss_vs_min_dalle"] = round(s["max_rss_kib"] / base["max_rss_kib"], 2)
+                row["peak_rss_vs_min_dalle"] = round(r["max_rss_kib"] / b["max_rss_kib"], 2)
             rows.append(row)
     return rows
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The README's table for one recorded run: per variant and batch, phases, s/image, ratio, memory."""
+    m, lim = record["machine"], record["limits"]
+    star = " (token decoding extrapolated from {} timed steps)".format(record["steps_timed"])
+    lines = [
+        f"Measured {record['measured_at'][:10]} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} "
+        f"threads, torch {m['torch']}; 1-min load {m.get('load_average_1m_before')} before, "
+        f"{m.get('load_average_1m_after')} after){star if record['extrapolated'] else ''}; "
+        f"mini shape, random weights, top-k 256, condition scale 16. "
+        f"This machine: {lim['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory read, "
+        f"{lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s through a 2-row matmul, "
+        f"{lim['matmul_flops_per_s']['float32'] / 1e9:.0f} / {lim['matmul_flops_per_s']['bfloat16'] / 1e9:.0f} "
+        "GFLOP/s float32 / bfloat16 matmul.",
+        "",
+        "| | DalleBart / VQGAN | images | text s | tokens s | VQGAN s | s per image | vs min-dalle "
+        "| ms per step | decoding vs limit | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["summary"]:
+        if r["images"] == 1:
+            limit = f"{r['fraction_of_weight_streaming']:.0%} of matmul streaming"
+        else:
+            limit = f"{r['fraction_of_matmul_peak']:.0%} of matmul FLOP/s"
+        ratio = f"{r['speedup_vs_min_dalle']:.2f}x" if "speedup_vs_min_dalle" in r else "-"
+        lines.append(
+            f"| {r['variant']} | {_short(r['dtype'])} / {_short(r['vqgan_dtype'])} | {r['images']} "
+            f"| {r['text_encoding_s']:.2f} | {r['token_decoding_s']:.1f} | {r['vqgan_s']:.2f} "
+            f"| {r['s_per_image']:.2f} | {ratio} | {r['decoding_ms_per_step']:.0f} | {limit} "
+            f"| {r['peak_rss_mib']} |"
+        )
+    return "\n".join(lines)
 
 
 def _short(dtype: str) -> str:
@@ -700,10 +782,11 @@ def report(sides: dict[str, Any], limits: dict[str, Any], args: argparse.Namespa
             f"{r['generation_peak_mib']:8d}"
         )
     print(
-        "\nloads (1 min) during each side: "
+        "\nloads (1 min) around each kept run: "
         + ", ".join(
-            f"{v} {s['load_average_1m_before']}->{s['load_average_1m_after']}"
+            f"{v} x{n} {r['load_average_1m_before']}->{r['load_average_1m_after']}"
             for v, s in sides.items()
+            for n, r in s["batches"].items()
         )
     )
     print("decoding phase against this machine's limits (best of the before/after measurements):")

@@ -789,6 +789,17 @@ def report(sides: dict[str, Any], limits: dict[str, Any], args: argparse.Namespa
             for n, r in s["batches"].items()
         )
     )
+    busy = [
+        f"{v} x{n}"
+        for v, s in sides.items()
+        for n, r in s["batches"].items()
+        if max(r["load_average_1m_before"], r["load_average_1m_after"]) >= 1.0
+    ]
+    if busy:
+        print(
+            f"WARNING: other work ran beside {', '.join(busy)} (1-min load >= 1 on 2 cores): those "
+            "figures may be slowed; compare runs with similar loads, or use --repeats"
+        )
     print("decoding phase against this machine's limits (best of the before/after measurements):")
     for r in rows:
         if r["images"] == 1:

@@ -23,11 +23,20 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 
 
+_BUILTIN_NOTE = (
+    "using the built-in emoji-scenes model (--model DIR for another): it draws prompts like "
+    "'pizza on a blue background, top left' (8 colours, 9 positions, 256 emoji) and nothing else"
+)
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="one or more prompts")] = None,
     model: Annotated[
-        Path | None, typer.Option(help="model directory or a foreign checkpoint")
+        Path | None,
+        typer.Option(
+            help="model directory or a foreign checkpoint (default: the built-in emoji-scenes model)"
+        ),
     ] = None,
     prompt_file: Annotated[
         Path | None, typer.Option(help="text file with one prompt per line")
@@ -91,9 +100,10 @@ def generate(
         )
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
     if model is None:
-        raise InputError(
-            "no model given: pass --model DIR (a model directory or a checkpoint to convert)"
-        )
+        from .pipeline import default_model_path
+
+        model = default_model_path()
+        typer.echo(_BUILTIN_NOTE, err=True)
     pipe = TextToImage.from_pretrained(model, device=device, dtype=dtype, vqgan=vqgan, clip=clip)
     settings = pipe.sampling(
         temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
@@ -556,6 +566,13 @@ def recipe_emoji(
         typer.Option("--set", help="override a setting: --set bart.steps=100 --set seed=1"),
     ] = None,
     device: DeviceOpt = "auto",
+    rerun_changed: Annotated[
+        bool,
+        typer.Option(
+            "--rerun-changed",
+            help="OUT holds a run with other settings: redo the first changed step and those after it",
+        ),
+    ] = False,
 ) -> None:
     """The built-in default model: emoji dataset -> VQGAN -> tokens -> DalleBart -> CLIP -> eval -> OUT/model."""
     import logging
@@ -564,7 +581,14 @@ def recipe_emoji(
     from .training.loop import parse_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = run_recipe(out, config, parse_overrides(set_), device=device, echo=typer.echo)
+    path = run_recipe(
+        out,
+        config,
+        parse_overrides(set_),
+        device=device,
+        rerun_changed=rerun_changed,
+        echo=typer.echo,
+    )
     typer.echo(f"model: {path}")
 
 
@@ -737,7 +761,10 @@ def train_vqgan(
 @app.command()
 def serve(
     model: Annotated[
-        Path | None, typer.Option(help="model directory or a foreign checkpoint (required for now)")
+        Path | None,
+        typer.Option(
+            help="model directory or a foreign checkpoint (default: the built-in emoji-scenes model)"
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = (
         "127.0.0.1"
@@ -774,11 +801,6 @@ def serve(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Serve the model over HTTP: JSON API, server-sent events, the original demo's /generate and a web page."""
-    if model is None:
-        raise InputError(
-            "no model given: pass --model DIR (a model directory or a checkpoint to convert); "
-            "there is no built-in default model yet"
-        )
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
     from .serve.app import ServeSettings, create_app
@@ -793,6 +815,11 @@ def serve(
         api_key=api_key or None,
     )
     settings.check()  # before loading the model
+    if model is None:
+        from .pipeline import default_model_path
+
+        model = default_model_path()
+        typer.echo(_BUILTIN_NOTE, err=True)
     application = create_app(model, settings, device=device, dtype=dtype, vqgan=vqgan, clip=clip)
     typer.echo(f"serving {model} on http://{host}:{port} (Ctrl-C stops it gracefully)", err=True)
     run(application, host=host, port=port)

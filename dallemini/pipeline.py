@@ -21,6 +21,21 @@ from .models.bart import DalleBart
 from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip, load_scorer
 from .models.vqgan import VQGAN
 
+# The built-in model (emoji scenes, made by `dallemini recipe emoji`; see its MODEL_CARD.md): what
+# generate / serve / load_pipeline use when no model is given.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def default_model_path() -> Path:
+    """The built-in model directory shipped inside the package."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise ConfigError(
+            f"the built-in model is missing from this installation ({DEFAULT_MODEL_DIR}); "
+            "reinstall dallemini, or give a model directory"
+        )
+    return DEFAULT_MODEL_DIR
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -168,7 +183,7 @@ class TextToImage:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         vqgan: str | os.PathLike | None = None,
@@ -177,6 +192,8 @@ class TextToImage:
         vqgan_dtype: str | torch.dtype | None = None,
     ) -> TextToImage:
         """Load a model directory (or any foreign format `dallemini convert` accepts) onto a device.
+
+        `path=None` loads the built-in emoji-scenes model (`DEFAULT_MODEL_DIR`).
 
         `clip` is a Hugging Face CLIP folder or a dallemini model directory with a built-in CLIP; without
         it the model directory's own built-in CLIP (clip.safetensors) is the reranker when it has one.
@@ -190,6 +207,7 @@ class TextToImage:
         from .text import TextEncoder
 
         dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
+        path = default_model_path() if path is None else path
         parts = load_parts(Path(path), vqgan=vqgan, tokenizer=tokenizer)
         cfg = parts.config
         if cfg.bart is None:
@@ -465,10 +483,10 @@ def load_vqgan(
 
 
 def load_pipeline(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     **kwargs,
 ) -> TextToImage:
-    """Shorthand for TextToImage.from_pretrained."""
+    """Shorthand for TextToImage.from_pretrained; no path: the built-in emoji-scenes model."""
     return TextToImage.from_pretrained(path, device=device, dtype=dtype, **kwargs)

@@ -11,7 +11,11 @@ interrupted recipe continues where it stopped:
 7. OUT/model: the clip step's model dir plus emoji_scenes.json and MODEL_CARD.md (config, seed,
    time per step, evaluation).
 Settings come from a recipe YAML (packaged: `dallemini/recipes/emoji/<name>.yaml`) with sections
-dataset, vqgan, encode, bart, clip, eval, and `section.key=value` overrides.
+dataset, vqgan, encode, bart, clip, sampling, eval, and `section.key=value` overrides. `sampling`
+(temperature, top_k, top_p, condition_scale) is what eval uses and what OUT/model's config.json keeps.
+Continuing a run whose settings changed is refused unless `rerun_changed`, which redoes the first
+step whose section changed and every step after it (earlier steps are deterministic, so the result
+is what a fresh run of the new settings makes).
 """
 
 from __future__ import annotations
@@ -21,18 +25,39 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config import PipelineConfig, SamplingConfig
 from .errors import ConfigError
 
 log = logging.getLogger("dallemini.recipe")
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes" / "emoji"
-SECTIONS = ("dataset", "vqgan", "encode", "bart", "clip", "eval")
+SECTIONS = ("dataset", "vqgan", "encode", "bart", "clip", "sampling", "eval")
 STEPS = ("dataset", "vqgan", "encode", "bart", "clip", "eval", "model")
+# The sections each step's result depends on (beyond the seed and the steps before it), and what it writes.
+STEP_SECTIONS = {
+    "dataset": ("dataset",),
+    "vqgan": ("vqgan",),
+    "encode": ("encode",),
+    "bart": ("bart",),
+    "clip": ("clip",),
+    "eval": ("sampling", "eval"),
+    "model": (),
+}
+STEP_OUTPUT = {
+    "dataset": "data",
+    "vqgan": "vqgan",
+    "encode": "tokens",
+    "bart": "bart",
+    "clip": "clip",
+    "eval": "eval.json",
+    "model": "model",
+}
 
 
 def load_recipe(
@@ -68,6 +93,15 @@ def load_recipe(
         for part in path:  # e.g. bart.bart.d_model: a mapping inside a trainer's settings
             target = target.setdefault(part, {})
         target[last] = value
+    sampling = cfg.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"{p}: the sampling section must be a mapping")
+    bad = sorted(set(sampling) - set(SamplingConfig.__dataclass_fields__))
+    if bad:
+        raise ConfigError(
+            f"unknown sampling setting(s) {bad}; known: {sorted(SamplingConfig.__dataclass_fields__)}"
+        )
+    SamplingConfig(**sampling)  # validates the values
     cfg.setdefault("seed", 0)
     cfg["source"] = str(p)
     return cfg
@@ -89,12 +123,35 @@ def _train(kind: str, settings: dict[str, Any]) -> None:
     cls(load_config(cls.config_class, None, settings)).fit()
 
 
+def first_changed_step(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first step whose result differs between two recipe settings (None: same settings)."""
+    if before.get("seed") != now.get("seed"):
+        return STEPS[0]
+    for step in STEPS:
+        if any(before.get(sec) != now.get(sec) for sec in STEP_SECTIONS[step]):
+            return step
+    return None
+
+
+def _forget_from(out: Path, step: str, echo: Callable[[str], object]) -> None:
+    """Delete the results (markers and outputs) of `step` and every later step."""
+    for later in STEPS[STEPS.index(step) :]:
+        _marker(out, later).unlink(missing_ok=True)
+        target = out / STEP_OUTPUT[later]
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    echo(f"recipe: settings changed; redoing {', '.join(STEPS[STEPS.index(step) :])}")
+
+
 def run_recipe(
     out: str | Path,
     recipe: str | Path = "default",
     overrides: dict[str, Any] | None = None,
     *,
     device: str = "auto",
+    rerun_changed: bool = False,
     echo: Callable[[str], object] = log.info,
 ) -> Path:
     """Run (or continue) the recipe into `out`; returns OUT/model."""
@@ -103,15 +160,26 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "recipe.json"
     if saved.is_file():
-        before = json.loads(saved.read_text())
-        if {k: v for k, v in before.items() if k != "source"} != {
-            k: v for k, v in cfg.items() if k != "source"
-        }:
-            raise ConfigError(
-                f"{out} holds a recipe run with other settings ({saved}); use a new OUT folder"
-            )
+        try:
+            before = json.loads(saved.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{saved} is not valid JSON ({e}); use a new OUT folder") from e
+        changed = first_changed_step(before, cfg)
+        if changed is not None:
+            if not rerun_changed:
+                raise ConfigError(
+                    f"{out} holds a recipe run with other settings ({saved}; the {changed!r} step "
+                    "and those after it differ): use a new OUT folder, or --rerun-changed to redo "
+                    "them (their results in OUT are deleted)"
+                )
+            _forget_from(out, changed, echo)
     saved.write_text(json.dumps(cfg, indent=2) + "\n")
     seed = int(cfg["seed"])
+
+    def _sampling(base: SamplingConfig) -> SamplingConfig:
+        """The model's sampling defaults with the recipe's `sampling` section on top."""
+        return replace(base, **dict(cfg.get("sampling") or {}))
+
     data, tokens = out / "data", out / "tokens"
     sec = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
 
@@ -177,6 +245,7 @@ def run_recipe(
         scenes_cfg = json.loads((data / "train" / "emoji_scenes.json").read_text())
         scenes = EmojiScenes.from_config(scenes_cfg)
         pipe = TextToImage.from_pretrained(out / "clip" / "model", device=device)
+        pipe.config = replace(pipe.config, sampling=_sampling(pipe.config.sampling))
         e = sec["eval"]
         reports = {}
         for split in ("heldout-triples", "heldout-colour"):
@@ -196,6 +265,9 @@ def run_recipe(
         tmp = out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(out / "clip" / "model", tmp)
+        config = PipelineConfig.from_dict(json.loads((tmp / "config.json").read_text()))
+        config = replace(config, sampling=_sampling(config.sampling))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         shutil.copy(data / "train" / "emoji_scenes.json", tmp / "emoji_scenes.json")
         (tmp / "MODEL_CARD.md").write_text(model_card(out, cfg))
         shutil.rmtree(dst, ignore_errors=True)

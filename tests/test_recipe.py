@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dallemini.errors import ConfigError
+from dallemini.errors import ConfigError, InputError
 from dallemini.pipeline import TextToImage
-from dallemini.recipe import STEPS, load_recipe, run_recipe
+from dallemini.recipe import STEPS, first_changed_step, load_recipe, run_recipe
 
 from .test_cli import run_here
 
@@ -21,6 +21,20 @@ def test_recipe_settings_and_overrides() -> None:
         load_recipe("tiny", {"steps": 5})
     with pytest.raises(ConfigError, match="no recipe"):
         load_recipe("nonexistent")
+    with pytest.raises(ConfigError, match="unknown sampling setting"):
+        load_recipe("tiny", {"sampling.top_q": 5})
+    with pytest.raises(InputError, match="top_k must be >= 0"):
+        load_recipe("tiny", {"sampling.top_k": -1})
+
+
+def test_first_changed_step() -> None:
+    base = load_recipe("tiny")
+    assert first_changed_step(base, load_recipe("tiny")) is None
+    assert first_changed_step(base, load_recipe("tiny", {"seed": 1})) == "dataset"
+    assert first_changed_step(base, load_recipe("tiny", {"bart.lr": 0.1})) == "bart"
+    assert first_changed_step(base, load_recipe("tiny", {"sampling.top_k": 3})) == "eval"
+    assert first_changed_step(base, load_recipe("tiny", {"eval.limit": 3})) == "eval"
+    assert first_changed_step(base, load_recipe("tiny", {"vqgan.lr": 0.1})) == "vqgan"
 
 
 @pytest.mark.slow
@@ -46,5 +60,18 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert run_recipe(out, "tiny", device="cpu", echo=said.append) == model
     assert said == [f"recipe: {step} done before, skipped" for step in STEPS]
     code, err = run_here(capsys, "recipe", "emoji", out, "--config", "tiny", "--set", "seed=1")
-    assert code == 2 and "other settings" in err
+    assert code == 2 and "other settings" in err and "--rerun-changed" in err
     assert len(list((out / "steps").glob("*.json"))) == len(STEPS)
+    # Changed sampling settings redo only eval and the model, and reach the model's config.json.
+    vqgan_before = (out / "vqgan" / "model" / "vqgan.safetensors").read_bytes()
+    said.clear()
+    run_recipe(
+        out, "tiny", {"sampling.top_k": 3}, device="cpu", rerun_changed=True, echo=said.append
+    )
+    assert "recipe: settings changed; redoing eval, model" in said
+    assert [m for m in said if m.endswith("skipped")] == [
+        f"recipe: {step} done before, skipped" for step in STEPS[:5]
+    ]
+    assert json.loads((model / "config.json").read_text())["sampling"]["top_k"] == 3
+    assert (out / "vqgan" / "model" / "vqgan.safetensors").read_bytes() == vqgan_before
+    assert json.loads((out / "recipe.json").read_text())["sampling"] == {"top_k": 3}

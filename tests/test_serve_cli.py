@@ -27,7 +27,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_serve_user_errors_exit_2(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
-        (("serve",), "no model given: pass --model DIR"),
         (
             ("serve", "--model", tiny, "--max-queue", "4"),
             "max_queue (4) must hold one whole request (16 images",

@@ -374,10 +374,51 @@ def test_cli_train_vqgan_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
+def test_dead_codes_restart_onto_probe_latents(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "imgs")
+
+    def collapsed(out: Path) -> VQGANTrainer:
+        t = VQGANTrainer(_cfg(data, out, codebook_restart_every=2, codebook_restart_probe=16))
+        weight = t.vqgan.quantize.embedding.weight
+        with torch.no_grad():
+            weight[1:] = 1e3  # every latent is nearest to entry 0: the rest are dead
+        state = t.optims["model"].optimizer.state[weight] = {
+            "exp_avg": torch.ones_like(weight),
+            "exp_avg_sq": torch.ones_like(weight),
+            "step": torch.tensor(1.0),
+        }
+        assert state["exp_avg"].sum() > 0
+        t.step = 2
+        return t
+
+    a, b = collapsed(tmp_path / "a"), collapsed(tmp_path / "b")
+    assert a._restart_due()
+    logs = a.restart_dead_codes()
+    assert logs == {"codes_restarted": 31.0, "codes_used": 1.0}
+    weight = a.vqgan.quantize.embedding.weight.detach()
+    assert (weight[1:] < 100).all()  # moved off the dead value onto latents
+    probe = a._probe_images()
+    with torch.no_grad():
+        z = a.vqgan.encode_latents(probe).permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+    # each restarted entry is one of the probe's latents
+    assert all(bool((z - row).abs().amax(1).min() < 1e-6) for row in weight[1:])
+    state = a.optims["model"].optimizer.state[a.vqgan.quantize.embedding.weight]
+    assert state["exp_avg"][1:].abs().sum() == 0 and state["exp_avg"][0].abs().sum() > 0
+    # the same (seed, step) draws the same latents in another trainer, so every rank agrees
+    b.restart_dead_codes()
+    assert torch.equal(weight, b.vqgan.quantize.embedding.weight.detach())
+    assert a.restart_dead_codes()["codes_restarted"] < 31  # now in use
+    a.step = 3
+    assert not a._restart_due()
+    with pytest.raises(ConfigError, match="codebook_restart_probe"):
+        _cfg(data, tmp_path / "c", codebook_restart_probe=0)
+
+
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = write_images(tmp_path / "imgs")
     steps = 48
     extra = ["--set", "save_every=6", "--set", "keep_last=0", "--set", "disc_start=9"]
+    extra += ["--set", "codebook_restart_every=5"]  # restarts resume exactly too
 
     def command(out: Path, more: list[str]) -> list[str]:
         return [sys.executable, "-m", "dallemini.cli", *_cli_args(data, out, steps, extra + more)]

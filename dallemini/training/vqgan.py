@@ -16,6 +16,7 @@ position is saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import typing
 import warnings
@@ -82,6 +83,12 @@ class VQGANTrainConfig(TrainConfig):
     lpips_lin: str | None = None  # the lpips package's weights/v0.1/vgg.pth
     lpips_taming: str | None = None  # or a taming .ckpt carrying loss.perceptual_loss.*
     sample_images: int = 8  # originals over reconstructions in out/samples/step-NNNNNN.png
+    # Dead-code restarts: every N updates (0: never), codebook entries that no latent of a fixed
+    # probe of training images picks are moved onto probe latents (chosen by quantization error),
+    # so a codebook trained from scratch does not collapse onto a few entries.
+    codebook_restart_every: int = 0
+    codebook_restart_until: int = 0  # last update that may restart codes (0: no limit)
+    codebook_restart_probe: int = 256  # training images in the probe (a seeded random sample)
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
     lr: float = 3.6e-5
@@ -112,7 +119,18 @@ class VQGANTrainConfig(TrainConfig):
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("disc_start", "eval_holdout", "sample_images", "workers"):
+        if self.codebook_restart_probe < 1:
+            raise ConfigError(
+                f"codebook_restart_probe must be >= 1, got {self.codebook_restart_probe}"
+            )
+        for name in (
+            "disc_start",
+            "eval_holdout",
+            "sample_images",
+            "workers",
+            "codebook_restart_every",
+            "codebook_restart_until",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.shuffle_buffer is not None and self.shuffle_buffer < 0:
@@ -229,6 +247,7 @@ class VQGANTrainer(Trainer):
         )
         self.eval_data = self._eval_images(self.env.rank, self.env.world_size, cfg.batch_size)
         self._samples: Tensor | None = None
+        self._probe: Tensor | None = None
 
     # --- building -------------------------------------------------------------------------------
     def _build_vqgan(self) -> VQGAN:
@@ -318,6 +337,8 @@ class VQGANTrainer(Trainer):
         last_layer = self.vqgan.decoder.conv_out.weight
         gan = self.loss.gan_active(self.step)
         logs: dict[str, float] = defaultdict(float)
+        if self._restart_due():
+            logs.update(self.restart_dead_codes())
         for i in range(accum):
             images = self.next_batch().pixels.to(self.device, non_blocking=True)
             sync = i == accum - 1
@@ -348,6 +369,55 @@ class VQGANTrainer(Trainer):
                 )
                 self.optims["discriminator"].scheduler.step()
         return logs
+
+    # --- codebook restarts ----------------------------------------------------------------------
+    def _restart_due(self) -> bool:
+        every, until = self.cfg.codebook_restart_every, self.cfg.codebook_restart_until
+        return (
+            bool(every)
+            and self.step > 0
+            and self.step % every == 0
+            and (not until or self.step <= until)
+        )
+
+    def _probe_images(self) -> Tensor:
+        """The restart probe: a fixed seeded sample of training images (the same on every rank)."""
+        if self._probe is None:
+            k = self.cfg.codebook_restart_probe
+            probe = self._images(self.source, k, seed=self.cfg.seed + 1, epochs=1, drop_last=False)
+            self._probe = next(iter(probe)).pixels
+        return self._probe
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> dict[str, float]:
+        """Move the entries no probe latent picks onto probe latents, drawn by quantization error.
+
+        Deterministic in (seed, step) and identical on every rank (same probe, same weights, same
+        draw), so it needs no communication and resumes exactly; the moved rows' optimizer moments
+        are zeroed.
+        """
+        quant = self.vqgan.quantize
+        latents = []
+        for chunk in self._probe_images().split(64):
+            with self.autocast():
+                z = self.vqgan.encode_latents(chunk.to(self.device))
+            latents.append(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        z = torch.cat(latents)
+        codes = quant.nearest(z[:, :, None, None]).flatten()
+        weight = quant.embedding.weight
+        used = torch.bincount(codes, minlength=quant.n_embed) > 0
+        dead = (~used).nonzero().flatten()
+        if len(dead):
+            err = (z - weight.detach().float()[codes]).square().sum(1) + 1e-12
+            h = hashlib.sha256(f"{self.cfg.seed}/{self.step}/codebook-restart".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+            pick = torch.multinomial(err.cpu(), len(dead), len(dead) > len(err), generator=g)
+            weight.data[dead] = z[pick.to(z.device)].to(weight.dtype)
+            state = self.optims["model"].optimizer.state.get(weight, {})
+            for v in state.values():
+                if isinstance(v, Tensor) and v.shape == weight.shape:
+                    v[dead] = 0
+        return {"codes_restarted": float(len(dead)), "codes_used": float(used.sum())}
 
     # --- evaluation, samples, export -----------------------------------------------------------
     @torch.no_grad()

@@ -51,6 +51,19 @@ def test_generate_writes_images_grid_and_record(tiny: Path, tmp_path: Path) -> N
     assert rec["settings"]["top_k"] == 8
     assert Image.open(out / "grid-000.png").size == (128, 128)  # 3 images of 64 px on a 2x2 grid
     assert Image.open(out / "001-002.png").size == (64, 64)
+    assert rec["vqgan_dtype"] == "float32"
+
+
+def test_generate_vqgan_dtype(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bf16"
+    args = ("generate", "--model", tiny, "-n", "1", "--seed", "0", "--out", out, "a cat")
+    code, err = run_here(capsys, *args, "--vqgan-dtype", "bfloat16", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((out / "generation.json").read_text())["vqgan_dtype"] == "bfloat16"
+    code, err = run_here(capsys, *args, "--vqgan-dtype", "int8")
+    assert code == 2 and "int8" in err
 
 
 def run_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:

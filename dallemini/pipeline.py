@@ -30,8 +30,8 @@ def default_model_path() -> Path:
     """The built-in model directory shipped inside the package."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise ConfigError(
-            f"the built-in model is missing from this installation ({DEFAULT_MODEL_DIR}); "
-            "reinstall dallemini, or give a model directory"
+            f"this installation has no built-in model ({DEFAULT_MODEL_DIR} holds no config.json): "
+            "give a model directory (--model DIR), e.g. OUT/model made by `dallemini recipe emoji OUT`"
         )
     return DEFAULT_MODEL_DIR
 

@@ -235,3 +235,23 @@ def test_generate_flag_errors(
         assert "Traceback" not in err, (args, err)
     code, err = run_here(capsys, *gen, "--init-image", img, "--keep-rows", "0", "a cat")
     assert code == 0 and "plain generation" in err
+
+
+def test_generate_without_model_uses_the_builtin_dir(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    import dallemini.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", tmp_path / "builtin")
+    args = ("generate", "-n", "1", "--seed", "0", "--out", tmp_path / "out", "a cat")
+    code, err = run_here(capsys, *args)
+    assert code == 2 and "has no built-in model" in err and "--model DIR" in err
+    shutil.copytree(tiny, tmp_path / "builtin")
+    code, err = run_here(capsys, *args, "--device", "cpu")
+    assert code == 0, err
+    assert "built-in emoji-scenes model" in err
+    record = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert record["model"] == str(tmp_path / "builtin")
+    assert pipeline.load_pipeline(device="cpu").config.bart is not None

@@ -118,6 +118,9 @@ class VQGANConfig:
     pixel_range: str = "0,1"
     # True for checkpoints that only carry the decoder half (min-dalle's detoker.pt).
     decoder_only: bool = False
+    # Taming's layout has an attention block in the middle of the encoder and the decoder, which
+    # gives every latent a view of the whole image; False drops both (cheaper, more local codes).
+    mid_attn: bool = True
 
     def __post_init__(self) -> None:
         if self.pixel_range not in ("0,1", "-1,1"):
@@ -158,7 +161,10 @@ class VQGANConfig:
 
     def fingerprint(self) -> str:
         """Short hash of the architecture, recorded next to encoded datasets."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        arch = self.to_dict()
+        if arch.get("mid_attn", True):  # added later: the default keeps older fingerprints valid
+            arch.pop("mid_attn", None)
+        blob = json.dumps(arch, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

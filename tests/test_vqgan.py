@@ -395,6 +395,25 @@ def test_state_dict_keys_follow_taming_names() -> None:
 
 
 @torch.no_grad()
+def test_vqgan_without_mid_attention(tmp_path: Path) -> None:
+    from dallemini.checkpoints.native import save_model_dir
+    from dallemini.config import PipelineConfig
+    from dallemini.pipeline import load_vqgan
+
+    cfg = dataclasses.replace(TINY, mid_attn=False)
+    assert TINY.fingerprint() == dataclasses.replace(TINY, mid_attn=True).fingerprint()
+    assert cfg.fingerprint() != TINY.fingerprint()
+    torch.manual_seed(0)
+    model = VQGAN(cfg).eval()
+    assert not any(".mid.attn_1." in k for k in model.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    save_model_dir(tmp_path / "m", PipelineConfig(vqgan=cfg), {"vqgan": model.state_dict()})
+    loaded = load_vqgan(tmp_path / "m", device="cpu")
+    assert loaded.config.mid_attn is False
+    assert torch.equal(loaded.encode(x), model.encode(x))
+
+
+@torch.no_grad()
 def test_encode_decode_shapes_and_ranges() -> None:
     model = _tiny()
     x = torch.rand(2, 3, 64, 64)

@@ -174,7 +174,7 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
+        self.mid.attn_1 = AttnBlock(block_in, g) if cfg.mid_attn else nn.Identity()
         self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout, g)
         self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
@@ -204,7 +204,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
+        self.mid.attn_1 = AttnBlock(block_in, g) if cfg.mid_attn else nn.Identity()
         self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout, g)
         levels: list[nn.Module] = []
         for i in reversed(range(self.num_resolutions)):

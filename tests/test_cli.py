@@ -88,7 +88,6 @@ def test_user_errors_exit_2_with_a_message(
     cases = [
         (("generate", "--model", tiny, ""), "empty prompt"),
         (("generate", "--model", tiny), "no prompt"),
-        (("generate", "a cat"), "no model"),
         (("generate", "--model", tmp_path / "missing", "a cat"), "does not exist"),
         (("generate", "--model", tiny, "--temperature", "0", "a cat"), "temperature"),
         (("generate", "--model", tiny, "-n", "0", "a cat"), "--n"),

@@ -32,8 +32,20 @@ VqganDtypeOpt = Annotated[
 
 _BUILTIN_NOTE = (
     "using the built-in emoji-scenes model (--model DIR for another): it draws prompts like "
-    "'pizza on a blue background, top left' (8 colours, 9 positions, 256 emoji) and nothing else"
+    "'strawberry on a blue background, top left' (emoji on 8 colours at 9 positions) and nothing "
+    "else"
 )
+
+
+def _model_or_builtin(model: Path | None) -> Path:
+    """The --model given, else the built-in model directory (saying so on stderr)."""
+    if model is not None:
+        return model
+    from .pipeline import default_model_path
+
+    path = default_model_path()
+    typer.echo(_BUILTIN_NOTE, err=True)
+    return path
 
 
 @app.command()
@@ -107,11 +119,7 @@ def generate(
             "image's top K token rows and samples the rest"
         )
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
-    if model is None:
-        from .pipeline import default_model_path
-
-        model = default_model_path()
-        typer.echo(_BUILTIN_NOTE, err=True)
+    model = _model_or_builtin(model)
     pipe = TextToImage.from_pretrained(
         model, device=device, dtype=dtype, vqgan=vqgan, clip=clip, vqgan_dtype=vqgan_dtype
     )
@@ -827,11 +835,7 @@ def serve(
         api_key=api_key or None,
     )
     settings.check()  # before loading the model
-    if model is None:
-        from .pipeline import default_model_path
-
-        model = default_model_path()
-        typer.echo(_BUILTIN_NOTE, err=True)
+    model = _model_or_builtin(model)
     application = create_app(
         model,
         settings,

@@ -327,9 +327,15 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def step_generator(self, tag: str = "", device: torch.device | None = None) -> torch.Generator:
-        """A generator seeded by (seed, step, rank, tag): per-step randomness that resumes exactly."""
-        h = hashlib.sha256(f"{self.cfg.seed}/{self.step}/{self.env.rank}/{tag}".encode()).digest()
+    def step_generator(
+        self, tag: str = "", device: torch.device | None = None, shared: bool = False
+    ) -> torch.Generator:
+        """A generator seeded by (seed, step, rank, tag): per-step randomness that resumes exactly.
+
+        `shared`: the rank is left out, so every rank draws the same numbers.
+        """
+        rank = "" if shared else f"{self.env.rank}/"
+        h = hashlib.sha256(f"{self.cfg.seed}/{self.step}/{rank}{tag}".encode()).digest()
         g = torch.Generator(device=device or "cpu")
         g.manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
         return g

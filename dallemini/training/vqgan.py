@@ -16,7 +16,6 @@ position is saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import typing
 import warnings
@@ -409,8 +408,7 @@ class VQGANTrainer(Trainer):
         dead = (~used).nonzero().flatten()
         if len(dead):
             err = (z - weight.detach().float()[codes]).square().sum(1) + 1e-12
-            h = hashlib.sha256(f"{self.cfg.seed}/{self.step}/codebook-restart".encode()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+            g = self.step_generator("codebook-restart", shared=True)
             pick = torch.multinomial(err.cpu(), len(dead), len(dead) > len(err), generator=g)
             weight.data[dead] = z[pick.to(z.device)].to(weight.dtype)
             state = self.optims["model"].optimizer.state.get(weight, {})

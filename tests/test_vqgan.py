@@ -414,6 +414,35 @@ def test_vqgan_without_mid_attention(tmp_path: Path) -> None:
 
 
 @torch.no_grad()
+def test_local_encoder_codes_depend_on_their_own_cell_only() -> None:
+    cfg = dataclasses.replace(TINY, mid_attn=False, local_encoder=True)
+    assert TINY.fingerprint() == dataclasses.replace(TINY, local_encoder=False).fingerprint()
+    assert cfg.fingerprint() != dataclasses.replace(TINY, mid_attn=False).fingerprint()
+    torch.manual_seed(0)
+    model = VQGAN(cfg).eval()
+    assert not any("norm" in k or "attn" in k for k in model.encoder.state_dict())
+    f = cfg.downsample_factor
+    x = torch.rand(2, 3, 64, 128)
+    z = model.encode_latents(x)
+    assert z.shape == (2, cfg.embed_dim, 64 // f, 128 // f)
+    # One cell changed: only its own latent moves.
+    y = x.clone()
+    y[0, :, f : 2 * f, 2 * f : 3 * f] = torch.rand(3, f, f)
+    moved = (model.encode_latents(y) - z).abs().amax(1) > 0
+    expected = torch.zeros_like(moved)
+    expected[0, 1, 2] = True
+    assert torch.equal(moved, expected)
+    # The same cell content gets the same latent wherever it stands.
+    cell = torch.rand(3, f, f)
+    a, b = torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)
+    a[0, :, :f, :f] = cell
+    b[0, :, 3 * f : 4 * f, 2 * f : 3 * f] = cell
+    torch.testing.assert_close(
+        model.encode_latents(a)[0, :, 0, 0], model.encode_latents(b)[0, :, 3, 2]
+    )
+
+
+@torch.no_grad()
 def test_encode_decode_shapes_and_ranges() -> None:
     model = _tiny()
     x = torch.rand(2, 3, 64, 64)

@@ -22,8 +22,10 @@ from ..errors import ConfigError, InputError
 _DISTANCE_BUDGET = 1 << 24
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    """Taming's Normalize: GroupNorm with eps 1e-6 and an affine scale/shift."""
+def _norm(channels: int, groups: int) -> nn.Module:
+    """Taming's Normalize: GroupNorm with eps 1e-6 and an affine scale/shift (groups 0: none)."""
+    if groups == 0:
+        return nn.Identity()
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -146,11 +148,18 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    """conv_in -> down levels (res blocks, attention at attn_resolutions, downsample) -> mid -> conv_out."""
+    """conv_in -> down levels (res blocks, attention at attn_resolutions, downsample) -> mid -> conv_out.
+
+    With `local_encoder` every f x f cell is encoded on its own, without normalisation or attention
+    (a per-image statistic would make every code depend on the whole scene).
+    """
 
     def __init__(self, config: VQGANConfig) -> None:
         super().__init__()
-        cfg, g = config, config.num_groups
+        cfg = config
+        self.local = cfg.local_encoder
+        self.cell = cfg.downsample_factor
+        g = 0 if self.local else cfg.num_groups
         self.num_resolutions = len(cfg.ch_mult)
         self.num_res_blocks = cfg.num_res_blocks
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
@@ -166,7 +175,7 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 level.block.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
                 block_in = block_out
-                if res in cfg.attn_resolutions:
+                if res in cfg.attn_resolutions and not self.local:
                     level.attn.append(AttnBlock(block_in, g))
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
@@ -174,12 +183,25 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(block_in, g) if cfg.mid_attn else nn.Identity()
+        self.mid.attn_1 = (
+            AttnBlock(block_in, g) if cfg.mid_attn and not self.local else nn.Identity()
+        )
         self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout, g)
         self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.local:
+            return self._forward(x)
+        b, c, hh, ww = x.shape
+        f = self.cell
+        gh, gw = hh // f, ww // f
+        # [B, C, gh, f, gw, f] -> [B * gh * gw, C, f, f]: one batch row per cell.
+        cells = x.reshape(b, c, gh, f, gw, f).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, f, f)
+        z = self._forward(cells.contiguous())  # [B * gh * gw, z, 1, 1]
+        return z.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):

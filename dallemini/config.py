@@ -121,10 +121,13 @@ class VQGANConfig:
     # Taming's layout has an attention block in the middle of the encoder and the decoder, which
     # gives every latent a view of the whole image; False drops both (cheaper, more local codes).
     mid_attn: bool = True
-    # True: the encoder sees each f x f pixel cell alone (no normalisation, no attention), so a
+    # True: the encoder sees each f x f pixel cell alone (per-cell GroupNorm, no attention), so a
     # token depends on its own patch only: the same patch gets the same code at any position and
     # in any scene, which makes token sequences compositional (used by the emoji default model).
     local_encoder: bool = False
+    # True: latents and codebook entries are matched as unit vectors (cosine), which keeps most
+    # of a large codebook in use when training from scratch.
+    l2_codes: bool = False
 
     def __post_init__(self) -> None:
         if self.pixel_range not in ("0,1", "-1,1"):
@@ -169,8 +172,9 @@ class VQGANConfig:
         # Fields added later are left out at their defaults, which keeps older fingerprints valid.
         if arch.get("mid_attn", True):
             arch.pop("mid_attn", None)
-        if not arch.get("local_encoder", False):
-            arch.pop("local_encoder", None)
+        for name in ("local_encoder", "l2_codes"):
+            if not arch.get(name, False):
+                arch.pop(name, None)
         blob = json.dumps(arch, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import dallemini.models.vqgan as vqgan_module
@@ -420,7 +421,7 @@ def test_local_encoder_codes_depend_on_their_own_cell_only() -> None:
     assert cfg.fingerprint() != dataclasses.replace(TINY, mid_attn=False).fingerprint()
     torch.manual_seed(0)
     model = VQGAN(cfg).eval()
-    assert not any("norm" in k or "attn" in k for k in model.encoder.state_dict())
+    assert not any("attn" in k for k in model.encoder.state_dict())
     f = cfg.downsample_factor
     x = torch.rand(2, 3, 64, 128)
     z = model.encode_latents(x)
@@ -440,6 +441,29 @@ def test_local_encoder_codes_depend_on_their_own_cell_only() -> None:
     torch.testing.assert_close(
         model.encode_latents(a)[0, :, 0, 0], model.encode_latents(b)[0, :, 3, 2]
     )
+
+
+def test_l2_codes_match_by_cosine() -> None:
+    cfg = dataclasses.replace(TINY, l2_codes=True)
+    assert TINY.fingerprint() == dataclasses.replace(TINY, l2_codes=False).fingerprint()
+    assert cfg.fingerprint() != TINY.fingerprint()
+    torch.manual_seed(0)
+    model = VQGAN(cfg)
+    quant = model.quantize
+    quant.embedding.weight.data.normal_()
+    z = torch.randn(2, cfg.embed_dim, 3, 3, requires_grad=True)
+    cos = torch.einsum(
+        "bchw,nc->bhwn", F.normalize(z, dim=1), F.normalize(quant.embedding.weight, dim=1)
+    )
+    codes = quant.nearest(5.0 * z.detach())  # the scale of a latent does not matter
+    assert torch.equal(codes, cos.argmax(-1))
+    # what the decoder gets are unit vectors, and the gradient reaches the encoder's latents
+    z_q, loss, codes2 = quant(z)
+    assert torch.equal(codes2, codes)
+    torch.testing.assert_close(z_q.norm(dim=1), torch.ones(2, 3, 3))
+    torch.testing.assert_close(quant.lookup(codes).norm(dim=1), torch.ones(2, 3, 3))
+    (z_q.sum() + loss).backward()
+    assert z.grad is not None and quant.embedding.weight.grad is not None
 
 
 @torch.no_grad()

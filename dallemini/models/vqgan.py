@@ -22,10 +22,8 @@ from ..errors import ConfigError, InputError
 _DISTANCE_BUDGET = 1 << 24
 
 
-def _norm(channels: int, groups: int) -> nn.Module:
-    """Taming's Normalize: GroupNorm with eps 1e-6 and an affine scale/shift (groups 0: none)."""
-    if groups == 0:
-        return nn.Identity()
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    """Taming's Normalize: GroupNorm with eps 1e-6 and an affine scale/shift."""
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -150,8 +148,9 @@ class Upsample(nn.Module):
 class Encoder(nn.Module):
     """conv_in -> down levels (res blocks, attention at attn_resolutions, downsample) -> mid -> conv_out.
 
-    With `local_encoder` every f x f cell is encoded on its own, without normalisation or attention
-    (a per-image statistic would make every code depend on the whole scene).
+    With `local_encoder` every f x f cell is encoded on its own, as its own batch row, so GroupNorm
+    statistics are per cell (per-image ones would make every code depend on the whole scene); no
+    attention (at the cell's 1x1 bottleneck there is nothing to attend to).
     """
 
     def __init__(self, config: VQGANConfig) -> None:
@@ -159,7 +158,7 @@ class Encoder(nn.Module):
         cfg = config
         self.local = cfg.local_encoder
         self.cell = cfg.downsample_factor
-        g = 0 if self.local else cfg.num_groups
+        g = cfg.num_groups
         self.num_resolutions = len(cfg.ch_mult)
         self.num_res_blocks = cfg.num_res_blocks
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
@@ -265,15 +264,22 @@ class VectorQuantizer(nn.Module):
     """Codebook of n_embed vectors: nearest-entry lookup by squared L2, straight-through gradients.
 
     The loss is codebook + beta * commitment (VQ-VAE). Taming's original VectorQuantizer puts beta
-    on the codebook term instead; set `legacy_loss=True` to reproduce that exactly.
+    on the codebook term instead; set `legacy_loss=True` to reproduce that exactly. With `l2_norm`
+    latents and entries are compared as unit vectors (nearest = highest cosine; Yu et al. 2021's
+    improved VQGAN), which keeps far more of a large codebook in use.
     """
 
     def __init__(
-        self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy_loss: bool = False
+        self,
+        n_embed: int,
+        embed_dim: int,
+        beta: float = 0.25,
+        legacy_loss: bool = False,
+        l2_norm: bool = False,
     ) -> None:
         super().__init__()
         self.n_embed, self.embed_dim = n_embed, embed_dim
-        self.beta, self.legacy_loss = beta, legacy_loss
+        self.beta, self.legacy_loss, self.l2_norm = beta, legacy_loss, l2_norm
         # Taming's init; passing the storage skips nn.Embedding's own normal_ init (slow, and on the
         # meta device it imports torch._dynamo).
         self.embedding = nn.Embedding(n_embed, embed_dim, _weight=torch.empty(n_embed, embed_dim))
@@ -284,7 +290,9 @@ class VectorQuantizer(nn.Module):
         """Codes [B, h, w] of the entries nearest to latents [B, embed_dim, h, w] (float32, row-chunked)."""
         b, c, hh, ww = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c).float()
-        weight = self.embedding.weight.float()
+        weight = self.codebook().float()
+        if self.l2_norm:
+            flat = F.normalize(flat, dim=1)
         # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e; |z|^2 is the same for every entry, so it is left out.
         e2 = weight.square().sum(1)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
@@ -294,12 +302,19 @@ class VectorQuantizer(nn.Module):
             out[start : start + step] = d.argmin(1)
         return out.view(b, hh, ww)
 
+    def codebook(self) -> Tensor:
+        """The entries as used: the embedding rows, as unit vectors with `l2_norm`."""
+        w = self.embedding.weight
+        return F.normalize(w, dim=1) if self.l2_norm else w
+
     def lookup(self, codes: Tensor) -> Tensor:
         """Latents [B, embed_dim, h, w] of codes [B, h, w] (a channels-last view, no copy)."""
-        return F.embedding(codes, self.embedding.weight).permute(0, 3, 1, 2)
+        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize for training: (z_q with straight-through gradient, codebook+commitment loss, codes)."""
+        if self.l2_norm:
+            z = F.normalize(z, dim=1)
         codes = self.nearest(z)
         z_q = self.lookup(codes).to(z.dtype)
         codebook = F.mse_loss(z_q, z.detach())
@@ -321,7 +336,7 @@ class VQGAN(nn.Module):
         if not config.decoder_only:
             self.encoder = Encoder(config)
             self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
-        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim)
+        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, l2_norm=config.l2_codes)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
 

@@ -402,12 +402,14 @@ class VQGANTrainer(Trainer):
                 z = self.vqgan.encode_latents(chunk.to(self.device))
             latents.append(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
         z = torch.cat(latents)
+        if quant.l2_norm:
+            z = torch.nn.functional.normalize(z, dim=1)
         codes = quant.nearest(z[:, :, None, None]).flatten()
         weight = quant.embedding.weight
         used = torch.bincount(codes, minlength=quant.n_embed) > 0
         dead = (~used).nonzero().flatten()
         if len(dead):
-            err = (z - weight.detach().float()[codes]).square().sum(1) + 1e-12
+            err = (z - quant.codebook().detach().float()[codes]).square().sum(1) + 1e-12
             g = self.step_generator("codebook-restart", shared=True)
             pick = torch.multinomial(err.cpu(), len(dead), len(dead) > len(err), generator=g)
             weight.data[dead] = z[pick.to(z.device)].to(weight.dtype)

@@ -121,7 +121,7 @@ class VQGANConfig:
     # Taming's layout has an attention block in the middle of the encoder and the decoder, which
     # gives every latent a view of the whole image; False drops both (cheaper, more local codes).
     mid_attn: bool = True
-    # True: the encoder sees each f x f pixel cell alone (per-cell GroupNorm, no attention), so a
+    # True: the encoder sees each f x f pixel cell alone (per-pixel norms, no attention), so a
     # token depends on its own patch only: the same patch gets the same code at any position and
     # in any scene, which makes token sequences compositional (used by the emoji default model).
     local_encoder: bool = False

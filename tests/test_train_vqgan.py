@@ -29,7 +29,7 @@ from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
 from dallemini.training.loop import load_config
 from dallemini.training.losses import LPIPS, PatchDiscriminator
-from dallemini.training.vqgan import VQGANTrainConfig, VQGANTrainer
+from dallemini.training.vqgan import VQGANTrainConfig, VQGANTrainer, spread_pick
 
 from .train_utils import kill9_resume_and_compare, subprocess_env
 
@@ -414,11 +414,47 @@ def test_dead_codes_restart_onto_probe_latents(tmp_path: Path) -> None:
         _cfg(data, tmp_path / "c", codebook_restart_probe=0)
 
 
+def test_spread_pick_gives_a_mass_of_equal_latents_one_entry() -> None:
+    z = torch.cat([torch.zeros(5000, 4), torch.randn(300, 4) + 3.0])
+    pick = spread_pick(z, 64, torch.Generator().manual_seed(0))
+    assert pick.shape == (64,) and int((pick < 5000).sum()) <= 1
+    again = spread_pick(z, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(pick, again)
+    assert spread_pick(torch.zeros(3, 2), 8, torch.Generator().manual_seed(0)).shape == (8,)
+
+
+def test_quantize_warmup_then_codebook_seeded_from_latents(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "imgs")
+    t = VQGANTrainer(_cfg(data, tmp_path / "a", quantize_start=2, codebook_restart_probe=16))
+    quant = t.vqgan.quantize
+    before = quant.embedding.weight.detach().clone()
+    logs = t.train_step()
+    assert logs["codebook"] == 0.0 and "codes_restarted" not in logs
+    assert torch.equal(quant.embedding.weight.detach(), before)  # not in use: not trained
+    t.step = 2
+    logs = t.train_step()
+    assert logs["codes_restarted"] == quant.n_embed and logs["codebook"] > 0
+    # the seeding itself: every entry becomes one of the probe's latents, spread over them
+    t.restart_dead_codes(every_code=True)
+    with torch.no_grad():
+        z = (
+            t.vqgan.encode_latents(t._probe_images())
+            .permute(0, 2, 3, 1)
+            .reshape(-1, quant.embed_dim)
+        )
+    weight = quant.embedding.weight.detach()
+    assert float(torch.cdist(weight, z).amin(1).max()) < 1e-3  # cdist rounding
+    assert len(torch.unique(weight, dim=0)) > quant.n_embed // 2
+    with pytest.raises(ConfigError, match="quantize_start"):
+        _cfg(data, tmp_path / "c", quantize_start=-1)
+
+
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = write_images(tmp_path / "imgs")
     steps = 48
     extra = ["--set", "save_every=6", "--set", "keep_last=0", "--set", "disc_start=9"]
-    extra += ["--set", "codebook_restart_every=5"]  # restarts resume exactly too
+    # restarts and the quantization warm-up's codebook seeding resume exactly too
+    extra += ["--set", "codebook_restart_every=5", "--set", "quantize_start=4"]
 
     def command(out: Path, more: list[str]) -> list[str]:
         return [sys.executable, "-m", "dallemini.cli", *_cli_args(data, out, steps, extra + more)]

@@ -22,8 +22,23 @@ from ..errors import ConfigError, InputError
 _DISTANCE_BUDGET = 1 << 24
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    """Taming's Normalize: GroupNorm with eps 1e-6 and an affine scale/shift."""
+class PixelNorm(nn.Module):
+    """Layer norm over the channels of each pixel on its own (affine), a norm with no spatial reach."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, 1e-6)
+        return y.permute(0, 3, 1, 2)
+
+
+def _norm(channels: int, groups: int) -> nn.Module:
+    """Taming's Normalize: GroupNorm with eps 1e-6 and an affine scale/shift (groups 0: PixelNorm)."""
+    if groups == 0:
+        return PixelNorm(channels)
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -148,9 +163,9 @@ class Upsample(nn.Module):
 class Encoder(nn.Module):
     """conv_in -> down levels (res blocks, attention at attn_resolutions, downsample) -> mid -> conv_out.
 
-    With `local_encoder` every f x f cell is encoded on its own, as its own batch row, so GroupNorm
-    statistics are per cell (per-image ones would make every code depend on the whole scene); no
-    attention (at the cell's 1x1 bottleneck there is nothing to attend to).
+    With `local_encoder` every f x f cell is encoded on its own, as its own batch row, with
+    per-pixel channel norms and no attention: GroupNorm's per-image statistics would make every code
+    depend on the whole scene, and per-cell ones would erase the cell's own colour and contrast.
     """
 
     def __init__(self, config: VQGANConfig) -> None:
@@ -158,7 +173,7 @@ class Encoder(nn.Module):
         cfg = config
         self.local = cfg.local_encoder
         self.cell = cfg.downsample_factor
-        g = cfg.num_groups
+        g = 0 if self.local else cfg.num_groups
         self.num_resolutions = len(cfg.ch_mult)
         self.num_res_blocks = cfg.num_res_blocks
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
@@ -459,8 +474,16 @@ class VQGAN(nn.Module):
         )
 
     # --- training ------------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Training pass: (reconstruction in [0, 1] space, unclamped; codebook+commitment loss; codes)."""
+    def forward(self, images: Tensor, quantize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass: (reconstruction in [0, 1] space, unclamped; codebook+commitment loss; codes).
+
+        quantize=False decodes the continuous latents (an autoencoder warm-up: zero codebook loss;
+        the codes are still reported).
+        """
         z = self.encode_latents(images)
-        z_q, loss, codes = self.quantize(z)
+        if quantize:
+            z_q, loss, codes = self.quantize(z)
+        else:
+            z_q = F.normalize(z, dim=1) if self.quantize.l2_norm else z
+            loss, codes = z.new_zeros(()), self.quantize.nearest(z.detach())
         return self._from_network(self._decode_network(z_q)), loss, codes

@@ -45,6 +45,26 @@ log = logging.getLogger("dallemini.train")
 SOURCE_KINDS = ("auto", "folder", "tar", "parquet")
 
 
+def spread_pick(z: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices of n rows of z spread over its distribution (k-means++ seeding, in doubling rounds).
+
+    Each round draws as many new rows as are chosen so far, with probability proportional to the
+    squared distance to the nearest chosen row, so a mass of identical latents (a flat background)
+    gets one entry rather than most of them.
+    """
+    chosen = torch.randint(len(z), (1,), generator=generator)
+    dist = (z - z[chosen]).square().sum(1)
+    while len(chosen) < n:
+        k = min(len(chosen), n - len(chosen))
+        new = torch.multinomial(dist + 1e-12, k, replacement=k > len(z), generator=generator)
+        chosen = torch.cat([chosen, new])
+        for start in range(0, len(z), 8192):
+            part = slice(start, start + 8192)
+            near = torch.cdist(z[part], z[new]).square().amin(1)
+            dist[part] = torch.minimum(dist[part], near)
+    return chosen
+
+
 # --- configuration -------------------------------------------------------------------------------
 @dataclass
 class VQGANTrainConfig(TrainConfig):
@@ -88,6 +108,10 @@ class VQGANTrainConfig(TrainConfig):
     codebook_restart_every: int = 0
     codebook_restart_until: int = 0  # last update that may restart codes (0: no limit)
     codebook_restart_probe: int = 256  # training images in the probe (a seeded random sample)
+    # Updates during which the decoder sees the encoder's continuous latents (an autoencoder
+    # warm-up); at this update every codebook entry is drawn from the probe's latents (weighted by
+    # distance), a data-dependent start that a codebook trained from scratch otherwise lacks.
+    quantize_start: int = 0
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
     lr: float = 3.6e-5
@@ -129,6 +153,7 @@ class VQGANTrainConfig(TrainConfig):
             "workers",
             "codebook_restart_every",
             "codebook_restart_until",
+            "quantize_start",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -336,13 +361,16 @@ class VQGANTrainer(Trainer):
         last_layer = self.vqgan.decoder.conv_out.weight
         gan = self.loss.gan_active(self.step)
         logs: dict[str, float] = defaultdict(float)
-        if self._restart_due():
+        quantize = self.step >= self.cfg.quantize_start
+        if self.step > 0 and self.step == self.cfg.quantize_start:
+            logs.update(self.restart_dead_codes(every_code=True))
+        elif self._restart_due():
             logs.update(self.restart_dead_codes())
         for i in range(accum):
             images = self.next_batch().pixels.to(self.device, non_blocking=True)
             sync = i == accum - 1
             with D.gradient_sync(model, sync), self.autocast():
-                recon, codebook_loss, _ = model(images)
+                recon, codebook_loss, _ = model(images, quantize=quantize)
                 loss, g_logs = self.loss.generator_loss(
                     images, recon, codebook_loss, self.step, last_layer
                 )
@@ -374,7 +402,7 @@ class VQGANTrainer(Trainer):
         every, until = self.cfg.codebook_restart_every, self.cfg.codebook_restart_until
         return (
             bool(every)
-            and self.step > 0
+            and self.step > self.cfg.quantize_start  # before it the codebook is not in use
             and self.step % every == 0
             and (not until or self.step <= until)
         )
@@ -388,8 +416,9 @@ class VQGANTrainer(Trainer):
         return self._probe
 
     @torch.no_grad()
-    def restart_dead_codes(self) -> dict[str, float]:
-        """Move the entries no probe latent picks onto probe latents, drawn by quantization error.
+    def restart_dead_codes(self, every_code: bool = False) -> dict[str, float]:
+        """Move the entries no probe latent picks (every entry with `every_code`) onto probe
+        latents, drawn by quantization error.
 
         Deterministic in (seed, step) and identical on every rank (same probe, same weights, same
         draw), so it needs no communication and resumes exactly; the moved rows' optimizer moments
@@ -407,11 +436,18 @@ class VQGANTrainer(Trainer):
         codes = quant.nearest(z[:, :, None, None]).flatten()
         weight = quant.embedding.weight
         used = torch.bincount(codes, minlength=quant.n_embed) > 0
-        dead = (~used).nonzero().flatten()
+        g = self.step_generator("codebook-restart", shared=True)
+        dead = (
+            torch.arange(quant.n_embed, device=z.device)
+            if every_code
+            else (~used).nonzero().flatten()
+        )
         if len(dead):
-            err = (z - quant.codebook().detach().float()[codes]).square().sum(1) + 1e-12
-            g = self.step_generator("codebook-restart", shared=True)
-            pick = torch.multinomial(err.cpu(), len(dead), len(dead) > len(err), generator=g)
+            if every_code:
+                pick = spread_pick(z.cpu(), quant.n_embed, g)
+            else:
+                err = (z - quant.codebook().detach().float()[codes]).square().sum(1) + 1e-12
+                pick = torch.multinomial(err.cpu(), len(dead), len(dead) > len(err), generator=g)
             weight.data[dead] = z[pick.to(z.device)].to(weight.dtype)
             state = self.optims["model"].optimizer.state.get(weight, {})
             for v in state.values():

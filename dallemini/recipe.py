@@ -326,7 +326,7 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
         "A small VQGAN + DalleBart + CLIP reranker trained from scratch by `dallemini recipe emoji` on",
         "the emoji-scenes dataset (Noto Color Emoji glyphs on 8 background colours at 9 positions;",
         "glyphs OFL-1.1 / Apache-2.0, see dallemini/data/assets/LICENSE-emoji.txt). It draws prompts",
-        'like "pizza on a blue background, top left"; it knows nothing else.',
+        'like "strawberry on a blue background, top left"; it knows nothing else.',
         "",
         "## How it was made",
         "",
@@ -353,6 +353,6 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
             else "model / ceiling: no ceiling (the VQGAN reconstructions never pass)",
         ]
         if "rerank_lift" in report:
-            lines.append(f"; CLIP rerank lift (all): {report['rerank_lift']:+.3f}")
+            lines[-1] += f"; CLIP rerank lift (all): {report['rerank_lift']:+.3f}"
     lines += ["", "## recipe.json", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     return "\n".join(lines)

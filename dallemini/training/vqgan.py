@@ -417,8 +417,8 @@ class VQGANTrainer(Trainer):
 
     @torch.no_grad()
     def restart_dead_codes(self, every_code: bool = False) -> dict[str, float]:
-        """Move the entries no probe latent picks (every entry with `every_code`) onto probe
-        latents, drawn by quantization error.
+        """Move the entries no probe latent picks onto probe latents, drawn by quantization error;
+        with `every_code`, move every entry, spread over the probe's latents by `spread_pick`.
 
         Deterministic in (seed, step) and identical on every rank (same probe, same weights, same
         draw), so it needs no communication and resumes exactly; the moved rows' optimizer moments

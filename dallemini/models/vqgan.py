@@ -304,10 +304,8 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z: Tensor) -> Tensor:
         """Codes [B, h, w] of the entries nearest to latents [B, embed_dim, h, w] (float32, row-chunked)."""
         b, c, hh, ww = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, c).float()
+        flat = self.matched(z.permute(0, 2, 3, 1).reshape(-1, c).float())
         weight = self.codebook().float()
-        if self.l2_norm:
-            flat = F.normalize(flat, dim=1)
         # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e; |z|^2 is the same for every entry, so it is left out.
         e2 = weight.square().sum(1)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
@@ -317,10 +315,13 @@ class VectorQuantizer(nn.Module):
             out[start : start + step] = d.argmin(1)
         return out.view(b, hh, ww)
 
+    def matched(self, z: Tensor) -> Tensor:
+        """Latents (channels on dim 1) as they are compared with the entries: unit vectors with `l2_norm`."""
+        return F.normalize(z, dim=1) if self.l2_norm else z
+
     def codebook(self) -> Tensor:
         """The entries as used: the embedding rows, as unit vectors with `l2_norm`."""
-        w = self.embedding.weight
-        return F.normalize(w, dim=1) if self.l2_norm else w
+        return self.matched(self.embedding.weight)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Latents [B, embed_dim, h, w] of codes [B, h, w] (a channels-last view, no copy)."""
@@ -328,8 +329,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize for training: (z_q with straight-through gradient, codebook+commitment loss, codes)."""
-        if self.l2_norm:
-            z = F.normalize(z, dim=1)
+        z = self.matched(z)
         codes = self.nearest(z)
         z_q = self.lookup(codes).to(z.dtype)
         codebook = F.mse_loss(z_q, z.detach())
@@ -484,6 +484,6 @@ class VQGAN(nn.Module):
         if quantize:
             z_q, loss, codes = self.quantize(z)
         else:
-            z_q = F.normalize(z, dim=1) if self.quantize.l2_norm else z
+            z_q = self.quantize.matched(z)
             loss, codes = z.new_zeros(()), self.quantize.nearest(z.detach())
         return self._from_network(self._decode_network(z_q)), loss, codes

@@ -430,9 +430,7 @@ class VQGANTrainer(Trainer):
             with self.autocast():
                 z = self.vqgan.encode_latents(chunk.to(self.device))
             latents.append(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
-        z = torch.cat(latents)
-        if quant.l2_norm:
-            z = torch.nn.functional.normalize(z, dim=1)
+        z = quant.matched(torch.cat(latents))
         codes = quant.nearest(z[:, :, None, None]).flatten()
         weight = quant.embedding.weight
         used = torch.bincount(codes, minlength=quant.n_embed) > 0

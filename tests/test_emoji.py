@@ -188,6 +188,30 @@ def test_low_contrast_pairs(scenes256: EmojiScenes) -> None:
     assert scenes256.is_low_contrast(Scene(subject, colour, "center"))
 
 
+def test_background_pairs_redraw_training_scenes_on_another_colour() -> None:
+    sc = EmojiScenes(64, 32)
+    first, second, alpha, drawn = sc.background_pairs(24, 0, 7)
+    assert first.shape == second.shape == (24, 32, 32, 3) and alpha.shape == (24, 32, 32)
+    again = sc.background_pairs(24, 0, 7)
+    assert np.array_equal(first, again.first) and np.array_equal(second, again.second)
+    assert not np.array_equal(first, sc.background_pairs(24, 0, 8).first)
+    for i, (a, b) in enumerate(drawn):
+        # the same subject and place, another colour, both seen in training (held-out pairs stay unseen)
+        assert (a.subject, a.position) == (b.subject, b.position) and a.colour != b.colour
+        assert sc.split_of(a) == sc.split_of(b) == "train"
+        assert np.array_equal(first[i], np.asarray(sc.render_scene(a)))
+        assert np.array_equal(second[i], np.asarray(sc.render_scene(b)))
+        # alpha marks the glyph: opaque pixels agree, clear ones are the two backgrounds
+        solid, clear = alpha[i] == 1.0, alpha[i] == 0.0
+        assert solid.any() and np.array_equal(first[i][solid], second[i][solid])
+        assert (first[i][clear] == PALETTE[a.colour]).all()
+        assert (second[i][clear] == PALETTE[b.colour]).all()
+        x, y = sc.offsets[a.position]
+        outside = np.ones((32, 32), bool)
+        outside[y : y + sc.subject_size, x : x + sc.subject_size] = False
+        assert (alpha[i][outside] == 0).all()
+
+
 # ---- the judge
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from dallemini.checkpoints.native import save_model_dir
 from dallemini.config import PipelineConfig, VQGANConfig
+from dallemini.data.emoji import EmojiScenes, write_emoji_dataset
 from dallemini.data.pairs import PairDataset
 from dallemini.data.sources import FolderSource, Record, Source, open_source
 from dallemini.errors import ConfigError, InputError
@@ -29,7 +30,12 @@ from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
 from dallemini.training.loop import load_config
 from dallemini.training.losses import LPIPS, PatchDiscriminator
-from dallemini.training.vqgan import VQGANTrainConfig, VQGANTrainer, spread_pick
+from dallemini.training.vqgan import (
+    VQGANTrainConfig,
+    VQGANTrainer,
+    background_invariance,
+    spread_pick,
+)
 
 from .train_utils import kill9_resume_and_compare, subprocess_env
 
@@ -447,6 +453,54 @@ def test_quantize_warmup_then_codebook_seeded_from_latents(tmp_path: Path) -> No
     assert len(torch.unique(weight, dim=0)) > quant.n_embed // 2
     with pytest.raises(ConfigError, match="quantize_start"):
         _cfg(data, tmp_path / "c", quantize_start=-1)
+
+
+def test_background_invariance_measures_masked_cells_only() -> None:
+    a = torch.randn(3, 4, 5, 5)
+    mask = torch.zeros(3, 5, 5, dtype=torch.bool)
+    mask[:, 1:3, 1:3] = True
+    b = a.clone()
+    b[:, :, 0] += 5.0  # outside the mask: does not count
+    assert float(background_invariance(torch.cat([a, b]), mask)) == 0.0
+    b[:, :, 1, 1] = -a[:, :, 1, 1]  # opposite latents in one masked cell of four
+    inv = float(background_invariance(torch.cat([a, b]), mask))
+    assert inv == pytest.approx(4.0 / 4, rel=1e-4)  # |2a|^2 / |a|^2 = 4, averaged over 4 cells
+    scaled = float(background_invariance(torch.cat([a, b]) * 10.0, mask))
+    assert scaled == pytest.approx(inv, rel=1e-4)  # shrinking the latents does not lower it
+    assert float(background_invariance(torch.cat([a, b]), mask & False)) == 0.0
+
+
+def _emoji_data(folder: Path) -> Path:
+    write_emoji_dataset(folder, tier=8, resolution=RES, splits="train", captions_per_image=1)
+    return folder
+
+
+def test_background_pairs_make_glyph_cells_background_invariant(tmp_path: Path) -> None:
+    data = _emoji_data(tmp_path / "emoji")
+    kw: dict[str, Any] = dict(steps=40, disc_start=1000, background_pairs=4, l2_weight=1.0)
+    on = VQGANTrainer(_cfg(data, tmp_path / "on", background_weight=4.0, **kw))
+    off = VQGANTrainer(_cfg(data, tmp_path / "off", background_weight=0.0, **kw))
+    scenes = EmojiScenes.from_config(json.loads((data / "emoji_scenes.json").read_text()))
+    a, b, alpha, _ = scenes.background_pairs(32, "held", 0)
+    pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255
+    mask = torch.nn.functional.max_pool2d(torch.from_numpy(alpha)[:, None], 2)[:, 0] > 0
+
+    def measured(t: VQGANTrainer) -> float:
+        with torch.no_grad():
+            return float(background_invariance(t.vqgan.encode_latents(pixels), mask))
+
+    before = measured(on)
+    for t in (on, off):
+        for _ in range(40):
+            logs = t.train_step()
+            t.step += 1
+        assert logs["background_invariance"] >= 0 and logs["n_images"] == 16  # 8 + 2 x 4
+    assert measured(on) < 0.5 * measured(off) and measured(on) < before
+    # the pairs need the emoji-scenes config next to the images
+    with pytest.raises(ConfigError, match=r"emoji_scenes\.json"):
+        VQGANTrainer(_cfg(write_images(tmp_path / "imgs"), tmp_path / "c", background_pairs=2))
+    with pytest.raises(ConfigError, match="background_pairs"):
+        _cfg(data, tmp_path / "d", background_pairs=-1)
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -121,6 +121,15 @@ class Scene:
     subject: str
     colour: str
     position: str
+
+
+class BackgroundPairs(NamedTuple):
+    """Scenes drawn twice on two backgrounds (see `EmojiScenes.background_pairs`)."""
+
+    first: np.ndarray  # [n, H, W, 3] uint8
+    second: np.ndarray  # the same scenes on the other colour
+    alpha: np.ndarray  # [n, H, W] float32 in [0, 1]: where the glyph covers the background
+    scenes: list[tuple[Scene, Scene]]
 
 
 def _seed_int(*parts: object) -> int:
@@ -503,6 +512,47 @@ class EmojiScenes:
     def is_low_contrast(self, scene: Scene) -> bool:
         """Whether the scene's glyph nearly disappears into its background (report these apart)."""
         return (self.subject(scene.subject).name, scene.colour) in self.low_contrast
+
+    # ---- background pairs (colour-invariant VQGAN codes)
+
+    @functools.cached_property
+    def _recolourable(self) -> tuple[list[tuple[str, str]], dict[tuple[str, str], list[str]]]:
+        """Training (subject, position) pairs seen on at least two colours, with those colours."""
+        colours: dict[tuple[str, str], list[str]] = {}
+        for sc in self.split("train"):
+            colours.setdefault((sc.subject, sc.position), []).append(sc.colour)
+        keys = [k for k, v in colours.items() if len(v) >= 2]
+        return keys, colours
+
+    def background_pairs(self, n: int, *parts: object) -> BackgroundPairs:
+        """n training scenes, each also drawn on another of its training colours, seeded by `parts`.
+
+        Both scenes of a pair are in the train split, so held-out pairs stay unseen. The VQGAN
+        trainer's background-invariance term uses them to give a cell that holds part of a glyph
+        the same code on every background.
+        """
+        keys, colours = self._recolourable
+        if not keys:
+            raise ConfigError(
+                f"emoji tier {self.tier!r} has no subject seen on two training colours"
+            )
+        rng = _rng(self.seed, "background-pairs", *parts)
+        side = self.resolution
+        a = np.empty((n, side, side, 3), np.uint8)
+        b = np.empty_like(a)
+        alpha = np.zeros((n, side, side), np.float32)
+        drawn = []
+        for i, j in enumerate(rng.integers(len(keys), size=n)):
+            subject, position = keys[int(j)]
+            pick = rng.choice(len(colours[subject, position]), size=2, replace=False)
+            pair = tuple(Scene(subject, colours[subject, position][int(k)], position) for k in pick)
+            a[i] = np.asarray(self.render_scene(pair[0]))
+            b[i] = np.asarray(self.render_scene(pair[1]))
+            x, y = self.offsets[position]
+            g = np.asarray(self.glyph(subject))[..., 3].astype(np.float32) / 255.0
+            alpha[i, y : y + g.shape[0], x : x + g.shape[1]] = g
+            drawn.append((pair[0], pair[1]))
+        return BackgroundPairs(a, b, alpha, drawn)
 
     # ---- iteration
 

@@ -474,11 +474,14 @@ class VQGAN(nn.Module):
         )
 
     # --- training ------------------------------------------------------------------------------
-    def forward(self, images: Tensor, quantize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, quantize: bool = True, return_latents: bool = False
+    ) -> tuple[Tensor, ...]:
         """Training pass: (reconstruction in [0, 1] space, unclamped; codebook+commitment loss; codes).
 
         quantize=False decodes the continuous latents (an autoencoder warm-up: zero codebook loss;
-        the codes are still reported).
+        the codes are still reported). return_latents appends the latents as the codebook compares
+        them (`quantize.matched`), with their gradient, for losses on the encoder's output.
         """
         z = self.encode_latents(images)
         if quantize:
@@ -486,4 +489,7 @@ class VQGAN(nn.Module):
         else:
             z_q = self.quantize.matched(z)
             loss, codes = z.new_zeros(()), self.quantize.nearest(z.detach())
-        return self._from_network(self._decode_network(z_q)), loss, codes
+        recon = self._from_network(self._decode_network(z_q))
+        if return_latents:
+            return recon, loss, codes, self.quantize.matched(z)
+        return recon, loss, codes

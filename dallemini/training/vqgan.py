@@ -16,6 +16,7 @@ position is saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import typing
 import warnings
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from ..checkpoints.native import save_model_dir
 from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig
+from ..data.emoji import EmojiScenes
 from ..data.pairs import PairDataset
 from ..data.sources import Source, open_source
 from ..errors import ConfigError, InputError
@@ -63,6 +65,21 @@ def spread_pick(z: Tensor, n: int, generator: torch.Generator) -> Tensor:
             near = torch.cdist(z[part], z[new]).square().amin(1)
             dist[part] = torch.minimum(dist[part], near)
     return chosen
+
+
+def background_invariance(latents: Tensor, mask: Tensor) -> Tensor:
+    """Mean relative squared distance between the two halves' latents over the masked cells.
+
+    latents: [2n, C, h, w] (first n scenes, then the same scenes on other backgrounds); mask:
+    [n, h, w] bool. Relative to the pair's mean squared norm, so shrinking the latents cannot
+    lower it. Zero when no cell is masked.
+    """
+    z = latents.float()
+    a, b = z.chunk(2)
+    dist = (a - b).square().sum(1)
+    scale = 0.5 * (a.square().sum(1) + b.square().sum(1)) + 1e-6
+    m = mask.to(dist.dtype)
+    return (dist / scale * m).sum() / m.sum().clamp_min(1.0)
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -112,6 +129,17 @@ class VQGANTrainConfig(TrainConfig):
     # warm-up); at this update every codebook entry is drawn from the probe's latents (weighted by
     # distance), a data-dependent start that a codebook trained from scratch otherwise lacks.
     quantize_start: int = 0
+    # Background invariance (emoji-scenes data only: needs the emoji_scenes.json that `dallemini
+    # data emoji` writes next to the images): each update also trains on this many training scenes
+    # drawn twice, on two of their training colours, and pulls the two latents of every cell that
+    # holds part of the glyph together (relative squared distance, times background_weight). The
+    # glyph's cells then get the same codes on every background, so the seq2seq model can draw a
+    # subject on a colour it never saw it on; the decoder takes the colour from the cells around.
+    background_pairs: int = 0
+    background_weight: float = 1.0
+    # Update at which the term starts: from the first update it can stop the encoder from
+    # learning anything (every latent alike is invariant), so let it learn to reconstruct first.
+    background_start: int = 0
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
     lr: float = 3.6e-5
@@ -139,6 +167,7 @@ class VQGANTrainConfig(TrainConfig):
             "codebook_weight",
             "disc_weight",
             "disc_factor",
+            "background_weight",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -154,6 +183,8 @@ class VQGANTrainConfig(TrainConfig):
             "codebook_restart_every",
             "codebook_restart_until",
             "quantize_start",
+            "background_pairs",
+            "background_start",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -270,6 +301,8 @@ class VQGANTrainer(Trainer):
             start=holdout,
         )
         self.eval_data = self._eval_images(self.env.rank, self.env.world_size, cfg.batch_size)
+        self.scenes = self._emoji_scenes() if cfg.background_pairs else None
+        self._micro = 0  # the micro-batch within the update (seeds its background pairs)
         self._samples: Tensor | None = None
         self._probe: Tensor | None = None
 
@@ -282,6 +315,42 @@ class VQGANTrainer(Trainer):
 
             return load_vqgan(cfg.model, device="cpu", dtype="float32")
         return VQGAN(_vqgan_config(cfg.preset, cfg.vqgan))
+
+    def _emoji_scenes(self) -> EmojiScenes:
+        """The emoji-scenes dataset that `data` was written from (for background pairs)."""
+        cfg = self.cfg
+        meta = Path(cfg.data) / "emoji_scenes.json"
+        if not meta.is_file():
+            raise ConfigError(
+                f"background_pairs needs emoji-scenes data: {meta} is missing (write the data with "
+                "`dallemini data emoji`, or set background_pairs=0)"
+            )
+        try:
+            scenes = EmojiScenes.from_config(json.loads(meta.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{meta} is not a valid emoji-scenes config ({e})") from e
+        if scenes.resolution != self.resolution:
+            raise ConfigError(
+                f"background_pairs: the emoji scenes are {scenes.resolution} px but the VQGAN trains "
+                f"at {self.resolution} px"
+            )
+        return scenes
+
+    def _background_pairs(self) -> tuple[Tensor, Tensor] | None:
+        """(both images of this update's pairs [2n, 3, H, W], glyph-cell mask [n, h, w]) or None.
+
+        Drawn from (seed, update, rank, micro-batch) alone, so a resumed run sees the same pairs.
+        """
+        if self.scenes is None:
+            return None
+        n = self.cfg.background_pairs
+        a, b, alpha, _ = self.scenes.background_pairs(
+            n, self.cfg.seed, self.step, self.env.rank, self._micro
+        )
+        pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255.0
+        f = self.vqgan.config.downsample_factor
+        mask = torch.nn.functional.max_pool2d(torch.from_numpy(alpha)[:, None], f)[:, 0] > 0
+        return pixels.to(self.device), mask.to(self.device)
 
     def _lpips(self) -> LPIPS | None:
         cfg = self.cfg
@@ -368,12 +437,23 @@ class VQGANTrainer(Trainer):
             logs.update(self.restart_dead_codes())
         for i in range(accum):
             images = self.next_batch().pixels.to(self.device, non_blocking=True)
+            self._micro = i
+            pairs = self._background_pairs()
+            if pairs is not None:
+                images = torch.cat([images, pairs[0]])
             sync = i == accum - 1
             with D.gradient_sync(model, sync), self.autocast():
-                recon, codebook_loss, _ = model(images, quantize=quantize)
+                recon, codebook_loss, _, latents = model(
+                    images, quantize=quantize, return_latents=True
+                )
                 loss, g_logs = self.loss.generator_loss(
                     images, recon, codebook_loss, self.step, last_layer
                 )
+                if pairs is not None:
+                    inv = background_invariance(latents[-pairs[0].shape[0] :], pairs[1])
+                    if self.step >= self.cfg.background_start:
+                        loss = loss + self.cfg.background_weight * inv
+                    g_logs["background_invariance"] = float(inv.detach())
             self.backward(loss / accum)
             if not gan:  # the GAN terms appear in the logs once they count
                 for k in ("g_loss", "d_weight", "disc_factor"):

@@ -129,12 +129,13 @@ class VQGANTrainConfig(TrainConfig):
     # warm-up); at this update every codebook entry is drawn from the probe's latents (weighted by
     # distance), a data-dependent start that a codebook trained from scratch otherwise lacks.
     quantize_start: int = 0
-    # Background invariance (emoji-scenes data only: needs the emoji_scenes.json that `dallemini
-    # data emoji` writes next to the images): each update also trains on this many training scenes
-    # drawn twice, on two of their training colours, and pulls the two latents of every cell that
-    # holds part of the glyph together (relative squared distance, times background_weight). The
-    # glyph's cells then get the same codes on every background, so the seq2seq model can draw a
-    # subject on a colour it never saw it on; the decoder takes the colour from the cells around.
+    # Background invariance (experimental; emoji-scenes data only: needs the emoji_scenes.json that
+    # `dallemini dataset emoji` writes next to the images): each update also trains on this many
+    # training scenes drawn twice, on two of their training colours, and pulls the two latents of
+    # every cell that holds part of the glyph together (relative squared distance, times
+    # background_weight). The aim: a glyph's cells get the same codes on every background, so the
+    # seq2seq model can draw a subject on a colour it never saw it with, and the decoder takes the
+    # colour from the cells around (it does learn that); see the emoji default recipe's status.
     background_pairs: int = 0
     background_weight: float = 1.0
     # Update at which the term starts: from the first update it can stop the encoder from
@@ -323,7 +324,7 @@ class VQGANTrainer(Trainer):
         if not meta.is_file():
             raise ConfigError(
                 f"background_pairs needs emoji-scenes data: {meta} is missing (write the data with "
-                "`dallemini data emoji`, or set background_pairs=0)"
+                "`dallemini dataset emoji`, or set background_pairs=0)"
             )
         try:
             scenes = EmojiScenes.from_config(json.loads(meta.read_text(encoding="utf-8")))

@@ -294,6 +294,13 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     assert len(rows) == sum(counts.values()) == 3 * 72
     judge = EmojiJudge.for_folder(tmp_path)
     assert judge.scenes.names == sc.names and judge.scenes.seed == 1
+    assert EmojiScenes.from_folder(tmp_path).config() == sc.config()
+    with pytest.raises(ConfigError, match="was not written by"):
+        EmojiScenes.from_folder(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "emoji_scenes.json").write_text("{tier: ")
+    with pytest.raises(ConfigError, match="not a valid emoji-scenes config"):
+        EmojiScenes.from_folder(tmp_path / "broken")
     for i, row in enumerate(rows):
         assert row["file"] == f"{i:06d}.png"
         scene = Scene(row["subject"], row["colour"], row["position"])

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch import Tensor
 
 from dallemini.checkpoints.native import save_model_dir
 from dallemini.config import PipelineConfig, VQGANConfig
@@ -35,6 +36,7 @@ from dallemini.training.vqgan import (
     VQGANTrainer,
     background_invariance,
     spread_pick,
+    swap_glyph_cells,
 )
 
 from .train_utils import kill9_resume_and_compare, subprocess_env
@@ -501,6 +503,39 @@ def test_background_pairs_make_glyph_cells_background_invariant(tmp_path: Path) 
         VQGANTrainer(_cfg(write_images(tmp_path / "imgs"), tmp_path / "c", background_pairs=2))
     with pytest.raises(ConfigError, match="background_pairs"):
         _cfg(data, tmp_path / "d", background_pairs=-1)
+
+
+def test_swap_glyph_cells_appends_recombined_rows() -> None:
+    z = torch.arange(5 * 2 * 3 * 3, dtype=torch.float32).reshape(5, 2, 3, 3)  # 1 image + 2 pairs
+    mask = torch.zeros(2, 3, 3, dtype=torch.bool)
+    mask[0, 1, 1] = True
+    out = swap_glyph_cells(z, mask)
+    assert out.shape == (7, 2, 3, 3) and torch.equal(out[:5], z)
+    # pair 0: the first scene (row 1) with its masked cell from the second scene (row 3)
+    want = z[1].clone()
+    want[:, 1, 1] = z[3, :, 1, 1]
+    assert torch.equal(out[5], want) and torch.equal(out[6], z[2])  # pair 1: nothing masked
+
+
+def test_background_swap_decodes_recombined_pairs_against_the_first_scene(tmp_path: Path) -> None:
+    data = _emoji_data(tmp_path / "emoji")
+    t = VQGANTrainer(
+        _cfg(data, tmp_path / "a", background_pairs=3, background_weight=0.0, background_swap=True)
+    )
+    seen: list[tuple[Tensor, Tensor]] = []
+    generator_loss = t.loss.generator_loss
+
+    def spy(targets: Tensor, recon: Tensor, *rest: Any) -> Any:
+        seen.append((targets.detach(), recon.detach()))
+        return generator_loss(targets, recon, *rest)
+
+    t.loss.generator_loss = spy  # type: ignore[method-assign]
+    logs = t.train_step()
+    targets, recon = seen[0]
+    assert logs["n_images"] == 8 + 2 * 3 and targets.shape == recon.shape
+    assert targets.shape[0] == 8 + 2 * 3 + 3  # and 3 recombined pairs decoded
+    # the last 3 targets are the pairs' first scenes (rows 8..10)
+    assert torch.equal(targets[-3:], targets[8:11])
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:

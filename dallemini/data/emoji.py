@@ -343,6 +343,19 @@ class EmojiScenes:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str]) -> EmojiScenes:
+        """The dataset a folder was written from (`write_emoji_dataset`'s emoji_scenes.json)."""
+        f = Path(folder) / "emoji_scenes.json"
+        if not f.is_file():
+            raise ConfigError(
+                f"{f} is missing: {folder} was not written by `dallemini dataset emoji`"
+            )
+        try:
+            return cls.from_config(json.loads(f.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{f} is not a valid emoji-scenes config ({e})") from e
+
     def __repr__(self) -> str:
         return (
             f"EmojiScenes(tier={self.tier!r}, subjects={len(self.subjects)}, resolution={self.resolution}, "

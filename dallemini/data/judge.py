@@ -18,7 +18,6 @@ down/up-sample); a right-colour, right-place mean-of-glyphs blob scores about 1/
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -347,8 +346,7 @@ class EmojiJudge:
     @classmethod
     def for_folder(cls, folder: str | os.PathLike[str], **kwargs: Any) -> EmojiJudge:
         """A judge for a folder written by write_emoji_dataset (reads its emoji_scenes.json)."""
-        cfg = json.loads((Path(folder) / "emoji_scenes.json").read_text(encoding="utf-8"))
-        return cls(EmojiScenes.from_config(cfg), **kwargs)
+        return cls(EmojiScenes.from_folder(folder), **kwargs)
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

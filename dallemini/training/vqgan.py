@@ -16,7 +16,7 @@ position is saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
 import typing
 import warnings
@@ -82,6 +82,16 @@ def background_invariance(latents: Tensor, mask: Tensor) -> Tensor:
     return (dist / scale * m).sum() / m.sum().clamp_min(1.0)
 
 
+def swap_glyph_cells(z_q: Tensor, mask: Tensor) -> Tensor:
+    """z_q with rows appended: each pair's first scene with its glyph cells from the second.
+
+    z_q: [m + 2n, C, h, w], its last 2n rows the pairs (first scenes, then second); mask: [n, h, w].
+    """
+    n = mask.shape[0]
+    first, second = z_q[-2 * n : -n], z_q[-n:]
+    return torch.cat([z_q, torch.where(mask[:, None], second, first)])
+
+
 # --- configuration -------------------------------------------------------------------------------
 @dataclass
 class VQGANTrainConfig(TrainConfig):
@@ -141,6 +151,10 @@ class VQGANTrainConfig(TrainConfig):
     # Update at which the term starts: from the first update it can stop the encoder from
     # learning anything (every latent alike is invariant), so let it learn to reconstruct first.
     background_start: int = 0
+    # Also decode each pair's first scene from its own codes with the glyph cells' codes taken from
+    # the other colour, against the first scene: the decoder learns to take a glyph's fringe colour
+    # from the background around it, whatever colour its codes were encoded on.
+    background_swap: bool = False
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
     lr: float = 3.6e-5
@@ -319,17 +333,10 @@ class VQGANTrainer(Trainer):
 
     def _emoji_scenes(self) -> EmojiScenes:
         """The emoji-scenes dataset that `data` was written from (for background pairs)."""
-        cfg = self.cfg
-        meta = Path(cfg.data) / "emoji_scenes.json"
-        if not meta.is_file():
-            raise ConfigError(
-                f"background_pairs needs emoji-scenes data: {meta} is missing (write the data with "
-                "`dallemini dataset emoji`, or set background_pairs=0)"
-            )
         try:
-            scenes = EmojiScenes.from_config(json.loads(meta.read_text(encoding="utf-8")))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{meta} is not a valid emoji-scenes config ({e})") from e
+            scenes = EmojiScenes.from_folder(self.cfg.data)
+        except ConfigError as e:
+            raise ConfigError(f"background_pairs needs emoji-scenes data: {e}") from e
         if scenes.resolution != self.resolution:
             raise ConfigError(
                 f"background_pairs: the emoji scenes are {scenes.resolution} px but the VQGAN trains "
@@ -440,15 +447,22 @@ class VQGANTrainer(Trainer):
             images = self.next_batch().pixels.to(self.device, non_blocking=True)
             self._micro = i
             pairs = self._background_pairs()
+            remix = None
             if pairs is not None:
                 images = torch.cat([images, pairs[0]])
+                if self.cfg.background_swap:
+                    remix = functools.partial(swap_glyph_cells, mask=pairs[1])
             sync = i == accum - 1
             with D.gradient_sync(model, sync), self.autocast():
                 recon, codebook_loss, _, latents = model(
-                    images, quantize=quantize, return_latents=True
+                    images, quantize=quantize, return_latents=True, remix=remix
                 )
+                targets = images
+                if pairs is not None and remix is not None:  # swapped rows: the pairs' first scenes
+                    n = pairs[1].shape[0]
+                    targets = torch.cat([images, images[-2 * n : -n]])
                 loss, g_logs = self.loss.generator_loss(
-                    images, recon, codebook_loss, self.step, last_layer
+                    targets, recon, codebook_loss, self.step, last_layer
                 )
                 if pairs is not None:
                     inv = background_invariance(latents[-pairs[0].shape[0] :], pairs[1])
@@ -461,7 +475,7 @@ class VQGANTrainer(Trainer):
                     g_logs.pop(k)
             else:
                 with D.gradient_sync(disc, sync), self.autocast(), self._wrapped_discriminator():
-                    d_loss, d_logs = self.loss.discriminator_loss(images, recon, self.step)
+                    d_loss, d_logs = self.loss.discriminator_loss(targets, recon, self.step)
                 self.backward(d_loss / accum)
                 g_logs.update(d_logs)
             for k, v in g_logs.items():

@@ -4,7 +4,9 @@ Steps, each skipped when its result exists (and each trainer resuming from its c
 interrupted recipe continues where it stopped:
 1. dataset: emoji scenes rendered into OUT/data/{train,heldout} (held-out = the heldout-triples split);
 2. vqgan: `train-vqgan` on the training images -> OUT/vqgan/model;
-3. encode: both image folders into VQGAN token shards OUT/tokens/{train,heldout};
+3. encode: both image folders into VQGAN token shards OUT/tokens/{train,heldout} (with
+   `encode.glyph_swaps: K`, also OUT/tokens/train-swaps: the training rows plus K glyph-swapped
+   rows per image, see `data/glyph_swaps.py`, which the DalleBart then trains on);
 4. bart: `train` (DalleBart) on the tokens -> OUT/bart/model (with the VQGAN);
 5. clip: `train-clip` on the images, inside the bart model dir -> OUT/clip/model;
 6. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
@@ -209,8 +211,11 @@ def run_recipe(
         "vqgan", "vqgan", data=data / "train", eval_data=data / "heldout", out=out / "vqgan"
     )
 
+    swaps = int(sec["encode"].pop("glyph_swaps", 0) or 0)
+
     def encode() -> None:
         from .data.encode import encode_dataset
+        from .data.glyph_swaps import write_glyph_swaps
         from .data.sources import open_source
         from .pipeline import load_vqgan
 
@@ -219,11 +224,15 @@ def run_recipe(
             encode_dataset(
                 open_source(data / folder), tokens / folder, vq, **sec["encode"], progress=False
             )
+        if swaps:
+            write_glyph_swaps(
+                data / "train", tokens / "train", tokens / "train-swaps", copies=swaps, seed=seed
+            )
 
     bart = trainer(
         "seq2seq",
         "bart",
-        data=tokens / "train",
+        data=tokens / ("train-swaps" if swaps else "train"),
         eval_data=tokens / "heldout",
         vqgan=out / "vqgan" / "model",
         out=out / "bart",

@@ -51,6 +51,11 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert set(report) == {"heldout-triples", "heldout-colour"}
     assert report["heldout-colour"]["captions"] == 4 and "reranked" in report["heldout-colour"]
     assert json.loads((model / "emoji_scenes.json").read_text())["tier"] == 8
+    # the DalleBart trained on the tokens plus the glyph-swapped rows (encode.glyph_swaps: 1)
+    swaps = json.loads((out / "tokens" / "train-swaps" / "dataset.json").read_text())
+    assert swaps["glyph_swaps"]["copies"] == 1 and swaps["glyph_swaps"]["rows"] > 0
+    bart_cfg = json.loads((out / "bart" / "train_config.json").read_text())
+    assert Path(bart_cfg["data"]) == out / "tokens" / "train-swaps"
     pipe = TextToImage.from_pretrained(model, device="cpu")
     assert pipe.scorer is not None
     images = pipe("cat on a red background, top left", num_images=2, seed=0)

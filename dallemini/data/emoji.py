@@ -398,6 +398,14 @@ class EmojiScenes:
         im.paste(g, self.offsets[position], g)
         return im
 
+    def glyph_alpha(self, subject: str | Subject, position: str) -> np.ndarray:
+        """[side, side] float32 in [0, 1]: where the subject's glyph covers the background."""
+        alpha = np.zeros((self.resolution, self.resolution), np.float32)
+        g = np.asarray(self.glyph(subject))[..., 3].astype(np.float32) / 255.0
+        x, y = self.offsets[position]
+        alpha[y : y + g.shape[0], x : x + g.shape[1]] = g
+        return alpha
+
     def render_scene(self, scene: Scene) -> Image.Image:
         """`render` for a Scene."""
         return self.render(scene.subject, scene.colour, scene.position)
@@ -553,7 +561,7 @@ class EmojiScenes:
         side = self.resolution
         a = np.empty((n, side, side, 3), np.uint8)
         b = np.empty_like(a)
-        alpha = np.zeros((n, side, side), np.float32)
+        alpha = np.empty((n, side, side), np.float32)
         drawn = []
         for i, j in enumerate(rng.integers(len(keys), size=n)):
             subject, position = keys[int(j)]
@@ -561,9 +569,7 @@ class EmojiScenes:
             pair = tuple(Scene(subject, colours[subject, position][int(k)], position) for k in pick)
             a[i] = np.asarray(self.render_scene(pair[0]))
             b[i] = np.asarray(self.render_scene(pair[1]))
-            x, y = self.offsets[position]
-            g = np.asarray(self.glyph(subject))[..., 3].astype(np.float32) / 255.0
-            alpha[i, y : y + g.shape[0], x : x + g.shape[1]] = g
+            alpha[i] = self.glyph_alpha(subject, position)
             drawn.append((pair[0], pair[1]))
         return BackgroundPairs(a, b, alpha, drawn)
 

@@ -38,10 +38,7 @@ def glyph_cell_mask(scenes: EmojiScenes, subject: str, position: str, cell: int)
     side = scenes.resolution
     if side % cell:
         raise ConfigError(f"{side} px images do not split into {cell} px token cells")
-    alpha = np.zeros((side, side), np.float32)
-    g = np.asarray(scenes.glyph(subject))[..., 3]
-    x, y = scenes.offsets[position]
-    alpha[y : y + g.shape[0], x : x + g.shape[1]] = g
+    alpha = scenes.glyph_alpha(subject, position)
     n = side // cell
     return alpha.reshape(n, cell, n, cell).max(axis=(1, 3)) > 0
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dallemini.checkpoints.native import save_model_dir
 from dallemini.config import PipelineConfig, VQGANConfig
-from dallemini.data.emoji import EmojiScenes, write_emoji_dataset
+from dallemini.data.emoji import EmojiScenes, glyph_cells, write_emoji_dataset
 from dallemini.data.pairs import PairDataset
 from dallemini.data.sources import FolderSource, Record, Source, open_source
 from dallemini.errors import ConfigError, InputError
@@ -485,7 +485,7 @@ def test_background_pairs_make_glyph_cells_background_invariant(tmp_path: Path) 
     scenes = EmojiScenes.from_config(json.loads((data / "emoji_scenes.json").read_text()))
     a, b, alpha, _ = scenes.background_pairs(32, "held", 0)
     pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255
-    mask = torch.nn.functional.max_pool2d(torch.from_numpy(alpha)[:, None], 2)[:, 0] > 0
+    mask = torch.from_numpy(glyph_cells(alpha, 2))
 
     def measured(t: VQGANTrainer) -> float:
         with torch.no_grad():

@@ -132,6 +132,14 @@ class BackgroundPairs(NamedTuple):
     scenes: list[tuple[Scene, Scene]]
 
 
+def glyph_cells(alpha: np.ndarray, cell: int) -> np.ndarray:
+    """Token cells ([..., H/cell, W/cell] bool) that hold any pixel of a glyph alpha map [..., H, W]."""
+    *lead, h, w = alpha.shape
+    if h % cell or w % cell:
+        raise ConfigError(f"{h}x{w} px images do not split into {cell} px token cells")
+    return alpha.reshape(*lead, h // cell, cell, w // cell, cell).max(axis=(-3, -1)) > 0
+
+
 def _seed_int(*parts: object) -> int:
     """A stable 64-bit seed from any printable parts (Python's hash() is salted per process)."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()

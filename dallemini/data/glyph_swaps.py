@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, InputError
-from .emoji import EmojiScenes, _rng
+from .emoji import EmojiScenes, _rng, glyph_cells
 from .shards import (
     MANIFEST_NAME,
     atomic_write_json,
@@ -35,12 +35,7 @@ __all__ = ["glyph_cell_mask", "write_glyph_swaps"]
 
 def glyph_cell_mask(scenes: EmojiScenes, subject: str, position: str, cell: int) -> np.ndarray:
     """[side/cell, side/cell] bool: the token cells that hold any pixel of the subject's glyph."""
-    side = scenes.resolution
-    if side % cell:
-        raise ConfigError(f"{side} px images do not split into {cell} px token cells")
-    alpha = scenes.glyph_alpha(subject, position)
-    n = side // cell
-    return alpha.reshape(n, cell, n, cell).max(axis=(1, 3)) > 0
+    return glyph_cells(scenes.glyph_alpha(subject, position), cell)
 
 
 def write_glyph_swaps(

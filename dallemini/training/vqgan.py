@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..checkpoints.native import save_model_dir
 from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig
-from ..data.emoji import EmojiScenes
+from ..data.emoji import EmojiScenes, glyph_cells
 from ..data.pairs import PairDataset
 from ..data.sources import Source, open_source
 from ..errors import ConfigError, InputError
@@ -317,7 +317,6 @@ class VQGANTrainer(Trainer):
         )
         self.eval_data = self._eval_images(self.env.rank, self.env.world_size, cfg.batch_size)
         self.scenes = self._emoji_scenes() if cfg.background_pairs else None
-        self._micro = 0  # the micro-batch within the update (seeds its background pairs)
         self._samples: Tensor | None = None
         self._probe: Tensor | None = None
 
@@ -344,8 +343,8 @@ class VQGANTrainer(Trainer):
             )
         return scenes
 
-    def _background_pairs(self) -> tuple[Tensor, Tensor] | None:
-        """(both images of this update's pairs [2n, 3, H, W], glyph-cell mask [n, h, w]) or None.
+    def _background_pairs(self, micro: int) -> tuple[Tensor, Tensor] | None:
+        """(both images of this micro-batch's pairs [2n, 3, H, W], glyph-cell mask [n, h, w]) or None.
 
         Drawn from (seed, update, rank, micro-batch) alone, so a resumed run sees the same pairs.
         """
@@ -353,11 +352,10 @@ class VQGANTrainer(Trainer):
             return None
         n = self.cfg.background_pairs
         a, b, alpha, _ = self.scenes.background_pairs(
-            n, self.cfg.seed, self.step, self.env.rank, self._micro
+            n, self.cfg.seed, self.step, self.env.rank, micro
         )
         pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255.0
-        f = self.vqgan.config.downsample_factor
-        mask = torch.nn.functional.max_pool2d(torch.from_numpy(alpha)[:, None], f)[:, 0] > 0
+        mask = torch.from_numpy(glyph_cells(alpha, self.vqgan.config.downsample_factor))
         return pixels.to(self.device), mask.to(self.device)
 
     def _lpips(self) -> LPIPS | None:
@@ -445,8 +443,7 @@ class VQGANTrainer(Trainer):
             logs.update(self.restart_dead_codes())
         for i in range(accum):
             images = self.next_batch().pixels.to(self.device, non_blocking=True)
-            self._micro = i
-            pairs = self._background_pairs()
+            pairs = self._background_pairs(i)
             remix = None
             if pairs is not None:
                 images = torch.cat([images, pairs[0]])

@@ -6,7 +6,9 @@ interrupted recipe continues where it stopped:
 2. vqgan: `train-vqgan` on the training images -> OUT/vqgan/model;
 3. encode: both image folders into VQGAN token shards OUT/tokens/{train,heldout} (with
    `encode.glyph_swaps: K`, also OUT/tokens/train-swaps: the training rows plus K glyph-swapped
-   rows per image, see `data/glyph_swaps.py`, which the DalleBart then trains on);
+   rows per image, see `data/glyph_swaps.py`, which the DalleBart then trains on; with
+   `encode.glyph_donor: true`, OUT/tokens/train-donor: every row's glyph cells with the codes of
+   its glyph donor colour, which the DalleBart trains on instead);
 4. bart: `train` (DalleBart) on the tokens -> OUT/bart/model (with the VQGAN);
 5. clip: `train-clip` on the images, inside the bart model dir -> OUT/clip/model;
 6. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
@@ -104,6 +106,11 @@ def load_recipe(
             f"unknown sampling setting(s) {bad}; known: {sorted(SamplingConfig.__dataclass_fields__)}"
         )
     SamplingConfig(**sampling)  # validates the values
+    encode = cfg.get("encode") or {}
+    if encode.get("glyph_swaps") and encode.get("glyph_donor"):
+        raise ConfigError(
+            "encode.glyph_swaps and encode.glyph_donor exclude each other: choose one"
+        )
     cfg.setdefault("seed", 0)
     cfg["source"] = str(p)
     return cfg
@@ -212,10 +219,12 @@ def run_recipe(
     )
 
     swaps = int(sec["encode"].pop("glyph_swaps", 0) or 0)
+    donor = bool(sec["encode"].pop("glyph_donor", False))
+    bart_tokens = "train-swaps" if swaps else "train-donor" if donor else "train"
 
     def encode() -> None:
         from .data.encode import encode_dataset
-        from .data.glyph_swaps import write_glyph_swaps
+        from .data.glyph_swaps import write_glyph_donors, write_glyph_swaps
         from .data.sources import open_source
         from .pipeline import load_vqgan
 
@@ -228,11 +237,13 @@ def run_recipe(
             write_glyph_swaps(
                 data / "train", tokens / "train", tokens / "train-swaps", copies=swaps, seed=seed
             )
+        if donor:
+            write_glyph_donors(data / "train", tokens / "train", tokens / "train-donor")
 
     bart = trainer(
         "seq2seq",
         "bart",
-        data=tokens / ("train-swaps" if swaps else "train"),
+        data=tokens / bart_tokens,
         eval_data=tokens / "heldout",
         vqgan=out / "vqgan" / "model",
         out=out / "bart",

@@ -212,6 +212,38 @@ def test_background_pairs_redraw_training_scenes_on_another_colour() -> None:
         assert (alpha[i][outside] == 0).all()
 
 
+def test_glyph_donor_is_one_training_colour_the_glyph_stands_out_on() -> None:
+    sc = EmojiScenes(64, 32)
+    for subject in sc.names[:16]:
+        for position in POSITIONS:
+            donor = sc.glyph_donor(subject, position)
+            assert donor is not None and donor != sc.heldout_colour[subject]
+            assert sc.split_of(Scene(subject, donor, position)) == "train"
+            assert donor == EmojiScenes(64, 32).glyph_donor(subject, position)  # deterministic
+        # the first training colour in the subject's order: most glyph-to-background contrast
+        glyph = sc._atlas[sc.subject(subject).index].astype(np.float32)  # full-size glyph
+
+        def contrast(c: str, glyph: np.ndarray = glyph) -> float:
+            d = np.linalg.norm(glyph[..., :3] - np.asarray(PALETTE[c], np.float32), axis=-1)
+            return float((d * glyph[..., 3]).sum() / glyph[..., 3].sum())
+
+        donor = sc.glyph_donor(subject, "center")
+        seen = [c for c in PALETTE if sc.split_of(Scene(subject, c, "center")) == "train"]
+        assert contrast(donor) >= max(contrast(c) for c in seen) - 1e-2
+    with pytest.raises(InputError):
+        sc.glyph_donor("no such subject", "center")
+
+
+def test_background_pairs_with_donor_put_the_second_scene_on_the_glyph_donor() -> None:
+    sc = EmojiScenes(64, 32)
+    _, second, _, drawn = sc.background_pairs(24, 0, 7, donor=True)
+    for i, (a, b) in enumerate(drawn):
+        assert (a.subject, a.position) == (b.subject, b.position) and a.colour != b.colour
+        assert b.colour == sc.glyph_donor(b.subject, b.position)
+        assert sc.split_of(a) == sc.split_of(b) == "train"
+        assert np.array_equal(second[i], np.asarray(sc.render_scene(b)))
+
+
 # ---- the judge
 
 

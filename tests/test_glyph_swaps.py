@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from dallemini.config import VQGANConfig
 from dallemini.data.emoji import EmojiScenes, write_emoji_dataset
 from dallemini.data.encode import encode_dataset
-from dallemini.data.glyph_swaps import glyph_cell_mask, write_glyph_swaps
+from dallemini.data.glyph_swaps import glyph_cell_mask, write_glyph_donors, write_glyph_swaps
 from dallemini.data.shards import ShardDataset, list_shards
 from dallemini.data.sources import open_source
 from dallemini.errors import ConfigError, InputError
@@ -43,14 +44,11 @@ def _rows(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("swaps")
-    data = root / "data"
-    write_emoji_dataset(data, tier=3, resolution=32, splits="train", captions_per_image=2)
+def _vq() -> VQGAN:
+    """A random local VQGAN whose entries are the data's latents, so its cells' codes vary."""
     torch.manual_seed(0)
     vq = VQGAN(VQ).eval()
-    with torch.no_grad():  # entries on the data's latents, so the random encoder's cells vary
+    with torch.no_grad():
         images = torch.stack(
             [
                 torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
@@ -60,7 +58,15 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         z = vq.encode_latents(images).permute(0, 2, 3, 1).reshape(-1, VQ.embed_dim)
         pick = torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[: VQ.n_embed]
         vq.quantize.embedding.weight.copy_(z[pick])
-    encode_dataset(open_source(data), root / "tokens", vq, batch_size=64, progress=False)
+    return vq
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("swaps")
+    data = root / "data"
+    write_emoji_dataset(data, tier=3, resolution=32, splits="train", captions_per_image=2)
+    encode_dataset(open_source(data), root / "tokens", _vq(), batch_size=64, progress=False)
     return data, root / "tokens"
 
 
@@ -126,3 +132,62 @@ def test_write_glyph_swaps_refuses_bad_inputs(encoded: tuple[Path, Path], tmp_pa
         write_glyph_swaps(tmp_path, tokens, tmp_path / "b")
     with pytest.raises(InputError):
         write_glyph_swaps(data, tmp_path, tmp_path / "c")
+
+
+def test_write_glyph_donors(encoded: tuple[Path, Path], tmp_path: Path) -> None:
+    data, tokens = encoded
+    sc = EmojiScenes.from_folder(data)
+    meta = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    scene = {m["file"]: (m["subject"], m["colour"], m["position"]) for m in meta}
+    key_of = {v: k for k, v in scene.items()}
+    changed = write_glyph_donors(data, tokens, tmp_path / "a")
+    before, after = _rows(tokens), _rows(tmp_path / "a")
+    assert before.keys() == after.keys()  # the same rows: keys and captions
+    codes = {key: enc for key, enc in before.values()}
+    glyph_codes: dict[tuple[str, str], set[bytes]] = {}
+    n_changed = set()
+    for key, enc in after.values():
+        subject, colour, position = scene[key]
+        donor = sc.glyph_donor(subject, position)
+        inside = glyph_cell_mask(sc, subject, position, 4).reshape(-1)
+        own, theirs = codes[key], codes[key_of[subject, donor, position]]
+        assert np.array_equal(enc[~inside], own[~inside])  # the background keeps its own codes
+        assert np.array_equal(enc[inside], theirs[inside])  # the glyph takes the donor's
+        assert colour != donor or np.array_equal(enc, own)
+        glyph_codes.setdefault((subject, position), set()).add(enc[inside].tobytes())
+        if not np.array_equal(enc, own):
+            n_changed.add(key)
+    # one set of glyph codes per subject and place, whatever the colour
+    assert all(len(v) == 1 for v in glyph_codes.values())
+    assert changed == sum(1 for k, (key, _) in after.items() if key in n_changed) > 0
+    manifest = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert manifest["glyph_donor"]["rows_changed"] == changed and manifest["complete"]
+
+    def tokenize(caps: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(caps), 4, dtype=torch.long), torch.ones(
+            len(caps), 4, dtype=torch.long
+        )
+
+    batches = list(ShardDataset(tmp_path / "a", tokenize, 8, epochs=1, drop_last=False))
+    assert sum(len(b.codes) for b in batches) == len(after)
+
+
+def test_write_glyph_donors_needs_every_donor(encoded: tuple[Path, Path], tmp_path: Path) -> None:
+    data, _ = encoded
+    sc = EmojiScenes.from_folder(data)
+    # an encode without the donor scenes cannot give the other rows their donor's codes
+    part = tmp_path / "data"
+    shutil.copytree(data, part)
+    lines = (part / "metadata.jsonl").read_text().splitlines()
+    kept = []
+    for line in lines:
+        m = json.loads(line)
+        if m["colour"] == sc.glyph_donor(m["subject"], m["position"]):
+            for f in part.glob(Path(m["file"]).stem + ".*"):
+                f.unlink()
+        else:
+            kept.append(line)
+    (part / "metadata.jsonl").write_text("\n".join(kept) + "\n")
+    encode_dataset(open_source(part), tmp_path / "tokens", _vq(), batch_size=64, progress=False)
+    with pytest.raises(InputError, match="glyph donor"):
+        write_glyph_donors(part, tmp_path / "tokens", tmp_path / "out")

@@ -538,6 +538,21 @@ def test_background_swap_decodes_recombined_pairs_against_the_first_scene(tmp_pa
     assert torch.equal(targets[-3:], targets[8:11])
 
 
+def test_background_donor_swaps_in_the_glyph_donors_codes(tmp_path: Path) -> None:
+    data = _emoji_data(tmp_path / "emoji")
+    kw: dict[str, Any] = dict(background_pairs=3, background_weight=0.0, background_swap=True)
+    t = VQGANTrainer(_cfg(data, tmp_path / "a", background_donor=True, **kw))
+    scenes = EmojiScenes.from_folder(data)
+    pixels, _ = t._background_pairs(0)  # type: ignore[misc]
+    want = scenes.background_pairs(3, t.cfg.seed, t.step, 0, 0, donor=True)
+    assert torch.equal(pixels, torch.from_numpy(np.concatenate(want[:2])).permute(0, 3, 1, 2) / 255)
+    assert all(b.colour == scenes.glyph_donor(b.subject, b.position) for _, b in want.scenes)
+    assert t.train_step()["n_images"] == 8 + 2 * 3
+    for name in ("background_donor", "background_swap"):
+        with pytest.raises(ConfigError, match=f"{name} needs background_pairs"):
+            _cfg(data, tmp_path / "b", **{name: True})
+
+
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = write_images(tmp_path / "imgs")
     steps = 48

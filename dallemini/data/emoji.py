@@ -553,12 +553,49 @@ class EmojiScenes:
         keys = [k for k, v in colours.items() if len(v) >= 2]
         return keys, colours
 
-    def background_pairs(self, n: int, *parts: object) -> BackgroundPairs:
+    @functools.cached_property
+    def _donor_order(self) -> dict[str, tuple[str, ...]]:
+        """Per subject, the palette colours from the one its glyph stands out on most to the least."""
+        rgba = self._atlas.astype(np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        out = {}
+        for i, name in enumerate(self.names):
+            weight = alpha[i, ..., 0].sum() + 1e-6
+            contrast = {
+                c: float(
+                    (
+                        np.linalg.norm(rgba[i, ..., :3] - np.asarray(rgb, np.float32), axis=-1)
+                        * alpha[i, ..., 0]
+                    ).sum()
+                    / weight
+                )
+                for c, rgb in PALETTE.items()
+            }
+            out[name] = tuple(
+                sorted(COLOURS, key=lambda c: (-round(contrast[c], 3), COLOURS.index(c)))
+            )
+        return out
+
+    def glyph_donor(self, subject: str | Subject, position: str) -> str | None:
+        """The training colour whose codes stand for the subject's glyph at `position`, or None.
+
+        One colour per (subject, place) (the training colour the glyph stands out on most), so a
+        seq2seq model trained on donor codes (`data/glyph_swaps.py`) sees a subject's glyph cells
+        with the same codes on every background: the glyph and the background become separate
+        parts of the token grid.
+        """
+        name = self.subject(subject).name
+        _, colours = self._recolourable
+        seen = colours.get((name, position), [])
+        return next((c for c in self._donor_order[name] if c in seen), None)
+
+    def background_pairs(self, n: int, *parts: object, donor: bool = False) -> BackgroundPairs:
         """n training scenes, each also drawn on another of its training colours, seeded by `parts`.
 
         Both scenes of a pair are in the train split, so held-out pairs stay unseen. The VQGAN
         trainer's background-invariance term uses them to give a cell that holds part of a glyph
-        the same code on every background.
+        the same code on every background. With `donor`, the second colour is always the scene's
+        `glyph_donor` (and the first any other training colour).
         """
         keys, colours = self._recolourable
         if not keys:
@@ -573,8 +610,15 @@ class EmojiScenes:
         drawn = []
         for i, j in enumerate(rng.integers(len(keys), size=n)):
             subject, position = keys[int(j)]
-            pick = rng.choice(len(colours[subject, position]), size=2, replace=False)
-            pair = tuple(Scene(subject, colours[subject, position][int(k)], position) for k in pick)
+            seen = colours[subject, position]
+            if donor:
+                d = self.glyph_donor(subject, position)
+                others = [c for c in seen if c != d]
+                pick_colours = (others[int(rng.integers(len(others)))], d)
+            else:
+                pick = rng.choice(len(seen), size=2, replace=False)
+                pick_colours = (seen[int(pick[0])], seen[int(pick[1])])
+            pair = tuple(Scene(subject, c, position) for c in pick_colours)
             a[i] = np.asarray(self.render_scene(pair[0]))
             b[i] = np.asarray(self.render_scene(pair[1]))
             alpha[i] = self.glyph_alpha(subject, position)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,14 +24,16 @@ from ..errors import ConfigError, InputError
 from .emoji import EmojiScenes, _rng, glyph_cells
 from .shards import (
     MANIFEST_NAME,
+    ShardInfo,
     atomic_write_json,
     list_shards,
+    read_shard_meta,
     shard_index,
     shard_name,
     write_shard,
 )
 
-__all__ = ["glyph_cell_mask", "write_glyph_swaps"]
+__all__ = ["glyph_cell_mask", "write_glyph_donors", "write_glyph_swaps"]
 
 
 def glyph_cell_mask(scenes: EmojiScenes, subject: str, position: str, cell: int) -> np.ndarray:
@@ -53,39 +56,8 @@ def write_glyph_swaps(
     """
     if copies < 1:
         raise ConfigError(f"glyph swap copies must be >= 1, got {copies}")
-    data, tokens, out = Path(data_dir), Path(tokens_dir), Path(out_dir)
-    scenes = EmojiScenes.from_folder(data)
-    shards, manifest = list_shards(tokens)
-    if not manifest.get("complete"):
-        raise InputError(
-            f"{tokens} is not a finished encode (its {MANIFEST_NAME} is missing or incomplete)"
-        )
+    scenes, shards, manifest, scene_of, codes, captions = _read_encoded(data_dir, tokens_dir)
     cell = int(manifest["image_size"]) // int(manifest["grid_size"])
-    meta_path = data / "metadata.jsonl"
-    if not meta_path.is_file():
-        raise InputError(
-            f"{meta_path} is missing: {data} was not written by `dallemini dataset emoji`"
-        )
-    scene_of = {}
-    for line in meta_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            scene_of[row["file"]] = (row["subject"], row["colour"], row["position"])
-    # One code grid and the captions per image, then the images of each (subject, position).
-    codes: dict[str, np.ndarray] = {}
-    captions: dict[str, list[str]] = {}
-    for info in shards:
-        table = pq.read_table(info.path, columns=["key", "caption", "encoding"]).to_pydict()
-        for key, caption, enc in zip(
-            table["key"], table["caption"], table["encoding"], strict=True
-        ):
-            codes.setdefault(key, np.asarray(enc, np.int64))
-            captions.setdefault(key, []).append(caption)
-    missing = sorted(k for k in codes if k not in scene_of)
-    if missing:
-        raise InputError(
-            f"{len(missing)} encoded images (e.g. {missing[0]}) are not in {meta_path}"
-        )
     by_place: dict[tuple[str, str], list[str]] = {}
     for key in sorted(codes):
         subject, _, position = scene_of[key]
@@ -106,6 +78,7 @@ def write_glyph_swaps(
             keys.append(f"{key}#swap{k}")
             caps.append(captions[key][int(rng.integers(len(captions[key])))])
             rows.append(np.where(mask, codes[donor], codes[key]))
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for info in shards:
@@ -136,7 +109,116 @@ def write_glyph_swaps(
             **manifest,
             "shards": entries,
             "count": int(manifest.get("count", 0)) + len(rows),
-            "glyph_swaps": {"copies": copies, "seed": seed, "rows": len(rows), "from": str(tokens)},
+            "glyph_swaps": {
+                "copies": copies,
+                "seed": seed,
+                "rows": len(rows),
+                "from": str(tokens_dir),
+            },
         },
     )
     return len(rows)
+
+
+def write_glyph_donors(
+    data_dir: str | os.PathLike[str],
+    tokens_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+) -> int:
+    """Write `out_dir`: every row of `tokens_dir` with its glyph cells' codes from the glyph donor.
+
+    The donor is the same subject at the same place on its `EmojiScenes.glyph_donor` colour, so
+    in the written rows a subject's glyph cells carry one set of codes whatever the background:
+    a seq2seq model learns the glyph from the subject and the position and the background cells
+    from the colour, and can put a subject on a colour it never saw it with. The VQGAN must draw
+    those codes on any background (train-vqgan's `background_donor` + `background_swap`). Same
+    shard names, keys and captions as `tokens_dir`; returns the rows whose codes changed.
+    """
+    scenes, shards, manifest, scene_of, codes, _ = _read_encoded(data_dir, tokens_dir)
+    cell = int(manifest["image_size"]) // int(manifest["grid_size"])
+    key_of = {scene: key for key, scene in scene_of.items() if key in codes}
+    donor_codes: dict[str, np.ndarray] = {}
+    missing = []
+    for key in sorted(codes):
+        subject, _, position = scene_of[key]
+        donor = scenes.glyph_donor(subject, position)
+        donor_key = key_of.get((subject, donor, position)) if donor else None
+        if donor_key is None:
+            missing.append(key)
+            donor_codes[key] = codes[key]
+            continue
+        mask = glyph_cell_mask(scenes, subject, position, cell).reshape(-1)
+        donor_codes[key] = np.where(mask, codes[donor_key], codes[key])
+    if missing:
+        raise InputError(
+            f"{len(missing)} encoded images (e.g. {missing[0]}) have no glyph donor in {tokens_dir}: "
+            "it must hold every training scene of the emoji-scenes folder"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    changed = 0
+    for info in shards:
+        table = pq.read_table(info.path, columns=["key", "caption"]).to_pydict()
+        rows = np.stack([donor_codes[k] for k in table["key"]])
+        changed += int(sum(not np.array_equal(donor_codes[k], codes[k]) for k in table["key"]))
+        _, meta = read_shard_meta(info.path)
+        write_shard(
+            out / info.path.name,
+            table["key"],
+            table["caption"],
+            rows,
+            n_embed=int(manifest["n_embed"]),
+            metadata={**meta, "glyph_donor": True},
+        )
+    atomic_write_json(
+        out / MANIFEST_NAME,
+        {**manifest, "glyph_donor": {"rows_changed": changed, "from": str(tokens_dir)}},
+    )
+    return changed
+
+
+def _read_encoded(
+    data_dir: str | os.PathLike[str], tokens_dir: str | os.PathLike[str]
+) -> tuple[
+    EmojiScenes,
+    list[ShardInfo],
+    dict[str, Any],
+    dict[str, tuple[str, str, str]],
+    dict[str, np.ndarray],
+    dict[str, list[str]],
+]:
+    """An emoji-scenes encode: scenes, shards, manifest, each key's (subject, colour, position),
+    its code grid and its captions."""
+    data, tokens = Path(data_dir), Path(tokens_dir)
+    scenes = EmojiScenes.from_folder(data)
+    shards, manifest = list_shards(tokens)
+    if not manifest.get("complete"):
+        raise InputError(
+            f"{tokens} is not a finished encode (its {MANIFEST_NAME} is missing or incomplete)"
+        )
+    meta_path = data / "metadata.jsonl"
+    if not meta_path.is_file():
+        raise InputError(
+            f"{meta_path} is missing: {data} was not written by `dallemini dataset emoji`"
+        )
+    scene_of = {}
+    for line in meta_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            scene_of[row["file"]] = (row["subject"], row["colour"], row["position"])
+    # One code grid and the captions per image, then the images of each (subject, position).
+    codes: dict[str, np.ndarray] = {}
+    captions: dict[str, list[str]] = {}
+    for info in shards:
+        table = pq.read_table(info.path, columns=["key", "caption", "encoding"]).to_pydict()
+        for key, caption, enc in zip(
+            table["key"], table["caption"], table["encoding"], strict=True
+        ):
+            codes.setdefault(key, np.asarray(enc, np.int64))
+            captions.setdefault(key, []).append(caption)
+    missing = sorted(k for k in codes if k not in scene_of)
+    if missing:
+        raise InputError(
+            f"{len(missing)} encoded images (e.g. {missing[0]}) are not in {meta_path}"
+        )
+    return scenes, shards, manifest, scene_of, codes, captions

@@ -155,6 +155,10 @@ class VQGANTrainConfig(TrainConfig):
     # the other colour, against the first scene: the decoder learns to take a glyph's fringe colour
     # from the background around it, whatever colour its codes were encoded on.
     background_swap: bool = False
+    # Draw every pair's second scene on the subject's glyph donor colour (EmojiScenes.glyph_donor),
+    # so background_swap teaches the decoder exactly the codes that donor-coded token rows
+    # (the recipe's encode.glyph_donor) give it: the donor's glyph cells on any background.
+    background_donor: bool = False
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
     lr: float = 3.6e-5
@@ -203,6 +207,9 @@ class VQGANTrainConfig(TrainConfig):
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("background_swap", "background_donor"):
+            if getattr(self, name) and not self.background_pairs:
+                raise ConfigError(f"{name} needs background_pairs > 0 (the pairs it works on)")
         if self.shuffle_buffer is not None and self.shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0 (or none), got {self.shuffle_buffer}")
         if self.resolution is not None and self.resolution < 1:
@@ -352,7 +359,7 @@ class VQGANTrainer(Trainer):
             return None
         n = self.cfg.background_pairs
         a, b, alpha, _ = self.scenes.background_pairs(
-            n, self.cfg.seed, self.step, self.env.rank, micro
+            n, self.cfg.seed, self.step, self.env.rank, micro, donor=self.cfg.background_donor
         )
         pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255.0
         mask = torch.from_numpy(glyph_cells(alpha, self.vqgan.config.downsample_factor))

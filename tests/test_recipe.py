@@ -26,7 +26,7 @@ def test_recipe_settings_and_overrides() -> None:
     with pytest.raises(InputError, match="top_k must be >= 0"):
         load_recipe("tiny", {"sampling.top_k": -1})
     with pytest.raises(ConfigError, match="exclude each other"):
-        load_recipe("tiny", {"encode.glyph_swaps": 1, "encode.glyph_donor": True})
+        load_recipe("tiny", {"encode.glyph_swaps": 1})  # tiny uses glyph_donor
 
 
 def test_first_changed_step() -> None:
@@ -53,11 +53,14 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert set(report) == {"heldout-triples", "heldout-colour"}
     assert report["heldout-colour"]["captions"] == 4 and "reranked" in report["heldout-colour"]
     assert json.loads((model / "emoji_scenes.json").read_text())["tier"] == 8
-    # the DalleBart trained on the tokens plus the glyph-swapped rows (encode.glyph_swaps: 1)
-    swaps = json.loads((out / "tokens" / "train-swaps" / "dataset.json").read_text())
-    assert swaps["glyph_swaps"]["copies"] == 1 and swaps["glyph_swaps"]["rows"] > 0
+    # the DalleBart trained on the donor-coded rows (encode.glyph_donor), the VQGAN on donor pairs
+    donor = json.loads((out / "tokens" / "train-donor" / "dataset.json").read_text())
+    plain = json.loads((out / "tokens" / "train" / "dataset.json").read_text())
+    assert donor["count"] == plain["count"] and donor["glyph_donor"]["rows_changed"] >= 0
     bart_cfg = json.loads((out / "bart" / "train_config.json").read_text())
-    assert Path(bart_cfg["data"]) == out / "tokens" / "train-swaps"
+    assert Path(bart_cfg["data"]) == out / "tokens" / "train-donor"
+    vqgan_cfg = json.loads((out / "vqgan" / "train_config.json").read_text())
+    assert vqgan_cfg["background_donor"] and vqgan_cfg["background_swap"]
     pipe = TextToImage.from_pretrained(model, device="cpu")
     assert pipe.scorer is not None
     images = pipe("cat on a red background, top left", num_images=2, seed=0)

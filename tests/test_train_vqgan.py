@@ -362,6 +362,36 @@ def test_finetune_from_model_dir_with_lpips_and_taming_discriminator(tmp_path: P
     assert any(not torch.equal(v, start[k]) for k, v in out.state_dict().items())
 
 
+def test_decoder_only_finetune_keeps_every_code(tmp_path: Path) -> None:
+    data = _emoji_data(tmp_path / "emoji")
+    torch.manual_seed(2)
+    vq_cfg = VQGANConfig.from_dict({**VQGANConfig().to_dict(), **TINY_VQGAN})
+    start = VQGAN(vq_cfg).state_dict()
+    model_dir = save_model_dir(tmp_path / "start", PipelineConfig(vqgan=vq_cfg), {"vqgan": start})
+    kw: dict[str, Any] = dict(vqgan={}, model=str(model_dir), steps=4, disc_start=100)
+    with pytest.raises(ConfigError, match="background_weight must be 0"):
+        _cfg(data, tmp_path / "run", train_encoder=False, background_pairs=2, **kw)
+    cfg = _cfg(
+        data,
+        tmp_path / "run",
+        train_encoder=False,
+        background_pairs=2,
+        background_weight=0.0,
+        background_swap=True,
+        background_donor=True,
+        **kw,
+    )
+    trainer = VQGANTrainer(cfg)
+    trainer.fit()
+    out = load_vqgan(tmp_path / "run" / "model").state_dict()
+    fixed = ("encoder.", "quant_conv.", "quantize.")
+    assert all(torch.equal(v, start[k]) for k, v in out.items() if k.startswith(fixed))
+    assert any(not torch.equal(v, start[k]) for k, v in out.items() if k.startswith("decoder."))
+    for name, bad in (("model", {"model": None}), ("quantize_start", {"quantize_start": 2})):
+        with pytest.raises(ConfigError, match=name):
+            _cfg(data, tmp_path / "x", **{**kw, "train_encoder": False, **bad})
+
+
 def test_cli_train_vqgan_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from .test_cli import run_here
 

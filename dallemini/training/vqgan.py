@@ -159,6 +159,10 @@ class VQGANTrainConfig(TrainConfig):
     # so background_swap teaches the decoder exactly the codes that donor-coded token rows
     # (the recipe's encode.glyph_donor) give it: the donor's glyph cells on any background.
     background_donor: bool = False
+    # False: fine-tune the decoder (and post_quant_conv) of `model` only; the encoder and the
+    # codebook stay as they are, so every image keeps its codes and a seq2seq model trained on
+    # them stays valid (e.g. teach the decoder the donor-coded scenes a DalleBart emits).
+    train_encoder: bool = True
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
     lr: float = 3.6e-5
@@ -207,6 +211,20 @@ class VQGANTrainConfig(TrainConfig):
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.train_encoder:
+            if not self.model:
+                raise ConfigError(
+                    "train_encoder=false fine-tunes a decoder: give the VQGAN as model"
+                )
+            fixed = ["quantize_start", "codebook_restart_every"]
+            if self.background_pairs:  # the invariance term trains the encoder only
+                fixed.append("background_weight")
+            for name in fixed:
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{name} must be 0 with train_encoder=false (the encoder and codebook stay "
+                        "fixed)"
+                    )
         for name in ("background_swap", "background_donor"):
             if getattr(self, name) and not self.background_pairs:
                 raise ConfigError(f"{name} needs background_pairs > 0 (the pairs it works on)")
@@ -304,6 +322,9 @@ class VQGANTrainer(Trainer):
                 "use disc_norm=batch, one process, or a trained discriminator"
             )
         self.loss.to(self.device)
+        if not cfg.train_encoder:  # the optimizer only gets what still requires a gradient
+            for frozen in (self.vqgan.encoder, self.vqgan.quant_conv, self.vqgan.quantize):
+                frozen.requires_grad_(False)
         self.add_module("model", self.vqgan)
         self.add_module("discriminator", self.loss.discriminator, lr=cfg.disc_lr)
 

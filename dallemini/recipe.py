@@ -10,12 +10,16 @@ interrupted recipe continues where it stopped:
    `encode.glyph_donor: true`, OUT/tokens/train-donor: every row's glyph cells with the codes of
    its glyph donor colour, which the DalleBart trains on instead);
 4. bart: `train` (DalleBart) on the tokens -> OUT/bart/model (with the VQGAN);
-5. clip: `train-clip` on the images, inside the bart model dir -> OUT/clip/model;
-6. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
-7. OUT/model: the clip step's model dir plus emoji_scenes.json and MODEL_CARD.md (config, seed,
+5. decoder (only with a `decoder` section): `train-vqgan` with train_encoder=false on the VQGAN
+   (every code stays, so the DalleBart stays valid) -> OUT/decoder/model, and OUT/decoder/pipeline:
+   the bart model dir with that VQGAN;
+6. clip: `train-clip` on the images, inside the bart model dir (or OUT/decoder/pipeline) ->
+   OUT/clip/model;
+7. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
+8. OUT/model: the clip step's model dir plus emoji_scenes.json and MODEL_CARD.md (config, seed,
    time per step, evaluation).
 Settings come from a recipe YAML (packaged: `dallemini/recipes/emoji/<name>.yaml`) with sections
-dataset, vqgan, encode, bart, clip, sampling, eval, and `section.key=value` overrides. `sampling`
+dataset, vqgan, encode, bart, decoder, clip, sampling, eval, and `section.key=value` overrides. `sampling`
 (temperature, top_k, top_p, condition_scale) is what eval uses and what OUT/model's config.json keeps.
 Continuing a run whose settings changed is refused unless `rerun_changed`, which redoes the first
 step whose section changed and every step after it (earlier steps are deterministic, so the result
@@ -41,14 +45,15 @@ from .errors import ConfigError
 log = logging.getLogger("dallemini.recipe")
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes" / "emoji"
-SECTIONS = ("dataset", "vqgan", "encode", "bart", "clip", "sampling", "eval")
-STEPS = ("dataset", "vqgan", "encode", "bart", "clip", "eval", "model")
+SECTIONS = ("dataset", "vqgan", "encode", "bart", "decoder", "clip", "sampling", "eval")
+STEPS = ("dataset", "vqgan", "encode", "bart", "decoder", "clip", "eval", "model")
 # The sections each step's result depends on (beyond the seed and the steps before it), and what it writes.
 STEP_SECTIONS = {
     "dataset": ("dataset",),
     "vqgan": ("vqgan",),
     "encode": ("encode",),
     "bart": ("bart",),
+    "decoder": ("decoder",),
     "clip": ("clip",),
     "eval": ("sampling", "eval"),
     "model": (),
@@ -58,6 +63,7 @@ STEP_OUTPUT = {
     "vqgan": "vqgan",
     "encode": "tokens",
     "bart": "bart",
+    "decoder": "decoder",
     "clip": "clip",
     "eval": "eval.json",
     "model": "model",
@@ -209,10 +215,20 @@ def run_recipe(
                 subject_size=d.get("subject_size"),
             )
 
-    def trainer(kind: str, section: str, **paths: Path) -> Callable[[], None]:
-        """A step that runs one trainer on the section's settings with the recipe's paths, seed, device."""
-        settings = {k: str(v) for k, v in paths.items()}
-        return lambda: _train(kind, {**sec[section], **settings, "seed": seed, "device": device})
+    def trainer(
+        kind: str, section: str, fixed: dict[str, Any] | None = None, **paths: Path | Callable
+    ) -> Callable[[], None]:
+        """A step that runs one trainer on the section's settings with the recipe's paths (a
+        callable path is resolved when the step runs), `fixed` settings, seed and device."""
+
+        def run() -> None:
+            settings = {k: str(v() if callable(v) else v) for k, v in paths.items()}
+            _train(
+                kind,
+                {**sec[section], **(fixed or {}), **settings, "seed": seed, "device": device},
+            )
+
+        return run
 
     vqgan = trainer(
         "vqgan", "vqgan", data=data / "train", eval_data=data / "heldout", out=out / "vqgan"
@@ -248,12 +264,38 @@ def run_recipe(
         vqgan=out / "vqgan" / "model",
         out=out / "bart",
     )
+    tuned = out / "decoder" / "pipeline"  # the bart model dir with the fine-tuned VQGAN decoder
+
+    tune_decoder = trainer(
+        "vqgan",
+        "decoder",
+        {"train_encoder": False},
+        model=out / "vqgan" / "model",
+        data=data / "train",
+        eval_data=data / "heldout",
+        out=out / "decoder",
+    )
+
+    def decoder() -> None:
+        if not sec["decoder"]:
+            return  # nothing to fine-tune: the CLIP step takes the bart model dir as it is
+        tune_decoder()
+        before = json.loads((out / "bart" / "model" / "config.json").read_text())["vqgan"]
+        after = json.loads((out / "decoder" / "model" / "config.json").read_text())["vqgan"]
+        if before != after:  # cannot happen unless a file was edited: the shape is the model's
+            raise ConfigError(f"{out / 'decoder' / 'model'} is not the bart model's VQGAN shape")
+        tmp = tuned.with_name(".pipeline.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "bart" / "model", tmp)
+        shutil.copy(out / "decoder" / "model" / "vqgan.safetensors", tmp / "vqgan.safetensors")
+        tmp.rename(tuned)
+
     clip = trainer(
         "clip",
         "clip",
         data=data / "train",
         eval_data=data / "heldout",
-        model=out / "bart" / "model",
+        model=lambda: tuned if tuned.is_dir() else out / "bart" / "model",
         out=out / "clip",
     )
 
@@ -298,6 +340,7 @@ def run_recipe(
         "vqgan": vqgan,
         "encode": encode,
         "bart": bart,
+        "decoder": decoder,
         "clip": clip,
         "eval": evaluate,
         "model": model,

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dallemini.errors import ConfigError, InputError
-from dallemini.pipeline import TextToImage
+from dallemini.pipeline import TextToImage, load_vqgan
 from dallemini.recipe import STEPS, first_changed_step, load_recipe, run_recipe
 
 from .test_cli import run_here
@@ -61,6 +62,15 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert Path(bart_cfg["data"]) == out / "tokens" / "train-donor"
     vqgan_cfg = json.loads((out / "vqgan" / "train_config.json").read_text())
     assert vqgan_cfg["background_donor"] and vqgan_cfg["background_swap"]
+    # the decoder step: only the decoder changed, and the CLIP (so the model) uses it
+    tuned = load_vqgan(out / "decoder" / "pipeline").state_dict()
+    first = load_vqgan(out / "vqgan" / "model").state_dict()
+    shipped = load_vqgan(model).state_dict()
+    assert all(torch.equal(tuned[k], shipped[k]) for k in tuned)
+    changed = {k.split(".")[0] for k in tuned if not torch.equal(tuned[k], first[k])}
+    assert "decoder" in changed and not changed & {"encoder", "quant_conv", "quantize"}
+    clip_cfg = json.loads((out / "clip" / "train_config.json").read_text())
+    assert Path(clip_cfg["model"]) == out / "decoder" / "pipeline"
     pipe = TextToImage.from_pretrained(model, device="cpu")
     assert pipe.scorer is not None
     images = pipe("cat on a red background, top left", num_images=2, seed=0)
@@ -80,7 +90,7 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     assert "recipe: settings changed; redoing eval, model" in said
     assert [m for m in said if m.endswith("skipped")] == [
-        f"recipe: {step} done before, skipped" for step in STEPS[:5]
+        f"recipe: {step} done before, skipped" for step in STEPS[: STEPS.index("eval")]
     ]
     assert json.loads((model / "config.json").read_text())["sampling"]["top_k"] == 3
     assert (out / "vqgan" / "model" / "vqgan.safetensors").read_bytes() == vqgan_before

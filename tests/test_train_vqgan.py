@@ -500,6 +500,13 @@ def test_background_invariance_measures_masked_cells_only() -> None:
     scaled = float(background_invariance(torch.cat([a, b]) * 10.0, mask))
     assert scaled == pytest.approx(inv, rel=1e-4)  # shrinking the latents does not lower it
     assert float(background_invariance(torch.cat([a, b]), mask & False)) == 0.0
+    # anchored: the same value, but only the first half gets a gradient
+    both = torch.cat([a, b]).requires_grad_(True)
+    anchored = background_invariance(both, mask, anchor=True)
+    assert float(anchored.detach()) == pytest.approx(inv, rel=1e-4)
+    anchored.backward()
+    assert both.grad is not None and both.grad[:3].abs().sum() > 0
+    assert both.grad[3:].abs().sum() == 0
 
 
 def _emoji_data(folder: Path) -> Path:

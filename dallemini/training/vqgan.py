@@ -67,15 +67,19 @@ def spread_pick(z: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return chosen
 
 
-def background_invariance(latents: Tensor, mask: Tensor) -> Tensor:
+def background_invariance(latents: Tensor, mask: Tensor, anchor: bool = False) -> Tensor:
     """Mean relative squared distance between the two halves' latents over the masked cells.
 
     latents: [2n, C, h, w] (first n scenes, then the same scenes on other backgrounds); mask:
     [n, h, w] bool. Relative to the pair's mean squared norm, so shrinking the latents cannot
-    lower it. Zero when no cell is masked.
+    lower it. Zero when no cell is masked. With `anchor` the second half is a fixed target (no
+    gradient): only the first scenes' latents move toward it, so the anchors keep what they encode
+    and the pair cannot meet in a latent that encodes nothing.
     """
     z = latents.float()
     a, b = z.chunk(2)
+    if anchor:
+        b = b.detach()
     dist = (a - b).square().sum(1)
     scale = 0.5 * (a.square().sum(1) + b.square().sum(1)) + 1e-6
     m = mask.to(dist.dtype)
@@ -159,6 +163,9 @@ class VQGANTrainConfig(TrainConfig):
     # so background_swap teaches the decoder exactly the codes that donor-coded token rows
     # (the recipe's encode.glyph_donor) give it: the donor's glyph cells on any background.
     background_donor: bool = False
+    # The invariance term pulls each pair's first scene toward its second, held fixed (with
+    # background_donor: every colour toward the donor's latents), instead of both toward each other.
+    background_anchor: bool = False
     # False: fine-tune the decoder (and post_quant_conv) of `model` only; the encoder and the
     # codebook stay as they are, so every image keeps its codes and a seq2seq model trained on
     # them stays valid (e.g. teach the decoder the donor-coded scenes a DalleBart emits).
@@ -490,7 +497,9 @@ class VQGANTrainer(Trainer):
                     targets, recon, codebook_loss, self.step, last_layer
                 )
                 if pairs is not None:
-                    inv = background_invariance(latents[-pairs[0].shape[0] :], pairs[1])
+                    inv = background_invariance(
+                        latents[-pairs[0].shape[0] :], pairs[1], self.cfg.background_anchor
+                    )
                     if self.step >= self.cfg.background_start:
                         loss = loss + self.cfg.background_weight * inv
                     g_logs["background_invariance"] = float(inv.detach())

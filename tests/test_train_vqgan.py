@@ -562,8 +562,11 @@ def test_background_swap_decodes_recombined_pairs_against_the_first_scene(tmp_pa
     seen: list[tuple[Tensor, Tensor]] = []
     generator_loss = t.loss.generator_loss
 
+    weights_seen: list[Tensor | None] = []
+
     def spy(targets: Tensor, recon: Tensor, *rest: Any) -> Any:
         seen.append((targets.detach(), recon.detach()))
+        weights_seen.append(rest[-1])
         return generator_loss(targets, recon, *rest)
 
     t.loss.generator_loss = spy  # type: ignore[method-assign]
@@ -573,6 +576,11 @@ def test_background_swap_decodes_recombined_pairs_against_the_first_scene(tmp_pa
     assert targets.shape[0] == 8 + 2 * 3 + 3  # and 3 recombined pairs decoded
     # the last 3 targets are the pairs' first scenes (rows 8..10)
     assert torch.equal(targets[-3:], targets[8:11])
+    assert weights_seen == [None]
+    # background_swap_weight weighs the swapped rows in the reconstruction loss
+    t.cfg.background_swap_weight = 3.0
+    t.train_step()
+    assert weights_seen[1] is not None and weights_seen[1].tolist() == [1.0] * 14 + [3.0] * 3
 
 
 def test_background_donor_swaps_in_the_glyph_donors_codes(tmp_path: Path) -> None:

@@ -216,6 +216,12 @@ def test_vqgan_loss_terms(caplog: pytest.LogCaptureFixture) -> None:
     assert logs["g_loss"] == 0.0 and logs["d_weight"] == 0.0 and logs["disc_factor"] == 0.0
     assert loss.item() == pytest.approx(logs["l1"] + 0.5 * logs["l2"] + 0.3)
     assert all(isinstance(v, float) for v in logs.values())
+    # per-image weights: equal ones change nothing, a zero drops that image
+    _, same = loss_fn.generator_loss(images, recon, codebook, 4, last, torch.tensor([2.0, 2.0]))
+    assert same["l1"] == pytest.approx(logs["l1"]) and same["l2"] == pytest.approx(logs["l2"])
+    _, first = loss_fn.generator_loss(images, recon, codebook, 4, last, torch.tensor([1.0, 0.0]))
+    assert first["l1"] == pytest.approx(diff[0].abs().mean().item())
+    assert first["l2"] == pytest.approx(diff[0].square().mean().item())
 
     loss, logs = loss_fn.generator_loss(images, recon, codebook, step=5, last_layer=last)
     assert logs["d_weight"] > 0 and logs["disc_factor"] == 1.0

@@ -398,19 +398,28 @@ class VQGANLoss(nn.Module):
         codebook_loss: Tensor,
         step: int,
         last_layer: Tensor | None = None,
+        weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """(loss for the VQGAN, float logs) from images and reconstructions in [0, 1] space.
 
         last_layer: the decoder's last weight (`vqgan.decoder.conv_out.weight`) for the adaptive GAN
         weight; None uses `disc_weight` as a fixed weight. Without autograd the GAN weight is 0.
+        weights: per-image weights [B] of the reconstruction terms (None: all equal).
         """
         x, y = _signed(images), _signed(recon)
         diff = x - y
-        l1, l2 = diff.abs().mean(), diff.square().mean()
+
+        def mean(per_pixel: Tensor) -> Tensor:
+            if weights is None:
+                return per_pixel.mean()
+            w = weights.to(per_pixel.device, per_pixel.dtype)
+            return (per_pixel.flatten(1).mean(1) * w).sum() / w.sum()
+
+        l1, l2 = mean(diff.abs()), mean(diff.square())
         nll = self.l1_weight * l1 + self.l2_weight * l2
         perceptual = torch.zeros_like(l1)
         if self.lpips is not None and self.perceptual_weight > 0:
-            perceptual = self.lpips(images, recon).mean()
+            perceptual = mean(self.lpips(images, recon)[:, None])
             nll = nll + self.perceptual_weight * perceptual
         codebook = codebook_loss.mean()
         loss = nll + self.codebook_weight * codebook

@@ -159,6 +159,8 @@ class VQGANTrainConfig(TrainConfig):
     # the other colour, against the first scene: the decoder learns to take a glyph's fringe colour
     # from the background around it, whatever colour its codes were encoded on.
     background_swap: bool = False
+    # Weight of each swapped row in the reconstruction loss (every other image counts 1).
+    background_swap_weight: float = 1.0
     # Draw every pair's second scene on the subject's glyph donor colour (EmojiScenes.glyph_donor),
     # so background_swap teaches the decoder exactly the codes that donor-coded token rows
     # (the recipe's encode.glyph_donor) give it: the donor's glyph cells on any background.
@@ -198,6 +200,7 @@ class VQGANTrainConfig(TrainConfig):
             "disc_weight",
             "disc_factor",
             "background_weight",
+            "background_swap_weight",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -489,12 +492,15 @@ class VQGANTrainer(Trainer):
                 recon, codebook_loss, _, latents = model(
                     images, quantize=quantize, return_latents=True, remix=remix
                 )
-                targets = images
+                targets, weights = images, None
                 if pairs is not None and remix is not None:  # swapped rows: the pairs' first scenes
                     n = pairs[1].shape[0]
                     targets = torch.cat([images, images[-2 * n : -n]])
+                    if self.cfg.background_swap_weight != 1.0:
+                        weights = torch.ones(targets.shape[0], device=targets.device)
+                        weights[-n:] = self.cfg.background_swap_weight
                 loss, g_logs = self.loss.generator_loss(
-                    targets, recon, codebook_loss, self.step, last_layer
+                    targets, recon, codebook_loss, self.step, last_layer, weights
                 )
                 if pairs is not None:
                     inv = background_invariance(

@@ -288,6 +288,7 @@ def run_recipe(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(out / "bart" / "model", tmp)
         shutil.copy(out / "decoder" / "model" / "vqgan.safetensors", tmp / "vqgan.safetensors")
+        shutil.rmtree(tuned, ignore_errors=True)  # left by a run stopped before its marker
         tmp.rename(tuned)
 
     clip = trainer(

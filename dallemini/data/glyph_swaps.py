@@ -12,8 +12,10 @@ unseen.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +64,14 @@ def write_glyph_swaps(
     for key in sorted(codes):
         subject, _, position = scene_of[key]
         by_place.setdefault((subject, position), []).append(key)
-    masks: dict[tuple[str, str], np.ndarray] = {}
+    mask_of = _mask_cache(scenes, cell)
     keys, caps, rows = [], [], []
     for key in sorted(codes):
         subject, colour, position = scene_of[key]
         donors = [k for k in by_place[subject, position] if scene_of[k][1] != colour]
         if not donors:
             continue
-        if (subject, position) not in masks:
-            masks[subject, position] = glyph_cell_mask(scenes, subject, position, cell).reshape(-1)
-        mask = masks[subject, position]
+        mask = mask_of(subject, position)
         rng = _rng(seed, "glyph-swaps", key)
         for k in range(copies):
             donor = donors[int(rng.integers(len(donors)))]
@@ -137,6 +137,7 @@ def write_glyph_donors(
     scenes, shards, manifest, scene_of, codes, _ = _read_encoded(data_dir, tokens_dir)
     cell = int(manifest["image_size"]) // int(manifest["grid_size"])
     key_of = {scene: key for key, scene in scene_of.items() if key in codes}
+    mask_of = _mask_cache(scenes, cell)
     donor_codes: dict[str, np.ndarray] = {}
     missing = []
     for key in sorted(codes):
@@ -147,7 +148,7 @@ def write_glyph_donors(
             missing.append(key)
             donor_codes[key] = codes[key]
             continue
-        mask = glyph_cell_mask(scenes, subject, position, cell).reshape(-1)
+        mask = mask_of(subject, position)
         donor_codes[key] = np.where(mask, codes[donor_key], codes[key])
     if missing:
         raise InputError(
@@ -175,6 +176,13 @@ def write_glyph_donors(
         {**manifest, "glyph_donor": {"rows_changed": changed, "from": str(tokens_dir)}},
     )
     return changed
+
+
+def _mask_cache(scenes: EmojiScenes, cell: int) -> Callable[[str, str], np.ndarray]:
+    """glyph_cell_mask, flattened, computed once per (subject, position)."""
+    return functools.cache(
+        lambda subject, position: glyph_cell_mask(scenes, subject, position, cell).reshape(-1)
+    )
 
 
 def _read_encoded(

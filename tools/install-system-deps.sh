@@ -8,6 +8,7 @@ set -uo pipefail
 PACKAGES=(
   "fonts-noto-color-emoji:/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
   "chromium:/usr/bin/chromium"
+  "gcc:/usr/bin/gcc"  # compiles the native float32 decoding kernel (dallemini/models/kernels)
 )
 
 missing=()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import BartConfig
 from ..errors import InputError
+from . import kernels
 
 
 def _has_onednn_linear() -> bool:
@@ -81,6 +82,10 @@ class Dense(nn.Linear):
         ):
             if w.dtype == torch.float32:
                 rows = _batch_rows(x)
+                if rows <= 2:  # one image: the native kernel streams the weight ~1.4x faster
+                    y = kernels.gemv(x, w)
+                    if y is not None:
+                        return y
                 if self.prepack and (self._packed is not None or rows >= _PACK_MIN_ROWS_F32):
                     w = self.packed_weight()
                 return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
@@ -118,7 +123,9 @@ class FusedDense:
                 return None
         elif first.dtype == torch.float32:
             rows = _batch_rows(x)
-            if self._cache is None and rows < _PACK_MIN_ROWS_F32:
+            if (self._cache is None and rows < _PACK_MIN_ROWS_F32) or (
+                rows <= 2 and kernels.available()
+            ):
                 return None
         else:
             return None

@@ -47,8 +47,9 @@ class Dense(nn.Linear):
     """Bias-free linear layer with fast CPU inference paths; same parameter, same state-dict name.
 
     Decoding multiplies a few rows by every weight matrix, so it is bound by how fast weights stream from
-    memory (one image) or by matmul speed (several). Without autograd on CPU, float32 goes through oneDNN,
-    which streams weights ~2x faster than MKL's small-batch sgemm (same float32 arithmetic). Layers marked
+    memory (one image) or by matmul speed (several). Without autograd on CPU, one or two float32 rows go
+    through the native kernel (models/kernels, ~1.4x oneDNN's streaming) where it builds; other float32
+    products through oneDNN, which streams weights ~2x faster than MKL's small-batch sgemm. Layers marked
     `prepack` (the decoder's, used at every step) keep a second copy of their weight in oneDNN's blocked
     layout, 20-50% faster again: always in bfloat16, in float32 once a step has 8 rows or more.
     """

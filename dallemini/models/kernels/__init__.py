@@ -67,9 +67,8 @@ def _compile() -> Path | None:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        dir=out.parent
-    ) as tmp:  # atomic: other processes see all or nothing
+    # Built beside its final name and renamed: other processes see the whole library or none.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
         subprocess.run(
             [cc, *_FLAGS, str(_SOURCE), "-o", str(built)],

@@ -1,9 +1,10 @@
-"""Optional native CPU kernel for decoding: float32 weight times one or two rows (see gemv.c).
+"""Optional native CPU kernels for decoding: a weight times one or two rows (see gemv.c).
 
-No library streams a few-row float32 matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of
-it), so this one small C function is compiled on first use with the system's C compiler and cached
-per CPU under ~/.cache/dallemini/kernels. Without a compiler, on a CPU without AVX-512, or with
-DALLEMINI_NATIVE_KERNELS=0, `gemv` returns None and callers use PyTorch's ops.
+No library streams a few-row matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of it), so
+two small C functions are compiled on first use with the system's C compiler and cached per CPU
+under ~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512) and bfloat16 on a blocked copy of
+the weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16). Without them (no compiler, another CPU,
+or DALLEMINI_NATIVE_KERNELS=0) these return None and callers use PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("gemv.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # "fn": the loaded function or None once tried
+_STATE: dict[str, object] = {}  # "fn", "bf16": the loaded functions (None where unavailable)
+_BLOCK_ROWS, _BLOCK_COLS = (
+    8,
+    32,
+)  # the bfloat16 kernel's weight layout (ROWS and the pair-dot width)
 
 
 def _cpu_identity() -> str | None:
@@ -99,19 +104,82 @@ def _load() -> object | None:
     if not torch.allclose(y, x @ w.t(), rtol=1e-5, atol=1e-5):
         log.warning("native CPU kernel gives wrong results here; using PyTorch's matmul")
         return None
+    bf16 = getattr(
+        ctypes.CDLL(str(path)), "dallemini_gemv2_bf16", None
+    )  # built on AVX512-BF16 only
+    if bf16 is not None:
+        bf16.argtypes = fn.argtypes
+        bf16.restype = None
+        _STATE["bf16"] = bf16
+        wb, xb = w.bfloat16(), x.bfloat16()
+        yb = gemv_bf16(xb, _pack(wb), 37, 50)
+        if yb is None or not torch.allclose(
+            yb.float(), (xb.float() @ wb.float().t()).bfloat16().float(), rtol=1e-2, atol=1e-2
+        ):
+            log.warning("native bfloat16 kernel gives wrong results here; using PyTorch's matmul")
+            _STATE["bf16"] = None
     return fn
 
 
-def _function() -> object | None:
+def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
+            _STATE["bf16"] = None
             _STATE["fn"] = _load()
-        return _STATE["fn"]
+            if _STATE["fn"] is None:
+                _STATE["bf16"] = None
+        return _STATE[kind]
 
 
-def available() -> bool:
-    """Whether the native kernel runs on this machine (compiles it on the first call)."""
-    return _function() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the native kernel for `dtype` weights runs on this machine (compiles it on the first call)."""
+    if dtype == torch.bfloat16:
+        return _function("bf16") is not None
+    return dtype == torch.float32 and _function() is not None
+
+
+def _pack(weight: Tensor) -> Tensor:
+    """[N, K] -> the bfloat16 kernel's blocked layout [ceil(N/8), Kp/32, 8, 32], zero-padded."""
+    n, k = weight.shape
+    rb, cb = _BLOCK_ROWS, _BLOCK_COLS
+    padded = torch.zeros(-(-n // rb) * rb, -(-k // cb) * cb, dtype=weight.dtype)
+    padded[:n, :k] = weight
+    return padded.view(-1, rb, padded.shape[1] // cb, cb).transpose(1, 2).contiguous()
+
+
+def pack_bf16(weight: Tensor) -> Tensor | None:
+    """A bfloat16 [N, K] CPU weight in the layout `gemv_bf16` reads (a copy), or None without the kernel."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
+        return None
+    if not available(torch.bfloat16):
+        return None
+    return _pack(weight.detach())
+
+
+def gemv_bf16(x: Tensor, packed: Tensor, n: int, k: int) -> Tensor | None:
+    """x [..., k] bfloat16 (one or two rows in all) times the packed [n, k] weight, float32
+    accumulation, bfloat16 out; None where the kernel does not apply."""
+    fn = _STATE.get("bf16")
+    if fn is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
+        return None
+    rows = x.numel() // k if k else 0
+    if rows not in (1, 2):
+        return None
+    kp = packed.shape[1] * _BLOCK_COLS
+    xp = torch.zeros(rows, kp, dtype=torch.bfloat16)
+    xp[:, :k] = x.reshape(rows, k)
+    y = torch.empty(2, n)
+    fn(  # type: ignore[operator]
+        packed.data_ptr(),
+        xp[0].data_ptr(),
+        xp[rows - 1].data_ptr(),
+        y[0].data_ptr(),
+        y[1].data_ptr(),
+        n,
+        kp,
+        torch.get_num_threads(),
+    )
+    return y[:rows].to(torch.bfloat16).reshape(*x.shape[:-1], n)
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor | None:

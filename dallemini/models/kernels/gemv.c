@@ -1,4 +1,4 @@
-/* Float32 matrix-vector products for CPU decoding: y_r = W x_r for one or two rows x_r.
+/* Matrix-vector products for CPU decoding: y_r = W x_r for one or two rows x_r, float32 or bfloat16.
  *
  * Decoding one image multiplies two rows (prompt and empty caption) by every weight matrix, so
  * the step is bound by how fast W streams from memory. This kernel reads each weight row once,
@@ -50,3 +50,40 @@ void dallemini_gemv2(const float* W, const float* x0, const float* x1, float* y0
     }
   }
 }
+
+#ifdef __AVX512BF16__
+/* bfloat16: the weight in a blocked layout Wp [ceil(N/8)][Kp/32][8][32] (rows padded to a multiple of
+ * 8, columns to Kp, a multiple of 32, with zeros; see kernels.pack_bf16), so every block of eight
+ * rows streams as one contiguous run (~29 GB/s here, against ~23 row by row and ~20 for oneDNN);
+ * x0, x1 [Kp] bfloat16. Products of two bfloat16 values are exact in float32 and accumulate in
+ * float32 (AVX512-BF16's pair dot product). */
+void dallemini_gemv2_bf16(const unsigned short* Wp, const unsigned short* x0,
+                          const unsigned short* x1, float* y0, float* y1, long N, long Kp,
+                          int threads) {
+  long blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long b = 0; b < blocks; b++) {
+    const unsigned short* w = Wp + b * Kp * ROWS;
+    __m512 a0[ROWS], a1[ROWS];
+    for (int i = 0; i < ROWS; i++) {
+      a0[i] = _mm512_setzero_ps();
+      a1[i] = _mm512_setzero_ps();
+    }
+    for (long k = 0; k < Kp; k += 32, w += 32 * ROWS) {
+      __m512bh v0 = (__m512bh)_mm512_loadu_si512(x0 + k);
+      __m512bh v1 = (__m512bh)_mm512_loadu_si512(x1 + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < ROWS; i++) {
+        __m512bh v = (__m512bh)_mm512_loadu_si512(w + 32 * i);
+        a0[i] = _mm512_dpbf16_ps(a0[i], v, v0);
+        a1[i] = _mm512_dpbf16_ps(a1[i], v, v1);
+      }
+    }
+    long n = b * ROWS;
+    for (long i = 0; i < ROWS && n + i < N; i++) {
+      y0[n + i] = _mm512_reduce_add_ps(a0[i]);
+      y1[n + i] = _mm512_reduce_add_ps(a1[i]);
+    }
+  }
+}
+#endif

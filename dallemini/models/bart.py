@@ -104,9 +104,8 @@ class Dense(nn.Linear):
             and not torch.is_grad_enabled()
         ):
             rows = _batch_rows(x)
-            few = (
-                x.numel() <= 2 * x.shape[-1]
-            )  # one or two rows in all: a decoding step of one image
+            # One or two rows in all: a decoding step of one image.
+            few = x.numel() <= 2 * x.shape[-1]
             if w.dtype == torch.float32:
                 if few:  # the native kernel streams the weight ~1.4x faster
                     y = kernels.gemv(x, w)
@@ -122,9 +121,8 @@ class Dense(nn.Linear):
                     if y is not None:  # ~1.3x oneDNN's bfloat16 streaming
                         return y
                 elif self._blocked is not None and rows <= 2:
-                    return F.linear(
-                        x, w
-                    )  # one image's prefill: keep the blocked copy for its steps
+                    # One image's prefill: keep the blocked copy for the steps that follow.
+                    return F.linear(x, w)
             if w.dtype == torch.bfloat16 and self.prepack and _ONEDNN_BF16:
                 return torch.ops.mkldnn._linear_pointwise(
                     x, self.packed_weight(), None, "none", [], ""

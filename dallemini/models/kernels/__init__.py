@@ -30,10 +30,8 @@ _SOURCE = Path(__file__).with_name("gemv.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "fn", "bf16": the loaded functions (None where unavailable)
-_BLOCK_ROWS, _BLOCK_COLS = (
-    8,
-    32,
-)  # the bfloat16 kernel's weight layout (ROWS and the pair-dot width)
+# The bfloat16 kernel's weight layout: blocks of ROWS (gemv.c) rows, 32 columns (one pair-dot vector).
+_BLOCK_ROWS, _BLOCK_COLS = 8, 32
 
 
 def _cpu_identity() -> str | None:
@@ -86,12 +84,14 @@ def _compile() -> Path | None:
 
 
 def _load() -> object | None:
-    """The C function, checked against torch on a small product; None where unavailable."""
+    """The float32 C function (and into _STATE the bfloat16 one), each checked against torch on a small
+    product; None where unavailable."""
     try:
         path = _compile()
         if path is None:
             return None
-        fn = ctypes.CDLL(str(path)).dallemini_gemv2
+        lib = ctypes.CDLL(str(path))
+        fn = lib.dallemini_gemv2
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.info("native CPU kernel unavailable, using PyTorch's matmul: %s", e)
         return None
@@ -104,9 +104,8 @@ def _load() -> object | None:
     if not torch.allclose(y, x @ w.t(), rtol=1e-5, atol=1e-5):
         log.warning("native CPU kernel gives wrong results here; using PyTorch's matmul")
         return None
-    bf16 = getattr(
-        ctypes.CDLL(str(path)), "dallemini_gemv2_bf16", None
-    )  # built on AVX512-BF16 only
+    # Built on AVX512-BF16 CPUs only.
+    bf16 = getattr(lib, "dallemini_gemv2_bf16", None)
     if bf16 is not None:
         bf16.argtypes = fn.argtypes
         bf16.restype = None
@@ -124,10 +123,8 @@ def _load() -> object | None:
 def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
-            _STATE["bf16"] = None
+            _STATE["bf16"] = None  # _load sets it once the float32 function passed its check
             _STATE["fn"] = _load()
-            if _STATE["fn"] is None:
-                _STATE["bf16"] = None
         return _STATE[kind]
 
 

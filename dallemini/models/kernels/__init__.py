@@ -83,6 +83,22 @@ def _compile() -> Path | None:
     return out
 
 
+def _run(fn: object, weight: Tensor, x: Tensor, n: int, k: int, threads: int) -> Tensor:
+    """y [2, n] float32 from one C call: `weight` (its layout, k columns) times x's first and last rows."""
+    y = torch.empty(2, n)
+    fn(  # type: ignore[operator]
+        weight.data_ptr(),
+        x[0].data_ptr(),
+        x[-1].data_ptr(),
+        y[0].data_ptr(),
+        y[1].data_ptr(),
+        n,
+        k,
+        threads,
+    )
+    return y
+
+
 def _load() -> object | None:
     """The float32 C function (and into _STATE the bfloat16 one), each checked against torch on a small
     product; None where unavailable."""
@@ -99,9 +115,7 @@ def _load() -> object | None:
     fn.restype = None
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(37, 50, generator=g), torch.randn(2, 50, generator=g)
-    y = torch.empty(2, 37)
-    fn(w.data_ptr(), x[0].data_ptr(), x[1].data_ptr(), y[0].data_ptr(), y[1].data_ptr(), 37, 50, 1)
-    if not torch.allclose(y, x @ w.t(), rtol=1e-5, atol=1e-5):
+    if not torch.allclose(_run(fn, w, x, 37, 50, 1), x @ w.t(), rtol=1e-5, atol=1e-5):
         log.warning("native CPU kernel gives wrong results here; using PyTorch's matmul")
         return None
     # Built on AVX512-BF16 CPUs only.
@@ -165,17 +179,7 @@ def gemv_bf16(x: Tensor, packed: Tensor, n: int, k: int) -> Tensor | None:
     kp = packed.shape[1] * _BLOCK_COLS
     xp = torch.zeros(rows, kp, dtype=torch.bfloat16)
     xp[:, :k] = x.reshape(rows, k)
-    y = torch.empty(2, n)
-    fn(  # type: ignore[operator]
-        packed.data_ptr(),
-        xp[0].data_ptr(),
-        xp[rows - 1].data_ptr(),
-        y[0].data_ptr(),
-        y[1].data_ptr(),
-        n,
-        kp,
-        torch.get_num_threads(),
-    )
+    y = _run(fn, packed, xp, n, kp, torch.get_num_threads())
     return y[:rows].to(torch.bfloat16).reshape(*x.shape[:-1], n)
 
 
@@ -196,18 +200,6 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor | None:
     rows = x.numel() // k if k else 0
     if rows not in (1, 2):
         return None
-    x2 = x.reshape(rows, k).contiguous()
     n = weight.shape[0]
-    y = torch.empty(2, n)
-    x1 = x2[rows - 1]
-    fn(  # type: ignore[operator]
-        weight.data_ptr(),
-        x2[0].data_ptr(),
-        x1.data_ptr(),
-        y[0].data_ptr(),
-        y[1].data_ptr(),
-        n,
-        k,
-        torch.get_num_threads(),
-    )
+    y = _run(fn, weight, x.reshape(rows, k).contiguous(), n, k, torch.get_num_threads())
     return y[:rows].reshape(*x.shape[:-1], n)

@@ -1,11 +1,13 @@
-"""The native float32 decoding kernel: same products as torch, used only where it applies."""
+"""The native decoding kernels: same products and decoder layers as torch, used only where they apply."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from dallemini.config import BartConfig
 from dallemini.models import kernels
-from dallemini.models.bart import Dense
+from dallemini.models.bart import DalleBart, Dense
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="no C compiler or no AVX-512 here"
@@ -90,3 +92,110 @@ def test_dense_bf16_keeps_one_packed_copy() -> None:
         assert layer._blocked is not None and layer._packed is None
         torch.testing.assert_close(layer(many), F.linear(many, layer.weight), rtol=1e-2, atol=1e-2)
         assert layer._packed is not None and layer._blocked is None
+
+
+def _bart(dtype: torch.dtype, scale: bool) -> DalleBart:
+    """A small DalleBart whose layer norms are not identity (so their order and use are checked)."""
+    cfg = BartConfig(
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        attention_heads=4,
+        ffn_dim=90,  # not a multiple of 16 or 32: the kernels' column tails
+        encoder_vocab_size=100,
+        image_vocab_size=128,
+        decoder_start_token_id=128,
+        image_length=16,
+        max_text_length=8,
+        force_ln_scale=scale,
+    )
+    torch.manual_seed(0)
+    m = DalleBart(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name or ".ln" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return m.to(dtype)
+
+
+def _greedy_logits(m: DalleBart, rows: int, native: bool, steps: int = 8) -> tuple[Tensor, object]:
+    ids = torch.randint(0, 100, (rows, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(rows, 6, dtype=torch.long)
+    mask[-1, 4:] = 0  # padded text: the cross-attention mask
+    with torch.inference_mode():
+        cache = m.init_cache(m.encode(ids, mask), mask)
+        if not native:
+            cache.native = False
+        tok = torch.full((rows, 1), m.config.decoder_start_token_id)
+        out = []
+        for _ in range(steps):
+            logits = m.decode_step(tok, cache)
+            out.append(logits.float())
+            tok = logits[:, -1, :128].argmax(-1, keepdim=True)
+    return torch.cat(out, 1), cache.native
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("scale", [False, True])
+def test_native_decoder_layer_matches_torch(dtype: torch.dtype, rows: int, scale: bool) -> None:
+    """One image's decoding steps through the C decoder layer give torch's logits."""
+    if not kernels.available(dtype):
+        pytest.skip(f"no native {dtype} kernel here")
+    m = _bart(dtype, scale)
+    got, native = _greedy_logits(m, rows, native=True)
+    want, _ = _greedy_logits(m, rows, native=False)
+    assert isinstance(native, list) and len(native) == 2  # the native path ran
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # the C layer keeps float32 between products where torch rounds each op to bfloat16
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+@needs_kernel
+def test_native_decoder_layer_only_where_it_applies() -> None:
+    m = _bart(torch.float32, False)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    with torch.inference_mode():
+        enc = m.encode(torch.randint(0, 100, (3, 6)), mask)
+        cache = m.init_cache(enc, mask)  # three rows: torch's ops
+        m.decode_step(torch.full((3, 1), 128), cache)
+        assert cache.native is False
+        cache = m.init_cache(enc[:2], mask[:2])
+        m.decode_step(torch.full((2, 3), 5), cache)  # several tokens at once: torch's ops
+        assert cache.native is None
+        m.decode_step(torch.full((2, 1), 5), cache)
+        assert isinstance(cache.native, list)
+        m.train()
+        cache = m.init_cache(enc[:2], mask[:2])
+        m.decode_step(torch.full((2, 1), 5), cache)
+        assert cache.native is False
+
+
+@needs_kernel
+def test_native_decoder_layer_checks_its_arguments() -> None:
+    m = _bart(torch.float32, False)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with torch.inference_mode():
+        cache = m.init_cache(m.encode(torch.randint(0, 100, (2, 6)), mask), mask)
+        m.decode_step(torch.full((2, 1), 5), cache)
+        kernel = cache.native[0]
+        with pytest.raises(ValueError, match="expected x"):
+            kernel(torch.zeros(3, 64), 1)
+        with pytest.raises(ValueError, match="position 16 outside"):
+            kernel(torch.zeros(2, 64), 16)
+        layer = m.decoder.layers[0]
+        weights = [layer.self_attn.q_proj.weight.t()] * 9  # not contiguous
+        with pytest.raises(ValueError, match="weight 0"):
+            kernels.DecoderLayerKernel(
+                weights,
+                [(None, torch.zeros(64))] * 5 + [(None, torch.zeros(90))],
+                1e-5,
+                4,
+                cache.self_k[0],
+                cache.self_v[0],
+                cache.cross_k[0],
+                cache.cross_v[0],
+                cache.cross_mask.reshape(2, -1),
+                bf16=False,
+            )

@@ -200,7 +200,8 @@ def test_convert_min_dalle_folder_and_generate(tmp_path: Path) -> None:
 @pytest.mark.parametrize("images", [1, 9])
 def test_greedy_tokens_match_min_dalle_sampler(tmp_path: Path, images: int) -> None:
     """With sampling replaced by argmax (top-k 1), min-dalle's own sampler and ours pick the same tokens
-    for 32 steps, for one image and for nine (18 rows: our float32 packed/fused decoding path)."""
+    for 32 steps, for one image (the native decoder-layer kernel where it builds) and for nine (18 rows:
+    our float32 packed/fused decoding path)."""
     from dataclasses import replace
 
     from dallemini.config import SamplingConfig

@@ -7,7 +7,7 @@ cross-attention keys/values are computed once per prompt when the cache is creat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -426,6 +426,9 @@ class DecoderCache:
     cross_v: Tensor
     cross_mask: Tensor  # [B, 1, 1, text_length]: 0 where attended, -inf on padding (cache dtype)
     length: int = 0
+    # The native per-layer kernels bound to this cache (made on the first one-token step), or False
+    # where they do not apply.
+    native: list[kernels.DecoderLayerKernel] | bool | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -545,6 +548,63 @@ class DalleBart(nn.Module):
             cross_mask=mask,
         )
 
+    def _native_layers(self, cache: DecoderCache) -> list[kernels.DecoderLayerKernel] | None:
+        """The native decoder-layer kernels for this cache's one-token steps, where they apply: CPU
+        inference of one image (one or two rows) in float32 or bfloat16 with a float32 cache."""
+        if cache.native is None:
+            cache.native = False
+            dtype = self.decoder.embed_tokens.weight.dtype
+            if (
+                not self.training
+                and cache.self_k.device.type == "cpu"
+                and cache.self_k.dtype == torch.float32
+                and cache.batch_size <= 2
+                and dtype in (torch.float32, torch.bfloat16)
+                and kernels.available(dtype)
+            ):
+                cache.native = self._bind_native(cache, dtype == torch.bfloat16) or False
+        return cache.native or None
+
+    def _bind_native(
+        self, cache: DecoderCache, bf16: bool
+    ) -> list[kernels.DecoderLayerKernel] | None:
+        """One kernel per decoder layer over its weights (bfloat16: the layers' blocked copies)."""
+        bound = []
+        mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
+        for i, layer in enumerate(self.decoder.layers):
+            sa, ca, glu = layer.self_attn, layer.encoder_attn, layer.glu
+            dense = (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj)
+            dense += (glu.fc0, glu.fc1, glu.fc2)
+            weights = [m.blocked_weight() if bf16 else m.weight.detach() for m in dense]
+            if any(w is None or not w.is_contiguous() for w in weights):
+                return None
+            norms = (
+                layer.pre_self_attn_layer_norm,
+                layer.self_attn_layer_norm,
+                layer.pre_encoder_attn_layer_norm,
+                layer.encoder_attn_layer_norm,
+                glu.ln0,
+                glu.ln1,
+            )
+            bound.append(
+                kernels.DecoderLayerKernel(
+                    weights,  # type: ignore[arg-type]
+                    [
+                        (None if m.weight is None else m.weight.detach(), m.bias.detach())
+                        for m in norms
+                    ],
+                    self.config.layer_norm_eps,
+                    self.config.attention_heads,
+                    cache.self_k[i],
+                    cache.self_v[i],
+                    cache.cross_k[i],
+                    cache.cross_v[i],
+                    mask,
+                    bf16,
+                )
+            )
+        return bound
+
     @torch.no_grad()
     def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
         """Feed tokens [B, n] at positions cache.length.. and return logits [B, n, V]; advances the cache."""
@@ -555,6 +615,14 @@ class DalleBart(nn.Module):
             )
         dec = self.decoder
         x = dec.embed(tokens, start)
+        native = self._native_layers(cache) if n == 1 else None
+        if native:
+            b, _, d = x.shape
+            h = x.reshape(b, d).float().contiguous()
+            for kernel in native:
+                kernel(h, start)
+            cache.length = start + n
+            return dec.lm_head(dec.final_ln(h.to(x.dtype).view(b, 1, d)))
         for i, layer in enumerate(dec.layers):
             x = layer(
                 x,

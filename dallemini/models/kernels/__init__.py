@@ -1,10 +1,13 @@
-"""Optional native CPU kernels for decoding: a weight times one or two rows (see gemv.c).
+"""Optional native CPU kernels for decoding: a weight times one or two rows, and a whole decoder
+layer of one image's decoding step (see gemv.c).
 
 No library streams a few-row matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of it), so
-two small C functions are compiled on first use with the system's C compiler and cached per CPU
-under ~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512) and bfloat16 on a blocked copy of
-the weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16). Without them (no compiler, another CPU,
-or DALLEMINI_NATIVE_KERNELS=0) these return None and callers use PyTorch's ops.
+small C functions are compiled on first use with the system's C compiler and cached per CPU under
+~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512), bfloat16 on a blocked copy of the
+weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16) and `DecoderLayerKernel`, which runs a
+NormFormer decoder layer for one new token per row in one call. Without them (no compiler,
+another CPU, or DALLEMINI_NATIVE_KERNELS=0) these return None / report unavailable and callers
+use PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("gemv.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # "fn", "bf16": the loaded functions (None where unavailable)
+_STATE: dict[
+    str, object
+] = {}  # "fn", "bf16", "layer": the loaded functions (None where unavailable)
 # The bfloat16 kernel's weight layout: blocks of ROWS (gemv.c) rows, 32 columns (one pair-dot vector).
 _BLOCK_ROWS, _BLOCK_COLS = 8, 32
 
@@ -118,6 +123,14 @@ def _load() -> object | None:
     if not torch.allclose(_run(fn, w, x, 37, 50, 1), x @ w.t(), rtol=1e-5, atol=1e-5):
         log.warning("native CPU kernel gives wrong results here; using PyTorch's matmul")
         return None
+    layer = lib.dallemini_decoder_layer
+    layer.argtypes = [ctypes.POINTER(_LayerParams), ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+    layer.argtypes += [ctypes.c_void_p] * 6 + [ctypes.c_int]
+    layer.restype = ctypes.c_int
+    work = lib.dallemini_layer_work
+    work.argtypes = [ctypes.POINTER(_LayerParams)]
+    work.restype = ctypes.c_long
+    _STATE["layer"] = (layer, work)
     # Built on AVX512-BF16 CPUs only.
     bf16 = getattr(lib, "dallemini_gemv2_bf16", None)
     if bf16 is not None:
@@ -137,7 +150,8 @@ def _load() -> object | None:
 def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
-            _STATE["bf16"] = None  # _load sets it once the float32 function passed its check
+            # _load sets these once the float32 function passed its check
+            _STATE["bf16"] = _STATE["layer"] = None
             _STATE["fn"] = _load()
         return _STATE[kind]
 
@@ -147,6 +161,105 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     if dtype == torch.bfloat16:
         return _function("bf16") is not None
     return dtype == torch.float32 and _function() is not None
+
+
+class _LayerParams(ctypes.Structure):
+    """gemv.c's dallemini_layer: one decoder layer's sizes and parameter addresses."""
+
+    _fields_ = [
+        *((name, ctypes.c_long) for name in ("d", "heads", "head_dim", "ffn", "kp_d", "kp_f")),
+        ("max_len", ctypes.c_long),
+        ("text_len", ctypes.c_long),
+        ("eps", ctypes.c_float),
+        ("bf16", ctypes.c_int),
+        ("w", ctypes.c_void_p * 9),
+        ("ln_w", ctypes.c_void_p * 6),
+        ("ln_b", ctypes.c_void_p * 6),
+    ]
+
+
+class DecoderLayerKernel:
+    """One NormFormer decoder layer (models.bart.DecoderLayer in eval mode) bound to one sampling
+    run's cache, for steps that feed one token to each of one or two rows.
+
+    weights: q, k, v, out, cross q, cross out, fc0, fc1, fc2; float32 [N, K] contiguous, or their
+    `pack_bf16` copies when `bf16`. norms: (weight or None, bias) of the six layer norms in the
+    order pre-self, self, pre-cross, cross, GLU ln0, GLU ln1. Caches: self [R, H, max_len, Dh],
+    cross [R, H, text_len, Dh], cross_mask [R, text_len] additive, all float32 and contiguous.
+    Every tensor is held here, so the addresses given to C stay valid while this object lives.
+    """
+
+    def __init__(
+        self,
+        weights: list[Tensor],
+        norms: list[tuple[Tensor | None, Tensor]],
+        eps: float,
+        heads: int,
+        self_k: Tensor,
+        self_v: Tensor,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        cross_mask: Tensor,
+        bf16: bool,
+    ) -> None:
+        funcs = (
+            _STATE.get("layer") if available(torch.bfloat16 if bf16 else torch.float32) else None
+        )
+        if funcs is None:
+            raise RuntimeError("the native decoder-layer kernel is not available here")
+        self._fn, work_size = funcs  # type: ignore[misc]
+        rows, _, max_len, head_dim = self_k.shape
+        text_len = cross_k.shape[2]
+        norms = [
+            (None if w is None else w.float().contiguous(), b.float().contiguous())
+            for w, b in norms
+        ]
+        d, ffn = heads * head_dim, norms[5][1].shape[0]  # GLU ln1 normalizes the GLU width
+        kept = [self_k, self_v, cross_k, cross_v, cross_mask]
+        for t in kept:
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(
+                    "decoder-layer kernel caches must be contiguous float32 CPU tensors"
+                )
+        if rows not in (1, 2) or cross_mask.numel() != rows * text_len:
+            raise ValueError(f"decoder-layer kernel takes one or two rows, got {rows}")
+        p = _LayerParams()
+        p.d, p.heads, p.head_dim, p.ffn = d, heads, head_dim, ffn
+        p.kp_d, p.kp_f = -(-d // _BLOCK_COLS) * _BLOCK_COLS, -(-ffn // _BLOCK_COLS) * _BLOCK_COLS
+        p.max_len, p.text_len, p.eps, p.bf16 = max_len, text_len, eps, int(bf16)
+        for i, w in enumerate(weights):
+            want = torch.bfloat16 if bf16 else torch.float32
+            if w.dtype != want or not w.is_contiguous() or w.device.type != "cpu":
+                raise ValueError(
+                    f"decoder-layer kernel weight {i} must be contiguous {want} on CPU"
+                )
+            p.w[i] = w.data_ptr()
+        for i, (w, b) in enumerate(norms):
+            p.ln_w[i] = None if w is None else w.data_ptr()
+            p.ln_b[i] = b.data_ptr()
+        self._params = p
+        self._ref = ctypes.byref(p)
+        self._work = torch.empty(work_size(self._ref))
+        self._rows = rows
+        self._ptrs = [t.data_ptr() for t in kept] + [self._work.data_ptr()]
+        self._keep = (weights, norms, kept)
+
+    def __call__(self, x: Tensor, pos: int) -> None:
+        """x [rows, d] float32 contiguous, the new token at position `pos` of each row, through the
+        layer in place (the token's keys/values go into the cache at `pos`)."""
+        if (
+            x.shape != (self._rows, self._params.d)
+            or x.dtype != torch.float32
+            or not x.is_contiguous()
+        ):
+            raise ValueError(f"expected x [{self._rows}, {self._params.d}] float32 contiguous")
+        if not 0 <= pos < self._params.max_len:
+            raise ValueError(f"position {pos} outside the cache's {self._params.max_len}")
+        rc = self._fn(
+            self._ref, x.data_ptr(), self._rows, pos, *self._ptrs, torch.get_num_threads()
+        )
+        if rc != 0:
+            raise RuntimeError("the native decoder-layer kernel refused its arguments")
 
 
 def _pack(weight: Tensor) -> Tensor:

@@ -7,6 +7,8 @@
  * arithmetic throughout; only the summation order differs from a plain matmul.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <string.h>
 
 #define ROWS 8
 
@@ -87,3 +89,171 @@ void dallemini_gemv2_bf16(const unsigned short* Wp, const unsigned short* x0,
   }
 }
 #endif
+
+/* ---- One decoder layer of one image's decoding step, in one call ------------------------------
+ * A step of one image is ~110 weight products of one or two rows; run op by op from Python, the
+ * work between them (layer norms, attention, casts, dispatch: ~400 small ops) costs a bf16 step
+ * ~40% on top of streaming the weights. Here the whole NormFormer layer (models/bart.py
+ * DecoderLayer, eval mode) runs in C: the residual stream stays float32, weights are float32
+ * row-major or the bfloat16 blocked copies above, the K/V cache is float32. */
+
+typedef struct {
+  long d, heads, head_dim, ffn; /* model width, heads, head width, GLU width */
+  long kp_d, kp_f;              /* bfloat16: d and ffn padded to the blocked layout's 32 columns */
+  long max_len, text_len;       /* self-attention cache positions, cross-attention keys */
+  float eps;
+  int bf16;                     /* 1: w[] are bfloat16 blocked copies, 0: float32 [N, K] */
+  const void* w[9];             /* q, k, v, out, cross q, cross out, fc0, fc1, fc2 */
+  const float* ln_w[6];         /* pre-self, self, pre-cross, cross, glu ln0, glu ln1; NULL = 1 */
+  const float* ln_b[6];
+} dallemini_layer;
+
+/* Layer norm of n floats, float32 statistics as torch's (two passes). */
+static void layer_norm(const float* x, float* y, long n, const float* w, const float* b,
+                       float eps) {
+  float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
+  for (long i = 0; i < n; i++) mean += x[i];
+  mean /= (float)n;
+#pragma omp simd reduction(+ : var)
+  for (long i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+  float r = 1.f / sqrtf(var / (float)n + eps);
+  for (long i = 0; i < n; i++) y[i] = (x[i] - mean) * r * (w ? w[i] : 1.f) + b[i];
+}
+
+/* y[r] = W x[r] for rows r < R (x: R rows of K floats, y: R rows of N); bfloat16 weights take
+ * their input rounded to bfloat16 (nearest even, as torch's cast), zero-padded to Kp. */
+static void product(const dallemini_layer* p, int which, const float* x, float* y, int R, long N,
+                    long K, long Kp, void* xb, float* spare, int threads) {
+  const float* x1 = R > 1 ? x + K : x;
+  float* y1 = R > 1 ? y + N : spare;
+  if (!p->bf16) {
+    dallemini_gemv2((const float*)p->w[which], x, x1, y, y1, N, K, threads);
+    return;
+  }
+#ifdef __AVX512BF16__
+  unsigned short* b = (unsigned short*)xb;
+  for (int r = 0; r < R; r++) {
+    long k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256((__m256i*)(b + r * Kp + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * K + k)));
+    if (k < K) {
+      __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+      _mm256_storeu_si256((__m256i*)(b + r * Kp + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + r * K + k)));
+      k += 16;
+    }
+    for (; k < Kp; k++) b[r * Kp + k] = 0;
+  }
+  dallemini_gemv2_bf16((const unsigned short*)p->w[which], b, R > 1 ? b + Kp : b, y, y1, N, Kp,
+                       threads);
+#endif
+}
+
+/* Softmax(q K^T * scale + mask) V for one query over T keys of Dh floats; s holds T scores. */
+static void attend_one(const float* q, const float* K, const float* V, long T, long Dh,
+                       const float* mask, float scale, float* s, float* out) {
+  float m = -INFINITY;
+  for (long t = 0; t < T; t++) {
+    const float* k = K + t * Dh;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (long j = 0; j < Dh; j++) acc += q[j] * k[j];
+    s[t] = acc * scale + (mask ? mask[t] : 0.f);
+    if (s[t] > m) m = s[t];
+  }
+  float sum = 0.f;
+  for (long t = 0; t < T; t++) {
+    s[t] = expf(s[t] - m);
+    sum += s[t];
+  }
+  for (long j = 0; j < Dh; j++) out[j] = 0.f;
+  for (long t = 0; t < T; t++) {
+    const float* v = V + t * Dh;
+    float a = s[t] / sum;
+#pragma omp simd
+    for (long j = 0; j < Dh; j++) out[j] += a * v[j];
+  }
+}
+
+/* Every (row, head) pair's attention: q, out [R, H*Dh]; K, V [R][H][stride][Dh] (first T used);
+ * mask [R][T] additive or NULL; s: R*H*T floats of scratch. */
+static void attention(const float* q, const float* K, const float* V, long T, long stride,
+                      const float* mask, const dallemini_layer* p, int R, float* s, float* out,
+                      int threads) {
+  long H = p->heads, Dh = p->head_dim;
+  float scale = 1.f / sqrtf((float)Dh);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long rh = 0; rh < R * H; rh++) {
+    long r = rh / H, h = rh % H;
+    const float* base_k = K + (r * H + h) * stride * Dh;
+    const float* base_v = V + (r * H + h) * stride * Dh;
+    attend_one(q + rh * Dh, base_k, base_v, T, Dh, mask ? mask + r * T : NULL, scale, s + rh * T,
+               out + rh * Dh);
+  }
+}
+
+/* Size in floats of the scratch `work` that dallemini_decoder_layer needs. */
+long dallemini_layer_work(const dallemini_layer* p) {
+  long d = p->d, f = p->ffn, kp = p->kp_d > p->kp_f ? p->kp_d : p->kp_f;
+  long t = p->max_len > p->text_len ? p->max_len : p->text_len;
+  return 2 * (6 * d + 2 * f) + (f > d ? f : d) + kp + 2 * p->heads * t + 64;
+}
+
+/* x [R, d] float32 (R = 1 or 2 rows, one new token each, at position pos) through the layer, in
+ * place. self_k/self_v: this layer's cache [R][H][max_len][Dh] (position pos is written here);
+ * cross_k/cross_v [R][H][text_len][Dh]; cross_mask [R][text_len] additive. Returns 0, or -1
+ * where the bfloat16 path is asked for but not built. */
+int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos, float* self_k,
+                            float* self_v, const float* cross_k, const float* cross_v,
+                            const float* cross_mask, float* work, int threads) {
+#ifndef __AVX512BF16__
+  if (p->bf16) return -1;
+#endif
+  long d = p->d, f = p->ffn, H = p->heads, Dh = p->head_dim, L = p->max_len;
+  float *h = work, *q = h + 2 * d, *k = q + 2 * d, *v = k + 2 * d, *o = v + 2 * d, *y = o + 2 * d;
+  float *a = y + 2 * d, *g = a + 2 * f, *spare = g + 2 * f;
+  float* s = spare + (f > d ? f : d);
+  void* xb = s + 2 * H * (L > p->text_len ? L : p->text_len);
+  const long Kd = p->bf16 ? p->kp_d : d, Kf = p->bf16 ? p->kp_f : f;
+
+  /* x + LN(self_attn(LN x)) */
+  for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[0], p->ln_b[0], p->eps);
+  product(p, 0, h, q, R, d, d, Kd, xb, spare, threads);
+  product(p, 1, h, k, R, d, d, Kd, xb, spare, threads);
+  product(p, 2, h, v, R, d, d, Kd, xb, spare, threads);
+  for (int r = 0; r < R; r++)
+    for (long hh = 0; hh < H; hh++) {
+      long at = ((r * H + hh) * L + pos) * Dh;
+      memcpy(self_k + at, k + (r * H + hh) * Dh, Dh * sizeof(float));
+      memcpy(self_v + at, v + (r * H + hh) * Dh, Dh * sizeof(float));
+    }
+  attention(q, self_k, self_v, pos + 1, L, NULL, p, R, s, o, threads);
+  product(p, 3, o, y, R, d, d, Kd, xb, spare, threads);
+  for (int r = 0; r < R; r++) {
+    layer_norm(y + r * d, h + r * d, d, p->ln_w[1], p->ln_b[1], p->eps);
+    for (long i = 0; i < d; i++) x[r * d + i] += h[r * d + i];
+  }
+  /* x + LN(cross_attn(LN x)) */
+  for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[2], p->ln_b[2], p->eps);
+  product(p, 4, h, q, R, d, d, Kd, xb, spare, threads);
+  attention(q, cross_k, cross_v, p->text_len, p->text_len, cross_mask, p, R, s, o, threads);
+  product(p, 5, o, y, R, d, d, Kd, xb, spare, threads);
+  for (int r = 0; r < R; r++) {
+    layer_norm(y + r * d, h + r * d, d, p->ln_w[3], p->ln_b[3], p->eps);
+    for (long i = 0; i < d; i++) x[r * d + i] += h[r * d + i];
+  }
+  /* x + fc2(LN1(gelu(fc0 z) * fc1 z)), z = LN0 x */
+  for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[4], p->ln_b[4], p->eps);
+  product(p, 6, h, a, R, f, d, Kd, xb, spare, threads);
+  product(p, 7, h, g, R, f, d, Kd, xb, spare, threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long i = 0; i < R * f; i++)
+    g[i] *= 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678118654752f)); /* exact gelu, as F.gelu */
+  for (int r = 0; r < R; r++) layer_norm(g + r * f, a + r * f, f, p->ln_w[5], p->ln_b[5], p->eps);
+  product(p, 8, a, y, R, d, f, Kf, xb, spare, threads);
+  for (int r = 0; r < R; r++)
+    for (long i = 0; i < d; i++) x[r * d + i] += y[r * d + i];
+  return 0;
+}

@@ -277,9 +277,12 @@ class Attention(nn.Module):
     ) -> Tensor:
         """Split queries q [B, H, Tq, Dh] against keys/values; the output projection runs in `dtype` (q's)."""
         dtype = dtype or q.dtype
-        out = F.scaled_dot_product_attention(  # a float32 cache: see attention_dtype
-            q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal
-        )
+        q = q.to(k.dtype)  # a float32 cache: see attention_dtype
+        out = None
+        if q.shape[2] == 1 and not torch.is_grad_enabled():  # decoding: ~3x faster on CPU
+            out = kernels.attend1(q, k, v, mask)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.out_proj(out.to(dtype))

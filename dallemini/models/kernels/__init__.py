@@ -131,6 +131,11 @@ def _load() -> object | None:
     work.argtypes = [ctypes.POINTER(_LayerParams)]
     work.restype = ctypes.c_long
     _STATE["layer"] = (layer, work)
+    attend = lib.dallemini_attend1
+    attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6 + [ctypes.c_void_p] * 3
+    attend.argtypes += [ctypes.c_int]
+    attend.restype = None
+    _STATE["attend"] = attend
     # Built on AVX512-BF16 CPUs only.
     bf16 = getattr(lib, "dallemini_gemv2_bf16", None)
     if bf16 is not None:
@@ -151,7 +156,7 @@ def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
             # _load sets these once the float32 function passed its check
-            _STATE["bf16"] = _STATE["layer"] = None
+            _STATE["bf16"] = _STATE["layer"] = _STATE["attend"] = None
             _STATE["fn"] = _load()
         return _STATE[kind]
 
@@ -294,6 +299,51 @@ def gemv_bf16(x: Tensor, packed: Tensor, n: int, k: int) -> Tensor | None:
     xp[:, :k] = x.reshape(rows, k)
     y = _run(fn, packed, xp, n, kp, torch.get_num_threads())
     return y[:rows].to(torch.bfloat16).reshape(*x.shape[:-1], n)
+
+
+def attend1(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor | None:
+    """scaled_dot_product_attention for one query per row and head: q [B, H, 1, Dh], k and v
+    [B, H, T, Dh] float32 on CPU (e.g. views of a longer cache: each key contiguous, same strides),
+    mask None or additive float32 [B, 1, 1, T]; out [B, H, 1, Dh]. None where it does not apply."""
+    if q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or q.device.type != "cpu":
+        return None
+    b, h, t, dh = k.shape
+    if (
+        any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (q, k, v))
+        or q.shape != (b, h, 1, dh)
+        or v.shape != k.shape
+        or v.stride() != k.stride()
+        or k.stride(3) != 1
+        or k.stride(2) != dh
+        or t == 0
+    ):
+        return None
+    if mask is not None:
+        if mask.dtype != torch.float32 or mask.numel() != b * t or mask.shape[-1] != t:
+            return None
+        mask = mask.reshape(b, t).contiguous()
+    fn = _function("attend")
+    if fn is None:
+        return None
+    qc = q.reshape(b, h * dh).contiguous()
+    out = torch.empty(b, h, 1, dh)
+    scores = torch.empty(b * h * t)
+    fn(  # type: ignore[operator]
+        qc.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        b,
+        h,
+        dh,
+        t,
+        k.stride(0),
+        k.stride(1),
+        None if mask is None else mask.data_ptr(),
+        scores.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor | None:

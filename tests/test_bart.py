@@ -7,7 +7,8 @@ import torch
 
 from dallemini.config import BART_PRESETS, BartConfig
 from dallemini.errors import ConfigError, InputError
-from dallemini.models.bart import DalleBart
+from dallemini.models import kernels
+from dallemini.models.bart import DalleBart, attention_dtype
 
 
 def _inputs(
@@ -145,9 +146,10 @@ def test_config_validation() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: torch.dtype) -> None:
-    """Cached decoding without autograd (oneDNN, packed and fused weights, a float32 K/V cache) gives the
-    logits of the teacher-forced forward with autograd on (plain F.linear), for 2 rows and for 10
-    (the float32 packing threshold), and a weight change reaches the packed copies."""
+    """Cached decoding without autograd (native kernels, oneDNN, packed and fused weights, the K/V
+    cache of attention_dtype) gives the logits of the teacher-forced forward with autograd on (plain
+    F.linear), for 2 rows and for 10 (the float32 packing threshold), and a weight change reaches
+    the packed copies."""
     model = DalleBart(tiny.config).eval()
     model.load_state_dict(tiny.state_dict())
     model = model.to(dtype)
@@ -159,7 +161,9 @@ def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: tor
             full = model(ids, mask, decoder_input_ids=dec_in).logits.detach()
         with torch.inference_mode():
             cache = model.init_cache(model.encode(ids, mask), mask)
-            assert cache.self_k.dtype == torch.float32  # attention runs in float32 on CPU
+            # float32 on CPU, except bfloat16 where the native kernels read it
+            assert cache.self_k.dtype == attention_dtype(dtype, torch.device("cpu"))
+            assert cache.self_k.dtype == torch.float32 or kernels.available(torch.bfloat16)
             steps = torch.cat(
                 [model.decode_step(dec_in[:, i : i + 1], cache) for i in range(12)], 1
             )

@@ -201,25 +201,34 @@ def test_native_decoder_layer_checks_its_arguments() -> None:
             )
 
 
-@needs_kernel
-@pytest.mark.parametrize("rows,t", [(1, 1), (2, 7), (18, 40)])
-def test_attend1_matches_sdpa_on_cache_views(rows: int, t: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,t,dh", [(1, 1, 16), (2, 7, 64), (18, 40, 24)])
+def test_attend1_matches_sdpa_on_cache_views(
+    dtype: torch.dtype, rows: int, t: int, dh: int
+) -> None:
+    """Single-query attention over the filled prefix of a float32 or bfloat16 cache, as torch's."""
+    if not kernels.available(dtype):
+        pytest.skip(f"no native {dtype} kernel here")
     g = torch.Generator().manual_seed(rows + t)
-    cache_k, cache_v = torch.randn(2, rows, 4, 64, 16, generator=g).unbind(0)
+    cache_k, cache_v = torch.randn(2, rows, 4, 64, dh, generator=g).to(dtype).unbind(0)
     k, v = cache_k[:, :, :t], cache_v[:, :, :t]  # the filled prefix of a longer cache
-    q = torch.randn(rows, 1, 4, 16, generator=g).transpose(1, 2)  # a split, non-contiguous query
+    q = torch.randn(rows, 1, 4, dh, generator=g).transpose(1, 2)  # a split, non-contiguous query
     mask = torch.zeros(rows, 1, 1, t)
     mask[-1, ..., t // 2 + 1 :] = float("-inf")
-    for m in (None, mask):
-        got = kernels.attend1(q, k, v, m)
-        assert got is not None
-        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+    for m in (None, mask, mask.to(dtype)):
+        got = kernels.attend1(q.to(dtype), k, v, m)
+        assert got is not None and got.dtype == torch.float32
+        want = F.scaled_dot_product_attention(
+            q.to(dtype).float(), k.float(), v.float(), attn_mask=None if m is None else m.float()
+        )
+        torch.testing.assert_close(got, want)
 
 
 @needs_kernel
 def test_attend1_declines_what_it_does_not_do() -> None:
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 5, 16)
     assert kernels.attend1(torch.randn(2, 4, 2, 16), k, k) is None  # two queries
-    assert kernels.attend1(q.bfloat16(), k.bfloat16(), k.bfloat16()) is None
+    assert kernels.attend1(q.half(), k.half(), k.half()) is None
+    assert kernels.attend1(q, k, k.bfloat16()) is None  # keys and values of different dtypes
     assert kernels.attend1(q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool)) is None
     assert kernels.attend1(q, k.transpose(2, 3).contiguous().transpose(2, 3), k) is None

@@ -132,8 +132,8 @@ def _load() -> object | None:
     work.restype = ctypes.c_long
     _STATE["layer"] = (layer, work)
     attend = lib.dallemini_attend1
-    attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6 + [ctypes.c_void_p] * 3
-    attend.argtypes += [ctypes.c_int]
+    attend.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_long] * 6
+    attend.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int]
     attend.restype = None
     _STATE["attend"] = attend
     # Built on AVX512-BF16 CPUs only.
@@ -177,6 +177,7 @@ class _LayerParams(ctypes.Structure):
         ("text_len", ctypes.c_long),
         ("eps", ctypes.c_float),
         ("bf16", ctypes.c_int),
+        ("kv16", ctypes.c_int),
         ("w", ctypes.c_void_p * 9),
         ("ln_w", ctypes.c_void_p * 6),
         ("ln_b", ctypes.c_void_p * 6),
@@ -189,8 +190,9 @@ class DecoderLayerKernel:
 
     weights: q, k, v, out, cross q, cross out, fc0, fc1, fc2; float32 [N, K] contiguous, or their
     `pack_bf16` copies when `bf16`. norms: (weight or None, bias) of the six layer norms in the
-    order pre-self, self, pre-cross, cross, GLU ln0, GLU ln1. Caches: self [R, H, max_len, Dh],
-    cross [R, H, text_len, Dh], cross_mask [R, text_len] additive, all float32 and contiguous.
+    order pre-self, self, pre-cross, cross, GLU ln0, GLU ln1. Caches: self [R, H, max_len, Dh] and
+    cross [R, H, text_len, Dh], contiguous, all float32 or all bfloat16 (bfloat16 needs the bfloat16
+    kernel); cross_mask [R, text_len] additive.
     Every tensor is held here, so the addresses given to C stay valid while this object lives.
     """
 
@@ -220,18 +222,22 @@ class DecoderLayerKernel:
             for w, b in norms
         ]
         d, ffn = heads * head_dim, norms[5][1].shape[0]  # GLU ln1 normalizes the GLU width
-        kept = [self_k, self_v, cross_k, cross_v, cross_mask]
+        kv16 = self_k.dtype == torch.bfloat16
+        if kv16 and not available(torch.bfloat16):
+            raise RuntimeError("a bfloat16 cache needs the native bfloat16 kernel")
+        kept = [self_k, self_v, cross_k, cross_v]
         for t in kept:
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError(
-                    "decoder-layer kernel caches must be contiguous float32 CPU tensors"
-                )
+            if t.dtype not in (torch.float32, torch.bfloat16) or t.dtype != self_k.dtype:
+                raise ValueError("decoder-layer kernel caches must be all float32 or all bfloat16")
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("decoder-layer kernel caches must be contiguous CPU tensors")
+        kept.append(cross_mask.float().contiguous())
         if rows not in (1, 2) or cross_mask.numel() != rows * text_len:
             raise ValueError(f"decoder-layer kernel takes one or two rows, got {rows}")
         p = _LayerParams()
         p.d, p.heads, p.head_dim, p.ffn = d, heads, head_dim, ffn
         p.kp_d, p.kp_f = -(-d // _BLOCK_COLS) * _BLOCK_COLS, -(-ffn // _BLOCK_COLS) * _BLOCK_COLS
-        p.max_len, p.text_len, p.eps, p.bf16 = max_len, text_len, eps, int(bf16)
+        p.max_len, p.text_len, p.eps, p.bf16, p.kv16 = max_len, text_len, eps, int(bf16), int(kv16)
         for i, w in enumerate(weights):
             want = torch.bfloat16 if bf16 else torch.float32
             if w.dtype != want or not w.is_contiguous() or w.device.type != "cpu":
@@ -303,13 +309,18 @@ def gemv_bf16(x: Tensor, packed: Tensor, n: int, k: int) -> Tensor | None:
 
 def attend1(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor | None:
     """scaled_dot_product_attention for one query per row and head: q [B, H, 1, Dh], k and v
-    [B, H, T, Dh] float32 on CPU (e.g. views of a longer cache: each key contiguous, same strides),
-    mask None or additive float32 [B, 1, 1, T]; out [B, H, 1, Dh]. None where it does not apply."""
+    [B, H, T, Dh] on CPU, both float32 or both bfloat16 (e.g. views of a longer cache: each key
+    contiguous, same strides), mask None or additive float [B, 1, 1, T]; float32 arithmetic, out
+    [B, H, 1, Dh] float32. None where it does not apply."""
     if q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or q.device.type != "cpu":
         return None
     b, h, t, dh = k.shape
     if (
-        any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (q, k, v))
+        k.dtype not in (torch.float32, torch.bfloat16)
+        or v.dtype != k.dtype
+        or not q.is_floating_point()
+        or k.device.type != "cpu"
+        or v.device.type != "cpu"
         or q.shape != (b, h, 1, dh)
         or v.shape != k.shape
         or v.stride() != k.stride()
@@ -319,19 +330,20 @@ def attend1(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tens
     ):
         return None
     if mask is not None:
-        if mask.dtype != torch.float32 or mask.numel() != b * t or mask.shape[-1] != t:
+        if not mask.is_floating_point() or mask.numel() != b * t or mask.shape[-1] != t:
             return None
-        mask = mask.reshape(b, t).contiguous()
+        mask = mask.reshape(b, t).float().contiguous()
     fn = _function("attend")
-    if fn is None:
+    if fn is None or (k.dtype == torch.bfloat16 and not available(torch.bfloat16)):
         return None
-    qc = q.reshape(b, h * dh).contiguous()
+    qc = q.reshape(b, h * dh).float().contiguous()
     out = torch.empty(b, h, 1, dh)
     scores = torch.empty(b * h * t)
     fn(  # type: ignore[operator]
         qc.data_ptr(),
         k.data_ptr(),
         v.data_ptr(),
+        int(k.dtype == torch.bfloat16),
         b,
         h,
         dh,

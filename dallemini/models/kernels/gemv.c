@@ -103,6 +103,7 @@ typedef struct {
   long max_len, text_len;       /* self-attention cache positions, cross-attention keys */
   float eps;
   int bf16;                     /* 1: w[] are bfloat16 blocked copies, 0: float32 [N, K] */
+  int kv16;                     /* 1: the K/V caches are bfloat16, 0: float32 */
   const void* w[9];             /* q, k, v, out, cross q, cross out, fc0, fc1, fc2 */
   const float* ln_w[6];         /* pre-self, self, pre-cross, cross, glu ln0, glu ln1; NULL = 1 */
   const float* ln_b[6];
@@ -151,52 +152,109 @@ static void product(const dallemini_layer* p, int which, const float* x, float* 
 #endif
 }
 
-/* Softmax(q K^T * scale + mask) V for one query over T keys of Dh floats; s holds T scores. */
-static void attend_one(const float* q, const float* K, const float* V, long T, long Dh,
+/* float32 -> bfloat16 bits, rounding to nearest even (finite values; NaN stays NaN). */
+static inline unsigned short to_bf16(float f) {
+  unsigned int u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* 16 cache values from element i of a float32 (kv16 = 0) or bfloat16 (kv16 = 1) row, as floats;
+ * m masks the last Dh % 16 of a head. bfloat16 -> float32 is exact: the bits shifted up by 16. */
+static inline __m512 load_kv(const void* row, long i, __mmask16 m, int kv16) {
+  if (kv16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const unsigned short*)row + i)), 16));
+  return _mm512_maskz_loadu_ps(m, (const float*)row + i);
+}
+
+/* Softmax(q K^T * scale + mask) V for one query over T keys of Dh values each (float32 or
+ * bfloat16 cache, see load_kv); s holds T scores; float32 arithmetic. Heads of 64 (DALL-E
+ * Mini's and Mega's) keep the query and the output in registers: one pass over each cache row. */
+static void attend_one(const float* q, const void* K, const void* V, int kv16, long T, long Dh,
                        const float* mask, float scale, float* s, float* out) {
+  long size = kv16 ? 2 : 4;
+  const __mmask16 all = (__mmask16)0xFFFF;
   float m = -INFINITY;
-  for (long t = 0; t < T; t++) {
-    const float* k = K + t * Dh;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (long j = 0; j < Dh; j++) acc += q[j] * k[j];
-    s[t] = acc * scale + (mask ? mask[t] : 0.f);
-    if (s[t] > m) m = s[t];
+  if (Dh == 64) {
+    __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16);
+    __m512 q2 = _mm512_loadu_ps(q + 32), q3 = _mm512_loadu_ps(q + 48);
+    for (long t = 0; t < T; t++) {
+      const char* k = (const char*)K + t * 64 * size;
+      __m512 acc = _mm512_mul_ps(q0, load_kv(k, 0, all, kv16));
+      acc = _mm512_fmadd_ps(q1, load_kv(k, 16, all, kv16), acc);
+      acc = _mm512_fmadd_ps(q2, load_kv(k, 32, all, kv16), acc);
+      acc = _mm512_fmadd_ps(q3, load_kv(k, 48, all, kv16), acc);
+      s[t] = _mm512_reduce_add_ps(acc) * scale + (mask ? mask[t] : 0.f);
+      if (s[t] > m) m = s[t];
+    }
+  } else {
+    for (long t = 0; t < T; t++) {
+      const char* k = (const char*)K + t * Dh * size;
+      __m512 acc = _mm512_setzero_ps();
+      for (long j = 0; j < Dh; j += 16) {
+        __mmask16 mk = Dh - j >= 16 ? all : (__mmask16)((1u << (Dh - j)) - 1u);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + j), load_kv(k, j, mk, kv16), acc);
+      }
+      s[t] = _mm512_reduce_add_ps(acc) * scale + (mask ? mask[t] : 0.f);
+      if (s[t] > m) m = s[t];
+    }
   }
   float sum = 0.f;
   for (long t = 0; t < T; t++) {
     s[t] = expf(s[t] - m);
     sum += s[t];
   }
-  for (long j = 0; j < Dh; j++) out[j] = 0.f;
-  for (long t = 0; t < T; t++) {
-    const float* v = V + t * Dh;
-    float a = s[t] / sum;
-#pragma omp simd
-    for (long j = 0; j < Dh; j++) out[j] += a * v[j];
+  __m512 inv = _mm512_set1_ps(1.f / sum);
+  if (Dh == 64) {
+    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    for (long t = 0; t < T; t++) {
+      const char* v = (const char*)V + t * 64 * size;
+      __m512 w = _mm512_set1_ps(s[t]);
+      o0 = _mm512_fmadd_ps(w, load_kv(v, 0, all, kv16), o0);
+      o1 = _mm512_fmadd_ps(w, load_kv(v, 16, all, kv16), o1);
+      o2 = _mm512_fmadd_ps(w, load_kv(v, 32, all, kv16), o2);
+      o3 = _mm512_fmadd_ps(w, load_kv(v, 48, all, kv16), o3);
+    }
+    _mm512_storeu_ps(out, _mm512_mul_ps(o0, inv));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(o1, inv));
+    _mm512_storeu_ps(out + 32, _mm512_mul_ps(o2, inv));
+    _mm512_storeu_ps(out + 48, _mm512_mul_ps(o3, inv));
+    return;
+  }
+  for (long j = 0; j < Dh; j += 16) {
+    __mmask16 mk = Dh - j >= 16 ? all : (__mmask16)((1u << (Dh - j)) - 1u);
+    __m512 acc = _mm512_setzero_ps();
+    for (long t = 0; t < T; t++)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]),
+                            load_kv((const char*)V + t * Dh * size, j, mk, kv16), acc);
+    _mm512_mask_storeu_ps(out + j, mk, _mm512_mul_ps(acc, inv));
   }
 }
 
-/* Every (row, head) pair's attention for one query: q, out [R, H*Dh]; key t of (r, h) at
- * K + r*sb + h*sh + t*Dh (likewise V); mask [R][T] additive or NULL; s: R*H*T floats of scratch. */
-static void attention(const float* q, const float* K, const float* V, long T, long sb, long sh,
-                      const float* mask, long R, long H, long Dh, float* s, float* out,
+/* Every (row, head) pair's attention for one query: q, out [R, H*Dh]; key t of (r, h) at element
+ * r*sb + h*sh + t*Dh of K (likewise V); mask [R][T] additive or NULL; s: R*H*T floats of scratch. */
+static void attention(const float* q, const void* K, const void* V, int kv16, long T, long sb,
+                      long sh, const float* mask, long R, long H, long Dh, float* s, float* out,
                       int threads) {
   float scale = 1.f / sqrtf((float)Dh);
+  long size = kv16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long rh = 0; rh < R * H; rh++) {
-    long r = rh / H, h = rh % H;
-    attend_one(q + rh * Dh, K + r * sb + h * sh, V + r * sb + h * sh, T, Dh,
+    long r = rh / H, h = rh % H, at = (r * sb + h * sh) * size;
+    attend_one(q + rh * Dh, (const char*)K + at, (const char*)V + at, kv16, T, Dh,
                mask ? mask + r * T : NULL, scale, s + rh * T, out + rh * Dh);
   }
 }
 
-/* Single-query attention for decoding, as scaled_dot_product_attention (default scale): the
- * flash kernel PyTorch uses on CPU spends ~3x the time of reading the cache at one query a row. */
-void dallemini_attend1(const float* q, const float* K, const float* V, long R, long H, long Dh,
-                       long T, long sb, long sh, const float* mask, float* s, float* out,
+/* Single-query attention for decoding, as scaled_dot_product_attention (default scale) over a
+ * float32 or bfloat16 (kv16) cache: the flash kernel PyTorch uses on CPU spends ~1.6x the time of
+ * reading a float32 cache at one query a row, and its bfloat16 one is slower still. */
+void dallemini_attend1(const float* q, const void* K, const void* V, int kv16, long R, long H,
+                       long Dh, long T, long sb, long sh, const float* mask, float* s, float* out,
                        int threads) {
-  attention(q, K, V, T, sb, sh, mask, R, H, Dh, s, out, threads);
+  attention(q, K, V, kv16, T, sb, sh, mask, R, H, Dh, s, out, threads);
 }
 
 /* Size in floats of the scratch `work` that dallemini_decoder_layer needs. */
@@ -208,10 +266,10 @@ long dallemini_layer_work(const dallemini_layer* p) {
 
 /* x [R, d] float32 (R = 1 or 2 rows, one new token each, at position pos) through the layer, in
  * place. self_k/self_v: this layer's cache [R][H][max_len][Dh] (position pos is written here);
- * cross_k/cross_v [R][H][text_len][Dh]; cross_mask [R][text_len] additive. Returns 0, or -1
- * where the bfloat16 path is asked for but not built. */
-int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos, float* self_k,
-                            float* self_v, const float* cross_k, const float* cross_v,
+ * cross_k/cross_v [R][H][text_len][Dh], float32 or bfloat16 (kv16); cross_mask [R][text_len]
+ * additive. Returns 0, or -1 where the bfloat16 path is asked for but not built. */
+int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos, void* self_k,
+                            void* self_v, const void* cross_k, const void* cross_v,
                             const float* cross_mask, float* work, int threads) {
 #ifndef __AVX512BF16__
   if (p->bf16) return -1;
@@ -231,10 +289,19 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
   for (int r = 0; r < R; r++)
     for (long hh = 0; hh < H; hh++) {
       long at = ((r * H + hh) * L + pos) * Dh;
-      memcpy(self_k + at, k + (r * H + hh) * Dh, Dh * sizeof(float));
-      memcpy(self_v + at, v + (r * H + hh) * Dh, Dh * sizeof(float));
+      const float *kr = k + (r * H + hh) * Dh, *vr = v + (r * H + hh) * Dh;
+      if (p->kv16)
+        for (long j = 0; j < Dh; j++) { /* round to nearest even, as torch's cast */
+          ((unsigned short*)self_k)[at + j] = to_bf16(kr[j]);
+          ((unsigned short*)self_v)[at + j] = to_bf16(vr[j]);
+        }
+      else {
+        memcpy((float*)self_k + at, kr, Dh * sizeof(float));
+        memcpy((float*)self_v + at, vr, Dh * sizeof(float));
+      }
     }
-  attention(q, self_k, self_v, pos + 1, H * L * Dh, L * Dh, NULL, R, H, Dh, s, o, threads);
+  attention(q, self_k, self_v, p->kv16, pos + 1, H * L * Dh, L * Dh, NULL, R, H, Dh, s, o,
+            threads);
   product(p, 3, o, y, R, d, d, Kd, xb, spare, threads);
   for (int r = 0; r < R; r++) {
     layer_norm(y + r * d, h + r * d, d, p->ln_w[1], p->ln_b[1], p->eps);
@@ -244,7 +311,8 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
   for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[2], p->ln_b[2], p->eps);
   product(p, 4, h, q, R, d, d, Kd, xb, spare, threads);
   long tl = p->text_len;
-  attention(q, cross_k, cross_v, tl, H * tl * Dh, tl * Dh, cross_mask, R, H, Dh, s, o, threads);
+  attention(q, cross_k, cross_v, p->kv16, tl, H * tl * Dh, tl * Dh, cross_mask, R, H, Dh, s, o,
+            threads);
   product(p, 5, o, y, R, d, d, Kd, xb, spare, threads);
   for (int r = 0; r < R; r++) {
     layer_norm(y + r * d, h + r * d, d, p->ln_w[3], p->ln_b[3], p->eps);

@@ -126,7 +126,8 @@ def _greedy_logits(m: DalleBart, rows: int, native: bool, steps: int = 8) -> tup
         cache = m.init_cache(m.encode(ids, mask), mask)
         if not native:
             cache.native = False
-        tok = torch.full((rows, 1), m.config.decoder_start_token_id)
+        # A prefill of several tokens (torch's ops) writes the cache the native steps then read.
+        tok = torch.tensor([[m.config.decoder_start_token_id, 5, 77]] * rows)
         out = []
         for _ in range(steps):
             logits = m.decode_step(tok, cache)

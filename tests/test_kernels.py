@@ -233,3 +233,40 @@ def test_attend1_declines_what_it_does_not_do() -> None:
     assert kernels.attend1(q, k, k.bfloat16()) is None  # keys and values of different dtypes
     assert kernels.attend1(q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool)) is None
     assert kernels.attend1(q, k.transpose(2, 3).contiguous().transpose(2, 3), k) is None
+
+
+def test_huge_page_tensors_hold_values() -> None:
+    big = kernels.huge_page_empty((1100, 1024), torch.bfloat16)  # > 2 MiB: an advised mapping
+    small = kernels.huge_page_empty((3, 5), torch.float32)
+    assert big.shape == (1100, 1024) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    assert small.shape == (3, 5) and small.dtype == torch.float32
+    src = torch.randn(1100, 1024).bfloat16()
+    big.copy_(src)
+    assert torch.equal(big, src)
+
+
+@needs_kernel
+def test_model_still_trains_after_native_decoding() -> None:
+    """Native decoding moves float32 weights onto huge pages inside inference mode; the values stay
+    and the parameters stay ordinary tensors that autograd can use."""
+    m = _bart(torch.float32, False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _, native = _greedy_logits(m, 2, native=True, steps=2)
+    assert isinstance(native, list)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m.train()
+    ids = torch.randint(0, 100, (2, 6))
+    loss = m(ids, torch.ones_like(ids), labels=torch.randint(0, 128, (2, 16))).loss
+    loss.backward()
+    assert m.decoder.lm_head.weight.grad is not None
+
+
+def test_moving_to_huge_pages_inside_inference_mode_keeps_autograd() -> None:
+    p = torch.nn.Parameter(torch.randn(1100, 1024))  # 4.3 MiB: an advised mapping
+    want = p.detach().clone()
+    with torch.inference_mode():
+        kernels.move_to_huge_pages(p)
+        kernels.move_to_huge_pages(p)  # once only
+    assert torch.equal(p.detach(), want) and not p.is_inference()
+    (p * 2).sum().backward()
+    assert p.grad is not None and torch.all(p.grad == 2)

@@ -577,12 +577,17 @@ class DalleBart(nn.Module):
         self, cache: DecoderCache, bf16: bool
     ) -> list[kernels.DecoderLayerKernel] | None:
         """One kernel per decoder layer over its weights (bfloat16: the layers' blocked copies)."""
+        if not bf16:
+            kernels.move_to_huge_pages(self.decoder.lm_head.weight)
         bound = []
         mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
         for i, layer in enumerate(self.decoder.layers):
             sa, ca, glu = layer.self_attn, layer.encoder_attn, layer.glu
             dense = (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj)
             dense += (glu.fc0, glu.fc1, glu.fc2)
+            if not bf16:  # bfloat16 reads its blocked copies, made on huge pages
+                for m in dense:
+                    kernels.move_to_huge_pages(m.weight)
             weights = [m.blocked_weight() if bf16 else m.weight.detach() for m in dense]
             if any(w is None or not w.is_contiguous() for w in weights):
                 return None

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
+import mmap
 import os
 import platform
 import shutil
@@ -273,13 +275,47 @@ class DecoderLayerKernel:
             raise RuntimeError("the native decoder-layer kernel refused its arguments")
 
 
+_HUGE = 2 << 20  # a transparent huge page
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialized CPU tensor on memory advised for transparent huge pages (MADV_HUGEPAGE), else
+    torch.empty's. Streaming a weight from 2 MiB pages skips most TLB misses: the bfloat16 kernel
+    reads ~11% faster here (kernel THP mode "madvise", PyTorch's allocator never asks for them)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    try:
+        # Anonymous and private: freed when the last view of the tensor goes (frombuffer holds it).
+        size = -(-nbytes // _HUGE) * _HUGE + _HUGE
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE  # the first 2 MiB boundary: only whole aligned pages are huge
+    return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def move_to_huge_pages(param: torch.nn.Parameter) -> None:
+    """Re-home a CPU parameter's values onto huge pages (huge_page_empty), once; same values, one
+    weight's worth of extra memory while it moves. Made outside inference mode, so that the model
+    still trains afterwards."""
+    if getattr(param, "_dallemini_huge", False) or param.device.type != "cpu":
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        param.data = huge_page_empty(tuple(param.shape), param.dtype).copy_(param.data)
+    param._dallemini_huge = True  # type: ignore[attr-defined]
+
+
 def _pack(weight: Tensor) -> Tensor:
     """[N, K] -> the bfloat16 kernel's blocked layout [ceil(N/8), Kp/32, 8, 32], zero-padded."""
     n, k = weight.shape
     rb, cb = _BLOCK_ROWS, _BLOCK_COLS
     padded = torch.zeros(-(-n // rb) * rb, -(-k // cb) * cb, dtype=weight.dtype)
     padded[:n, :k] = weight
-    return padded.view(-1, rb, padded.shape[1] // cb, cb).transpose(1, 2).contiguous()
+    blocked = padded.view(-1, rb, padded.shape[1] // cb, cb).transpose(1, 2)
+    return huge_page_empty(tuple(blocked.shape), weight.dtype).copy_(blocked)
 
 
 def pack_bf16(weight: Tensor) -> Tensor | None:

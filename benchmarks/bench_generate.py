@@ -1,7 +1,8 @@
 """Text-to-image speed, ours against min-dalle on the same weights: one process per side, same threads, same dtype.
 
 Builds the DALL·E Mini shape (12+12 layers, d 1024, 16 heads, GLU 2730, 64 text tokens -> 256 image tokens over
-16,384 codes) and the f16/16,384 VQGAN decoder with random weights (std 0.02, so sampling is not degenerate),
+16,384 codes; `--shape mega`: Mega's 24+24 layers, d 2048, 32 heads, GLU 4096, 16,415 image rows) and the
+f16/16,384 VQGAN decoder with random weights (std 0.02, so sampling is not degenerate),
 saved in min-dalle's .pt layout (encoder.pt, decoder.pt, detoker.pt, vocab.json, merges.txt). Then, in one run,
 one child process per side and dtype loads them and generates for one prompt at batch 1 and for 9 images:
 min-dalle with its own MinDalle.generate_raw_image_stream (its encoder, its sampling loop, its detokenizer), ours
@@ -10,11 +11,18 @@ decoding) and peak memory is the child's own (resource.getrusage, plus the peak 
 /proc VmHWM). Sampling: top-k 256, temperature 1, condition scale 16 (min-dalle's defaults) on both sides.
 
 The decoding phase is compared with this machine's limits, measured in the same run: weight bytes per second
-at batch 1 against memory bandwidth (the sum of a 1 GiB tensor), FLOP/s at 9 images against a large matmul.
+at batch 1 against memory bandwidth (the sum of a 1 GiB tensor; 4 GiB on a GPU), FLOP/s at 9 images against a
+large matmul.
 
     python benchmarks/bench_generate.py                 # full 256 steps everywhere (~8 min on 2 cores)
     python benchmarks/bench_generate.py --steps 32      # 32 timed steps per run, extrapolated to 256 (~3 min)
     python benchmarks/bench_generate.py --variants ours ours-bf16 --work /tmp/gen-weights
+    python benchmarks/bench_generate.py --device cuda --shape mega   # GPU: fp16 and fp32 pairs by default
+
+On a GPU every phase boundary and every decoding step waits for the device (torch.cuda.synchronize) on both
+sides alike, and peak memory is the device's (torch.cuda.max_memory_allocated). `--layers N` builds the shape
+with N layers per stack instead (a quick check of the plumbing, e.g. the mega shape on a small machine; such
+runs are recorded under their own key and check no targets).
 
 With --steps N < 256 the token-decoding figures are extrapolated and marked so: min-dalle's per-step cost does
 not depend on the position (it always attends over all 256 slots), so its N steps are scaled to 256; ours
@@ -42,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, matmul_peak, memory_bandwidth, merge_results
+from benchmarks.common import machine_info, matmul_peak, memory_bandwidth, merge_results, sync
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_generate.json"
 PROMPT = "a red apple on a wooden table, top left, photograph"
@@ -56,12 +64,39 @@ MINI = {
     "text_tokens": 64,
     "image_vocab": 16384,
 }
-# name: (side, DalleBart dtype, VQGAN dtype)
+# min-dalle's is_mega sizes (its decoder has 16,415 image rows; only the first 16,384 are codes).
+MEGA = {
+    "layers": 24,
+    "d_model": 2048,
+    "heads": 32,
+    "glu": 4096,
+    "text_vocab": 50272,
+    "text_tokens": 64,
+    "image_vocab": 16415,
+}
+SHAPES = {"mini": MINI, "mega": MEGA}
+CODES = 16384  # the VQGAN's codebook: what both sides sample from
+# name: (side, DalleBart dtype, VQGAN dtype). min-dalle runs its VQGAN in float32 whatever its dtype.
 VARIANTS = {
     "min-dalle": ("min-dalle", "float32", "float32"),
     "ours": ("ours", "float32", "float32"),
     "ours-bf16": ("ours", "bfloat16", "bfloat16"),
+    "min-dalle-fp16": ("min-dalle", "float16", "float32"),
+    "ours-fp16": ("ours", "float16", "float16"),
+    "min-dalle-bf16": ("min-dalle", "bfloat16", "float32"),
 }
+DEFAULT_VARIANTS = {
+    "cpu": ["min-dalle", "ours", "ours-bf16"],
+    "cuda": ["min-dalle-fp16", "ours-fp16", "min-dalle", "ours"],
+}
+
+
+def shape_of(name: str, layers: int | None = None) -> dict[str, Any]:
+    """The model sizes of `name` (mini or mega), with `layers` per stack where given."""
+    shape = dict(SHAPES[name], name=name)
+    if layers:
+        shape["layers"] = layers
+    return shape
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -78,8 +113,11 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.zero_()
 
 
-def write_weights(root: Path) -> Path:
-    """min-dalle's own modules at the mini shape with random weights, saved as its .pt files + a small BPE."""
+def write_weights(root: Path, shape: dict[str, Any]) -> Path:
+    """min-dalle's own modules at `shape` with random weights, saved as its .pt files + a small BPE.
+
+    The folder is min-dalle's models_root for that shape (dalle_bart_mini|mega/ + vqgan/); a folder made
+    for another layer count is rebuilt."""
     from tokenizers import ByteLevelBPETokenizer
 
     from dallemini.random_model import seed_captions
@@ -89,13 +127,15 @@ def write_weights(root: Path) -> Path:
 
     torch.set_grad_enabled(grad)  # importing min_dalle switches these process-wide
     torch.set_num_threads(threads)
-    bart = root / "dalle_bart_mini"
+    bart = root / f"dalle_bart_{shape['name']}"
     done = bart / "merges.txt"
-    if done.is_file():
+    made_for = bart / "shape.json"
+    if done.is_file() and made_for.is_file() and json.loads(made_for.read_text()) == shape:
         return root
+    done.unlink(missing_ok=True)
     bart.mkdir(parents=True, exist_ok=True)
     (root / "vqgan").mkdir(exist_ok=True)
-    m = MINI
+    m = shape
     with torch.device("meta"):
         parts = {
             bart / "encoder.pt": DalleBartEncoder(
@@ -129,6 +169,7 @@ def write_weights(root: Path) -> Path:
         vocab_size=2000,
         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
     )
+    made_for.write_text(json.dumps(shape))
     bpe.save_model(str(bart))  # vocab.json, then merges.txt (the marker of a complete folder)
     return root
 
@@ -161,9 +202,38 @@ def weight_streaming(nbytes: int = 512 << 20, repeats: int = 3) -> float:
     return sum(w.numel() * 4 for w in ws) / best
 
 
-def measure_limits(matmul: bool) -> dict[str, Any]:
+def gpu_memory_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeats: int = 10) -> float:
+    """The GPU's read bandwidth in bytes/s: the best of `repeats` sums over `nbytes` of float32."""
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / best
+
+
+def measure_limits(matmul: bool, device: torch.device) -> dict[str, Any]:
     """This machine's read bandwidth (sum over 1 GiB) and 2-row matmul weight streaming, now; with `matmul`
-    also float32/bfloat16 matmul FLOP/s (2048^3, ~3 s each)."""
+    also float32/bfloat16 matmul FLOP/s (2048^3, ~3 s each). On a GPU: its read bandwidth and (8192^3)
+    float32/float16/bfloat16 matmul FLOP/s."""
+    if device.type == "cuda":
+        with torch.no_grad():
+            out = {
+                "memory_bandwidth_bytes_per_s": gpu_memory_bandwidth(device),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+            }
+            if matmul:
+                out["matmul_flops_per_s"] = {
+                    dt: matmul_peak(device, getattr(torch, dt), 8192)
+                    for dt in ("float32", "float16", "bfloat16")
+                }
+        return out
     cpu = torch.device("cpu")
     with torch.no_grad():
         out: dict[str, Any] = {
@@ -180,25 +250,27 @@ def measure_limits(matmul: bool) -> dict[str, Any]:
 
 
 def _limits_line(lim: dict[str, Any]) -> str:
-    line = (
-        f"memory {lim['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum), "
-        f"{lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s (2-row matmul)"
-    )
+    line = f"memory {lim['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum)"
+    if "weight_streaming_bytes_per_s" in lim:
+        line += f", {lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s (2-row matmul)"
     if "matmul_flops_per_s" in lim:
         mm = lim["matmul_flops_per_s"]
-        line += f", matmul {mm['float32'] / 1e9:.0f} / {mm['bfloat16'] / 1e9:.0f} GFLOP/s float32 / bfloat16"
+        line += ", matmul " + " / ".join(f"{v / 1e9:.0f}" for v in mm.values())
+        line += " GFLOP/s " + " / ".join(mm)
     return line
 
 
 # --- accounting ------------------------------------------------------------------------------------
-def step_costs(text_tokens: int, rows: int, element_size: int) -> dict[str, float]:
+def step_costs(
+    text_tokens: int, rows: int, element_size: int, shape: dict[str, Any]
+) -> dict[str, float]:
     """Weight bytes and FLOPs of one decoding step, averaged over the 256 positions, that any implementation needs.
 
     Weights: every decoder dense layer but the cross-attention K/V projections (a function of the prompt only)
     plus the output head. FLOPs: 2 per weight per row (cond + uncond rows), plus attention over the prefix
     and over the prompt's real tokens.
     """
-    m = MINI
+    m = shape
     d, f, layers = m["d_model"], m["glu"], m["layers"]
     params = layers * (6 * d * d + 3 * d * f) + (m["image_vocab"] + 1) * d
     mean_prefix = (IMAGE_TOKENS + 1) / 2
@@ -277,7 +349,25 @@ def _phases(
 
 
 # --- min-dalle side ------------------------------------------------------------------------------
-def run_min_dalle(root: Path, batches: list[int], steps: int, seed: int) -> dict[str, Any]:
+def _gpu_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _gpu_peak_kib(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) // 1024 if device.type == "cuda" else None
+
+
+def run_min_dalle(
+    root: Path,
+    batches: list[int],
+    steps: int,
+    seed: int,
+    dtype: str,
+    device: torch.device,
+    shape: dict[str, Any],
+) -> dict[str, Any]:
     """min-dalle's MinDalle object (minus its downloads) and its own generate_raw_image_stream, timed per phase."""
     threads = torch.get_num_threads()
     from min_dalle import MinDalle
@@ -287,17 +377,17 @@ def run_min_dalle(root: Path, batches: list[int], steps: int, seed: int) -> dict
     _reset_hwm()
     md = MinDalle.__new__(MinDalle)  # its __init__ always asks the network for config.json
     md.device, md.dtype, md.is_mega, md.is_reusable, md.is_verbose = (
-        "cpu",
-        torch.float32,
-        False,
+        str(device),
+        getattr(torch, dtype),
+        shape["name"] == "mega",
         True,
         False,
     )
-    md.text_token_count = MINI["text_tokens"]
-    md.layer_count, md.attention_head_count = MINI["layers"], MINI["heads"]
-    md.embed_count, md.glu_embed_count = MINI["d_model"], MINI["glu"]
-    md.text_vocab_count, md.image_vocab_count = MINI["text_vocab"], MINI["image_vocab"]
-    bart = root / "dalle_bart_mini"
+    md.text_token_count = shape["text_tokens"]
+    md.layer_count, md.attention_head_count = shape["layers"], shape["heads"]
+    md.embed_count, md.glu_embed_count = shape["d_model"], shape["glu"]
+    md.text_vocab_count, md.image_vocab_count = shape["text_vocab"], shape["image_vocab"]
+    bart = root / f"dalle_bart_{shape['name']}"
     md.vocab_path, md.merges_path = str(bart / "vocab.json"), str(bart / "merges.txt")
     md.encoder_params_path = str(bart / "encoder.pt")
     md.decoder_params_path = str(bart / "decoder.pt")
@@ -321,19 +411,23 @@ def run_min_dalle(root: Path, batches: list[int], steps: int, seed: int) -> dict
 
     def timed_encoder(*a: Any, **k: Any) -> Any:
         out = enc_forward(*a, **k)
+        sync(device)
         marks["encoded"] = time.perf_counter()
         return out
 
     def timed_sample(*a: Any, **k: Any) -> Any:
         out = sample(*a, **k)
+        sync(device)
         marks["steps"].append(time.perf_counter())
         if len(marks["steps"]) >= marks["limit"]:
             raise _Stop
         return out
 
     def timed_detok(*a: Any, **k: Any) -> Any:
+        sync(device)
         t0 = time.perf_counter()
         out = detok(*a, **k)
+        sync(device)
         marks["vqgan_s"] = marks.get("vqgan_s", 0.0) + time.perf_counter() - t0
         return out
 
@@ -347,6 +441,7 @@ def run_min_dalle(root: Path, batches: list[int], steps: int, seed: int) -> dict
         grid = round(n**0.5)
         assert grid * grid == n, "min-dalle generates square grids only"
         marks.update(steps=[], limit=limit, vqgan_s=0.0)
+        sync(device)
         t0 = time.perf_counter()
         try:
             for _ in md.generate_raw_image_stream(
@@ -360,21 +455,24 @@ def run_min_dalle(root: Path, batches: list[int], steps: int, seed: int) -> dict
                 pass
         except _Stop:
             if vqgan:  # its VQGAN step, on stand-in tokens
-                tokens = torch.randint(0, MINI["image_vocab"], (n, IMAGE_TOKENS))
+                tokens = torch.randint(0, CODES, (n, IMAGE_TOKENS), device=device)
                 md.image_grid_from_tokens(tokens, is_seamless=False)
+        sync(device)
         return t0
 
     for n in batches:  # warm-up: allocator, thread pool, kernels for this batch
         generate(n, 2, vqgan=False)
-    md.detokenizer.forward(False, torch.randint(0, MINI["image_vocab"], (1, IMAGE_TOKENS)))
+    md.detokenizer.forward(False, torch.randint(0, CODES, (1, IMAGE_TOKENS), device=device))
     results = {}
     for n in batches:
         _reset_hwm()
+        _gpu_reset(device)
         t0 = generate(n, steps if steps < IMAGE_TOKENS else IMAGE_TOKENS + 1)
         t_end = time.perf_counter()
         r = _phases(t0, marks["encoded"], t_end, marks["vqgan_s"], marks["steps"], None, steps)
         r["images"] = n
         r["peak_kib"] = _hwm_kib()
+        r["gpu_peak_kib"] = _gpu_peak_kib(device)
         results[str(n)] = r
     text_tokens = len(md.tokenizer.tokenize(PROMPT))
     return {"load": loaded, "batches": results, "prompt_tokens": text_tokens}
@@ -382,7 +480,13 @@ def run_min_dalle(root: Path, batches: list[int], steps: int, seed: int) -> dict
 
 # --- our side ------------------------------------------------------------------------------------
 def run_ours(
-    root: Path, batches: list[int], steps: int, seed: int, dtype: str, vqgan_dtype: str
+    root: Path,
+    batches: list[int],
+    steps: int,
+    seed: int,
+    dtype: str,
+    vqgan_dtype: str,
+    device: torch.device,
 ) -> dict[str, Any]:
     """TextToImage.from_pretrained on the min-dalle folder, then pipe(prompt, num_images=n), timed per phase."""
     from dallemini.config import SamplingConfig
@@ -390,19 +494,22 @@ def run_ours(
     from dallemini.pipeline import TextToImage
 
     _reset_hwm()
-    pipe = TextToImage.from_pretrained(root, device="cpu", dtype=dtype, vqgan_dtype=vqgan_dtype)
+    pipe = TextToImage.from_pretrained(root, device=device, dtype=dtype, vqgan_dtype=vqgan_dtype)
     loaded = {"load_peak_kib": _hwm_kib(), "resident_after_load_kib": _rss_kib()}
     marks: dict[str, Any] = {}
     encode, decode = pipe.bart.encode, pipe.decode
 
     def timed_encode(*a: Any, **k: Any) -> Any:
         out = encode(*a, **k)
+        sync(device)
         marks["encoded"] = time.perf_counter()
         return out
 
     def timed_decode(*a: Any, **k: Any) -> Any:
+        sync(device)
         t0 = time.perf_counter()
         out = decode(*a, **k)
+        sync(device)
         marks["vqgan_s"] = marks.get("vqgan_s", 0.0) + time.perf_counter() - t0
         return out
 
@@ -410,25 +517,28 @@ def run_ours(
     settings = dict(temperature=1.0, top_k=256, condition_scale=16.0, rerank=False)
 
     def progress(done: int, total: int) -> None:
+        sync(device)
         marks["steps"].append(time.perf_counter())
         if len(marks["steps"]) >= marks["limit"]:
             raise _Stop
 
     def generate(n: int, limit: int, vqgan: bool = True) -> float:
         marks.update(steps=[], limit=limit, vqgan_s=0.0)
+        sync(device)
         t0 = time.perf_counter()
         try:
             pipe(PROMPT, num_images=n, seed=seed, progress=progress, **settings)
         except _Stop:
             if vqgan:
-                pipe.decode(torch.randint(0, MINI["image_vocab"], (n, IMAGE_TOKENS)))
+                pipe.decode(torch.randint(0, CODES, (n, IMAGE_TOKENS), device=device))
+        sync(device)
         return t0
 
     def last_window(n: int, count: int) -> list[float]:
         """Per-step seconds of the last `count` positions, after a forced prefix of 256 - count tokens."""
-        ids, mask = pipe.text([PROMPT])
+        ids, mask = (t.to(device) for t in pipe.text([PROMPT]))
         u_ids, u_mask = pipe.text.unconditional(1)
-        prefix = torch.randint(0, MINI["image_vocab"], (n, IMAGE_TOKENS - count))
+        prefix = torch.randint(0, CODES, (n, IMAGE_TOKENS - count), device=device)
         stream = iter_image_tokens(
             pipe.bart,
             ids,
@@ -442,15 +552,16 @@ def run_ours(
             prefix=prefix,
             stream_every=1,
         )
-        ends = [time.perf_counter() for _ in stream]
+        ends = [time.perf_counter() for _ in stream if sync(device) is None]
         return [b - a for a, b in itertools.pairwise(ends)]  # the first one holds the prefill
 
     for n in batches:  # warm-up, as on min-dalle's side
         generate(n, 2, vqgan=False)
-    pipe.decode(torch.randint(0, MINI["image_vocab"], (1, IMAGE_TOKENS)))
+    pipe.decode(torch.randint(0, CODES, (1, IMAGE_TOKENS), device=device))
     results = {}
     for n in batches:
         _reset_hwm()
+        _gpu_reset(device)
         t0 = generate(n, steps if steps < IMAGE_TOKENS else IMAGE_TOKENS + 1)
         t_end = time.perf_counter()
         encoded, vqgan_s, step_ends = marks["encoded"], marks["vqgan_s"], list(marks["steps"])
@@ -458,6 +569,7 @@ def run_ours(
         r = _phases(t0, encoded, t_end, vqgan_s, step_ends, late, steps)
         r["images"] = n
         r["peak_kib"] = _hwm_kib()
+        r["gpu_peak_kib"] = _gpu_peak_kib(device)
         results[str(n)] = r
     _ids, mask = pipe.text([PROMPT])
     return {"load": loaded, "batches": results, "prompt_tokens": int(mask.sum())}
@@ -468,10 +580,12 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     side, dtype, vqgan_dtype = VARIANTS[args.child]
+    device = torch.device(args.device)
+    shape = shape_of(args.shape, args.layers)
     if side == "min-dalle":
-        out = run_min_dalle(args.work, args.batches, args.steps, args.seed)
+        out = run_min_dalle(args.work, args.batches, args.steps, args.seed, dtype, device, shape)
     else:
-        out = run_ours(args.work, args.batches, args.steps, args.seed, dtype, vqgan_dtype)
+        out = run_ours(args.work, args.batches, args.steps, args.seed, dtype, vqgan_dtype, device)
     _reset_hwm()
     out["max_rss_kib"] = _PEAK_KIB[0]  # getrusage's ru_maxrss, taken before every window reset
     out["threads"] = torch.get_num_threads()
@@ -497,7 +611,13 @@ def spawn(variant: str, images: int, args: argparse.Namespace) -> dict[str, Any]
         str(args.seed),
         "--batches",
         str(images),
+        "--device",
+        args.device,
+        "--shape",
+        args.shape,
     ]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -509,7 +629,15 @@ def spawn(variant: str, images: int, args: argparse.Namespace) -> dict[str, Any]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        help="default: min-dalle ours ours-bf16 on CPU; min-dalle-fp16 ours-fp16 min-dalle ours on a GPU",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="mini")
+    p.add_argument("--layers", type=int, default=None, help="layers per stack (plumbing checks)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 9], help="images per run")
     p.add_argument(
         "--steps", type=int, default=IMAGE_TOKENS, help="decoding steps timed (<256: extrapolated)"
@@ -524,19 +652,28 @@ def main() -> None:
     p.add_argument(
         "--markdown",
         action="store_true",
-        help="print the README table of the results file's latest full run (else latest run) and exit",
+        help="print the README table of the results file's full run for --device/--shape (else its "
+        "latest run) and exit",
     )
     p.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    device = torch.device(args.device)
+    full_key = f"{device.type}-{args.shape}" + (f"-{args.layers}layers" if args.layers else "")
     if args.markdown:
         results = json.loads(args.output.read_text())
         key = (
-            "cpu-mini"
-            if "cpu-mini" in results
+            full_key
+            if full_key in results
             else max(results, key=lambda k: results[k]["measured_at"])
         )
         print(markdown(results[key]))
         return
+    if args.variants is None:
+        args.variants = DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU here")
+    if args.layers is not None and args.layers < 1:
+        p.error("--layers must be positive")
     if not 2 <= args.steps <= IMAGE_TOKENS:
         p.error(f"--steps must be in [2, {IMAGE_TOKENS}]")
     for n in args.batches:
@@ -546,18 +683,21 @@ def main() -> None:
         child(args)
         return
     torch.set_num_threads(args.threads)
-    info = machine_info(torch.device("cpu"))
+    info = machine_info(device)
+    shape = shape_of(args.shape, args.layers)
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-generate-")
         args.work = Path(tmp.name)
+    # One models_root per shape: ours would find either dalle_bart_* folder in a shared one.
+    args.work = args.work / full_key.split("-", 1)[1]
     try:
         t0 = time.perf_counter()
-        write_weights(args.work)
+        write_weights(args.work, shape)
         print(f"weights (min-dalle .pt layout) in {args.work} ({time.perf_counter() - t0:.0f} s)")
         # Interleaved, one process per (side, batch): comparable runs follow each other closely, so a
         # change in the box's load hits all sides alike; the limits are measured between runs.
-        limits_seen = [measure_limits(matmul=True)]
+        limits_seen = [measure_limits(True, device)]
         print(f"{info['cpu']}, {args.threads} threads, load {info.get('load_average_1m_before')}")
         print(f"  limits: {_limits_line(limits_seen[0])}")
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {v: {} for v in args.variants}
@@ -581,8 +721,8 @@ def main() -> None:
                         f"  {v} x{n} (run {rep + 1}): {r['total_s'] / n:.2f} s/image, "
                         f"load {load}->{r['load_average_1m_after']} ({time.perf_counter() - t1:.0f} s)"
                     )
-                    limits_seen.append(measure_limits(matmul=False))
-        limits_seen.append(measure_limits(matmul=True))
+                    limits_seen.append(measure_limits(False, device))
+        limits_seen.append(measure_limits(True, device))
         print(f"  limits: {_limits_line(limits_seen[-1])}")
     finally:
         if tmp is not None:
@@ -595,8 +735,9 @@ def main() -> None:
             lim["memory_bandwidth_bytes_per_s"] for lim in limits_seen
         ),
         "weight_streaming_bytes_per_s": max(
-            lim["weight_streaming_bytes_per_s"] for lim in limits_seen
-        ),
+            (lim.get("weight_streaming_bytes_per_s", 0.0) for lim in limits_seen), default=0.0
+        )
+        or None,
         "matmul_flops_per_s": {
             k: max(lim["matmul_flops_per_s"][k] for lim in mm) for k in mm[0]["matmul_flops_per_s"]
         },
@@ -612,37 +753,63 @@ def main() -> None:
             "max_rss_kib": max(r["max_rss_kib"] for rs in by_n.values() for r in rs),
             **{k: first[k] for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads")},
         }
-    report(sides, limits, args)
-    targets = check_targets(sides)
+    report(sides, limits, args, shape)
+    targets = [] if args.layers else check_targets(sides, summarize(sides, limits, shape), device)
     for t in targets:
         print(f"  {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}")
     record = {
         "benchmark": "bench_generate",
-        "shape": "mini",
+        "shape": args.shape,
+        "layers": shape["layers"],
         "prompt": PROMPT,
         "sampling": {"top_k": 256, "temperature": 1.0, "condition_scale": 16.0},
         "steps_timed": args.steps,
         "extrapolated": args.steps < IMAGE_TOKENS,
         "limits": limits,
         "sides": sides,
-        "summary": summarize(sides, limits),
+        "summary": summarize(sides, limits, shape),
         "targets": targets,
         "machine": info,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    key = "cpu-mini" if args.steps >= IMAGE_TOKENS else f"cpu-mini-steps{args.steps}"
+    key = full_key if args.steps >= IMAGE_TOKENS else f"{full_key}-steps{args.steps}"
     merge_results(args.output, key, record)
     print(f"wrote {args.output}")
 
 
-def check_targets(sides: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's CPU targets, checked against this run's figures (only those the run measured)."""
+def check_targets(
+    sides: dict[str, Any], rows: list[dict[str, Any]], device: torch.device
+) -> list[dict[str, Any]]:
+    """The issue's targets (CPU or GPU), checked against this run's figures (only those the run measured)."""
     out: list[dict[str, Any]] = []
 
     def per_s(v: str, n: str) -> float | None:
         r = sides.get(v, {}).get("batches", {}).get(n)
         return None if r is None else int(n) / r["total_s"]
 
+    if device.type == "cuda":
+        for n in ("1", "9"):
+            for dt in ("", "-fp16", "-bf16"):
+                a, b = per_s("ours" + dt, n), per_s("min-dalle" + dt, n)
+                if a and b:
+                    out.append(
+                        {
+                            "target": f"{VARIANTS['ours' + dt][1]} images/s ours/min-dalle >= 3x "
+                            f"at {n} image(s)",
+                            "measured": f"{a / b:.2f}x",
+                            "met": a / b >= 3.0,
+                        }
+                    )
+        for r in rows:
+            if r["variant"].startswith("ours") and r["images"] == 1:
+                out.append(
+                    {
+                        "target": f"{r['dtype']} batch-1 decoding >= 60% of the GPU's memory bandwidth",
+                        "measured": f"{r['fraction_of_memory_bandwidth']:.0%}",
+                        "met": r["fraction_of_memory_bandwidth"] >= 0.6,
+                    }
+                )
+        return out
     for n, goal in (("1", 4.0), ("9", 5.0)):
         a, b = per_s("ours", n), per_s("min-dalle", n)
         if a and b:
@@ -674,16 +841,25 @@ def check_targets(sides: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(sides: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (variant, batch): seconds per image, phases, peak memory, ratios and fractions of the limits."""
+def summarize(
+    sides: dict[str, Any], limits: dict[str, Any], shape: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per (variant, batch): seconds per image, phases, peak memory, ratios and fractions of the limits.
+
+    Ratios compare with min-dalle in the same dtype (min-dalle-fp16 for ours-fp16, ...) where it ran,
+    else with min-dalle in float32."""
     rows = []
-    base = sides.get("min-dalle")
+    streaming = limits.get("weight_streaming_bytes_per_s")
     for v, s in sides.items():
+        dtype = VARIANTS[v][1]
+        same = "min-dalle" + {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}[dtype]
+        base = sides.get(same, sides.get("min-dalle"))
         for n, r in s["batches"].items():
             images = int(n)
-            elt = 2 if s["dtype"] == "bfloat16" else 4
-            costs = step_costs(s["prompt_tokens"], 2 * images, elt)
+            elt = 4 if s["dtype"] == "float32" else 2
+            costs = step_costs(s["prompt_tokens"], 2 * images, elt, shape)
             step_s = r["token_decoding_s"] / IMAGE_TOKENS
+            peak = limits["matmul_flops_per_s"].get(s["dtype"])
             row = {
                 "variant": v,
                 "dtype": s["dtype"],
@@ -703,14 +879,16 @@ def summarize(sides: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, A
                 "fraction_of_memory_bandwidth": round(
                     costs["weight_bytes"] / step_s / limits["memory_bandwidth_bytes_per_s"], 3
                 ),
-                "fraction_of_weight_streaming": round(
-                    costs["weight_bytes"] / step_s / limits["weight_streaming_bytes_per_s"], 3
-                ),
+                "fraction_of_weight_streaming": round(costs["weight_bytes"] / step_s / streaming, 3)
+                if streaming
+                else None,
                 "flops_per_s": costs["flops"] / step_s,
-                "fraction_of_matmul_peak": round(
-                    costs["flops"] / step_s / limits["matmul_flops_per_s"][s["dtype"]], 3
-                ),
+                "fraction_of_matmul_peak": round(costs["flops"] / step_s / peak, 3)
+                if peak
+                else None,
             }
+            if r.get("gpu_peak_kib") is not None:
+                row["gpu_peak_mib"] = round(r["gpu_peak_kib"] / 1024)
             if base is not None and n in base["batches"]:
                 b = base["batches"][n]
                 row["speedup_vs_min_dalle"] = round(b["total_s"] / r["total_s"], 2)
@@ -722,68 +900,91 @@ def summarize(sides: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, A
     return rows
 
 
+def _limit_text(r: dict[str, Any], gpu: bool) -> str:
+    """The decoding phase against this machine's limit: memory read at 1 image, matmul FLOP/s beyond."""
+    if r["images"] == 1:
+        text = f"{r['fraction_of_memory_bandwidth']:.0%} of memory read"
+        if r.get("fraction_of_weight_streaming") is not None and not gpu:
+            text += f", {r['fraction_of_weight_streaming']:.0%} of oneDNN streaming"
+        return text
+    if r.get("fraction_of_matmul_peak") is None:
+        return "-"
+    return f"{r['fraction_of_matmul_peak']:.0%} of matmul FLOP/s"
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The README's table for one recorded run: per variant and batch, phases, s/image, ratio, memory."""
     m, lim = record["machine"], record["limits"]
+    gpu = "gpu" in m
     star = " (token decoding extrapolated from {} timed steps)".format(record["steps_timed"])
+    mm = lim["matmul_flops_per_s"]
+    where = (
+        f"{m['gpu']} (torch {m['torch']})"
+        if gpu
+        else f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads, torch {m['torch']}; "
+        f"1-min load {m.get('load_average_1m_before')} before, {m.get('load_average_1m_after')} after)"
+    )
+    machine = f"{lim['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory read, "
+    if lim.get("weight_streaming_bytes_per_s"):
+        machine += (
+            f"{lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s through oneDNN's 2-row matmul, "
+        )
+    machine += (
+        " / ".join(f"{v / 1e9:.0f}" for v in mm.values()) + " GFLOP/s " + " / ".join(mm) + " matmul"
+    )
+    layers = f" ({record['layers']} layers)" if record.get("layers") else ""
     lines = [
-        f"Measured {record['measured_at'][:10]} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} "
-        f"threads, torch {m['torch']}; 1-min load {m.get('load_average_1m_before')} before, "
-        f"{m.get('load_average_1m_after')} after){star if record['extrapolated'] else ''}; "
-        f"mini shape, random weights, top-k 256, condition scale 16. "
-        f"This machine: {lim['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s memory read, "
-        f"{lim['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s through oneDNN's 2-row matmul, "
-        f"{lim['matmul_flops_per_s']['float32'] / 1e9:.0f} / {lim['matmul_flops_per_s']['bfloat16'] / 1e9:.0f} "
-        "GFLOP/s float32 / bfloat16 matmul.",
+        f"Measured {record['measured_at'][:10]} on {where}{star if record['extrapolated'] else ''}; "
+        f"{record.get('shape', 'mini')} shape{layers}, random weights, top-k 256, condition scale 16. "
+        f"This machine: {machine}.",
         "",
         "| | DalleBart / VQGAN | images | text s | tokens s | VQGAN s | s per image | vs min-dalle "
-        "| ms per step | decoding vs limit | peak RSS MiB |",
+        f"| ms per step | decoding vs limit | peak {'GPU' if gpu else 'RSS'} MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["summary"]:
-        if r["images"] == 1:
-            limit = (
-                f"{r['fraction_of_memory_bandwidth']:.0%} of memory read, "
-                f"{r['fraction_of_weight_streaming']:.0%} of oneDNN streaming"
-            )
-        else:
-            limit = f"{r['fraction_of_matmul_peak']:.0%} of matmul FLOP/s"
         ratio = f"{r['speedup_vs_min_dalle']:.2f}x" if "speedup_vs_min_dalle" in r else "-"
+        peak = r.get("gpu_peak_mib") if gpu else r["peak_rss_mib"]
         lines.append(
             f"| {r['variant']} | {_short(r['dtype'])} / {_short(r['vqgan_dtype'])} | {r['images']} "
             f"| {r['text_encoding_s']:.2f} | {r['token_decoding_s']:.1f} | {r['vqgan_s']:.2f} "
-            f"| {r['s_per_image']:.2f} | {ratio} | {r['decoding_ms_per_step']:.0f} | {limit} "
-            f"| {r['peak_rss_mib']} |"
+            f"| {r['s_per_image']:.2f} | {ratio} | {r['decoding_ms_per_step']:.0f} "
+            f"| {_limit_text(r, gpu)} | {peak} |"
         )
     return "\n".join(lines)
 
 
 def _short(dtype: str) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
 
-def report(sides: dict[str, Any], limits: dict[str, Any], args: argparse.Namespace) -> None:
+def report(
+    sides: dict[str, Any], limits: dict[str, Any], args: argparse.Namespace, shape: dict[str, Any]
+) -> None:
     """Print the table: per variant and batch, phases, s/image, ratio to min-dalle, memory, limits."""
-    rows = summarize(sides, limits)
+    rows = summarize(sides, limits, shape)
     ex = args.steps < IMAGE_TOKENS
     print(
         "\nprompt tokens: "
         + ", ".join(f"{v} {s['prompt_tokens']}" for v, s in sides.items())
         + (f"; token decoding EXTRAPOLATED from {args.steps} timed steps to 256 (*)" if ex else "")
     )
+    gpu = args.device != "cpu"
     head = (
-        f"{'variant':10s} {'dtype/vqgan':11s} {'imgs':>4s} {'text s':>7s} {'tokens s':>9s} {'vqgan s':>8s} "
-        f"{'s/image':>8s} {'x min-dalle':>11s} {'ms/step':>8s} {'peak MiB':>9s} {'gen MiB':>8s}"
+        f"{'variant':14s} {'dtype/vqgan':11s} {'imgs':>4s} {'text s':>7s} {'tokens s':>9s} {'vqgan s':>8s} "
+        f"{'s/image':>8s} {'x min-dalle':>11s} {'ms/step':>8s} {'peak MiB':>9s} "
+        + (f"{'GPU MiB':>8s}" if gpu else f"{'gen MiB':>8s}")
     )
     print(head)
     for r in rows:
         star = "*" if r["extrapolated"] else " "
         ratio = f"{r['speedup_vs_min_dalle']:.2f}x" if "speedup_vs_min_dalle" in r else "-"
+        last = r.get("gpu_peak_mib", 0) if gpu else r["generation_peak_mib"]
         print(
-            f"{r['variant']:10s} {_short(r['dtype']) + '/' + _short(r['vqgan_dtype']):11s} {r['images']:4d} {r['text_encoding_s']:7.2f} "
+            f"{r['variant']:14s} {_short(r['dtype']) + '/' + _short(r['vqgan_dtype']):11s} {r['images']:4d} {r['text_encoding_s']:7.2f} "
             f"{r['token_decoding_s']:8.1f}{star} {r['vqgan_s']:8.2f} {r['s_per_image']:8.2f} "
             f"{ratio:>11s} {r['decoding_ms_per_step']:8.1f} {r['peak_rss_mib']:9d} "
-            f"{r['generation_peak_mib']:8d}"
+            f"{last:8d}"
         )
     print(
         "\nloads (1 min) around each kept run: "
@@ -797,27 +998,31 @@ def report(sides: dict[str, Any], limits: dict[str, Any], args: argparse.Namespa
         f"{v} x{n}"
         for v, s in sides.items()
         for n, r in s["batches"].items()
-        if max(r["load_average_1m_before"], r["load_average_1m_after"]) >= 1.0
+        if max(r["load_average_1m_before"], r["load_average_1m_after"]) >= args.threads / 2
     ]
-    if busy:
+    if busy and not gpu:
         print(
-            f"WARNING: other work ran beside {', '.join(busy)} (1-min load >= 1 on 2 cores): those "
+            f"WARNING: other work ran beside {', '.join(busy)} (1-min load >= half the threads): those "
             "figures may be slowed; compare runs with similar loads, or use --repeats"
         )
     print("decoding phase against this machine's limits (best of the before/after measurements):")
     for r in rows:
         if r["images"] == 1:
-            print(
-                f"  {r['variant']:10s} batch 1: {r['weight_bytes_per_s'] / 1e9:6.1f} GB/s of weights = "
+            line = (
+                f"  {r['variant']:14s} batch 1: {r['weight_bytes_per_s'] / 1e9:6.1f} GB/s of weights = "
                 f"{r['fraction_of_memory_bandwidth']:.0%} of memory bandwidth "
-                f"({limits['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s), "
-                f"{r['fraction_of_weight_streaming']:.0%} of 2-row matmul streaming "
-                f"({limits['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s)"
+                f"({limits['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)"
             )
-        else:
+            if r.get("fraction_of_weight_streaming") is not None:
+                line += (
+                    f", {r['fraction_of_weight_streaming']:.0%} of 2-row matmul streaming "
+                    f"({limits['weight_streaming_bytes_per_s'] / 1e9:.1f} GB/s)"
+                )
+            print(line)
+        elif r.get("fraction_of_matmul_peak") is not None:
             peak = limits["matmul_flops_per_s"][r["dtype"]]
             print(
-                f"  {r['variant']:10s} {r['images']} images: {r['flops_per_s'] / 1e9:6.1f} GFLOP/s = "
+                f"  {r['variant']:14s} {r['images']} images: {r['flops_per_s'] / 1e9:6.1f} GFLOP/s = "
                 f"{r['fraction_of_matmul_peak']:.0%} of {r['dtype']} matmul peak ({peak / 1e9:.0f} GFLOP/s)"
             )
 

@@ -1,8 +1,10 @@
-/* Matrix-vector products for CPU decoding: y_r = W x_r for one or two rows x_r, float32 or bfloat16.
+/* Native CPU decoding kernels (see kernels/__init__.py): matrix-vector products y_r = W x_r for
+ * one or two rows x_r (float32 or bfloat16 weights), single-query attention over a K/V cache, and
+ * one whole decoder layer of one image's decoding step.
  *
  * Decoding one image multiplies two rows (prompt and empty caption) by every weight matrix, so
- * the step is bound by how fast W streams from memory. This kernel reads each weight row once,
- * eight rows at a time, and keeps both x rows in registers: ~31 GB/s on a 2-core Zen 4 against
+ * the step is bound by how fast W streams from memory. The products read each weight row once,
+ * eight rows at a time, and keep both x rows in registers: ~30 GB/s on a 2-core Zen 4 against
  * ~21 GB/s for oneDNN's small-batch sgemm (benchmarks/bench_generate.py measures it). Float32
  * arithmetic throughout; only the summation order differs from a plain matmul.
  */
@@ -95,7 +97,8 @@ void dallemini_gemv2_bf16(const unsigned short* Wp, const unsigned short* x0,
  * work between them (layer norms, attention, casts, dispatch: ~400 small ops) costs a bf16 step
  * ~40% on top of streaming the weights. Here the whole NormFormer layer (models/bart.py
  * DecoderLayer, eval mode) runs in C: the residual stream stays float32, weights are float32
- * row-major or the bfloat16 blocked copies above, the K/V cache is float32. */
+ * row-major or the bfloat16 blocked copies above, the K/V cache float32 or (bfloat16 models)
+ * bfloat16. */
 
 typedef struct {
   long d, heads, head_dim, ffn; /* model width, heads, head width, GLU width */

@@ -8,6 +8,8 @@ else shares the batch — which is what lets a server batch requests without cha
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +18,9 @@ from torch import Tensor
 
 from .config import SamplingConfig
 from .errors import InputError
-from .models.bart import DalleBart
+from .models.bart import DalleBart, DecoderCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,51 @@ def draw(logits: Tensor, idx: Tensor | None, uniforms: Tensor) -> Tensor:
     if idx is not None:
         choice = idx.gather(-1, choice)
     return choice.squeeze(-1)
+
+
+class GraphedStep:
+    """DalleBart.decode_step_static captured once as a CUDA graph and replayed for every later
+    one-token step: a decoding step of a few rows is hundreds of small kernels whose launches, not
+    the GPU, bound it; a replay launches them all at once. CUDA only; `pos` is the next position
+    to decode (its cache slot is rewritten by the real step, so the warm-up may use it)."""
+
+    def __init__(self, model: DalleBart, cache: DecoderCache, rows: int, pos: int) -> None:
+        device = cache.self_k.device
+        self.tokens = torch.full((rows, 1), model.config.decoder_start_token_id, device=device)
+        self.pos = torch.full((1,), pos, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # kernels choose their algorithms before capture
+            for _ in range(2):
+                model.decode_step_static(self.tokens, cache, self.pos)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (a server's) may use the GPU while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = model.decode_step_static(self.tokens, cache, self.pos)
+
+    def __call__(self, tokens: Tensor, pos: int) -> Tensor:
+        """Logits [rows, 1, V] for `tokens` [rows, 1] at `pos` (a buffer the next call overwrites)."""
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+def _graphed_step(model: DalleBart, cache: DecoderCache, rows: int, pos: int) -> GraphedStep | None:
+    """A GraphedStep where it applies (CUDA inference; DALLEMINI_CUDA_GRAPHS=0 turns it off), else None;
+    a capture that fails logs why and leaves decoding to decode_step."""
+    if (
+        cache.self_k.device.type != "cuda"
+        or model.training
+        or os.environ.get("DALLEMINI_CUDA_GRAPHS", "1") == "0"
+    ):
+        return None
+    try:
+        return GraphedStep(model, cache, rows, pos)
+    except RuntimeError as e:  # e.g. an op that cannot be captured on this build
+        log.warning("CUDA graph capture failed, decoding step by step: %s", e)
+        return None
 
 
 def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> Tensor:
@@ -142,9 +191,17 @@ def iter_image_tokens(
     feed = bos if prefix is None else torch.cat([bos, prefix.to(device)], dim=1)
     if m:
         out[:, :m] = prefix
+    graphed: GraphedStep | bool | None = None  # False: tried, not available
     for step in range(m, total):
         x = feed.repeat(2, 1) if guided else feed
-        logits = model.decode_step(x, cache)[:, -1, :num_codes].float()  # mix in float32
+        if graphed is None and x.shape[1] == 1:
+            graphed = _graphed_step(model, cache, x.shape[0], step) or False
+        if graphed and x.shape[1] == 1:
+            out_logits = graphed(x, step)
+            cache.length = step + 1
+        else:
+            out_logits = model.decode_step(x, cache)
+        logits = out_logits[:, -1, :num_codes].float()  # mix in float32
         if guided:
             cond, uncond = logits[:b], logits[b:]
             logits = uncond + settings.condition_scale * (cond - uncond)

@@ -200,3 +200,38 @@ def test_trimmed_padding_gives_the_same_logits(tiny: DalleBart) -> None:
         a = tiny.decode_step(labels[:, :4], tiny.init_cache(enc, mask))
         b = tiny.decode_step(labels[:, :4], tiny.init_cache(short, short_mask))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_step_matches_decode_step(tiny: DalleBart, dtype: torch.dtype) -> None:
+    """decode_step_static (the CUDA-graph step: attention over every slot, later ones masked,
+    position as a tensor) gives decode_step's logits and cache, after a multi-token prefill too."""
+    model = DalleBart(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict())
+    model = model.to(dtype)
+    ids, mask, labels = _inputs(model.config, batch=2, seed=3)
+    mask[1, -3:] = 0
+    tokens = model.shift_right(labels)[:, :10]
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
+    with torch.inference_mode():
+        enc = model.encode(ids, mask)
+        eager, static = model.init_cache(enc, mask), model.init_cache(enc, mask)
+        for c in (eager, static):
+            model.decode_step(tokens[:, :3], c)  # prefill: torch's ops on both
+        for i in range(3, 10):
+            want = model.decode_step(tokens[:, i : i + 1], eager)
+            got = model.decode_step_static(tokens[:, i : i + 1], static, torch.tensor([i]))
+            static.length = i + 1
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+        torch.testing.assert_close(
+            static.self_k[:, :, :, :10].float(), eager.self_k[:, :, :, :10].float(), **tol
+        )
+
+
+def test_graphed_steps_are_for_cuda_only(tiny: DalleBart) -> None:
+    from dallemini.generate import _graphed_step
+
+    ids, mask, _ = _inputs(tiny.config, batch=2)
+    with torch.inference_mode():
+        cache = tiny.init_cache(tiny.encode(ids, mask), mask)
+    assert _graphed_step(tiny, cache, 2, 0) is None

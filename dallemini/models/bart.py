@@ -373,10 +373,35 @@ class DecoderLayer(nn.Module):
                 mask = torch.arange(end, device=x.device)[None, :] <= q_pos
             h = self.self_attn.attend_q(q, k, v, mask, dtype=x.dtype)
         x = x + self.dropout(self.self_attn_layer_norm(h))
+        return self._cross_and_glu(x, cross_k, cross_v, cross_mask)
+
+    def _cross_and_glu(self, x: Tensor, cross_k: Tensor, cross_v: Tensor, mask: Tensor) -> Tensor:
+        """The layer's second half: x + LN(cross_attn(LN x)), then x + GLU(x)."""
         h = self.pre_encoder_attn_layer_norm(x)
-        h = self.encoder_attn.attend(h, cross_k, cross_v, cross_mask)
+        h = self.encoder_attn.attend(h, cross_k, cross_v, mask)
         x = x + self.dropout(self.encoder_attn_layer_norm(h))
         return x + self.dropout(self.glu(x))
+
+    def step_static(
+        self,
+        x: Tensor,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        cross_mask: Tensor,
+        self_k: Tensor,
+        self_v: Tensor,
+        pos: Tensor,
+        self_mask: Tensor,
+    ) -> Tensor:
+        """One token per row at position tensor `pos` ([1]): its K/V go into the cache there, and the
+        query attends over every cache slot with `self_mask` hiding the later ones (static shapes)."""
+        h = self.pre_self_attn_layer_norm(x)
+        q, k, v = self.self_attn.project_qkv(h)
+        self_k.index_copy_(2, pos, k.to(self_k.dtype))
+        self_v.index_copy_(2, pos, v.to(self_v.dtype))
+        h = self.self_attn.attend_q(q, self_k, self_v, self_mask, dtype=x.dtype)
+        x = x + self.dropout(self.self_attn_layer_norm(h))
+        return self._cross_and_glu(x, cross_k, cross_v, cross_mask)
 
 
 class DalleBartEncoder(nn.Module):
@@ -617,6 +642,32 @@ class DalleBart(nn.Module):
                 )
             )
         return bound
+
+    @torch.no_grad()
+    def decode_step_static(self, tokens: Tensor, cache: DecoderCache, pos: Tensor) -> Tensor:
+        """decode_step's logits for one token per row ([B, 1]) at position tensor `pos` ([1], on the
+        cache's device), in shapes that do not depend on the position: attention runs over all
+        image_length slots with the later ones masked. No host synchronisation and no Python-int
+        position, so a CUDA graph can capture it once and replay it for every step
+        (generate.GraphedStep). Leaves cache.length to the caller."""
+        dec = self.decoder
+        x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(pos)
+        x = dec.layernorm_embedding(x)
+        slots = torch.arange(self.config.image_length, device=pos.device)
+        mask = torch.zeros(slots.shape, dtype=cache.self_k.dtype, device=pos.device)
+        mask = mask.masked_fill(slots > pos, float("-inf"))[None, None, None, :]
+        for i, layer in enumerate(dec.layers):
+            x = layer.step_static(
+                x,
+                cache.cross_k[i],
+                cache.cross_v[i],
+                cache.cross_mask,
+                cache.self_k[i],
+                cache.self_v[i],
+                pos,
+                mask,
+            )
+        return dec.lm_head(dec.final_ln(x))
 
     @torch.no_grad()
     def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:

@@ -270,3 +270,41 @@ def test_moving_to_huge_pages_inside_inference_mode_keeps_autograd() -> None:
     assert torch.equal(p.detach(), want) and not p.is_inference()
     (p * 2).sum().backward()
     assert p.grad is not None and torch.all(p.grad == 2)
+
+
+@pytest.fixture
+def avx2_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """The kernels rebuilt for AVX2 CPUs (-march=x86-64-v3: no AVX-512), loaded in place of this
+    machine's build for one test."""
+    import shutil
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.exists() else ""
+    if " avx2" not in flags or shutil.which("cc") is None:
+        pytest.skip("no AVX2 CPU or no C compiler here")
+    monkeypatch.setenv("DALLEMINI_KERNEL_MARCH", "x86-64-v3")
+    monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
+    saved = dict(kernels._STATE)
+    kernels._STATE.clear()
+    yield
+    kernels._STATE.clear()
+    kernels._STATE.update(saved)
+
+
+def test_avx2_build_runs_float32_decoding(avx2_build: None) -> None:
+    """Without AVX-512 the float32 kernels (plain vectorized loops) give torch's products, attention
+    and decoder layers; bfloat16 ones are not built."""
+    assert kernels.available() and not kernels.available(torch.bfloat16)
+    assert list(kernels.cache_dir().glob("gemv-*.so"))  # built for this test, not the shared cache
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(2730, 1000, generator=g) * 0.02, torch.randn(2, 1, 1000, generator=g)
+    torch.testing.assert_close(kernels.gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    k, v = torch.randn(3, 4, 9, 24, generator=g), torch.randn(3, 4, 9, 24, generator=g)
+    q = torch.randn(3, 4, 1, 24, generator=g)
+    torch.testing.assert_close(kernels.attend1(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    m = _bart(torch.float32, True)
+    got, native = _greedy_logits(m, 2, native=True)
+    want, _ = _greedy_logits(m, 2, native=False)
+    assert isinstance(native, list)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@ layer of one image's decoding step (see gemv.c).
 
 No library streams a few-row matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of it), so
 small C functions are compiled on first use with the system's C compiler and cached per CPU under
-~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512), bfloat16 on a blocked copy of the
+~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512 or AVX2+FMA), bfloat16 on a blocked copy of the
 weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16) and `DecoderLayerKernel`, which runs a
 NormFormer decoder layer for one new token per row in one call. Without them (no compiler,
 another CPU, or DALLEMINI_NATIVE_KERNELS=0) these return None / report unavailable and callers
@@ -32,7 +32,13 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("gemv.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _arch_flag() -> str:
+    """-march=native, or the target in $DALLEMINI_KERNEL_MARCH (e.g. x86-64-v3 to build and test the
+    AVX2 variant on an AVX-512 machine)."""
+    return "-march=" + (os.environ.get("DALLEMINI_KERNEL_MARCH") or "native")
 _LOCK = threading.Lock()
 _STATE: dict[
     str, object
@@ -42,14 +48,16 @@ _BLOCK_ROWS, _BLOCK_COLS = 8, 32
 
 
 def _cpu_identity() -> str | None:
-    """The CPU's model name and flags (the cache key: -march=native code runs only on its CPU), or None without AVX-512."""
+    """The CPU's model name and flags (the cache key: -march=native code runs only on its CPU), or None
+    without AVX-512 or AVX2+FMA (AVX2 builds have the float32 kernels in plain vectorized loops)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
     flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    return f"{model}\n{flags}" if " avx512f" in flags else None
+    words = set(flags.split())
+    return f"{model}\n{flags}" if "avx512f" in words or {"avx2", "fma"} <= words else None
 
 
 def cache_dir() -> Path:
@@ -72,7 +80,8 @@ def _compile() -> Path | None:
     if cpu is None or cc is None:
         return None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), cpu.encode()]))
+    flags = [_arch_flag(), *_FLAGS]
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), cpu.encode()]))
     out = cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
@@ -81,7 +90,7 @@ def _compile() -> Path | None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
         subprocess.run(
-            [cc, *_FLAGS, str(_SOURCE), "-o", str(built)],
+            [cc, *flags, str(_SOURCE), "-o", str(built)],
             check=True,
             capture_output=True,
             timeout=300,

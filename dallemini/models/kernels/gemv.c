@@ -14,6 +14,7 @@
 
 #define ROWS 8
 
+#ifdef __AVX512F__
 /* W [N, K] row-major; x0, x1 [K]; y0, y1 [N]. For one row pass x1 = x0 and any y1 of N floats. */
 void dallemini_gemv2(const float* W, const float* x0, const float* x1, float* y0, float* y1,
                      long N, long K, int threads) {
@@ -54,6 +55,24 @@ void dallemini_gemv2(const float* W, const float* x0, const float* x1, float* y0
     }
   }
 }
+#else
+/* Without AVX-512 (AVX2 CPUs): one weight row at a time, the compiler vectorizing the k loop. */
+void dallemini_gemv2(const float* W, const float* x0, const float* x1, float* y0, float* y1,
+                     long N, long K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long n = 0; n < N; n++) {
+    const float* w = W + n * K;
+    float a0 = 0.f, a1 = 0.f;
+#pragma omp simd reduction(+ : a0, a1)
+    for (long k = 0; k < K; k++) {
+      a0 += w[k] * x0[k];
+      a1 += w[k] * x1[k];
+    }
+    y0[n] = a0;
+    y1[n] = a1;
+  }
+}
+#endif
 
 #ifdef __AVX512BF16__
 /* bfloat16: the weight in a blocked layout Wp [ceil(N/8)][Kp/32][8][32] (rows padded to a multiple of
@@ -152,6 +171,8 @@ static void product(const dallemini_layer* p, int which, const float* x, float* 
   }
   dallemini_gemv2_bf16((const unsigned short*)p->w[which], b, R > 1 ? b + Kp : b, y, y1, N, Kp,
                        threads);
+#else
+  (void)Kp, (void)xb; /* the layer refuses bfloat16 weights in this build */
 #endif
 }
 
@@ -163,6 +184,7 @@ static inline unsigned short to_bf16(float f) {
   return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+#ifdef __AVX512F__
 /* 16 cache values from element i of a float32 (kv16 = 0) or bfloat16 (kv16 = 1) row, as floats;
  * m masks the last Dh % 16 of a head. bfloat16 -> float32 is exact: the bits shifted up by 16. */
 static inline __m512 load_kv(const void* row, long i, __mmask16 m, int kv16) {
@@ -235,6 +257,41 @@ static void attend_one(const float* q, const void* K, const void* V, int kv16, l
     _mm512_mask_storeu_ps(out + j, mk, _mm512_mul_ps(acc, inv));
   }
 }
+#else
+static inline float kv_at(const void* row, long i, int kv16) {
+  if (!kv16) return ((const float*)row)[i];
+  unsigned int u = (unsigned int)((const unsigned short*)row)[i] << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* Without AVX-512: the same arithmetic in plain loops. */
+static void attend_one(const float* q, const void* K, const void* V, int kv16, long T, long Dh,
+                       const float* mask, float scale, float* s, float* out) {
+  long size = kv16 ? 2 : 4;
+  float m = -INFINITY;
+  for (long t = 0; t < T; t++) {
+    const char* k = (const char*)K + t * Dh * size;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (long j = 0; j < Dh; j++) acc += q[j] * kv_at(k, j, kv16);
+    s[t] = acc * scale + (mask ? mask[t] : 0.f);
+    if (s[t] > m) m = s[t];
+  }
+  float sum = 0.f;
+  for (long t = 0; t < T; t++) {
+    s[t] = expf(s[t] - m);
+    sum += s[t];
+  }
+  for (long j = 0; j < Dh; j++) out[j] = 0.f;
+  for (long t = 0; t < T; t++) {
+    const char* v = (const char*)V + t * Dh * size;
+    for (long j = 0; j < Dh; j++) out[j] += s[t] * kv_at(v, j, kv16);
+  }
+  for (long j = 0; j < Dh; j++) out[j] /= sum;
+}
+#endif
 
 /* Every (row, head) pair's attention for one query: q, out [R, H*Dh]; key t of (r, h) at element
  * r*sb + h*sh + t*Dh of K (likewise V); mask [R][T] additive or NULL; s: R*H*T floats of scratch. */
@@ -260,6 +317,7 @@ void dallemini_attend1(const float* q, const void* K, const void* V, int kv16, l
   attention(q, K, V, kv16, T, sb, sh, mask, R, H, Dh, s, out, threads);
 }
 
+#ifdef __AVX512F__
 /* exp(y) for y <= 0 (down to where it underflows to 0), 16 at a time: y = n ln2 + r, |r| <= ln2/2,
  * exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 there), times 2^n by scalef. */
 static inline __m512 exp_neg(__m512 y) {
@@ -310,6 +368,13 @@ static void glu(const float* a, float* g, long n, int threads) {
     _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, g + i)));
   }
 }
+#else
+/* Without AVX-512: libm's erff, one value at a time. */
+static void glu(const float* a, float* g, long n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long i = 0; i < n; i++) g[i] *= 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678118654752f));
+}
+#endif
 
 /* Size in floats of the scratch `work` that dallemini_decoder_layer needs. */
 long dallemini_layer_work(const dallemini_layer* p) {

@@ -1,0 +1,256 @@
+"""The native CPU decoding kernels (dallemini/models/kernels) measured side by side, on the mini shape.
+
+Three measurements, each interleaved over rounds so that a change in the machine's speed hits every
+variant alike (the figures kept are medians over rounds):
+
+1. weight streaming: a decoder's per-step weights (12 layers x 9 matrices) times two rows through the
+   float32 and bfloat16 products, from ordinary 4 KiB pages and from transparent huge pages;
+2. single-query attention over 12 layers' caches of 9 images (18 rows): kernels.attend1 against
+   PyTorch's scaled_dot_product_attention, float32 and bfloat16 caches;
+3. one image's decoding step (mini DalleBart, random weights, position 128), one child process per
+   variant: native decoder layers; PyTorch ops per layer with the native products (no layer
+   fusion); no native kernels at all (DALLEMINI_NATIVE_KERNELS=0); and float32 native layers of
+   the AVX2 build (DALLEMINI_KERNEL_MARCH=x86-64-v3, where the CPU has AVX2).
+
+    python benchmarks/bench_kernels.py            # ~4 minutes on 2 cores
+    python benchmarks/bench_kernels.py --rounds 3
+
+Writes benchmarks/results/bench_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info, merge_results
+from dallemini.models import kernels
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernels.json"
+LAYERS, D, FFN = 12, 1024, 2730
+SHAPES = [(D, D)] * 6 + [(FFN, D), (FFN, D), (D, FFN)]  # q k v out, cross q out, fc0 fc1 fc2
+
+
+def _best_of(fn: Any, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _products(ws: list[tuple[torch.Tensor, int, int]], xs: dict[int, torch.Tensor]) -> None:
+    """Every weight times its two rows (bfloat16 weights in the kernel's blocked layout)."""
+    for w, n, k in ws:
+        if w.dtype == torch.bfloat16:
+            kernels.gemv_bf16(xs[k], w, n, k)
+        else:
+            kernels.gemv(xs[k], w)
+
+
+def _attend(
+    fn: Any, q: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], t: int
+) -> None:
+    """One query per row and head against the first t slots of every cache (each read cold)."""
+    for k, v in caches:
+        fn(q, k[:, :, :t], v[:, :, :t])
+
+
+def streaming(rounds: int) -> dict[str, Any]:
+    """GB/s of weights through the 2-row products, 4 KiB pages against huge pages, per dtype."""
+    out: dict[str, Any] = {}
+    dtypes = [torch.float32] + ([torch.bfloat16] if kernels.available(torch.bfloat16) else [])
+    for dtype in dtypes:
+        weights: dict[str, list[tuple[torch.Tensor, int, int]]] = {"4k": [], "huge": []}
+        for _ in range(LAYERS):
+            for n, k in SHAPES:
+                w = torch.randn(n, k) * 0.02
+                if dtype == torch.bfloat16:
+                    plain = kernels._pack(w.bfloat16())
+                    plain = plain.clone()  # an ordinary allocation: 4 KiB pages
+                else:
+                    plain = w
+                huge = kernels.huge_page_empty(tuple(plain.shape), plain.dtype).copy_(plain)
+                weights["4k"].append((plain, n, k))
+                weights["huge"].append((huge, n, k))
+        xs = {k: torch.randn(2, k).to(dtype) for k in (D, FFN)}
+
+        nbytes = sum(w.numel() * w.element_size() for w, _, _ in weights["4k"])
+        rates: dict[str, list[float]] = {"4k": [], "huge": []}
+        for _ in range(rounds):
+            for pages, ws in weights.items():
+                run = functools.partial(_products, ws, xs)
+                rates[pages].append(nbytes / _best_of(run) / 1e9)
+        name = str(dtype).replace("torch.", "")
+        out[name] = {
+            "weight_bytes": nbytes,
+            "gb_per_s_4k_median": statistics.median(rates["4k"]),
+            "gb_per_s_huge_median": statistics.median(rates["huge"]),
+            "huge_over_4k": statistics.median(rates["huge"]) / statistics.median(rates["4k"]),
+            "rounds": rates,
+        }
+        print(
+            f"  {name:8s} products: {out[name]['gb_per_s_4k_median']:5.1f} GB/s on 4 KiB pages, "
+            f"{out[name]['gb_per_s_huge_median']:5.1f} on huge pages ({out[name]['huge_over_4k']:.2f}x)"
+        )
+        del weights
+    return out
+
+
+def attention(rounds: int) -> dict[str, Any]:
+    """Microseconds per single-query attention call over 18 rows, attend1 against SDPA."""
+    out: dict[str, Any] = {}
+    rows, heads, slots, dh = 18, 16, 256, 64
+    dtypes = [torch.float32] + ([torch.bfloat16] if kernels.available(torch.bfloat16) else [])
+    for dtype in dtypes:
+        caches = [
+            (
+                torch.randn(rows, heads, slots, dh).to(dtype),
+                torch.randn(rows, heads, slots, dh).to(dtype),
+            )
+            for _ in range(LAYERS)
+        ]
+        q = torch.randn(rows, heads, 1, dh).to(dtype)
+        for t in (32, 128, 228):
+            times: dict[str, list[float]] = {"attend1": [], "sdpa": []}
+            fns = {"attend1": kernels.attend1, "sdpa": F.scaled_dot_product_attention}
+            with torch.inference_mode():
+                for _ in range(rounds):
+                    for name, fn in fns.items():
+                        run = functools.partial(_attend, fn, q, caches, t)
+                        times[name].append(_best_of(run) / LAYERS * 1e6)
+            a, s = statistics.median(times["attend1"]), statistics.median(times["sdpa"])
+            key = f"{str(dtype).replace('torch.', '')}_t{t}"
+            out[key] = {"attend1_us": a, "sdpa_us": s, "sdpa_over_attend1": s / a, "rounds": times}
+            print(f"  attention {key:13s}: attend1 {a:7.0f} us, SDPA {s:7.0f} us ({s / a:.2f}x)")
+        del caches
+    return out
+
+
+# --- decoding steps, one child process per variant ---------------------------------------------------
+def child(dtype_name: str, per_op: bool, steps: int) -> None:
+    """Time one image's decoding steps at position 128 and print them as JSON."""
+    from dallemini.config import BartConfig
+    from dallemini.models.bart import DalleBart
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    model = DalleBart(BartConfig()).eval().to(dtype)
+    ids = torch.randint(3, 50000, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    with torch.inference_mode():
+        cache = model.init_cache(model.encode(ids, mask), mask)
+        if per_op:
+            cache.native = False
+        token = torch.full((2, 1), 5)
+        times = []
+        for i in range(steps + 3):
+            cache.length = 128
+            t0 = time.perf_counter()
+            model.decode_step(token, cache)
+            if i >= 3:  # the first steps bind the kernels and make packed copies
+                times.append(time.perf_counter() - t0)
+    print(
+        "RESULT " + json.dumps({"ms": statistics.median(times) * 1e3, "native": bool(cache.native)})
+    )
+
+
+def decode_steps(rounds: int, steps: int) -> dict[str, Any]:
+    """ms per one-image decoding step for each variant, children interleaved over rounds."""
+    has_avx2 = "avx2" in (
+        Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    )
+    avx2_cache = tempfile.mkdtemp(prefix="dallemini-avx2-kernels-")
+    variants: dict[str, tuple[str, bool, dict[str, str]]] = {
+        "float32 native layers": ("float32", False, {}),
+        "float32 per-op, native products": ("float32", True, {}),
+        "float32 no native kernels": ("float32", False, {"DALLEMINI_NATIVE_KERNELS": "0"}),
+    }
+    if has_avx2:
+        variants["float32 native layers, AVX2 build"] = (
+            "float32",
+            False,
+            {"DALLEMINI_KERNEL_MARCH": "x86-64-v3", "DALLEMINI_CACHE": avx2_cache},
+        )
+    if kernels.available(torch.bfloat16):
+        variants |= {
+            "bfloat16 native layers": ("bfloat16", False, {}),
+            "bfloat16 per-op, native products": ("bfloat16", True, {}),
+            "bfloat16 no native kernels": ("bfloat16", False, {"DALLEMINI_NATIVE_KERNELS": "0"}),
+        }
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for name, (dtype, per_op, env) in variants.items():
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                dtype,
+                "--steps",
+                str(steps),
+            ]
+            if per_op:
+                cmd.append("--per-op")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env))
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stdout + proc.stderr)
+                raise SystemExit(f"{name}: child failed with exit code {proc.returncode}")
+            runs[name].append(json.loads(lines[-1][len("RESULT ") :]))
+    out: dict[str, Any] = {}
+    for name, rs in runs.items():
+        ms = statistics.median(r["ms"] for r in rs)
+        out[name] = {"ms_per_step_median": ms, "native_layers": rs[-1]["native"], "rounds": rs}
+        print(f"  {name:36s}: {ms:6.1f} ms per step")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
+    p.add_argument("--steps", type=int, default=20, help="decoding steps timed per child")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.child:
+        child(args.child, args.per_op, args.steps)
+        return
+    if not kernels.available():
+        raise SystemExit("no native kernels here (no C compiler, no AVX-512/AVX2, or switched off)")
+    info = machine_info(torch.device("cpu"))
+    print(
+        f"{info['cpu']}, {torch.get_num_threads()} threads, load {info.get('load_average_1m_before')}"
+    )
+    record = {
+        "benchmark": "bench_kernels",
+        "streaming": streaming(args.rounds),
+        "attention": attention(args.rounds),
+        "decode_step": decode_steps(args.rounds, args.steps),
+        "machine": info,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    info["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    merge_results(args.output, "cpu", record)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

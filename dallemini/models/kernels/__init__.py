@@ -39,6 +39,8 @@ def _arch_flag() -> str:
     """-march=native, or the target in $DALLEMINI_KERNEL_MARCH (e.g. x86-64-v3 to build and test the
     AVX2 variant on an AVX-512 machine)."""
     return "-march=" + (os.environ.get("DALLEMINI_KERNEL_MARCH") or "native")
+
+
 _LOCK = threading.Lock()
 _STATE: dict[
     str, object

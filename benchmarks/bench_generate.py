@@ -50,7 +50,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, matmul_peak, memory_bandwidth, merge_results, sync
+from benchmarks.common import (
+    best_time,
+    machine_info,
+    matmul_peak,
+    memory_bandwidth,
+    merge_results,
+    sync,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_generate.json"
 PROMPT = "a red apple on a wooden table, top left, photograph"
@@ -193,13 +200,7 @@ def weight_streaming(nbytes: int = 512 << 20, repeats: int = 3) -> float:
             for w in ws:
                 F.linear(x, w)
 
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return sum(w.numel() * 4 for w in ws) / best
+    return sum(w.numel() * 4 for w in ws) / best_time(run, repeats)
 
 
 def gpu_memory_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeats: int = 10) -> float:

@@ -37,22 +37,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, merge_results
+from benchmarks.common import best_time, machine_info, merge_results
 from dallemini.models import kernels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernels.json"
 LAYERS, D, FFN = 12, 1024, 2730
 SHAPES = [(D, D)] * 6 + [(FFN, D), (FFN, D), (D, FFN)]  # q k v out, cross q out, fc0 fc1 fc2
-
-
-def _best_of(fn: Any, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _products(ws: list[tuple[torch.Tensor, int, int]], xs: dict[int, torch.Tensor]) -> None:
@@ -96,7 +86,7 @@ def streaming(rounds: int) -> dict[str, Any]:
         for _ in range(rounds):
             for pages, ws in weights.items():
                 run = functools.partial(_products, ws, xs)
-                rates[pages].append(nbytes / _best_of(run) / 1e9)
+                rates[pages].append(nbytes / best_time(run) / 1e9)
         name = str(dtype).replace("torch.", "")
         out[name] = {
             "weight_bytes": nbytes,
@@ -134,7 +124,7 @@ def attention(rounds: int) -> dict[str, Any]:
                 for _ in range(rounds):
                     for name, fn in fns.items():
                         run = functools.partial(_attend, fn, q, caches, t)
-                        times[name].append(_best_of(run) / LAYERS * 1e6)
+                        times[name].append(best_time(run) / LAYERS * 1e6)
             a, s = statistics.median(times["attend1"]), statistics.median(times["sdpa"])
             key = f"{str(dtype).replace('torch.', '')}_t{t}"
             out[key] = {"attend1_us": a, "sdpa_us": s, "sdpa_over_attend1": s / a, "rounds": times}

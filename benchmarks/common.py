@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +44,19 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn`, after one untimed warm-up call."""
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def merge_results(path: Path, key: str, record: dict[str, object]) -> None:

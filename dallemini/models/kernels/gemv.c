@@ -383,6 +383,16 @@ long dallemini_layer_work(const dallemini_layer* p) {
   return 2 * (6 * d + 2 * f) + (f > d ? f : d) + kp + 2 * p->heads * t + 64;
 }
 
+/* x[r] += LN_which(y[r]) for each of R rows of d (h: R rows of scratch). */
+static void add_normed(const dallemini_layer* p, int which, const float* y, float* h, float* x,
+                       int R) {
+  long d = p->d;
+  for (int r = 0; r < R; r++) {
+    layer_norm(y + r * d, h + r * d, d, p->ln_w[which], p->ln_b[which], p->eps);
+    for (long i = 0; i < d; i++) x[r * d + i] += h[r * d + i];
+  }
+}
+
 /* x [R, d] float32 (R = 1 or 2 rows, one new token each, at position pos) through the layer, in
  * place. self_k/self_v: this layer's cache [R][H][max_len][Dh] (position pos is written here);
  * cross_k/cross_v [R][H][text_len][Dh], float32 or bfloat16 (kv16); cross_mask [R][text_len]
@@ -422,10 +432,7 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
   attention(q, self_k, self_v, p->kv16, pos + 1, H * L * Dh, L * Dh, NULL, R, H, Dh, s, o,
             threads);
   product(p, 3, o, y, R, d, d, Kd, xb, spare, threads);
-  for (int r = 0; r < R; r++) {
-    layer_norm(y + r * d, h + r * d, d, p->ln_w[1], p->ln_b[1], p->eps);
-    for (long i = 0; i < d; i++) x[r * d + i] += h[r * d + i];
-  }
+  add_normed(p, 1, y, h, x, R);
   /* x + LN(cross_attn(LN x)) */
   for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[2], p->ln_b[2], p->eps);
   product(p, 4, h, q, R, d, d, Kd, xb, spare, threads);
@@ -433,10 +440,7 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
   attention(q, cross_k, cross_v, p->kv16, tl, H * tl * Dh, tl * Dh, cross_mask, R, H, Dh, s, o,
             threads);
   product(p, 5, o, y, R, d, d, Kd, xb, spare, threads);
-  for (int r = 0; r < R; r++) {
-    layer_norm(y + r * d, h + r * d, d, p->ln_w[3], p->ln_b[3], p->eps);
-    for (long i = 0; i < d; i++) x[r * d + i] += h[r * d + i];
-  }
+  add_normed(p, 3, y, h, x, R);
   /* x + fc2(LN1(gelu(fc0 z) * fc1 z)), z = LN0 x */
   for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[4], p->ln_b[4], p->eps);
   product(p, 6, h, a, R, f, d, Kd, xb, spare, threads);

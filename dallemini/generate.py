@@ -76,16 +76,17 @@ class GraphedStep:
         device = cache.self_k.device
         self.tokens = torch.full((rows, 1), model.config.decoder_start_token_id, device=device)
         self.pos = torch.full((1,), pos, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # kernels choose their algorithms before capture
-            for _ in range(2):
-                model.decode_step_static(self.tokens, cache, self.pos)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (a server's) may use the GPU while this one captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logits = model.decode_step_static(self.tokens, cache, self.pos)
+        with torch.cuda.device(device):  # capture on the model's GPU, whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # kernels choose their algorithms before capture
+                for _ in range(2):
+                    model.decode_step_static(self.tokens, cache, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (a server's) may use the GPU while this one captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = model.decode_step_static(self.tokens, cache, self.pos)
 
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         """Logits [rows, 1, V] for `tokens` [rows, 1] at `pos` (a buffer the next call overwrites)."""

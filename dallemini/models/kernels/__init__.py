@@ -3,11 +3,11 @@ layer of one image's decoding step (see gemv.c).
 
 No library streams a few-row matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of it), so
 small C functions are compiled on first use with the system's C compiler and cached per CPU under
-~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512 or AVX2+FMA), bfloat16 on a blocked copy of the
-weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16) and `DecoderLayerKernel`, which runs a
-NormFormer decoder layer for one new token per row in one call. Without them (no compiler,
-another CPU, or DALLEMINI_NATIVE_KERNELS=0) these return None / report unavailable and callers
-use PyTorch's ops.
+~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512 or AVX2+FMA), bfloat16 on a blocked
+copy of the weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16), single-query attention
+(`attend1`) and `DecoderLayerKernel`, which runs a NormFormer decoder layer for one new token per
+row in one call. Without them (no compiler, another CPU, or DALLEMINI_NATIVE_KERNELS=0) these
+return None / report unavailable and callers use PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ def _arch_flag() -> str:
 
 
 _LOCK = threading.Lock()
-_STATE: dict[
-    str, object
-] = {}  # "fn", "bf16", "layer": the loaded functions (None where unavailable)
+# "fn", "bf16", "layer", "attend": the loaded functions (None where unavailable)
+_STATE: dict[str, object] = {}
 # The bfloat16 kernel's weight layout: blocks of ROWS (gemv.c) rows, 32 columns (one pair-dot vector).
 _BLOCK_ROWS, _BLOCK_COLS = 8, 32
 
@@ -291,8 +290,9 @@ _HUGE = 2 << 20  # a transparent huge page
 
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialized CPU tensor on memory advised for transparent huge pages (MADV_HUGEPAGE), else
-    torch.empty's. Streaming a weight from 2 MiB pages skips most TLB misses: the bfloat16 kernel
-    reads ~11% faster here (kernel THP mode "madvise", PyTorch's allocator never asks for them)."""
+    torch.empty's. Streaming a weight from 2 MiB pages skips most TLB misses: the products read
+    8-10% faster here (benchmarks/bench_kernels.py; kernel THP mode "madvise", which PyTorch's
+    allocator never asks for)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)

@@ -573,9 +573,11 @@ class DalleBart(nn.Module):
             ~keep, float("-inf")
         )
         shape = (len(layers), rows.shape[0], cfg.attention_heads, cfg.image_length, cfg.head_dim)
+        # Zeros, not empty: decode_step_static attends over every slot, masking the later ones, and
+        # a masked NaN left in uninitialised memory would still poison the sum (0 * NaN).
         return DecoderCache(
-            self_k=torch.empty(shape, dtype=dtype, device=device),
-            self_v=torch.empty(shape, dtype=dtype, device=device),
+            self_k=torch.zeros(shape, dtype=dtype, device=device),
+            self_v=torch.zeros(shape, dtype=dtype, device=device),
             cross_k=torch.stack(cks),
             cross_v=torch.stack(cvs),
             cross_mask=mask,

@@ -10,7 +10,7 @@ from dallemini.models import kernels
 from dallemini.models.bart import DalleBart, Dense
 
 needs_kernel = pytest.mark.skipif(
-    not kernels.available(), reason="no C compiler or no AVX-512 here"
+    not kernels.available(), reason="no C compiler or no AVX-512/AVX2 here"
 )
 
 
@@ -119,6 +119,8 @@ def _bart(dtype: torch.dtype, scale: bool) -> DalleBart:
 
 
 def _greedy_logits(m: DalleBart, rows: int, native: bool, steps: int = 8) -> tuple[Tensor, object]:
+    """Logits of a 3-token prefill and then `steps` greedy one-token steps, and the cache's native
+    kernels (native=False forces torch's ops)."""
     ids = torch.randint(0, 100, (rows, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(rows, 6, dtype=torch.long)
     mask[-1, 4:] = 0  # padded text: the cross-attention mask

@@ -201,7 +201,7 @@ def iter_image_tokens(
             out_logits = graphed(x, step)
             cache.length = step + 1
         else:
-            out_logits = model.decode_step(x, cache)
+            out_logits = model.decode_step(x, cache, last_only=True)
         logits = out_logits[:, -1, :num_codes].float()  # mix in float32
         if guided:
             cond, uncond = logits[:b], logits[b:]

@@ -235,3 +235,15 @@ def test_graphed_steps_are_for_cuda_only(tiny: DalleBart) -> None:
     with torch.inference_mode():
         cache = tiny.init_cache(tiny.encode(ids, mask), mask)
     assert _graphed_step(tiny, cache, 2, 0) is None
+
+
+def test_last_only_prefill_gives_the_last_positions_logits(tiny: DalleBart) -> None:
+    ids, mask, labels = _inputs(tiny.config, batch=2, seed=5)
+    tokens = tiny.shift_right(labels)[:, :7]
+    with torch.inference_mode():
+        enc = tiny.encode(ids, mask)
+        full = tiny.decode_step(tokens, tiny.init_cache(enc, mask))
+        cache = tiny.init_cache(enc, mask)
+        last = tiny.decode_step(tokens, cache, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1]) and cache.length == 7
+    torch.testing.assert_close(last, full[:, -1:])

@@ -672,8 +672,10 @@ class DalleBart(nn.Module):
         return dec.lm_head(dec.final_ln(x))
 
     @torch.no_grad()
-    def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
-        """Feed tokens [B, n] at positions cache.length.. and return logits [B, n, V]; advances the cache.
+    def decode_step(self, tokens: Tensor, cache: DecoderCache, last_only: bool = False) -> Tensor:
+        """Feed tokens [B, n] at positions cache.length.. and return logits [B, n, V] ([B, 1, V] of
+        the last position with `last_only`: a prefill's output head then runs once, not n times);
+        advances the cache.
 
         One-token steps of one image on CPU run each decoder layer as one native call where the kernels
         build (models/kernels; ~40% faster in bfloat16, where the op-by-op overhead weighs most).
@@ -704,4 +706,4 @@ class DalleBart(nn.Module):
                 start,
             )
         cache.length = start + n
-        return dec.lm_head(dec.final_ln(x))
+        return dec.lm_head(dec.final_ln(x[:, -1:] if last_only else x))

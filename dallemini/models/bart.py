@@ -678,7 +678,8 @@ class DalleBart(nn.Module):
         advances the cache.
 
         One-token steps of one image on CPU run each decoder layer as one native call where the kernels
-        build (models/kernels; ~40% faster in bfloat16, where the op-by-op overhead weighs most).
+        build (models/kernels; benchmarks/bench_kernels.py: a bfloat16 step 13.2 ms against 19.5 op by
+        op, float32 23.9 against 31.0).
         """
         start, n = cache.length, tokens.shape[1]
         if start + n > self.config.image_length:

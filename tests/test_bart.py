@@ -148,13 +148,13 @@ def test_config_validation() -> None:
 def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: torch.dtype) -> None:
     """Cached decoding without autograd (native kernels, oneDNN, packed and fused weights, the K/V
     cache of attention_dtype) gives the logits of the teacher-forced forward with autograd on (plain
-    F.linear), for 2 rows and for 10 (the float32 packing threshold), and a weight change reaches
+    F.linear), for 2 rows, 3 (the float32 packing threshold) and 10, and a weight change reaches
     the packed copies."""
     model = DalleBart(tiny.config).eval()
     model.load_state_dict(tiny.state_dict())
     model = model.to(dtype)
     tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
-    for batch in (2, 10):
+    for batch in (2, 3, 10):
         ids, mask, labels = _inputs(model.config, batch=batch, seed=batch)
         dec_in = model.shift_right(labels)[:, :12]
         with torch.enable_grad():

@@ -33,9 +33,10 @@ _ONEDNN_LINEAR = _has_onednn_linear()
 _ONEDNN_BF16 = _ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 # oneDNN picks the blocked weight layout for this many rows; decoding uses 2-64 (one or two per image).
 _PACK_ROWS = 64
-# float32 packing only pays from this many rows on (~25% at 18 rows, nothing at 2), so a float32 model
-# only makes its packed copy once it decodes a batch this large (rows: see _batch_rows).
-_PACK_MIN_ROWS_F32 = 8
+# float32 packing pays from three rows on (one or two rows take the native kernel), so a float32 model
+# only makes its packed copy once it decodes a batch this large (rows: see _batch_rows). It was 8,
+# which left two images (4 rows) on the slower unpacked matmul.
+_PACK_MIN_ROWS_F32 = 3
 
 
 def _batch_rows(x: Tensor) -> int:

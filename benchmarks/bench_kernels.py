@@ -10,7 +10,8 @@ variant alike (the figures kept are medians over rounds):
 3. one image's decoding step (mini DalleBart, random weights, position 128), one child process per
    variant: native decoder layers; PyTorch ops per layer with the native products (no layer
    fusion); no native kernels at all (DALLEMINI_NATIVE_KERNELS=0); and float32 native layers of
-   the AVX2 build (DALLEMINI_KERNEL_MARCH=x86-64-v3, where the CPU has AVX2).
+   the AVX2 build (DALLEMINI_KERNEL_MARCH=x86-64-v3, where the CPU has AVX2). Also two images'
+   float32 step (4 rows) on packed weights and on unpacked ones (the packing threshold before).
 
     python benchmarks/bench_kernels.py            # ~4 minutes on 2 cores
     python benchmarks/bench_kernels.py --rounds 3
@@ -134,21 +135,24 @@ def attention(rounds: int) -> dict[str, Any]:
 
 
 # --- decoding steps, one child process per variant ---------------------------------------------------
-def child(dtype_name: str, per_op: bool, steps: int) -> None:
-    """Time one image's decoding steps at position 128 and print them as JSON."""
+def child(dtype_name: str, per_op: bool, steps: int, rows: int, pack_min_rows: int | None) -> None:
+    """Time decoding steps of `rows` rows (two per image) at position 128; print them as JSON."""
     from dallemini.config import BartConfig
+    from dallemini.models import bart
     from dallemini.models.bart import DalleBart
 
+    if pack_min_rows is not None:  # the float32 packing threshold of an earlier version
+        bart._PACK_MIN_ROWS_F32 = pack_min_rows
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     model = DalleBart(BartConfig()).eval().to(dtype)
-    ids = torch.randint(3, 50000, (2, 14))
-    mask = torch.ones(2, 14, dtype=torch.long)
+    ids = torch.randint(3, 50000, (rows, 14))
+    mask = torch.ones(rows, 14, dtype=torch.long)
     with torch.inference_mode():
         cache = model.init_cache(model.encode(ids, mask), mask)
         if per_op:
             cache.native = False
-        token = torch.full((2, 1), 5)
+        token = torch.full((rows, 1), 5)
         times = []
         for i in range(steps + 3):
             cache.length = 128
@@ -162,31 +166,36 @@ def child(dtype_name: str, per_op: bool, steps: int) -> None:
 
 
 def decode_steps(rounds: int, steps: int) -> dict[str, Any]:
-    """ms per one-image decoding step for each variant, children interleaved over rounds."""
+    """ms per decoding step (one image unless named) for each variant, children interleaved over
+    rounds."""
     has_avx2 = "avx2" in (
         Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     )
     avx2_cache = tempfile.mkdtemp(prefix="dallemini-avx2-kernels-")
-    variants: dict[str, tuple[str, bool, dict[str, str]]] = {
-        "float32 native layers": ("float32", False, {}),
-        "float32 per-op, native products": ("float32", True, {}),
-        "float32 no native kernels": ("float32", False, {"DALLEMINI_NATIVE_KERNELS": "0"}),
+    off = {"DALLEMINI_NATIVE_KERNELS": "0"}
+    variants: dict[str, tuple[str, list[str], dict[str, str]]] = {
+        "float32 native layers": ("float32", [], {}),
+        "float32 per-op, native products": ("float32", ["--per-op"], {}),
+        "float32 no native kernels": ("float32", [], off),
+        # two images: 4 rows, oneDNN's matmuls on packed weights, and unpacked as before (threshold 8)
+        "float32 2 images, packed": ("float32", ["--rows", "4"], {}),
+        "float32 2 images, unpacked": ("float32", ["--rows", "4", "--pack-min-rows", "8"], {}),
     }
     if has_avx2:
         variants["float32 native layers, AVX2 build"] = (
             "float32",
-            False,
+            [],
             {"DALLEMINI_KERNEL_MARCH": "x86-64-v3", "DALLEMINI_CACHE": avx2_cache},
         )
     if kernels.available(torch.bfloat16):
         variants |= {
-            "bfloat16 native layers": ("bfloat16", False, {}),
-            "bfloat16 per-op, native products": ("bfloat16", True, {}),
-            "bfloat16 no native kernels": ("bfloat16", False, {"DALLEMINI_NATIVE_KERNELS": "0"}),
+            "bfloat16 native layers": ("bfloat16", [], {}),
+            "bfloat16 per-op, native products": ("bfloat16", ["--per-op"], {}),
+            "bfloat16 no native kernels": ("bfloat16", [], off),
         }
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for _ in range(rounds):
-        for name, (dtype, per_op, env) in variants.items():
+        for name, (dtype, extra, env) in variants.items():
             cmd = [
                 sys.executable,
                 str(Path(__file__).resolve()),
@@ -194,9 +203,8 @@ def decode_steps(rounds: int, steps: int) -> dict[str, Any]:
                 dtype,
                 "--steps",
                 str(steps),
+                *extra,
             ]
-            if per_op:
-                cmd.append("--per-op")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env))
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -218,10 +226,12 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=RESULTS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--pack-min-rows", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.child:
-        child(args.child, args.per_op, args.steps)
+        child(args.child, args.per_op, args.steps, args.rows, args.pack_min_rows)
         return
     if not kernels.available():
         raise SystemExit("no native kernels here (no C compiler, no AVX-512/AVX2, or switched off)")

@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ from benchmarks.common import (
     matmul_peak,
     memory_bandwidth,
     merge_results,
+    run_child,
     sync,
 )
 
@@ -620,12 +620,7 @@ def spawn(variant: str, images: int, args: argparse.Namespace) -> dict[str, Any]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"{variant}: child failed with exit code {proc.returncode}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_child(variant, cmd, env)
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, machine_info, merge_results
+from benchmarks.common import best_time, machine_info, merge_results, run_child
 from dallemini.models import kernels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernels.json"
@@ -205,12 +204,7 @@ def decode_steps(rounds: int, steps: int) -> dict[str, Any]:
                 str(steps),
                 *extra,
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env))
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.stderr.write(proc.stdout + proc.stderr)
-                raise SystemExit(f"{name}: child failed with exit code {proc.returncode}")
-            runs[name].append(json.loads(lines[-1][len("RESULT ") :]))
+            runs[name].append(run_child(name, cmd, dict(os.environ, **env)))
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         ms = statistics.median(r["ms"] for r in rs)

@@ -7,6 +7,7 @@ import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +58,20 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def run_child(name: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run a benchmark's child process and parse the JSON of its last "RESULT " line; on failure
+    show its output and stop, naming `name`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"{name}: child failed with exit code {proc.returncode}")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def merge_results(path: Path, key: str, record: dict[str, object]) -> None:

@@ -314,6 +314,32 @@ class _Stop(Exception):
     """Raised from inside a sampling loop once enough steps were timed."""
 
 
+def _marking_end(fn: Any, marks: dict[str, Any], key: str, device: torch.device) -> Any:
+    """fn, recording in marks[key] when its (GPU) work ended."""
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        out = fn(*a, **k)
+        sync(device)
+        marks[key] = time.perf_counter()
+        return out
+
+    return wrapped
+
+
+def _adding_time(fn: Any, marks: dict[str, Any], key: str, device: torch.device) -> Any:
+    """fn, adding the seconds each call's (GPU) work took to marks[key]."""
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        sync(device)
+        marks[key] = marks.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    return wrapped
+
+
 def _phases(
     t_start: float,
     t_encoded: float,
@@ -404,17 +430,7 @@ def run_min_dalle(
     loaded = {"load_peak_kib": _hwm_kib(), "resident_after_load_kib": _rss_kib()}
 
     marks: dict[str, Any] = {}
-    enc_forward, sample, detok = (
-        md.encoder.forward,
-        md.decoder.sample_tokens,
-        md.detokenizer.forward,
-    )
-
-    def timed_encoder(*a: Any, **k: Any) -> Any:
-        out = enc_forward(*a, **k)
-        sync(device)
-        marks["encoded"] = time.perf_counter()
-        return out
+    sample = md.decoder.sample_tokens
 
     def timed_sample(*a: Any, **k: Any) -> Any:
         out = sample(*a, **k)
@@ -424,19 +440,9 @@ def run_min_dalle(
             raise _Stop
         return out
 
-    def timed_detok(*a: Any, **k: Any) -> Any:
-        sync(device)
-        t0 = time.perf_counter()
-        out = detok(*a, **k)
-        sync(device)
-        marks["vqgan_s"] = marks.get("vqgan_s", 0.0) + time.perf_counter() - t0
-        return out
-
-    md.encoder.forward, md.decoder.sample_tokens, md.detokenizer.forward = (
-        timed_encoder,
-        timed_sample,
-        timed_detok,
-    )
+    md.encoder.forward = _marking_end(md.encoder.forward, marks, "encoded", device)
+    md.decoder.sample_tokens = timed_sample
+    md.detokenizer.forward = _adding_time(md.detokenizer.forward, marks, "vqgan_s", device)
 
     def generate(n: int, limit: int, vqgan: bool = True) -> float:
         grid = round(n**0.5)
@@ -498,23 +504,8 @@ def run_ours(
     pipe = TextToImage.from_pretrained(root, device=device, dtype=dtype, vqgan_dtype=vqgan_dtype)
     loaded = {"load_peak_kib": _hwm_kib(), "resident_after_load_kib": _rss_kib()}
     marks: dict[str, Any] = {}
-    encode, decode = pipe.bart.encode, pipe.decode
-
-    def timed_encode(*a: Any, **k: Any) -> Any:
-        out = encode(*a, **k)
-        sync(device)
-        marks["encoded"] = time.perf_counter()
-        return out
-
-    def timed_decode(*a: Any, **k: Any) -> Any:
-        sync(device)
-        t0 = time.perf_counter()
-        out = decode(*a, **k)
-        sync(device)
-        marks["vqgan_s"] = marks.get("vqgan_s", 0.0) + time.perf_counter() - t0
-        return out
-
-    pipe.bart.encode, pipe.decode = timed_encode, timed_decode
+    pipe.bart.encode = _marking_end(pipe.bart.encode, marks, "encoded", device)
+    pipe.decode = _adding_time(pipe.decode, marks, "vqgan_s", device)
     settings = dict(temperature=1.0, top_k=256, condition_scale=16.0, rerank=False)
 
     def progress(done: int, total: int) -> None:
@@ -668,6 +659,10 @@ def main() -> None:
         args.variants = DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"]
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU here")
+    half = [v for v in args.variants if v.startswith("min-dalle-")]
+    if half and device.type != "cuda":
+        # its attention state is float32 and only torch.cuda.amp.autocast casts it to match
+        p.error(f"{', '.join(half)}: min-dalle runs reduced precision on CUDA only (--device cuda)")
     if args.layers is not None and args.layers < 1:
         p.error("--layers must be positive")
     if not 2 <= args.steps <= IMAGE_TOKENS:

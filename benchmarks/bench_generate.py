@@ -310,6 +310,11 @@ def _rss_kib() -> int:
     return 0
 
 
+# Other processes' (or the hypervisor's) CPU use while a side ran, in cores, above which its figures
+# are flagged: a quarter core slows a 2-thread run by up to ~12%.
+OTHER_WORK_CORES = 0.25
+
+
 class _Stop(Exception):
     """Raised from inside a sampling loop once enough steps were timed."""
 
@@ -704,13 +709,15 @@ def main() -> None:
                         load_average_1m_after=round(os.getloadavg()[0], 2),
                         max_rss_kib=out["max_rss_kib"],
                         load=out["load"],
+                        host_cpu=out.get("host_cpu"),
                     )
                     for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads"):
                         r[k] = out[k]
                     runs[v].setdefault(str(n), []).append(r)
+                    other = r["host_cpu"]["other_cores"] if r["host_cpu"] else float("nan")
                     print(
                         f"  {v} x{n} (run {rep + 1}): {r['total_s'] / n:.2f} s/image, "
-                        f"load {load}->{r['load_average_1m_after']} ({time.perf_counter() - t1:.0f} s)"
+                        f"other work {other:.2f} cores ({time.perf_counter() - t1:.0f} s)"
                     )
                     limits_seen.append(measure_limits(False, device))
         limits_seen.append(measure_limits(True, device))
@@ -978,23 +985,24 @@ def report(
             f"{last:8d}"
         )
     print(
-        "\nloads (1 min) around each kept run: "
+        "\nother work on the CPUs while each kept run ran (cores busy / stolen by the hypervisor): "
         + ", ".join(
-            f"{v} x{n} {r['load_average_1m_before']}->{r['load_average_1m_after']}"
+            f"{v} x{n} {h['other_cores']:.2f} / {h['stolen_cores']:.2f}"
             for v, s in sides.items()
             for n, r in s["batches"].items()
+            if (h := r.get("host_cpu"))
         )
     )
     busy = [
-        f"{v} x{n}"
+        f"{v} x{n} ({h['other_cores']:.2f} cores, {h['stolen_cores']:.2f} stolen)"
         for v, s in sides.items()
         for n, r in s["batches"].items()
-        if max(r["load_average_1m_before"], r["load_average_1m_after"]) >= args.threads / 2
+        if (h := r.get("host_cpu")) and h["other_cores"] + h["stolen_cores"] >= OTHER_WORK_CORES
     ]
-    if busy and not gpu:
+    if busy:
         print(
-            f"WARNING: other work ran beside {', '.join(busy)} (1-min load >= half the threads): those "
-            "figures may be slowed; compare runs with similar loads, or use --repeats"
+            f"WARNING: other work on this machine's CPUs beside {', '.join(busy)}: those figures "
+            "may be slowed; compare runs with similar loads, or use --repeats"
         )
     print("decoding phase against this machine's limits (best of the before/after measurements):")
     for r in rows:

@@ -60,18 +60,52 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
+def _host_cpu_s() -> tuple[float, float] | None:
+    """Seconds of CPU time the whole machine spent busy, and stolen by its hypervisor, since boot
+    (/proc/stat's first line; None where there is none)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
 def run_child(name: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run a benchmark's child process and parse the JSON of its last "RESULT " line; on failure
-    show its output and stop, naming `name`."""
+    show its output and stop, naming `name`.
+
+    The result gains "host_cpu": the cores' worth of CPU time that other work on this machine took
+    while the child ran (all busy time minus the child's own), and that the hypervisor stole: other
+    work slows the figures; a load average mixes the child's own threads into it.
+    """
+    import resource
     import subprocess
     import sys
+    import time
 
+    def child_cpu_s() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    host0, own0, t0 = _host_cpu_s(), child_cpu_s(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    host1, own1, wall = _host_cpu_s(), child_cpu_s(), time.perf_counter() - t0
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"{name}: child failed with exit code {proc.returncode}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    out = json.loads(lines[-1][len("RESULT ") :])
+    if host0 is not None and host1 is not None and wall > 0:
+        out["host_cpu"] = {
+            "child_cores": round((own1 - own0) / wall, 3),
+            "other_cores": round(max(0.0, host1[0] - host0[0] - (own1 - own0)) / wall, 3),
+            "stolen_cores": round((host1[1] - host0[1]) / wall, 3),
+        }
+    return out
 
 
 def merge_results(path: Path, key: str, record: dict[str, object]) -> None:

@@ -205,7 +205,9 @@ def test_native_decoder_layer_checks_its_arguments() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,t,dh", [(1, 1, 16), (2, 7, 64), (18, 40, 24)])
+@pytest.mark.parametrize(
+    "rows,t,dh", [(1, 1, 16), (2, 7, 64), (18, 40, 24), (1, 16, 64), (3, 41, 64), (2, 129, 64)]
+)
 def test_attend1_matches_sdpa_on_cache_views(
     dtype: torch.dtype, rows: int, t: int, dh: int
 ) -> None:
@@ -213,7 +215,7 @@ def test_attend1_matches_sdpa_on_cache_views(
     if not kernels.available(dtype):
         pytest.skip(f"no native {dtype} kernel here")
     g = torch.Generator().manual_seed(rows + t)
-    cache_k, cache_v = torch.randn(2, rows, 4, 64, dh, generator=g).to(dtype).unbind(0)
+    cache_k, cache_v = torch.randn(2, rows, 4, 160, dh, generator=g).to(dtype).unbind(0)
     k, v = cache_k[:, :, :t], cache_v[:, :, :t]  # the filled prefix of a longer cache
     q = torch.randn(rows, 1, 4, dh, generator=g).transpose(1, 2)  # a split, non-contiguous query
     mask = torch.zeros(rows, 1, 1, t)

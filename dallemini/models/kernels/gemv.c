@@ -194,6 +194,44 @@ static inline __m512 load_kv(const void* row, long i, __mmask16 m, int kv16) {
   return _mm512_maskz_loadu_ps(m, (const float*)row + i);
 }
 
+/* exp(y) for y <= 0 (down to where it underflows to 0), 16 at a time: y = n ln2 + r, |r| <= ln2/2,
+ * exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 there), times 2^n by scalef. */
+static inline __m512 exp_neg(__m512 y) {
+  y = _mm512_max_ps(y, _mm512_set1_ps(-104.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y); /* ln2, split in two */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 e = _mm512_set1_ps(1.f / 720.f);
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(e, n);
+}
+
+/* The 16 lane sums of a[0..15], as one vector (a is scratch): halving the lanes of pairs
+ * level by level costs ~2 shuffles and 1 add a key where a horizontal sum per key costs ~8 and
+ * stalls on its latency (the score loop's bottleneck before). */
+static inline __m512 sum16(__m512* a) {
+  for (int i = 0; i < 8; i++) /* [keys 2i | 2i+1], 8 partial sums each */
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++) /* 128-bit lane j: key 4i + j, 4 partial sums */
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; i++) /* lane j: keys 8i + j and 8i + 4 + j, 2 partial sums each */
+    a[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  /* lane j, element e: key j + 4e */
+  __m512 r = _mm512_add_ps(_mm512_shuffle_ps(a[0], a[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_ps(a[0], a[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
 /* Softmax(q K^T * scale + mask) V for one query over T keys of Dh values each (float32 or
  * bfloat16 cache, see load_kv); s holds T scores; float32 arithmetic. Heads of 64 (DALL-E
  * Mini's and Mega's) keep the query and the output in registers: one pass over each cache row. */
@@ -205,13 +243,29 @@ static void attend_one(const float* q, const void* K, const void* V, int kv16, l
   if (Dh == 64) {
     __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16);
     __m512 q2 = _mm512_loadu_ps(q + 32), q3 = _mm512_loadu_ps(q + 48);
-    for (long t = 0; t < T; t++) {
+    __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(-INFINITY), acc[16];
+    long t = 0;
+    for (; t + 16 <= T; t += 16) { /* 16 keys' scores at once */
+      for (int i = 0; i < 16; i++) {
+        const char* k = (const char*)K + (t + i) * 64 * size;
+        __m512 a = _mm512_mul_ps(q0, load_kv(k, 0, all, kv16));
+        a = _mm512_fmadd_ps(q1, load_kv(k, 16, all, kv16), a);
+        a = _mm512_fmadd_ps(q2, load_kv(k, 32, all, kv16), a);
+        acc[i] = _mm512_fmadd_ps(q3, load_kv(k, 48, all, kv16), a);
+      }
+      __m512 sc = _mm512_mul_ps(sum16(acc), vs);
+      if (mask) sc = _mm512_add_ps(sc, _mm512_loadu_ps(mask + t));
+      _mm512_storeu_ps(s + t, sc);
+      vm = _mm512_max_ps(vm, sc);
+    }
+    m = _mm512_reduce_max_ps(vm);
+    for (; t < T; t++) { /* the last T % 16 */
       const char* k = (const char*)K + t * 64 * size;
-      __m512 acc = _mm512_mul_ps(q0, load_kv(k, 0, all, kv16));
-      acc = _mm512_fmadd_ps(q1, load_kv(k, 16, all, kv16), acc);
-      acc = _mm512_fmadd_ps(q2, load_kv(k, 32, all, kv16), acc);
-      acc = _mm512_fmadd_ps(q3, load_kv(k, 48, all, kv16), acc);
-      s[t] = _mm512_reduce_add_ps(acc) * scale + (mask ? mask[t] : 0.f);
+      __m512 a = _mm512_mul_ps(q0, load_kv(k, 0, all, kv16));
+      a = _mm512_fmadd_ps(q1, load_kv(k, 16, all, kv16), a);
+      a = _mm512_fmadd_ps(q2, load_kv(k, 32, all, kv16), a);
+      a = _mm512_fmadd_ps(q3, load_kv(k, 48, all, kv16), a);
+      s[t] = _mm512_reduce_add_ps(a) * scale + (mask ? mask[t] : 0.f);
       if (s[t] > m) m = s[t];
     }
   } else {
@@ -226,12 +280,14 @@ static void attend_one(const float* q, const void* K, const void* V, int kv16, l
       if (s[t] > m) m = s[t];
     }
   }
-  float sum = 0.f;
-  for (long t = 0; t < T; t++) {
-    s[t] = expf(s[t] - m);
-    sum += s[t];
+  __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(m);
+  for (long t = 0; t < T; t += 16) { /* exp(s - m) <= 1, 16 at a time */
+    __mmask16 mk = T - t >= 16 ? all : (__mmask16)((1u << (T - t)) - 1u);
+    __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), vmax));
+    _mm512_mask_storeu_ps(s + t, mk, e);
+    vsum = _mm512_mask_add_ps(vsum, mk, vsum, e);
   }
-  __m512 inv = _mm512_set1_ps(1.f / sum);
+  __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
   if (Dh == 64) {
     __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
     for (long t = 0; t < T; t++) {
@@ -318,24 +374,6 @@ void dallemini_attend1(const float* q, const void* K, const void* V, int kv16, l
 }
 
 #ifdef __AVX512F__
-/* exp(y) for y <= 0 (down to where it underflows to 0), 16 at a time: y = n ln2 + r, |r| <= ln2/2,
- * exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 there), times 2^n by scalef. */
-static inline __m512 exp_neg(__m512 y) {
-  y = _mm512_max_ps(y, _mm512_set1_ps(-104.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y); /* ln2, split in two */
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 e = _mm512_set1_ps(1.f / 720.f);
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(e, n);
-}
-
 /* erf(x), 16 at a time: Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) on |x|, sign restored. */
 static inline __m512 erf16(__m512 x) {
   __m512 ax = _mm512_abs_ps(x);

@@ -291,7 +291,7 @@ _HUGE = 2 << 20  # a transparent huge page
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialized CPU tensor on memory advised for transparent huge pages (MADV_HUGEPAGE), else
     torch.empty's. Streaming a weight from 2 MiB pages skips most TLB misses: the products read
-    ~7% faster here (benchmarks/bench_kernels.py; kernel THP mode "madvise", which PyTorch's
+    7-13% faster here (benchmarks/bench_kernels.py; kernel THP mode "madvise", which PyTorch's
     allocator never asks for)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):

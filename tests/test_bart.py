@@ -237,6 +237,35 @@ def test_graphed_steps_are_for_cuda_only(tiny: DalleBart) -> None:
     assert _graphed_step(tiny, cache, 2, 0) is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graphed_steps_match_eager_steps_on_cuda(tiny: DalleBart, dtype: torch.dtype) -> None:
+    """A CUDA graph of the static step, replayed with new tokens and positions, gives decode_step's
+    logits step after step (the copies into its static inputs, the cache writes in the graph)."""
+    from dallemini.generate import GraphedStep
+
+    model = DalleBart(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict())
+    model = model.to("cuda", dtype)
+    ids, mask, labels = (t.cuda() for t in _inputs(model.config, batch=2, seed=4))
+    tokens = model.shift_right(labels)[:, :12]
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
+    with torch.inference_mode():
+        enc = model.encode(ids, mask)
+        eager, graphed = model.init_cache(enc, mask), model.init_cache(enc, mask)
+        for c in (eager, graphed):
+            model.decode_step(tokens[:, :2], c)
+        step = GraphedStep(model, graphed, rows=2, pos=2)
+        for i in range(2, 12):
+            want = model.decode_step(tokens[:, i : i + 1], eager)
+            got = step(tokens[:, i : i + 1], i).clone()
+            graphed.length = i + 1
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+        torch.testing.assert_close(
+            graphed.self_k[:, :, :, :12].float(), eager.self_k[:, :, :, :12].float(), **tol
+        )
+
+
 def test_last_only_prefill_gives_the_last_positions_logits(tiny: DalleBart) -> None:
     ids, mask, labels = _inputs(tiny.config, batch=2, seed=5)
     tokens = tiny.shift_right(labels)[:, :7]

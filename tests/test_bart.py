@@ -33,6 +33,13 @@ def tiny() -> DalleBart:
     return DalleBart(BART_PRESETS["tiny"]).eval()
 
 
+def _copy(model: DalleBart, dtype: torch.dtype, device: str = "cpu") -> DalleBart:
+    """Another DalleBart with `model`'s weights, in `dtype` on `device` (the fixture stays float32)."""
+    other = DalleBart(model.config).eval()
+    other.load_state_dict(model.state_dict())
+    return other.to(device, dtype)
+
+
 def _param_count(cfg: BartConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in DalleBart(cfg).parameters())
@@ -150,9 +157,7 @@ def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: tor
     cache of attention_dtype) gives the logits of the teacher-forced forward with autograd on (plain
     F.linear), for 2 rows, 3 (the float32 packing threshold) and 10, and a weight change reaches
     the packed copies."""
-    model = DalleBart(tiny.config).eval()
-    model.load_state_dict(tiny.state_dict())
-    model = model.to(dtype)
+    model = _copy(tiny, dtype)
     tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
     for batch in (2, 3, 10):
         ids, mask, labels = _inputs(model.config, batch=batch, seed=batch)
@@ -206,9 +211,7 @@ def test_trimmed_padding_gives_the_same_logits(tiny: DalleBart) -> None:
 def test_static_step_matches_decode_step(tiny: DalleBart, dtype: torch.dtype) -> None:
     """decode_step_static (the CUDA-graph step: attention over every slot, later ones masked,
     position as a tensor) gives decode_step's logits and cache, after a multi-token prefill too."""
-    model = DalleBart(tiny.config).eval()
-    model.load_state_dict(tiny.state_dict())
-    model = model.to(dtype)
+    model = _copy(tiny, dtype)
     ids, mask, labels = _inputs(model.config, batch=2, seed=3)
     mask[1, -3:] = 0
     tokens = model.shift_right(labels)[:, :10]
@@ -244,9 +247,7 @@ def test_graphed_steps_match_eager_steps_on_cuda(tiny: DalleBart, dtype: torch.d
     logits step after step (the copies into its static inputs, the cache writes in the graph)."""
     from dallemini.generate import GraphedStep
 
-    model = DalleBart(tiny.config).eval()
-    model.load_state_dict(tiny.state_dict())
-    model = model.to("cuda", dtype)
+    model = _copy(tiny, dtype, "cuda")
     ids, mask, labels = (t.cuda() for t in _inputs(model.config, batch=2, seed=4))
     tokens = model.shift_right(labels)[:, :12]
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}

@@ -1002,7 +1002,7 @@ def report(
     if busy:
         print(
             f"WARNING: other work on this machine's CPUs beside {', '.join(busy)}: those figures "
-            "may be slowed; compare runs with similar loads, or use --repeats"
+            "may be slowed; compare runs with as little other work, or use --repeats"
         )
     print("decoding phase against this machine's limits (best of the before/after measurements):")
     for r in rows:

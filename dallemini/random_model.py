@@ -9,6 +9,7 @@ import torch
 
 from .checkpoints.native import save_model_dir
 from .config import preset as preset_config
+from .data.emoji import POSITIONS
 from .models.bart import DalleBart
 from .models.vqgan import VQGAN
 
@@ -27,24 +28,13 @@ _THINGS = [
     "bird",
     "fish",
 ]
-_PLACES = [
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "center",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
-]
 
 
 def seed_captions() -> list[str]:
     """A small built-in caption set to fit a tokenizer for a random model (no download needed)."""
     return [
         f"{thing} on a {colour} background, {place}"
-        for thing, colour, place in itertools.product(_THINGS, _COLOURS, _PLACES)
+        for thing, colour, place in itertools.product(_THINGS, _COLOURS, POSITIONS)
     ]
 
 

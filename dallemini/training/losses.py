@@ -129,15 +129,21 @@ class PatchDiscriminator(nn.Module):
         return self.main(images)
 
 
-def discriminator_state_from_taming(
-    state_dict: Mapping[str, Any], where: str = "checkpoint"
-) -> dict[str, Tensor]:
-    """The `loss.discriminator.*` tensors of a taming checkpoint (whole or its state_dict), prefix stripped."""
+def _taming_tensors(state_dict: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """A taming checkpoint's tensors: its "state_dict" entry, or the mapping itself if it has none."""
     sd = state_dict.get("state_dict", state_dict)
     if not isinstance(sd, Mapping):
         raise CheckpointError(
             f"{where}: 'state_dict' is a {type(sd).__name__}, not a mapping of tensors"
         )
+    return sd
+
+
+def discriminator_state_from_taming(
+    state_dict: Mapping[str, Any], where: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """The `loss.discriminator.*` tensors of a taming checkpoint (whole or its state_dict), prefix stripped."""
+    sd = _taming_tensors(state_dict, where)
     n = len(_TAMING_DISC_PREFIX)
     out = {
         k[n:]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(_TAMING_DISC_PREFIX)
@@ -315,11 +321,7 @@ def lpips_state_from_taming(
     state_dict: Mapping[str, Any], where: str = "checkpoint"
 ) -> dict[str, Tensor]:
     """taming's `loss.perceptual_loss.{net.sliceK.N, linK}.*` tensors renamed to LPIPS's `features.N.*`, `linK.*`."""
-    sd = state_dict.get("state_dict", state_dict)
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(
-            f"{where}: 'state_dict' is a {type(sd).__name__}, not a mapping of tensors"
-        )
+    sd = _taming_tensors(state_dict, where)
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
         if not isinstance(k, str) or not k.startswith(_TAMING_LPIPS_PREFIX):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from dallemini.config import BART_PRESETS, BartConfig
 from dallemini.errors import ConfigError, InputError
 from dallemini.models import kernels
-from dallemini.models.bart import DalleBart, attention_dtype
+from dallemini.models.bart import DalleBart, DecoderCache, attention_dtype
 
 
 def _inputs(
@@ -207,6 +209,34 @@ def test_trimmed_padding_gives_the_same_logits(tiny: DalleBart) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _assert_steps_match_eager(
+    model: DalleBart,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    prefill: int,
+    stepper: Callable[[DecoderCache], Callable[[torch.Tensor, int], torch.Tensor]],
+    tol: dict[str, float],
+) -> None:
+    """After a `prefill`-token decode_step on two caches, one-token steps through `stepper(cache)`
+    give decode_step's logits on the other, and the same self-attention cache."""
+    with torch.inference_mode():
+        enc = model.encode(ids, mask)
+        eager, other = model.init_cache(enc, mask), model.init_cache(enc, mask)
+        for c in (eager, other):
+            model.decode_step(tokens[:, :prefill], c)  # torch's ops on both
+        step = stepper(other)
+        n = tokens.shape[1]
+        for i in range(prefill, n):
+            want = model.decode_step(tokens[:, i : i + 1], eager)
+            got = step(tokens[:, i : i + 1], i)
+            other.length = i + 1
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+        torch.testing.assert_close(
+            other.self_k[:, :, :, :n].float(), eager.self_k[:, :, :, :n].float(), **tol
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_static_step_matches_decode_step(tiny: DalleBart, dtype: torch.dtype) -> None:
     """decode_step_static (the CUDA-graph step: attention over every slot, later ones masked,
@@ -214,21 +244,13 @@ def test_static_step_matches_decode_step(tiny: DalleBart, dtype: torch.dtype) ->
     model = _copy(tiny, dtype)
     ids, mask, labels = _inputs(model.config, batch=2, seed=3)
     mask[1, -3:] = 0
-    tokens = model.shift_right(labels)[:, :10]
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
-    with torch.inference_mode():
-        enc = model.encode(ids, mask)
-        eager, static = model.init_cache(enc, mask), model.init_cache(enc, mask)
-        for c in (eager, static):
-            model.decode_step(tokens[:, :3], c)  # prefill: torch's ops on both
-        for i in range(3, 10):
-            want = model.decode_step(tokens[:, i : i + 1], eager)
-            got = model.decode_step_static(tokens[:, i : i + 1], static, torch.tensor([i]))
-            static.length = i + 1
-            torch.testing.assert_close(got.float(), want.float(), **tol)
-        torch.testing.assert_close(
-            static.self_k[:, :, :, :10].float(), eager.self_k[:, :, :, :10].float(), **tol
-        )
+
+    def stepper(cache: DecoderCache) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        return lambda t, i: model.decode_step_static(t, cache, torch.tensor([i]))
+
+    tokens = model.shift_right(labels)[:, :10]
+    _assert_steps_match_eager(model, ids, mask, tokens, 3, stepper, tol)
 
 
 def test_graphed_steps_are_for_cuda_only(tiny: DalleBart) -> None:
@@ -249,22 +271,14 @@ def test_graphed_steps_match_eager_steps_on_cuda(tiny: DalleBart, dtype: torch.d
 
     model = _copy(tiny, dtype, "cuda")
     ids, mask, labels = (t.cuda() for t in _inputs(model.config, batch=2, seed=4))
-    tokens = model.shift_right(labels)[:, :12]
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
-    with torch.inference_mode():
-        enc = model.encode(ids, mask)
-        eager, graphed = model.init_cache(enc, mask), model.init_cache(enc, mask)
-        for c in (eager, graphed):
-            model.decode_step(tokens[:, :2], c)
-        step = GraphedStep(model, graphed, rows=2, pos=2)
-        for i in range(2, 12):
-            want = model.decode_step(tokens[:, i : i + 1], eager)
-            got = step(tokens[:, i : i + 1], i).clone()
-            graphed.length = i + 1
-            torch.testing.assert_close(got.float(), want.float(), **tol)
-        torch.testing.assert_close(
-            graphed.self_k[:, :, :, :12].float(), eager.self_k[:, :, :, :12].float(), **tol
-        )
+
+    def stepper(cache: DecoderCache) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        graph = GraphedStep(model, cache, rows=2, pos=2)
+        return lambda t, i: graph(t, i).clone()  # the graph's output buffer is reused
+
+    tokens = model.shift_right(labels)[:, :12]
+    _assert_steps_match_eager(model, ids, mask, tokens, 2, stepper, tol)
 
 
 def test_last_only_prefill_gives_the_last_positions_logits(tiny: DalleBart) -> None:

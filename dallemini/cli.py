@@ -267,15 +267,16 @@ def encode(
 
     import torch
 
-    from .data.encode import encode_dataset, parse_worker, worker_from_env
+    from .data.encode import check_has_records, encode_dataset, parse_worker, worker_from_env
     from .data.sources import open_source
     from .pipeline import load_vqgan
 
     worker = parse_worker(shard) if shard else worker_from_env()
     if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    vq = load_vqgan(model, device=device, dtype=dtype)
     source = open_source(src, kind, image_column=image_column, caption_column=caption_column)  # type: ignore[arg-type]
+    check_has_records(source)  # before loading the model
+    vq = load_vqgan(model, device=device, dtype=dtype)
     result = encode_dataset(
         source, out, vq, batch_size=batch_size, shard_size=shard_size, worker=worker
     )

@@ -286,6 +286,13 @@ def build_manifest(
     }
 
 
+def check_has_records(source: Source) -> None:
+    """Raise InputError when the source cheaply shows it holds no records (an empty folder)."""
+    if source.count_hint() == 0:
+        what = "no images" if source.kind == "folder" else "no records"
+        raise InputError(f"{source.description} holds {what}: there is nothing to encode")
+
+
 def encode_dataset(
     source: Source | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -325,6 +332,7 @@ def encode_dataset(
         )
     grid = size // factor
     etype = encoding_type(cfg.n_embed, grid * grid)
+    check_has_records(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     expect = {
@@ -467,6 +475,8 @@ def encode_dataset(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         vqgan.train(was_training)
+    if total == 0:
+        raise InputError(f"{source.description} holds no records: there is nothing to encode")
     result.seconds = time.perf_counter() - start
     result.source_records = total
     result.num_shards = -(-total // shard_size)

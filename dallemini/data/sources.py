@@ -21,6 +21,7 @@ import contextlib
 import functools
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "SkipStats",
     "Source",
     "TarSource",
+    "decode_caption",
     "decode_image",
     "decode_record",
     "open_source",
@@ -285,8 +287,9 @@ def decode_record(
 
 
 def _split_caption_text(text: str, lines: CaptionLines) -> tuple[str, ...]:
+    """Caption text -> captions; a blank text gives one empty caption (reported as empty, not missing)."""
     if lines == "split":
-        return tuple(line for line in text.splitlines() if line.strip())
+        return tuple(line for line in text.splitlines() if line.strip()) or ("",)
     joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return (joined,) if joined else ("",)
 
@@ -402,7 +405,7 @@ class FolderSource(Source):
             txt = path.with_suffix(".txt")
             loader = functools.partial(_read_file, path)
             try:
-                text = txt.read_text(encoding="utf-8", errors="replace")
+                text = decode_caption(txt.read_bytes(), txt.relative_to(self.root).as_posix())
             except FileNotFoundError:  # an image without a caption, still usable on its own
                 yield Record(key, (), loader=loader)
                 continue
@@ -412,9 +415,33 @@ class FolderSource(Source):
             yield Record(key, _split_caption_text(text, self.caption_lines), loader=loader)
 
 
-def _json_caption(data: bytes) -> str | None:
+_LEGACY_WARNINGS = 10  # captions read as cp1252/latin-1 that are logged as warnings, per process
+_legacy_captions = itertools.count()
+
+
+def decode_caption(data: bytes, key: str = "") -> str:
+    """Caption bytes -> text: UTF-8 (a BOM dropped), else Windows-1252, else Latin-1, with a warning.
+
+    Latin-1 decodes any bytes, so a caption is never lost; 'caf\\xe9' reads as 'café', not 'caf'.
+    """
     try:
-        meta = json.loads(data.decode("utf-8", errors="replace"))
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        text, encoding = data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:
+        text, encoding = data.decode("latin-1"), "latin-1"
+    n = next(_legacy_captions)
+    level = logging.WARNING if n < _LEGACY_WARNINGS else logging.DEBUG
+    more = " (further ones are logged at debug level)" if n == _LEGACY_WARNINGS - 1 else ""
+    log.log(level, "%s: caption is not UTF-8; read it as %s%s", key or "caption", encoding, more)
+    return text
+
+
+def _json_caption(data: bytes, key: str = "") -> str | None:
+    try:
+        meta = json.loads(decode_caption(data, key))
     except ValueError:
         return None
     cap = meta.get("caption") if isinstance(meta, dict) else None
@@ -504,9 +531,9 @@ class TarSource(Source):
         full_key = f"{path.name}/{key}"
         text: str | None = None
         if isinstance(group.get("txt"), bytes):
-            text = group["txt"].decode("utf-8", errors="replace")
+            text = decode_caption(group["txt"], f"{full_key}.txt")
         elif isinstance(group.get("json"), bytes):
-            text = _json_caption(group["json"])
+            text = _json_caption(group["json"], f"{full_key}.json")
         captions = _split_caption_text(text, self.caption_lines) if text is not None else ()
         for ext in IMAGE_EXTENSIONS:
             if ext not in group:

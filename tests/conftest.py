@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from .fakehub import FakeHub, point_hf_at
+
 
 @pytest.fixture(autouse=True)
 def _torch_globals() -> Iterator[None]:
@@ -15,3 +17,19 @@ def _torch_globals() -> Iterator[None]:
     yield
     torch.set_grad_enabled(grad)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A FakeHub on 127.0.0.1 with huggingface_hub pointed at it and at a fresh cache under tmp_path,
+    in this process (module constants) and in child processes (HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, ...)."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub.utils import close_session
+
+    with FakeHub() as hub:
+        point_hf_at(hub.url, tmp_path / "hf", monkeypatch)
+        close_session()  # a fresh HTTP client: no pooled connections, proxies read from the new env
+        try:
+            yield hub
+        finally:
+            close_session()

@@ -204,11 +204,11 @@ class TextToImage:
 
         from .checkpoints import load_parts
         from .checkpoints.native import build_from_state, load_into
-        from .text import TextEncoder
+        from .text import TextEncoder, TextNormalizer
 
         dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
         path = default_model_path() if path is None else path
-        parts = load_parts(Path(path), vqgan=vqgan, tokenizer=tokenizer)
+        parts = load_parts(Path(path), vqgan=vqgan, tokenizer=tokenizer, lazy=True)
         cfg = parts.config
         if cfg.bart is None:
             raise CheckpointError(f"{path} holds no DalleBart model; give a full model directory")
@@ -218,12 +218,17 @@ class TextToImage:
             raise CheckpointError(
                 f"{path} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
             )
-        # One copy of the weights in memory: modules adopt the loaded tensors (see build_from_state).
-        bart_state, vq_state = parts.states.pop("bart"), parts.states.pop("vqgan")
-        bart = build_from_state(lambda: DalleBart(cfg.bart), bart_state, f"{parts.source} (bart)")
-        vq = build_from_state(lambda: VQGAN(cfg.vqgan), vq_state, f"{parts.source} (vqgan)")
-        del bart_state, vq_state
-        text = TextEncoder(Tokenizer.from_str(parts.tokenizer_json), cfg.text)
+        # One copy of the weights in memory: each tensor is read, converted to its dtype and moved to
+        # the device on its own, and the modules adopt them (see build_from_state).
+        bart = build_from_state(
+            lambda: DalleBart(cfg.bart), parts.states.pop("bart"), f"{parts.source} (bart)", dt, dev
+        )
+        vq = build_from_state(
+            lambda: VQGAN(cfg.vqgan), parts.states.pop("vqgan"), f"{parts.source} (vqgan)", vq_dt, dev
+        )
+        words = parts.word_list if cfg.text.normalize else None
+        normalizer = TextNormalizer(word_list=words) if words is not None else None
+        text = TextEncoder(Tokenizer.from_str(parts.tokenizer_json), cfg.text, normalizer)
         if text.vocab_size > cfg.bart.encoder_vocab_size:
             raise CheckpointError(
                 f"tokenizer has {text.vocab_size} tokens but the model's text vocabulary is "

@@ -219,7 +219,9 @@ class TextNormalizer:
         elif word_list is None:
             self._splitter = _DEFAULT  # resolved on the first hashtag
         elif isinstance(word_list, (str, os.PathLike)):
-            self._splitter = HashtagSplitter.from_file(word_list)
+            if not Path(word_list).is_file():
+                raise ConfigError(f"hashtag word list {word_list} does not exist")
+            self._splitter = Path(word_list)  # read on the first hashtag (a large list takes ~1 s)
         else:
             self._splitter = HashtagSplitter(word_list)
 
@@ -228,6 +230,8 @@ class TextNormalizer:
         """The splitter used for hashtags, or None when hashtags are kept whole."""
         if self._splitter is _DEFAULT:
             self._splitter = HashtagSplitter.default()
+        elif isinstance(self._splitter, Path):
+            self._splitter = _cached_splitter(str(self._splitter))
         return self._splitter  # type: ignore[return-value]
 
     def __call__(self, text: str) -> str:

@@ -7,14 +7,16 @@ a model directory and the pipeline can load directly.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from torch import Tensor
+import torch
 
 from ..config import PipelineConfig, TextConfig
 from ..errors import CheckpointError
 from . import native
+from .lazy import TensorLike, materialize
 
 FORMATS = ("native", "min-dalle", "flax-dalle", "flax-vqgan", "taming")
 
@@ -24,9 +26,10 @@ class ModelParts:
     """A model in memory before modules are built: config, one state dict per part, tokenizer.json text."""
 
     config: PipelineConfig
-    states: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    states: dict[str, dict[str, TensorLike]] = field(default_factory=dict)
     tokenizer_json: str | None = None
     source: str = ""
+    word_list: Path | None = None  # the hashtag splitter's word list the model ships, if any
 
 
 def _json(path: Path) -> dict:
@@ -105,21 +108,50 @@ def load_parts(
     tokenizer: str | Path | None = None,
     attention_heads: int | None = None,
     taming_config: str | Path | None = None,
+    lazy: bool = False,
 ) -> ModelParts:
-    """Read any supported checkpoint (plus an optional separate VQGAN / tokenizer) into ModelParts."""
-    p = Path(path)
+    """Read any supported checkpoint (plus an optional separate VQGAN / tokenizer) into ModelParts.
+
+    Paths name local files; Hub names are resolved to local folders before (checkpoints.hub). With
+    `lazy`, state dicts may hold LazyTensors, read one at a time by whoever consumes them.
+    """
+    parts = _load_parts(Path(path), attention_heads, taming_config)
+    if vqgan is not None:
+        other = _load_parts(Path(vqgan), None, taming_config)
+        if other.config.vqgan is None:
+            raise CheckpointError(f"{vqgan} holds no VQGAN")
+        parts.config = replace(parts.config, vqgan=other.config.vqgan)
+        parts.states["vqgan"] = other.states["vqgan"]
+    if tokenizer is not None:
+        parts.tokenizer_json = _tokenizer_json(Path(tokenizer))
+    if not lazy:
+        parts.states = {part: materialize(state) for part, state in parts.states.items()}
+    return parts
+
+
+def _word_list(*dirs: Path) -> Path | None:
+    return next(
+        (d / native.WORD_LIST_FILE for d in dirs if (d / native.WORD_LIST_FILE).is_file()), None
+    )
+
+
+def _load_parts(
+    p: Path, attention_heads: int | None, taming_config: str | Path | None
+) -> ModelParts:
     fmt = detect_format(p)
     if fmt == "native":
         cfg = native.read_config(p)
         states = {
-            part: native.read_weights(p, part) for part in native.WEIGHT_FILES if getattr(cfg, part)
+            part: native.read_weights(p, part, lazy=True)
+            for part in native.WEIGHT_FILES
+            if getattr(cfg, part)
         }
         tok = (
             (p / native.TOKENIZER_FILE).read_text()
             if (p / native.TOKENIZER_FILE).is_file()
             else None
         )
-        parts = ModelParts(cfg, states, tok, source=f"native:{p}")
+        parts = ModelParts(cfg, states, tok, source=f"native:{p}", word_list=_word_list(p))
     elif fmt == "min-dalle":
         from .min_dalle import load_min_dalle
 
@@ -137,6 +169,7 @@ def load_parts(
 
             tok_json = load_tokenizer(files.vocab, files.merges).to_str()
         parts = ModelParts(cfg, states, tok_json, source=f"min-dalle:{tok_dir or p}")
+        parts.word_list = _word_list(*([tok_dir] if tok_dir else []), p)
     elif fmt == "flax-dalle":
         from .flax_dalle import load_flax_dalle
 
@@ -144,7 +177,11 @@ def load_parts(
         cfg = PipelineConfig(bart=bart_cfg, text=TextConfig(max_length=bart_cfg.max_text_length))
         tok_dir = _find_tokenizer(p)
         parts = ModelParts(
-            cfg, {"bart": bart_state}, _tokenizer_json(tok_dir), source=f"flax-dalle:{p}"
+            cfg,
+            {"bart": bart_state},
+            _tokenizer_json(tok_dir),
+            source=f"flax-dalle:{p}",
+            word_list=_word_list(p if p.is_dir() else p.parent),
         )
     elif fmt == "flax-vqgan":
         from .flax_vqgan import load_flax_vqgan
@@ -158,15 +195,6 @@ def load_parts(
 
         vq_cfg, vq_state = load_taming(_taming_ckpt(p), taming_config)
         parts = ModelParts(PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"taming:{p}")
-
-    if vqgan is not None:
-        other = load_parts(vqgan, taming_config=taming_config)
-        if other.config.vqgan is None:
-            raise CheckpointError(f"{vqgan} holds no VQGAN")
-        parts.config = replace(parts.config, vqgan=other.config.vqgan)
-        parts.states["vqgan"] = other.states["vqgan"]
-    if tokenizer is not None:
-        parts.tokenizer_json = _tokenizer_json(Path(tokenizer))
     return parts
 
 
@@ -178,9 +206,40 @@ def convert(
     attention_heads: int | None = None,
     taming_config: str | Path | None = None,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    write_extra: Callable[[Path, dict[str, str]], None] | None = None,
 ) -> Path:
-    """Convert any supported checkpoint into a native model directory at dst."""
-    parts = load_parts(src, vqgan, tokenizer, attention_heads, taming_config)
+    """Convert any supported checkpoint into a native model directory at dst, one tensor at a time.
+
+    `dtype` stores the DalleBart's (and built-in CLIP's) float weights in that dtype; the VQGAN
+    keeps its own. The result is checked as loading would check it (every tensor's name and shape
+    against the config) before anything is written.
+    """
+    parts = load_parts(src, vqgan, tokenizer, attention_heads, taming_config, lazy=True)
+    check_parts(parts)
+    dtypes = {part: dtype for part in ("bart", "clip")} if dtype is not None else None
+    extra = {native.WORD_LIST_FILE: parts.word_list} if parts.word_list is not None else None
     return native.save_model_dir(
-        dst, parts.config, parts.states, parts.tokenizer_json, overwrite=overwrite
+        dst,
+        parts.config,
+        parts.states,
+        parts.tokenizer_json,
+        overwrite=overwrite,
+        dtypes=dtypes,
+        extra_files=extra,
+        write_extra=write_extra,
     )
+
+
+def check_parts(parts: ModelParts) -> None:
+    """Check every part's tensors against the module its config builds (on the meta device: no memory)."""
+    # Imported here: models.clip reads its weights through checkpoints.native (a cycle at import time).
+    from ..models.bart import DalleBart
+    from ..models.clip import SmallClip
+    from ..models.vqgan import VQGAN
+
+    builders = {"bart": DalleBart, "vqgan": VQGAN, "clip": SmallClip}
+    for part, state in parts.states.items():
+        with torch.device("meta"):
+            module = builders[part](getattr(parts.config, part))
+        native.check_state_dict(module, state, f"{parts.source} ({part})")

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..config import BartConfig
 from ..errors import CheckpointError, ConfigError
 from .flax_msgpack import flatten_tree, read_msgpack
+from .lazy import LazyTensor, TensorLike, transposed
 
 WEIGHTS_NAME = "flax_model.msgpack"
 WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"  # transformers' sharded Flax checkpoints
@@ -209,11 +210,11 @@ class _Tensors:
         self.flat = flat
         self.where = where
 
-    def pop(self, key: str, shape: tuple[int, ...], why: str) -> Tensor:
+    def pop(self, key: str, shape: tuple[int, ...], why: str) -> TensorLike:
         if key not in self.flat:
             raise CheckpointError(f"{self.where}: parameter {key!r} is missing ({why})")
         t = self.flat.pop(key)
-        if not isinstance(t, Tensor):
+        if not isinstance(t, (Tensor, LazyTensor)):
             raise CheckpointError(f"{self.where}: {key!r} is a {type(t).__name__}, not an array")
         if not t.is_floating_point():
             raise CheckpointError(f"{self.where}: {key!r} has dtype {t.dtype}, not a float type")
@@ -237,15 +238,23 @@ def _layout(flat: dict[str, Any], side: str, where: str) -> str:
     )
 
 
+def _own(t: TensorLike) -> TensorLike:
+    """Own storage for a row of a stacked array (safetensors refuses views); lazy rows are read alone."""
+    return t if isinstance(t, LazyTensor) else t.clone()
+
+
 def convert_flax_dalle(
     flat: dict[str, Any], cfg: BartConfig, where: str = WEIGHTS_NAME
-) -> dict[str, Tensor]:
-    """Flat Flax tree ({"model/encoder/...": tensor}; consumed) -> our DalleBart state dict."""
+) -> dict[str, TensorLike]:
+    """Flat Flax tree ({"model/encoder/...": tensor}; consumed) -> our DalleBart state dict.
+
+    Lazy tensors in give lazy tensors out: nothing is read until each is loaded.
+    """
     src = _Tensors(flat, where)
-    state: dict[str, Tensor] = {}
+    state: dict[str, TensorLike] = {}
     for key, ours, dense, shape in _top_entries(cfg):
         t = src.pop(key, shape[::-1] if dense else shape, "top-level tensor")
-        state[ours] = t.t().contiguous() if dense else t
+        state[ours] = transposed(t) if dense else t
     for side, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.decoder_layers)):
         name = "FlaxBartEncoder" if side == "encoder" else "FlaxBartDecoder"
         entries = _layer_entries(cfg, decoder=side == "decoder")
@@ -255,17 +264,14 @@ def convert_flax_dalle(
                 flax_shape = (n, *(shape[::-1] if dense else shape))
                 t = src.pop(f"{base}{name}Layers/{sub}", flax_shape, f"{n} stacked {side} layers")
                 for i in range(n):
-                    # own storage per layer (no views into the stack: safetensors refuses shared memory)
-                    state[f"{side}.layers.{i}.{ours}"] = (
-                        t[i].t().contiguous() if dense else t[i].clone()
-                    )
+                    state[f"{side}.layers.{i}.{ours}"] = transposed(t[i]) if dense else _own(t[i])
                 del t
         else:
             for i in range(n):
                 for sub, ours, dense, shape in entries:
                     key = f"{base}{name}Layer_{i}/{sub}"
                     t = src.pop(key, shape[::-1] if dense else shape, f"{side} layer {i} of {n}")
-                    state[f"{side}.layers.{i}.{ours}"] = t.t().contiguous() if dense else t
+                    state[f"{side}.layers.{i}.{ours}"] = transposed(t) if dense else t
     if flat:
         extra = sorted(flat)
         raise CheckpointError(
@@ -276,10 +282,11 @@ def convert_flax_dalle(
 
 
 def _read_weights(folder: Path) -> tuple[dict[str, Any], str]:
-    """The flat tree of flax_model.msgpack, or of all shards listed in flax_model.msgpack.index.json."""
+    """The flat tree of flax_model.msgpack, or of all shards listed in flax_model.msgpack.index.json,
+    with lazy arrays (read one at a time when loaded)."""
     single, index = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
     if single.is_file():
-        return flatten_tree(read_msgpack(single)), str(single)
+        return flatten_tree(read_msgpack(single, lazy=True)), str(single)
     if not index.is_file():
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) found")
     try:
@@ -289,7 +296,7 @@ def _read_weights(folder: Path) -> tuple[dict[str, Any], str]:
         raise CheckpointError(f"{index} is not a valid shard index: {e}") from e
     flat: dict[str, Any] = {}
     for name in files:
-        part = flatten_tree(read_msgpack(folder / name))
+        part = flatten_tree(read_msgpack(folder / name, lazy=True))
         dup = sorted(set(part) & set(flat))
         if dup:
             raise CheckpointError(f"{folder / name}: parameter {dup[0]!r} is also in another shard")
@@ -300,10 +307,11 @@ def _read_weights(folder: Path) -> tuple[dict[str, Any], str]:
     return flat, str(index)
 
 
-def load_flax_dalle(path: str | Path) -> tuple[BartConfig, dict[str, Tensor]]:
+def load_flax_dalle(path: str | Path) -> tuple[BartConfig, dict[str, TensorLike]]:
     """Read a dalle-mini/mega Flax folder (config.json + flax_model.msgpack) into (BartConfig, state dict).
 
-    Tensors keep the file's dtype (float32, float16 or bfloat16).
+    The state's tensors are lazy (see checkpoints.lazy) and keep the file's dtype (float32, float16
+    or bfloat16).
     """
     p = Path(path)
     folder = p.parent if p.is_file() else p

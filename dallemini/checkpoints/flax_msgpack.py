@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .lazy import FileTensor, cat_flat
 
 EXT_NDARRAY = 1
 EXT_COMPLEX = 2
@@ -59,7 +60,7 @@ _DTYPES = {
     "complex128": np.dtype("<c16"),
     "bfloat16": np.dtype("<u2"),
 }
-_TORCH_NAMES = {
+_TORCH_NAMES: dict[torch.dtype, str] = {
     torch.bool: "bool",
     torch.int8: "int8",
     torch.int16: "int16",
@@ -78,6 +79,9 @@ _TORCH_NAMES = {
 }
 
 
+_TORCH_DTYPES = {name: dtype for dtype, name in _TORCH_NAMES.items()}
+
+
 class _Fail(Exception):
     """Internal: a parse problem, turned into a CheckpointError naming the file and offset."""
 
@@ -85,10 +89,17 @@ class _Fail(Exception):
 class _Reader:
     """Streaming msgpack parser over a binary file, specialised to Flax's extension types."""
 
-    def __init__(self, f: BinaryIO, size: int | None) -> None:
+    def __init__(self, f: BinaryIO, size: int | None, lazy_path: Path | None = None) -> None:
         self.f = f
         self.size = size
         self.pos = 0
+        # With a path, arrays are not read: they become FileTensors pointing into that file.
+        self.lazy_path = lazy_path
+
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.f.seek(n, os.SEEK_CUR)
+        self.pos += n
 
     # --- raw input ---------------------------------------------------------------------------
     def need(self, n: int) -> None:
@@ -202,6 +213,8 @@ class _Reader:
         self.need(n)
         if code in (EXT_NDARRAY, EXT_NPSCALAR):
             shape, dtype_name, nbytes = self.ndarray_header(end, depth)
+            if code == EXT_NDARRAY and self.lazy_path is not None:
+                return self.file_tensor(shape, dtype_name, nbytes)
             arr = self.ndarray_data(shape, dtype_name, nbytes)
             if code == EXT_NDARRAY:
                 return _to_tensor(arr, dtype_name)
@@ -259,6 +272,14 @@ class _Reader:
             self.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
         return arr
 
+    def file_tensor(self, shape: tuple[int, ...], name: str, nbytes: int) -> FileTensor:
+        """The array's place in the file (its bytes skipped, not read)."""
+        if name not in _TORCH_DTYPES:
+            raise _Fail(f"ndarray at offset {self.pos} has dtype {name!r}, not a torch dtype")
+        start = self.pos
+        self.skip(nbytes)
+        return FileTensor(self.lazy_path, [(start, nbytes)], shape, _TORCH_DTYPES[name])
+
     def chunks(self, shape_value: Any, depth: int) -> Any:
         """The 'chunks' map of a chunked array, read straight into one preallocated flat buffer."""
         at = self.pos
@@ -274,6 +295,7 @@ class _Reader:
         else:
             raise _Fail(f"chunked array at offset {at}: 'chunks' is not a map")
         flat: np.ndarray | None = None
+        lazy_parts: list[FileTensor] = []
         name = ""
         filled = 0
         for i in range(n):
@@ -292,20 +314,26 @@ class _Reader:
                 raise _Fail(f"chunked array at offset {at}: chunk {i} is not an ndarray")
             self.need(length)
             cshape, cname, nbytes = self.ndarray_header(self.pos + length, depth + 1)
-            if flat is None:
+            if i == 0:
                 name = cname
                 self.need(total * _DTYPES[name].itemsize - nbytes)
-                flat = np.empty(total, dtype=_DTYPES[name])
+                if self.lazy_path is None:
+                    flat = np.empty(total, dtype=_DTYPES[name])
             if cname != name or len(cshape) != 1 or filled + cshape[0] > total:
                 raise _Fail(f"chunked array at offset {at}: chunk {i} does not fit the array")
-            self.ndarray_data(cshape, name, nbytes, out=flat[filled : filled + cshape[0]])
+            if flat is None:
+                lazy_parts.append(self.file_tensor(cshape, name, nbytes))
+            else:
+                self.ndarray_data(cshape, name, nbytes, out=flat[filled : filled + cshape[0]])
             filled += cshape[0]
-        if flat is None:
-            flat, name = np.empty(0, dtype=np.float32), "float32"
         if filled != total:
             raise _Fail(
                 f"chunked array at offset {at}: chunks hold {filled} elements, shape needs {total}"
             )
+        if lazy_parts:
+            return cat_flat(lazy_parts, (total,))
+        if flat is None:
+            flat, name = np.empty(0, dtype=np.float32), "float32"
         return _to_tensor(flat, name)
 
 
@@ -331,16 +359,24 @@ def _unchunk(d: dict[Any, Any]) -> torch.Tensor:
         raise _Fail("malformed chunked array (needs 'shape' and 'chunks')")
     if isinstance(chunks, dict):  # keys came in an unusual order: join the separately read chunks
         parts = _dict_to_tuple(chunks)
-        if parts is None or not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+        if parts and all(isinstance(p, FileTensor) for p in parts):
+            if len({p.dtype for p in parts}) != 1:
+                raise _Fail("malformed chunked array: chunks of different dtypes")
+            chunks = cat_flat(list(parts), (sum(math.prod(p.shape) for p in parts),))
+        elif parts is None or not parts or not all(isinstance(p, torch.Tensor) for p in parts):
             raise _Fail("malformed chunked array: 'chunks' is not a map of arrays")
-        chunks = torch.cat([p.reshape(-1) for p in parts])
+        else:
+            chunks = torch.cat([p.reshape(-1) for p in parts])
+    if isinstance(chunks, FileTensor) and math.prod(chunks.shape) == math.prod(shape):
+        return chunks.reshape(shape)
     if not isinstance(chunks, torch.Tensor) or chunks.numel() != math.prod(shape):
         raise _Fail(f"malformed chunked array: chunks do not make shape {shape}")
     return chunks.reshape(shape)
 
 
-def read_msgpack(path: str | Path) -> dict[str, Any]:
-    """Read a Flax msgpack file into nested dicts whose array leaves are CPU torch tensors."""
+def read_msgpack(path: str | Path, lazy: bool = False) -> dict[str, Any]:
+    """Read a Flax msgpack file into nested dicts whose array leaves are CPU torch tensors
+    (lazy: FileTensors, read one at a time later; only the structure is parsed now)."""
     p = Path(path)
     try:
         f = open(p, "rb")  # noqa: SIM115 - closed below
@@ -348,7 +384,7 @@ def read_msgpack(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p} cannot be opened: {e}") from e
     with f:
         size = os.fstat(f.fileno()).st_size
-        reader = _Reader(f, size)
+        reader = _Reader(f, size, p if lazy else None)
         try:
             if size == 0:
                 raise _Fail("the file is empty")

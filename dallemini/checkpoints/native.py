@@ -10,12 +10,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import PipelineConfig
 from ..errors import CheckpointError, ConfigError
+from .lazy import TensorLike, load, materialize
+from .safetensors_io import lazy_safetensors, write_safetensors
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -25,6 +25,9 @@ WEIGHT_FILES = {
     "clip": "clip.safetensors",
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WORD_LIST_FILE = (
+    "enwiki-words-frequency.txt"  # the original's hashtag word list, when a model ships it
+)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -56,11 +59,19 @@ def read_config(path: str | os.PathLike) -> PipelineConfig:
 def save_model_dir(
     path: str | os.PathLike,
     config: PipelineConfig,
-    states: Mapping[str, Mapping[str, Tensor]],
+    states: Mapping[str, Mapping[str, TensorLike]],
     tokenizer_json: str | None = None,
     overwrite: bool = False,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    extra_files: Mapping[str, str | os.PathLike] | None = None,
+    write_extra: Callable[[Path, dict[str, str]], None] | None = None,
 ) -> Path:
-    """Write a model directory atomically (temp folder + rename), so a crash never leaves half a model."""
+    """Write a model directory atomically (temp folder + rename), so a crash never leaves half a model.
+
+    Tensors are written one at a time (lazy ones read just then); `dtypes` casts a part's float
+    tensors (e.g. {"bart": torch.bfloat16}); `extra_files` copies files in by name; `write_extra`
+    gets the temp folder and each weight file's sha256 to write more files before the rename.
+    """
     dst = Path(path)
     for part in states:
         if part not in WEIGHT_FILES:
@@ -77,13 +88,21 @@ def save_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        hashes: dict[str, str] = {}
         for part, state in states.items():
-            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-            save_file(
-                tensors, str(tmp / WEIGHT_FILES[part]), metadata={"format": "pt", "part": part}
+            to = (dtypes or {}).get(part)
+            hashes[WEIGHT_FILES[part]] = write_safetensors(
+                tmp / WEIGHT_FILES[part],
+                state,
+                metadata={"format": "pt", "part": part},
+                cast=None if to is None else (lambda d, to=to: to if d.is_floating_point else d),
             )
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if write_extra is not None:
+            write_extra(tmp, hashes)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -98,21 +117,17 @@ def save_model_dir(
     return dst
 
 
-def read_weights(path: str | os.PathLike, part: str) -> dict[str, Tensor]:
-    """Read one part's safetensors file; a truncated or foreign file becomes a CheckpointError naming it."""
+def read_weights(path: str | os.PathLike, part: str, lazy: bool = False) -> dict[str, TensorLike]:
+    """One part's safetensors tensors (lazy: nothing read yet); a truncated or foreign file becomes a
+    CheckpointError naming it."""
     f = Path(path) / WEIGHT_FILES[part]
     if not f.is_file():
         raise CheckpointError(f"{f} not found; the model directory's config lists a {part} model")
-    try:
-        state = load_file(str(f))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{f} is not a readable safetensors file (truncated or corrupt?): {e}"
-        ) from e
-    return state
+    state = lazy_safetensors(f)
+    return state if lazy else materialize(state)
 
 
-def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
+def check_state_dict(module: nn.Module, state: Mapping[str, TensorLike], where: str) -> None:
     """Compare a state dict with a module's parameters and name the first missing, extra or misshapen tensor."""
     expected = module.state_dict()
     for name, ref in expected.items():
@@ -136,27 +151,36 @@ def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], where: str)
         )
 
 
-def load_into(module: nn.Module, state: Mapping[str, Tensor], where: str) -> nn.Module:
+def load_into(module: nn.Module, state: Mapping[str, TensorLike], where: str) -> nn.Module:
     """Check, then copy a state dict into a module (dtype converted to the module's)."""
     check_state_dict(module, state, where)
-    module.load_state_dict(dict(state), strict=True)
+    module.load_state_dict(materialize(state), strict=True)
     return module
 
 
 def build_from_state(
-    factory: Callable[[], nn.Module], state: Mapping[str, Tensor], where: str
+    factory: Callable[[], nn.Module],
+    state: dict[str, TensorLike],
+    where: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Like load_into(factory(), ...) without a second copy of the weights: the module is built on the meta
-    device (no allocation, no random init) and adopts the state's tensors, converted to its dtypes.
+    """Like load_into(factory(), ...) without a second copy of the weights: the module is built on the
+    meta device (no allocation, no random init) and adopts the state's tensors, each read (if lazy),
+    converted to `dtype` (floats; default: the module's) and moved to `device` one at a time.
 
-    Peak memory is one copy of the weights instead of two; drop other references to `state` so that a
-    later `.to(dtype)` can free each original tensor as it converts it.
+    `state` is consumed (emptied) so that each original tensor can be freed once converted: peak
+    memory is the finished module plus one tensor.
     """
     with torch.device("meta"):
         module = factory()
     check_state_dict(module, state, where)
     expected = module.state_dict()
-    adopted = {k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}
+    adopted: dict[str, Tensor] = {}
+    for k in list(state):
+        ref = expected[k]
+        to = dtype if (dtype is not None and ref.is_floating_point()) else ref.dtype
+        adopted[k] = load(state.pop(k)).to(device=device, dtype=to).contiguous()
     module.load_state_dict(adopted, strict=True, assign=True)
     leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftover:

@@ -4,6 +4,10 @@ A checkpoint is written to a temp folder, every file fsynced and hashed into `st
 is renamed into place and `latest` is replaced atomically. Loading verifies the hashes; a corrupt or
 partial newest checkpoint is reported and the previous complete one is used, so a kill -9 at any moment
 loses at most the work since the last finished checkpoint.
+
+`keep_last` pruning counts and deletes only complete checkpoints older than the one just written; step
+folders it does not recognise as complete are left alone and never cost a real checkpoint. Temp folders
+of killed saves (`.step-N.tmp-PID`, `.latest.tmp-PID`) are removed once their process is gone.
 """
 
 from __future__ import annotations
@@ -29,12 +33,58 @@ from ..errors import CheckpointError
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TEMP = re.compile(r"^\.(?:step-\d{6,}|latest)\.tmp-(\d+)$")  # what save_checkpoint writes first
 STATE_FILE = "state.json"
 LATEST = "latest"
+REQUIRED_FILES = ("model.safetensors", "trainer.pt")
 
 
 def step_dir_name(step: int) -> str:
+    """Folder name of a step's checkpoint: step-000123."""
     return f"step-{step:06d}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs now (unknown counts as running, so its files are kept)."""
+    if pid == os.getpid():
+        return (
+            False  # this process is not in the middle of another save: the files are a dead run's
+        )
+    if os.name == "nt":  # os.kill would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def remove_stale_temps(root: str | os.PathLike, all_pids: bool = False) -> list[Path]:
+    """Delete the temp folders and pointer files that killed saves left in root; returns what went.
+
+    Only those of processes that are gone (or of this process id, reused after a kill), or every one
+    with `all_pids` (rank 0 starting a resumed run: no other process may write this run's checkpoints).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        m = TEMP.match(p.name)
+        if not m or (not all_pids and _pid_alive(int(m.group(1)))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.info("removed %d temp file(s) of unfinished saves in %s", len(removed), root)
+    return removed
 
 
 def _sha256(path: Path) -> str:
@@ -103,6 +153,7 @@ def save_checkpoint(
     """Write step-NNNNNN/ atomically: model.safetensors, trainer.pt (optimizer/scheduler/scaler/RNG), state.json."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,9 +186,32 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(root / step_dir_name(old), ignore_errors=True)
+        _prune(root, step, keep_last)
     return final
+
+
+def _prune(root: Path, newest: int, keep_last: int) -> None:
+    """Delete complete checkpoints older than `newest` beyond the keep_last - 1 newest of them.
+
+    Folders that are not complete checkpoints neither count nor go: garbage beside real checkpoints
+    must never cost one, and `newest` (just written) is never touched.
+    """
+    older = [
+        s
+        for s in reversed(list_checkpoints(root))
+        if s < newest and _is_complete(root / step_dir_name(s))
+    ]
+    for s in older[max(keep_last - 1, 0) :]:
+        shutil.rmtree(root / step_dir_name(s), ignore_errors=True)
+
+
+def _is_complete(path: Path) -> bool:
+    """A cheap completeness check (manifest well-formed, files present with their sizes; no hashing)."""
+    try:
+        _check_files(path, _manifest(path), hashes=False)
+    except (CheckpointError, OSError):
+        return False
+    return True
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[int]:
@@ -150,17 +224,42 @@ def list_checkpoints(root: str | os.PathLike) -> list[int]:
     )
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return the manifest of a complete checkpoint folder or raise a CheckpointError saying what is wrong."""
+def _manifest(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder, checked for the shape save_checkpoint writes."""
     state = path / STATE_FILE
     if not state.is_file():
         raise CheckpointError(f"{path}: no {STATE_FILE}; the checkpoint was not finished")
     try:
         manifest = json.loads(state.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, OSError) as e:
         raise CheckpointError(f"{state} is unreadable: {e}") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{state} is not a JSON object")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{state}: 'step' is {step!r}, expected a step number")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{state}: 'files' is {type(files).__name__}, expected an object")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{state} does not list {name}")
     for name, meta in files.items():
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{state} lists {name!r}, which is not a file name")
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("sha256"), str)
+            and isinstance(meta.get("bytes"), int)
+        ):
+            raise CheckpointError(f"{state}: the entry of {name} needs a 'sha256' and 'bytes'")
+    if not isinstance(manifest.setdefault("extra", {}), dict):
+        raise CheckpointError(f"{state}: 'extra' is not an object")
+    return manifest
+
+
+def _check_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
+    for name, meta in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
@@ -168,8 +267,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{f} has {f.stat().st_size} bytes, expected {meta['bytes']} (truncated?)"
             )
-        if _sha256(f) != meta["sha256"]:
+        if hashes and _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f} does not match its recorded checksum (corrupt)")
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return the manifest of a complete checkpoint folder or raise a CheckpointError saying what is wrong."""
+    manifest = _manifest(path)
+    _check_files(path, manifest)
     return manifest
 
 
@@ -190,7 +295,7 @@ def load_checkpoint(root: str | os.PathLike, step: int | None = None) -> Checkpo
     candidates = list_checkpoints(root)
     pointer = root / LATEST
     if pointer.is_file():
-        m = STEP_DIR.match(pointer.read_text().strip())
+        m = STEP_DIR.match(pointer.read_text(errors="replace").strip())
         if m and int(m.group(1)) not in candidates:
             log.warning("%s names %s, which does not exist", pointer, m.group(0))
     if not candidates:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 import types
 import typing
@@ -34,6 +35,7 @@ from . import distributed as D
 from .checkpointing import (
     list_checkpoints,
     load_checkpoint,
+    remove_stale_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -462,11 +464,22 @@ class Trainer:
                 f"or choose another --out"
             )
         if self.env.is_main:
+            if self.cfg.resume:  # only rank 0 writes checkpoints and the model: no temp is live
+                self._remove_temps()
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = self.out / f".{CONFIG_NAME}.tmp"
             tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             tmp.replace(self.out / CONFIG_NAME)
         D.barrier(self.env)
+
+    def _remove_temps(self) -> None:
+        """Delete what killed runs left half-written: checkpoint temps and export temps (`.model.tmp-*`)."""
+        remove_stale_temps(self.ckpt_dir, all_pids=True)
+        if self.out.is_dir():  # export() writes out/model through save_model_dir's mkdtemp folder
+            for p in self.out.glob(".model.tmp-*"):
+                if p.is_dir() and not p.is_symlink():
+                    log.info("removing %s, left by an export that did not finish", p)
+                    shutil.rmtree(p, ignore_errors=True)
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:

@@ -86,3 +86,31 @@ def test_encode_dataset_refuses_empty_sources(tmp_path: Path) -> None:
         pass
     with pytest.raises(InputError, match="holds no records"):
         encode_dataset(tmp_path / "none.tar", tmp_path / "enc2", vq, progress=False)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def test_openapi_declares_security_only_with_a_key_and_documents_health_503(tiny: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dallemini.pipeline import TextToImage
+    from dallemini.serve import ServeSettings, create_app
+
+    pipe = TextToImage.from_pretrained(tiny, device="cpu")
+    for key in (None, "s3cret"):
+        with TestClient(create_app(pipe, ServeSettings(api_key=key))) as client:
+            spec = client.get("/openapi.json").json()
+            ops = [op for path in spec["paths"].values() for op in path.values()]
+            secured = [op for op in ops if op.get("security")]
+            with_401 = [op for op in ops if "401" in op["responses"]]
+            schemes = spec.get("components", {}).get("securitySchemes")
+            if key is None:
+                assert schemes is None and secured == [] and with_401 == []
+            else:
+                assert set(schemes) == {"HTTPBearer", "APIKeyHeader"}
+                assert len(secured) == len(with_401) == 5  # every route but /health
+            health = spec["paths"]["/health"]["get"]["responses"]
+            assert {"200", "503"} <= set(health)
+            client.app.state.batcher.stop_accepting()  # shutting down: the documented 503
+            assert client.get("/health").status_code == 503

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -44,6 +45,7 @@ from .support import BodyLimit, ImageCache, b64, png_bytes
 log = logging.getLogger("dallemini.serve")
 STATIC = Path(__file__).parent / "static"
 API_KEY_ENV = "DALLEMINI_API_KEY"
+IMAGE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ImageCache ids (token_urlsafe); others are 422
 
 
 @dataclass
@@ -109,8 +111,8 @@ async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
     return _validation_message(exc)
 
 
-def _auth_dependency(api_key: str | None) -> Callable[..., Any]:
-    """A dependency that lets a request through only with the API key (when one is set)."""
+def _auth_dependency(api_key: str) -> Callable[..., Any]:
+    """A dependency that lets a request through only with the API key (declared in the OpenAPI schema)."""
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
 
@@ -118,8 +120,6 @@ def _auth_dependency(api_key: str | None) -> Callable[..., Any]:
         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
         x_key: Annotated[str | None, Depends(header)],
     ) -> None:
-        if api_key is None:
-            return
         want = api_key.encode()
         for given in (cred.credentials if cred else None, x_key):
             if given is not None and secrets.compare_digest(given.encode(), want):
@@ -237,7 +237,14 @@ def create_app(
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _on_invalid)
-    auth = [Depends(_auth_dependency(settings.api_key))]
+    # Without a key the schema declares no security scheme and no 401 answers.
+    keyed = settings.api_key is not None
+    auth = [Depends(_auth_dependency(settings.api_key))] if settings.api_key is not None else []
+
+    def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+        """OpenAPI error entries of a route (401 only when an API key is required)."""
+        return _error_responses(*(c for c in codes if c != 401 or keyed))
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def submit(
@@ -323,7 +330,17 @@ def create_app(
         """The web page."""
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health", summary="Readiness, queue depth and model info")
+    @app.get(
+        "/health",
+        summary="Readiness, queue depth and model info",
+        responses={
+            200: {"description": "serving: ready for work"},
+            503: {
+                "description": "shutting down: new work is turned away (same body, ready false)",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+        },
+    )
     async def health() -> JSONResponse:
         """200 while serving, 503 once shutting down."""
         cfg = pipe.config
@@ -360,7 +377,7 @@ def create_app(
         response_model=GenerateResponse,
         dependencies=auth,
         summary="Generate images for a prompt",
-        responses=_error_responses(400, 401, 413, 422, 429, 503, 504),
+        responses=errors(400, 401, 413, 422, 429, 503, 504),
     )
     async def generate(request: Request, req: Req) -> dict[str, Any]:  # type: ignore[valid-type]
         """Make num_images images (best first when reranked), inline as base64 PNG or as URLs."""
@@ -378,7 +395,7 @@ def create_app(
                 "description": "events: accepted, progress {done, total, images}, "
                 "result (the /v1/generate body) or error {status, detail}",
             },
-            **_error_responses(401, 422, 429, 503),
+            **errors(401, 422, 429, 503),
         },
     )
     async def generate_stream(
@@ -432,10 +449,14 @@ def create_app(
         name="image",
         dependencies=auth,
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, **_error_responses(401, 404)},
+        responses={200: {"content": {"image/png": {}}}, **errors(401, 404, 422)},
         summary="An image made earlier with response='url'",
     )
-    async def image(image_id: str) -> Response:
+    async def image(
+        image_id: Annotated[
+            str, PathParam(pattern=IMAGE_ID_PATTERN, description="id from a url reply")
+        ],
+    ) -> Response:
         """The PNG, while it is still in the server's bounded cache."""
         data = cache.get(image_id)
         if data is None:
@@ -447,7 +468,7 @@ def create_app(
         response_model=OriginalResponse,
         dependencies=auth,
         summary="The original dalle-mini demo backend protocol",
-        responses=_error_responses(400, 401, 413, 422, 429, 503, 504),
+        responses=errors(400, 401, 413, 422, 429, 503, 504),
     )
     async def generate_original(request: Request, body: OriginalRequest) -> dict[str, Any]:
         """{"prompt": ...} -> {"images": [base64 PNG, ...], "version": ...}, best first."""
@@ -457,7 +478,12 @@ def create_app(
         pngs = await anyio.to_thread.run_sync(lambda: [png_bytes(g.image) for g in images])
         return {"images": [b64(p) for p in pngs], "version": version}
 
-    @app.get("/version", dependencies=auth, summary="The original demo's version call")
+    @app.get(
+        "/version",
+        dependencies=auth,
+        summary="The original demo's version call",
+        responses=errors(401),
+    )
     async def version_() -> dict[str, str]:
         """{"version": ...} as the original backend answered."""
         return {"version": version}

@@ -825,7 +825,7 @@ def serve(
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
     from .serve.app import ServeSettings, create_app
-    from .serve.server import run
+    from .serve.server import bind_socket, run
 
     settings = ServeSettings(
         max_batch_images=max_batch_images,
@@ -836,18 +836,24 @@ def serve(
         api_key=api_key or None,
     )
     settings.check()  # before loading the model
-    model = _model_or_builtin(model)
-    application = create_app(
-        model,
-        settings,
-        device=device,
-        dtype=dtype,
-        vqgan=vqgan,
-        clip=clip,
-        vqgan_dtype=vqgan_dtype,
-    )
-    typer.echo(f"serving {model} on http://{host}:{port} (Ctrl-C stops it gracefully)", err=True)
-    run(application, host=host, port=port)
+    sock = bind_socket(host, port)  # a busy port fails here, before loading the model
+    try:
+        model = _model_or_builtin(model)
+        application = create_app(
+            model,
+            settings,
+            device=device,
+            dtype=dtype,
+            vqgan=vqgan,
+            clip=clip,
+            vqgan_dtype=vqgan_dtype,
+        )
+        typer.echo(
+            f"serving {model} on http://{host}:{port} (Ctrl-C stops it gracefully)", err=True
+        )
+        run(application, host=host, port=port, sock=sock)
+    finally:
+        sock.close()
 
 
 @app.command()

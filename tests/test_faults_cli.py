@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import tarfile
 from pathlib import Path
 
@@ -114,3 +115,20 @@ def test_openapi_declares_security_only_with_a_key_and_documents_health_503(tiny
             assert {"200", "503"} <= set(health)
             client.app.state.batcher.stop_accepting()  # shutting down: the documented 503
             assert client.get("/health").status_code == 503
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model does not exist: the port is checked first, and nothing says "serving"
+        args = ("serve", "--model", tmp_path / "no-model", "--port", str(port))
+        code, err = run_here(capsys, *args)
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use: stop what uses it or pick another "
+        "--port"
+    ]

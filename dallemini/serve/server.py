@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -40,12 +41,39 @@ def make_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> 
     return GracefulServer(config)
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not listening yet); ConfigError when the port is taken or the host bad."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is already in use: stop what uses it or pick another --port"
+            ) from e
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
+def run(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; `sock`: already bound (see `bind_socket`)."""
+    sock = sock if sock is not None else bind_socket(host, port)
     server = make_server(app, host, port, log_level)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if not server.started:
-        raise ConfigError(f"could not start the server on {host}:{port} (is the port in use?)")
+        raise ConfigError(f"could not start the server on {host}:{port}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

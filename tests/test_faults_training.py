@@ -1,4 +1,4 @@
-"""No lost work and no tracebacks: checkpoint pruning, stale temp folders, malformed state.json."""
+"""No lost work and no tracebacks: checkpoint pruning, stale temp folders, malformed state.json, corrupt shards."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dallemini.data.shards import MANIFEST_NAME, ShardDataset
+from dallemini.errors import InputError
 from dallemini.training.checkpointing import (
     list_checkpoints,
     load_checkpoint,
@@ -17,7 +19,8 @@ from dallemini.training.checkpointing import (
 )
 from dallemini.training.seq2seq import Seq2SeqTrainer
 
-from .test_train import _cfg
+from .test_cli import run_here
+from .test_train import _cfg, _cli_args
 from .train_utils import write_token_dataset
 
 DEAD_PID = 99_999_999  # above any Linux pid_max: never a live process
@@ -124,3 +127,49 @@ def test_resume_survives_garbage_and_cleans_temps_of_killed_runs(tmp_path: Path)
     assert list_checkpoints(ckpts) == [5, 6, 7, 8, 9]
     assert load_checkpoint(ckpts).step == 6  # the garbage is skipped (with a warning)
     assert (out / "model" / "bart.safetensors").is_file()
+
+
+def _corrupt(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "garbage":
+        path.write_bytes(b"not parquet at all " * 20)
+    elif how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:  # footer intact, a page header overwritten
+        path.write_bytes(raw[:4] + b"\xff" * 200 + raw[204:])
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "pages"])
+@pytest.mark.parametrize("manifest", [True, False])
+def test_corrupt_shard_names_the_file(tmp_path: Path, how: str, manifest: bool) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    bad = data / "part-00001.parquet"
+    _corrupt(bad, how)
+    if not manifest:
+        (data / MANIFEST_NAME).unlink()
+    with pytest.raises(InputError) as info:
+        tokenize = lambda c: (torch.zeros(len(c), 2), torch.ones(len(c), 2))  # noqa: E731
+        ds = ShardDataset(data, tokenize, 4, epochs=1)
+        for _ in ds:
+            pass
+    msg = str(info.value)
+    assert str(bad) in msg and "dallemini encode" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("how", "manifest"), [("truncated", True), ("truncated", False), ("pages", True)]
+)
+def test_cli_train_on_a_corrupt_shard_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, manifest: bool
+) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    bad = data / "part-00001.parquet"
+    _corrupt(bad, how)
+    if not manifest:
+        (data / MANIFEST_NAME).unlink()
+    code, err = run_here(capsys, *_cli_args(data, tmp_path / "run", 4))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert code == 2, err[-3000:]
+    assert len(errors) == 1 and str(bad) in errors[0], err[-3000:]
+    assert "Traceback" not in err

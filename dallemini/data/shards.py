@@ -161,6 +161,16 @@ def write_shard(
         tmp.unlink(missing_ok=True)
 
 
+def _unreadable_shard(path: str | os.PathLike[str], error: BaseException) -> InputError:
+    """The one-line error for a shard pyarrow cannot read: names the file and how to get it back."""
+    detail = " ".join("".join(c if c.isprintable() else " " for c in str(error)).split())
+    return InputError(
+        f"{path} is not a readable Parquet shard ({detail or type(error).__name__}); delete it and "
+        f"re-run `dallemini encode` into the same folder, which skips finished shards and writes "
+        f"only the missing ones (or copy the file again from where the dataset came from)"
+    )
+
+
 def read_shard_meta(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
     """(rows, dallemini metadata) from a shard's footer only; the metadata is {} for foreign shards."""
     pf = pq.ParquetFile(path)
@@ -173,7 +183,16 @@ def read_shard(
     path: str | os.PathLike[str], length: int | None = None
 ) -> tuple[list[str], np.ndarray]:
     """(captions, codes [rows, length]) of one shard; list<int> encodings (dalle-mini's datasets) work too."""
-    table = pq.read_table(path, columns=["caption", "encoding"])
+    try:
+        with pq.ParquetFile(path) as pf:
+            missing = [c for c in ("caption", "encoding") if c not in pf.schema_arrow.names]
+            if missing:
+                raise InputError(
+                    f"{path} has no column {missing[0]!r}; a shard has 'caption' and 'encoding'"
+                )
+            table = pf.read(columns=["caption", "encoding"])
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable_shard(path, e) from e
     captions = table.column("caption").to_pylist()
     col = table.column("encoding").combine_chunks()
     n = len(col)
@@ -248,7 +267,10 @@ def list_shards(folder: str | os.PathLike[str]) -> tuple[list[ShardInfo], dict[s
         MANIFEST_NAME,
     )
     for p in files:
-        rows, _ = read_shard_meta(p)
+        try:
+            rows, _ = read_shard_meta(p)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise _unreadable_shard(p, e) from e
         shards.append(ShardInfo(p, rows))
     return shards, {}
 

@@ -208,7 +208,7 @@ class TextToImage:
 
         dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
         path = default_model_path() if path is None else path
-        parts = load_parts(Path(path), vqgan=vqgan, tokenizer=tokenizer, lazy=True)
+        parts = load_parts(path, vqgan=vqgan, tokenizer=tokenizer, lazy=True, dtype=dt)
         cfg = parts.config
         if cfg.bart is None:
             raise CheckpointError(f"{path} holds no DalleBart model; give a full model directory")
@@ -224,7 +224,11 @@ class TextToImage:
             lambda: DalleBart(cfg.bart), parts.states.pop("bart"), f"{parts.source} (bart)", dt, dev
         )
         vq = build_from_state(
-            lambda: VQGAN(cfg.vqgan), parts.states.pop("vqgan"), f"{parts.source} (vqgan)", vq_dt, dev
+            lambda: VQGAN(cfg.vqgan),
+            parts.states.pop("vqgan"),
+            f"{parts.source} (vqgan)",
+            vq_dt,
+            dev,
         )
         words = parts.word_list if cfg.text.normalize else None
         normalizer = TextNormalizer(word_list=words) if words is not None else None

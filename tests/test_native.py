@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dallemini.checkpoints import detect_format, load_parts
+from dallemini.checkpoints.lazy import LazyTensor
 from dallemini.checkpoints.native import read_config, save_model_dir
 from dallemini.config import PipelineConfig, preset
 from dallemini.errors import CheckpointError
@@ -115,13 +116,20 @@ def test_loading_adopts_the_weights_and_takes_dtypes(tiny_dir: Path) -> None:
 
     parts = load_parts(tiny_dir)
     state = parts.states["vqgan"]
-    vq = build_from_state(lambda: VQGAN(parts.config.vqgan), state, "test")
     key = "decoder.conv_in.weight"
-    assert vq.state_dict()[key].data_ptr() == state[key].data_ptr()  # adopted, not copied
+    given = state[key]
     half = {k: v.half() for k, v in state.items()}
+    vq = build_from_state(lambda: VQGAN(parts.config.vqgan), dict(state), "test")
+    assert vq.state_dict()[key].data_ptr() == given.data_ptr()  # adopted, not copied
     assert build_from_state(
         lambda: VQGAN(parts.config.vqgan), half, "t"
     ).decoder.conv_in.weight.dtype == (torch.float32)
+    assert not half  # consumed: each original can be freed once converted
+    lazy = load_parts(tiny_dir, lazy=True).states["vqgan"]
+    assert isinstance(lazy[key], LazyTensor)
+    vq16 = build_from_state(lambda: VQGAN(parts.config.vqgan), lazy, "t", torch.bfloat16, "cpu")
+    assert vq16.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(vq16.decoder.conv_in.weight, given.bfloat16())
     with pytest.raises(CheckpointError, match="missing"):
         build_from_state(
             lambda: VQGAN(parts.config.vqgan), {k: v for k, v in state.items() if k != key}, "t"

@@ -15,7 +15,7 @@ import torch
 
 from ..config import PipelineConfig, TextConfig
 from ..errors import CheckpointError
-from . import native
+from . import hub, native
 from .lazy import TensorLike, materialize
 
 FORMATS = ("native", "min-dalle", "flax-dalle", "flax-vqgan", "taming")
@@ -109,15 +109,17 @@ def load_parts(
     attention_heads: int | None = None,
     taming_config: str | Path | None = None,
     lazy: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> ModelParts:
     """Read any supported checkpoint (plus an optional separate VQGAN / tokenizer) into ModelParts.
 
-    Paths name local files; Hub names are resolved to local folders before (checkpoints.hub). With
-    `lazy`, state dicts may hold LazyTensors, read one at a time by whoever consumes them.
+    `path` and `vqgan` may be Hub names (checkpoints.hub: downloaded and converted once, preferring
+    a conversion stored in `dtype`). With `lazy`, state dicts may hold LazyTensors, read one at a
+    time by whoever consumes them.
     """
-    parts = _load_parts(Path(path), attention_heads, taming_config)
+    parts = _load_parts(hub.local_path(path, dtype), attention_heads, taming_config)
     if vqgan is not None:
-        other = _load_parts(Path(vqgan), None, taming_config)
+        other = _load_parts(hub.local_path(vqgan), None, taming_config)
         if other.config.vqgan is None:
             raise CheckpointError(f"{vqgan} holds no VQGAN")
         parts.config = replace(parts.config, vqgan=other.config.vqgan)

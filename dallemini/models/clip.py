@@ -572,7 +572,9 @@ def load_scorer(
     """
     if path is None:
         return None
-    p = Path(path)
+    from ..checkpoints import hub
+
+    p = hub.local_path(path)  # a Hub name ("clip", "openai/clip-vit-base-patch32") or a path
     if not p.exists():
         raise CheckpointError(f"CLIP path {p} does not exist")
     if is_hf_clip_folder(p):

@@ -29,26 +29,19 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _lfs_pointer(data: bytes) -> bytes:
-    sha = hashlib.sha256(data).hexdigest()
-    return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
-    )
-
-
 def file_etag(data: bytes) -> str:
     """The ETag the Hub gives a file (unquoted): its sha256 if LFS, else its git blob sha1."""
     return hashlib.sha256(data).hexdigest() if len(data) > LFS_THRESHOLD else git_blob_sha1(data)
 
 
-def _tree_entry(path: str, data: bytes) -> dict[str, Any]:
+def _tree_entry(path: str, data: bytes, etag: str) -> dict[str, Any]:
     if len(data) <= LFS_THRESHOLD:
-        return {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
-    pointer = _lfs_pointer(data)
-    lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}
+        return {"type": "file", "oid": etag, "size": len(data), "path": path}
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{etag}\nsize {len(data)}\n"
+    lfs = {"oid": etag, "size": len(data), "pointerSize": len(pointer)}
     return {
         "type": "file",
-        "oid": git_blob_sha1(pointer),
+        "oid": git_blob_sha1(pointer.encode()),
         "size": len(data),
         "path": path,
         "lfs": lfs,
@@ -58,8 +51,9 @@ def _tree_entry(path: str, data: bytes) -> dict[str, Any]:
 @dataclass
 class _Commit:
     sha: str
-    files: dict[str, bytes]
+    files: dict[str, bytes]  # bytes, or any buffer (an mmap serves a large file from disk)
     date: str
+    etags: dict[str, str] = field(default_factory=dict)  # hashed once: files may be gigabytes
 
 
 @dataclass
@@ -106,12 +100,13 @@ class FakeHub:
         with self._lock:
             repo = self._repos.setdefault(repo_id, _Repo(default_branch=branch))
             self._n_commits += 1
+            etags = {p: file_etag(d) for p, d in files.items()}
             seed = f"{repo_id}\0{branch}\0{self._n_commits}\0" + "".join(
-                f"{p}\0{file_etag(d)}\0" for p, d in sorted(files.items())
+                f"{p}\0{etags[p]}\0" for p in sorted(files)
             )
             sha = hashlib.sha1(seed.encode()).hexdigest()
             date = f"2024-01-01T00:{self._n_commits // 60 % 60:02d}:{self._n_commits % 60:02d}.000Z"
-            repo.commits[sha] = _Commit(sha, dict(files), date)
+            repo.commits[sha] = _Commit(sha, dict(files), date, etags)
             for ref in (branch, *tags):
                 repo.refs[ref] = sha
             return sha
@@ -218,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, data in sorted(commit.files.items()):
             sibling: dict[str, Any] = {"rfilename": name}
             if query.get("blobs", [""])[0].lower() == "true":
-                entry = _tree_entry(name, data)
+                entry = _tree_entry(name, data, commit.etags[name])
                 sibling.update(size=entry["size"], blobId=entry["oid"])
                 if "lfs" in entry:
                     lfs = entry["lfs"]
@@ -269,7 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
             for d in sorted(dirs)
             if listed(d)
         ]
-        entries += [_tree_entry(p, d) for p, d in sorted(commit.files.items()) if listed(p)]
+        entries += [
+            _tree_entry(p, d, commit.etags[p]) for p, d in sorted(commit.files.items()) if listed(p)
+        ]
         headers = {}
         size = self.hub.tree_page_size
         if size:
@@ -293,7 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             msg = "Entry not found"
             return self._error(404, "EntryNotFound", msg, head, {"X-Repo-Commit": commit.sha})
-        etag = f'"{file_etag(data)}"'
+        etag = f'"{commit.etags[filename]}"'
         headers = {"X-Repo-Commit": commit.sha, "ETag": etag, "Accept-Ranges": "bytes"}
         if len(data) > LFS_THRESHOLD:  # the Hub links LFS files to their content's sha256 and size
             headers |= {"X-Linked-Etag": etag, "X-Linked-Size": str(len(data))}

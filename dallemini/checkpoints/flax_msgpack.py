@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .lazy import FileTensor, cat_flat
+from .lazy import FileTensor, LazyTensor, cat_flat
 
 EXT_NDARRAY = 1
 EXT_COMPLEX = 2
@@ -488,10 +488,12 @@ def _bin_header(n: int) -> bytes:
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (torch.Tensor, np.ndarray))
+    return isinstance(x, (torch.Tensor, np.ndarray, LazyTensor))
 
 
 def _nbytes(x: Any) -> int:
+    if isinstance(x, LazyTensor):
+        return x.nbytes
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     return int(x.size) * x.dtype.itemsize
@@ -499,6 +501,8 @@ def _nbytes(x: Any) -> int:
 
 def _chunked(x: Any, chunk_size: int) -> dict[str, Any]:
     """Flax's chunked form of an array: flat pieces of chunk_size // itemsize elements."""
+    if isinstance(x, LazyTensor):  # read now; the pieces hold it until they are written
+        x = x.load()
     flat = x.reshape(-1)
     itemsize = x.element_size() if isinstance(x, torch.Tensor) else x.dtype.itemsize
     step = max(1, int(chunk_size / itemsize))
@@ -557,6 +561,8 @@ def _array_header(n: int) -> bytes:
 
 
 def _write_ndarray(f: BinaryIO, x: Any, code: int) -> None:
+    if isinstance(x, LazyTensor):  # read right before writing, dropped when this returns
+        x = x.load()
     shape, name, data = _array_parts(x)
     head = (
         _array_header(3)
@@ -577,13 +583,18 @@ def write_msgpack(
 ) -> None:
     """Write nested dicts of tensors/arrays/scalars as flax does (atomically: temp file + rename).
 
-    With sort_keys (flax's behaviour) map keys are written sorted; arrays over chunk_size bytes are chunked.
+    With sort_keys (flax's behaviour) map keys are written sorted; arrays over chunk_size bytes are
+    chunked. LazyTensor leaves are read one at a time, each right before it is written.
     """
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as f:
-        _write(f, tree, chunk_size, sort=sort_keys)
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, tree, chunk_size, sort=sort_keys)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def msgpack_bytes(

@@ -186,13 +186,18 @@ def _read_ref(ref: Path) -> dict:
 
 
 def _cached(ref: Path, dtype: torch.dtype | None) -> Path | None:
-    """A verified converted folder for the name: the requested dtype, else any (float32 first)."""
+    """A verified converted folder for the name that can serve `dtype`: one stored in it, else one
+    in float32 (cast while loading); any for None. A narrower dtype never serves a wider one."""
     dirs = _read_ref(ref).get("dirs", {})
     want = _dtype_name(dtype) if dtype is not None else None
-    order = [want] if want in dirs else []
-    order += sorted((d for d in dirs if d != want), key=lambda d: d != "float32")
-    for key in order:
-        path = cache_root() / "models" / str(dirs[key])
+    if want is None:
+        order = sorted(dirs, key=lambda d: d != "float32")
+    else:
+        order = [d for d in (want, "float32", "native") if d in dirs]
+    for key in dict.fromkeys(order):
+        path = Path(str(dirs[key]))
+        if key == "native" and native.is_model_dir(path):  # a Hub snapshot, used as it is
+            return path
         if path.is_dir() and verify(path):
             return path
     return None
@@ -204,10 +209,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def verify(path: Path) -> bool:
     """True when every file a converted folder lists in source.json has its recorded sha256; a
-    corrupt folder is removed (so that it is converted again), with a warning."""
+    corrupt folder is removed (so that it is converted again), with a warning.
+
+    Files whose size, mtime and inode match the stamp of their last check are trusted without
+    hashing them again (a Mega start would otherwise hash 5-10 GB); any write to them is re-hashed.
+    """
+    stamps_file = path / ".verified.json"
     try:
         files = json.loads((path / SOURCE_FILE).read_text())["sha256"]
-        ok = all(file_sha256(path / name) == digest for name, digest in files.items())
+        try:
+            stamps = json.loads(stamps_file.read_text())
+        except (OSError, ValueError):
+            stamps = {}
+        fresh = {name: _stamp(path / name) for name in files}
+        ok = all(
+            stamps.get(name) == fresh[name] or file_sha256(path / name) == digest
+            for name, digest in files.items()
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
@@ -215,14 +233,23 @@ def verify(path: Path) -> bool:
             "%s is corrupt (a file differs from its recorded sha256): converting again", path
         )
         shutil.rmtree(path, ignore_errors=True)
+    elif stamps != fresh:
+        tmp = stamps_file.with_name(f"{stamps_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(fresh))
+        os.replace(tmp, stamps_file)
     return ok
+
+
+def _stamp(file: Path) -> list[int]:
+    st = file.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _convert(name: str, source: Source, dtype: torch.dtype | None, ref: Path) -> Path:
     """Download what `source` needs, convert it once into the cache, remember it under `ref`."""
     if source.kind == "native":
         folder, commit = _download(source, ["*.json", "*.safetensors", "*.txt", "*.md"])
-        _record(ref, "native", folder.name, {source.repo: commit})
+        _record(ref, "native", folder, {source.repo: commit})
         return folder
     origins: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dallemini-stage-") as stage:
@@ -255,15 +282,17 @@ def _convert(name: str, source: Source, dtype: torch.dtype | None, ref: Path) ->
             except CheckpointError:
                 if not dst.is_dir():  # another process may have finished the same conversion first
                     raise
-    _record(ref, _dtype_name(storage), dst.name, {o["repo"]: o["commit"] for o in origins})
+            if not verify(dst):  # hashes what was written once and stamps it for later starts
+                raise CheckpointError(f"{dst}: the converted files differ from what was written")
+    _record(ref, _dtype_name(storage), dst, {o["repo"]: o["commit"] for o in origins})
     return dst
 
 
-def _record(ref: Path, dtype: str, folder: str, commits: dict[str, str]) -> None:
+def _record(ref: Path, dtype: str, folder: Path, commits: dict[str, str]) -> None:
     data = _read_ref(ref)
     if data.get("commits") not in (None, commits):
         data["dirs"] = {}  # a newer revision: older conversions no longer answer this name
-    data.setdefault("dirs", {})[dtype] = folder
+    data.setdefault("dirs", {})[dtype] = str(folder.resolve())
     data["commits"] = commits
     ref.parent.mkdir(parents=True, exist_ok=True)
     tmp = ref.with_name(f".{ref.name}.tmp-{os.getpid()}")
@@ -456,9 +485,9 @@ def _hub_errors(where: str, patterns: list[str]) -> Iterator[None]:
         raise
     except hf_errors.RepositoryNotFoundError as e:
         raise CheckpointError(
-            f"{where.split('@')[0]} was not found on the Hugging Face Hub (a typo, or a private "
-            "repository: set HF_TOKEN); names are owner/repo[@revision] or one of "
-            f"{', '.join(SHORT_NAMES)}"
+            f"{where.split('@')[0]} is neither a local path nor a repository on the Hugging Face "
+            "Hub (a typo, or a private repository: set HF_TOKEN); Hub names are "
+            f"owner/repo[@revision] or one of {', '.join(SHORT_NAMES)}"
         ) from e
     except hf_errors.RevisionNotFoundError as e:
         raise CheckpointError(f"{where}: no such revision on the Hugging Face Hub") from e

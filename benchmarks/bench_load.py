@@ -1,0 +1,251 @@
+"""Memory and time of getting a model: converting the published Flax Mega, loading the converted
+model for CPU (and CUDA) generation, and the first and second start through a Hub name.
+
+Writes Mega-shape checkpoints with random weights in the published formats (Flax msgpack float32,
+~10.4 GB + the Flax VQGAN; min-dalle float16 .pt, ~5.2 GB) under --work, then runs each
+measurement in its own process and records its peak RSS (VmHWM) beside the RSS it started from:
+
+  convert      Flax Mega -> bfloat16 model directory (`dallemini convert --dtype bfloat16`)
+  load-cpu     that directory loaded for CPU generation in bfloat16; the transient above the
+               finished model shows tensors are read one at a time
+  load-min-dalle  min-dalle's float16 .pt files loaded for CPU generation in bfloat16
+  load-cuda    the bfloat16 directory loaded onto a GPU (host RSS beyond the baseline), when CUDA is there
+  hub-first / hub-second  TextToImage.from_pretrained("mega", dtype=bfloat16) against a local
+               Hub-compatible server (tests/fakehub.py) serving those files: first start (download,
+               hash checks, conversion, load) and second start (the converted cache, no network)
+
+    python benchmarks/bench_load.py --work /var/tmp/dallemini-load      # ~40 GB of disk
+    python benchmarks/bench_load.py --shape mini --work /tmp/load-mini  # the same at mini's shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import mmap
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info, merge_results, run_child  # noqa: E402
+from dallemini.checkpoints import convert, export  # noqa: E402
+from dallemini.checkpoints.flax_msgpack import write_msgpack  # noqa: E402
+from dallemini.checkpoints.lazy import LazyTensor  # noqa: E402
+from dallemini.config import preset  # noqa: E402
+from dallemini.models.bart import DalleBart  # noqa: E402
+from dallemini.models.vqgan import VQGAN  # noqa: E402
+from dallemini.pipeline import TextToImage, default_model_path  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "bench_load.json"
+GB = 1e9
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _random_state(module: torch.nn.Module, seed: int, dtype: torch.dtype) -> dict[str, LazyTensor]:
+    """Lazy random tensors with the module's names and shapes (made one at a time when written)."""
+    out = {}
+    for i, (name, t) in enumerate(module.state_dict().items()):
+
+        def make(shape=tuple(t.shape), i=i) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed * 100_003 + i)
+            return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+        out[name] = LazyTensor(tuple(t.shape), dtype, make)
+    return out
+
+
+def make_checkpoints(work: Path, shape: str) -> dict[str, Any]:
+    """The published files of a random DalleBart + VQGAN at `shape` (skipped when already there)."""
+    done = work / "checkpoints.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = preset(shape)
+    with torch.device("meta"):
+        bart, vq = DalleBart(cfg.bart), VQGAN(cfg.vqgan)
+    tok_json = (default_model_path() / "tokenizer.json").read_text()
+    vocab, merges = export.bpe_files(tok_json)
+
+    flax = work / "flax" / f"dalle-{shape}"
+    flax.mkdir(parents=True, exist_ok=True)
+    (flax / "config.json").write_text(json.dumps(export.flax_dalle_config(cfg.bart, True)))
+    (flax / "tokenizer.json").write_text(tok_json)
+    (flax / "vocab.json").write_text(vocab)
+    (flax / "merges.txt").write_text(merges)
+    tree = export.flax_dalle_tree(_random_state(bart, 1, torch.float32), cfg.bart, True)
+    write_msgpack(flax / "flax_model.msgpack", tree)
+
+    vq_dir = work / "flax" / "vqgan"
+    vq_dir.mkdir(parents=True, exist_ok=True)
+    vq_state = {k: v.load() for k, v in _random_state(vq, 2, torch.float32).items()}
+    (vq_dir / "config.json").write_text(json.dumps(export.flax_vqgan_config(cfg.vqgan)))
+    write_msgpack(vq_dir / "flax_model.msgpack", export.flax_vqgan_tree(vq_state))
+
+    md = work / "min-dalle"
+    (md / f"dalle_bart_{shape}").mkdir(parents=True, exist_ok=True)
+    (md / "vqgan").mkdir(exist_ok=True)
+    half = {k: v.load() for k, v in _random_state(bart, 1, torch.float16).items()}
+    encoder, decoder = export.min_dalle_states(half)
+    del half
+    torch.save(encoder, md / f"dalle_bart_{shape}" / "encoder.pt")
+    del encoder
+    torch.save(decoder, md / f"dalle_bart_{shape}" / "decoder.pt")
+    del decoder
+    (md / f"dalle_bart_{shape}" / "vocab.json").write_text(vocab)
+    (md / f"dalle_bart_{shape}" / "merges.txt").write_text(merges)
+    torch.save(export.min_dalle_detoker(vq_state, cfg.vqgan), md / "vqgan" / "detoker.pt")
+    info = {
+        "flax_msgpack_bytes": (flax / "flax_model.msgpack").stat().st_size,
+        "flax_vqgan_bytes": (vq_dir / "flax_model.msgpack").stat().st_size,
+        "min_dalle_pt_bytes": sum(p.stat().st_size for p in md.rglob("*.pt")),
+        "bart_params": sum(math.prod(t.shape) for t in bart.state_dict().values()),
+        "vqgan_params": sum(math.prod(t.shape) for t in vq.state_dict().values()),
+    }
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: one measurement each; the last stdout line is "RESULT {json}".
+
+
+def child(step: str, work: Path, shape: str) -> None:
+    base_kib = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    if step == "convert":
+        dst = work / "converted-bf16"
+        shutil.rmtree(dst, ignore_errors=True)
+        flax = work / "flax"
+        convert(flax / f"dalle-{shape}", dst, vqgan=flax / "vqgan", dtype=torch.bfloat16)
+        out["weight_bytes"] = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
+    elif step in ("load-cpu", "load-cuda", "load-min-dalle", "hub-first", "hub-second"):
+        device = "cuda" if step == "load-cuda" else "cpu"
+        src: Any = {
+            "load-min-dalle": work / "min-dalle",
+            "hub-first": "mega" if shape == "mega" else "mini",
+            "hub-second": "mega" if shape == "mega" else "mini",
+        }.get(step, work / "converted-bf16")
+        pipe = TextToImage.from_pretrained(src, device=device, dtype="bfloat16")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        params = [*pipe.bart.state_dict().values(), *pipe.vqgan.state_dict().values()]
+        out["model_bytes"] = sum(t.numel() * t.element_size() for t in params)
+        out["largest_tensor_bytes"] = max(t.numel() * t.element_size() for t in params)
+        out["final_rss_gb"] = round(_status_kib("VmRSS") / 1e6 * 1.024, 3)
+    else:
+        raise SystemExit(f"unknown step {step}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["baseline_rss_gb"] = round(base_kib * 1024 / GB, 3)
+    out["peak_rss_gb"] = round(_status_kib("VmHWM") * 1024 / GB, 3)
+    out["peak_above_baseline_gb"] = round(out["peak_rss_gb"] - out["baseline_rss_gb"], 3)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def serve_hub(work: Path, shape: str) -> Any:
+    """A local Hub-compatible server with the Flax files under the published repository names."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fakehub import FakeHub  # a test helper: a Hub-compatible HTTP server on 127.0.0.1
+
+    hub = FakeHub()
+
+    def files(folder: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in sorted(folder.iterdir()):
+            with open(p, "rb") as f:  # large files are served from the page cache, not copied
+                out[p.name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return out
+
+    hub.add_repo(f"dalle-mini/dalle-{shape}", files(work / "flax" / f"dalle-{shape}"))
+    hub.add_repo("dalle-mini/vqgan_imagenet_f16_16384", files(work / "flax" / "vqgan"))
+    return hub
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shape", choices=["mega", "mini"], default="mega")
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/dallemini-bench-load"))
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.work, args.shape)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    info = make_checkpoints(args.work, args.shape)
+    info["write_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"checkpoints: {json.dumps(info)}", flush=True)
+
+    def run(step: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--child", step, "--work", str(args.work)]
+        r = run_child(step, [*cmd, "--shape", args.shape], env or dict(os.environ))
+        print(f"{step}: {json.dumps(r)}", flush=True)
+        return r
+
+    steps: dict[str, Any] = {"convert": run("convert"), "load-cpu": run("load-cpu")}
+    steps["load-min-dalle"] = run("load-min-dalle")
+    if torch.cuda.is_available():
+        steps["load-cuda"] = run("load-cuda")
+    with serve_hub(args.work, args.shape) as hub:
+        cache = args.work / "caches"
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(cache / "hf"),
+            "HF_HUB_CACHE": str(cache / "hf" / "hub"),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "DALLEMINI_CACHE": str(cache / "dallemini"),
+            "NO_PROXY": "127.0.0.1",
+        }
+        steps["hub-first"] = run("hub-first", env)
+        hub.clear_requests()
+        steps["hub-second"] = run("hub-second", env)
+        steps["hub-second"]["requests"] = len(hub.requests)
+    if not args.keep:
+        shutil.rmtree(args.work / "caches", ignore_errors=True)
+
+    weights = steps["convert"]["weight_bytes"]
+    load = steps["load-cpu"]
+    summary = {
+        "convert_peak_rss_gb": steps["convert"]["peak_rss_gb"],
+        "load_cpu_peak_over_model_bytes": round(load["peak_rss_gb"] * GB / load["model_bytes"], 3),
+        "load_cpu_transient_over_largest_tensor": round(
+            (load["peak_rss_gb"] - load["final_rss_gb"]) * GB / load["largest_tensor_bytes"], 2
+        ),
+        "second_over_first_start": round(
+            steps["hub-second"]["seconds"] / steps["hub-first"]["seconds"], 4
+        ),
+    }
+    if "load-cuda" in steps:
+        summary["cuda_host_rss_above_baseline_gb"] = steps["load-cuda"]["peak_above_baseline_gb"]
+    record = {
+        "machine": machine_info(torch.device("cpu")),
+        "shape": args.shape,
+        "checkpoints": info,
+        "converted_weight_bytes": weights,
+        "steps": steps,
+        "summary": summary,
+    }
+    print(json.dumps(summary, indent=2))
+    merge_results(args.json, args.shape, record)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,10 @@ Writes Mega-shape checkpoints with random weights in the published formats (Flax
 measurement in its own process and records its peak RSS (VmHWM) beside the RSS it started from:
 
   convert      Flax Mega -> bfloat16 model directory (`dallemini convert --dtype bfloat16`)
-  load-cpu     that directory loaded for CPU generation in bfloat16; the transient above the
-               finished model shows tensors are read one at a time
+  load-bf16    that directory loaded for CPU generation in bfloat16 (the transient above the
+               finished model shows tensors are read one at a time), then 8 decoding steps of
+               one image and a VQGAN decode: the memory generation needs
+  load-f32     the Flax folder loaded directly in float32 (no conversion), then the same
   load-min-dalle  min-dalle's float16 .pt files loaded for CPU generation in bfloat16
   load-cuda    the bfloat16 directory loaded onto a GPU (host RSS beyond the baseline), when CUDA is there
   hub-first / hub-second  TextToImage.from_pretrained("mega", dtype=bfloat16) against a local
@@ -21,6 +23,7 @@ measurement in its own process and records its peak RSS (VmHWM) beside the RSS i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import mmap
@@ -35,14 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, merge_results, run_child  # noqa: E402
-from dallemini.checkpoints import convert, export  # noqa: E402
-from dallemini.checkpoints.flax_msgpack import write_msgpack  # noqa: E402
-from dallemini.checkpoints.lazy import LazyTensor  # noqa: E402
-from dallemini.config import preset  # noqa: E402
-from dallemini.models.bart import DalleBart  # noqa: E402
-from dallemini.models.vqgan import VQGAN  # noqa: E402
-from dallemini.pipeline import TextToImage, default_model_path  # noqa: E402
+from benchmarks.common import machine_info, merge_results, run_child
+from dallemini.checkpoints import convert, export
+from dallemini.checkpoints.flax_msgpack import write_msgpack
+from dallemini.checkpoints.lazy import LazyTensor
+from dallemini.config import preset
+from dallemini.models.bart import DalleBart
+from dallemini.models.vqgan import VQGAN
+from dallemini.pipeline import TextToImage, default_model_path
 
 RESULTS = Path(__file__).parent / "results" / "bench_load.json"
 GB = 1e9
@@ -118,6 +121,27 @@ def make_checkpoints(work: Path, shape: str) -> dict[str, Any]:
     return info
 
 
+LOADS = ("load-bf16", "load-f32", "load-min-dalle", "load-cuda", "hub-first", "hub-second")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _generate_a_little(pipe: TextToImage, steps: int = 8) -> float:
+    """Peak RSS (GB) of one image's first decoding steps and a VQGAN decode: generation's memory."""
+
+    def progress(done: int, total: int) -> None:
+        if done >= steps:
+            raise _Stop
+
+    with contextlib.suppress(_Stop):
+        pipe("an armchair in the shape of an avocado", num_images=1, seed=0, progress=progress)
+    grid = pipe.config.vqgan.grid_size
+    pipe.decode(torch.randint(0, pipe.config.vqgan.n_embed, (1, grid * grid)))
+    return round(_status_kib("VmHWM") * 1024 / GB, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Children: one measurement each; the last stdout line is "RESULT {json}".
 
@@ -132,23 +156,30 @@ def child(step: str, work: Path, shape: str) -> None:
         flax = work / "flax"
         convert(flax / f"dalle-{shape}", dst, vqgan=flax / "vqgan", dtype=torch.bfloat16)
         out["weight_bytes"] = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
-    elif step in ("load-cpu", "load-cuda", "load-min-dalle", "hub-first", "hub-second"):
+    elif step in LOADS:
         device = "cuda" if step == "load-cuda" else "cpu"
+        dtype = "float32" if step == "load-f32" else "bfloat16"
         src: Any = {
+            "load-f32": work / "flax" / f"dalle-{shape}",
             "load-min-dalle": work / "min-dalle",
-            "hub-first": "mega" if shape == "mega" else "mini",
-            "hub-second": "mega" if shape == "mega" else "mini",
+            "hub-first": shape,
+            "hub-second": shape,
         }.get(step, work / "converted-bf16")
-        pipe = TextToImage.from_pretrained(src, device=device, dtype="bfloat16")
+        vqgan = work / "flax" / "vqgan" if step == "load-f32" else None
+        pipe = TextToImage.from_pretrained(src, device=device, dtype=dtype, vqgan=vqgan)
         if device == "cuda":
             torch.cuda.synchronize()
+        out["seconds"] = round(time.perf_counter() - t0, 2)
         params = [*pipe.bart.state_dict().values(), *pipe.vqgan.state_dict().values()]
         out["model_bytes"] = sum(t.numel() * t.element_size() for t in params)
         out["largest_tensor_bytes"] = max(t.numel() * t.element_size() for t in params)
-        out["final_rss_gb"] = round(_status_kib("VmRSS") / 1e6 * 1.024, 3)
+        out["final_rss_gb"] = round(_status_kib("VmRSS") * 1024 / GB, 3)
+        out["load_peak_rss_gb"] = round(_status_kib("VmHWM") * 1024 / GB, 3)
+        if step in ("load-bf16", "load-f32"):
+            out["generation_peak_rss_gb"] = _generate_a_little(pipe)
     else:
         raise SystemExit(f"unknown step {step}")
-    out["seconds"] = round(time.perf_counter() - t0, 2)
+    out.setdefault("seconds", round(time.perf_counter() - t0, 2))
     out["baseline_rss_gb"] = round(base_kib * 1024 / GB, 3)
     out["peak_rss_gb"] = round(_status_kib("VmHWM") * 1024 / GB, 3)
     out["peak_above_baseline_gb"] = round(out["peak_rss_gb"] - out["baseline_rss_gb"], 3)
@@ -197,8 +228,9 @@ def main() -> None:
         print(f"{step}: {json.dumps(r)}", flush=True)
         return r
 
-    steps: dict[str, Any] = {"convert": run("convert"), "load-cpu": run("load-cpu")}
-    steps["load-min-dalle"] = run("load-min-dalle")
+    steps: dict[str, Any] = {"convert": run("convert")}
+    for step in ("load-bf16", "load-f32", "load-min-dalle"):
+        steps[step] = run(step)
     if torch.cuda.is_available():
         steps["load-cuda"] = run("load-cuda")
     with serve_hub(args.work, args.shape) as hub:
@@ -222,12 +254,17 @@ def main() -> None:
         shutil.rmtree(args.work / "caches", ignore_errors=True)
 
     weights = steps["convert"]["weight_bytes"]
-    load = steps["load-cpu"]
+    load = steps["load-bf16"]
     summary = {
         "convert_peak_rss_gb": steps["convert"]["peak_rss_gb"],
-        "load_cpu_peak_over_model_bytes": round(load["peak_rss_gb"] * GB / load["model_bytes"], 3),
-        "load_cpu_transient_over_largest_tensor": round(
-            (load["peak_rss_gb"] - load["final_rss_gb"]) * GB / load["largest_tensor_bytes"], 2
+        "load_bf16_peak_over_model_bytes": round(
+            load["load_peak_rss_gb"] * GB / load["model_bytes"], 3
+        ),
+        "load_bf16_transient_over_largest_tensor": round(
+            (load["load_peak_rss_gb"] - load["final_rss_gb"]) * GB / load["largest_tensor_bytes"], 2
+        ),
+        "load_f32_peak_over_model_bytes": round(
+            steps["load-f32"]["load_peak_rss_gb"] * GB / steps["load-f32"]["model_bytes"], 3
         ),
         "second_over_first_start": round(
             steps["hub-second"]["seconds"] / steps["hub-first"]["seconds"], 4

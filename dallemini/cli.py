@@ -3,13 +3,20 @@ dataset emoji, eval, info."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from .config import PipelineConfig, SamplingConfig
 from .errors import ConfigError, DalleMiniError, InputError
 
 app = typer.Typer(
@@ -46,6 +53,80 @@ def _model_or_builtin(model: Path | None) -> Path:
     path = default_model_path()
     typer.echo(_BUILTIN_NOTE, err=True)
     return path
+
+
+# TextToImage takes first seeds below this (image k of a prompt then uses first + k).
+_SEED_END = 2**63 - 2**20
+
+
+class _Interrupted(Exception):
+    """Ctrl-C stopped a command after it kept what had finished; main() prints it and exits 130."""
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C while files are written: it takes effect (KeyboardInterrupt) once the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)
+
+
+def _save_png(image: Any, path: Path) -> None:
+    """Write an image as a PNG whole or not at all (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Write JSON whole or not at all (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_out_folder(out: Path) -> None:
+    """--out must be a folder or a path one can be made at; checked before loading the model."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" ({path} is a file)"
+                raise InputError(
+                    f"--out {out} is not a folder{where}: give a folder for the images"
+                )
+            return
+
+
+def _native_grid(model: str | os.PathLike[str], vqgan: object) -> int | None:
+    """The token grid side of a dallemini model directory, from its config.json alone (else None)."""
+    if vqgan is not None:
+        return None
+    try:
+        data = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        cfg = PipelineConfig.from_dict(data)
+    except Exception:  # only a hint for early checks: loading reports what is really wrong
+        return None
+    return None if cfg.vqgan is None else cfg.vqgan.grid_size
+
+
+def _prompt_groups(prompts: int, n: int, max_batch: int | None) -> list[range]:
+    """Prompts sampled together: all at once, or as many whole prompts as fit in max_batch images."""
+    per = prompts if max_batch is None else max(1, max_batch // n)
+    return [range(i, min(i + per, prompts)) for i in range(0, prompts, per)]
 
 
 @app.command()
@@ -118,48 +199,39 @@ def generate(
             "--init-image and --keep-rows go together: --init-image FILE --keep-rows K keeps the "
             "image's top K token rows and samples the rest"
         )
+    # What can be checked without the model is checked before loading it (minutes for big ones).
+    seed_max = _SEED_END - 1 - n * (len(texts) - 1)
+    if seed is not None and not 0 <= seed <= seed_max:
+        raise InputError(
+            f"--seed must be from 0 to {seed_max} (image k of the run uses seed + k), got {seed}"
+        )
+    sampling = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "condition_scale": condition_scale,
+    }
+    SamplingConfig(**{k: v for k, v in sampling.items() if v is not None})  # checks the values
+    _check_out_folder(out)
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
     model = _model_or_builtin(model)
+    if keep_rows is not None:
+        g = _native_grid(model, vqgan)  # the upper bound when config.json tells it cheaply
+        if keep_rows < 0 or (g is not None and keep_rows > g):
+            bound = f"{g} (the token grid is {g}x{g})" if g is not None else "the token grid's side"
+            raise InputError(f"--keep-rows must be from 0 to {bound}, got {keep_rows}")
     pipe = TextToImage.from_pretrained(
         model, device=device, dtype=dtype, vqgan=vqgan, clip=clip, vqgan_dtype=vqgan_dtype
     )
-    settings = pipe.sampling(
-        temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
-    )
+    settings = pipe.sampling(**sampling)
     if keep_rows == 0:
         typer.echo(
             "note: --keep-rows 0 keeps nothing of --init-image: this is plain generation", err=True
         )
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(desc="sampling", unit="step", dynamic_ncols=True)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        results = pipe(
-            texts,
-            num_images=n,
-            seed=seed,
-            rerank=rerank,
-            init_image=image,
-            keep_rows=keep_rows or 0,
-            max_batch=max_batch,
-            progress=progress if bar is not None else None,
-            **settings.to_dict(),
-        )
-    finally:
-        if bar is not None:
-            bar.close()
     reranked = rerank and pipe.scorer is not None
     reranker = None if pipe.scorer is None else (str(clip) if clip is not None else "built-in")
     init = None if image is None else {"file": str(init_image), "size": list(image.size)}
-    record = {
+    record: dict[str, Any] = {
         "model": str(model),
         "settings": settings.to_dict(),
         "device": str(pipe.device),
@@ -171,18 +243,62 @@ def generate(
         "max_batch": max_batch,
         "images": [],
     }
-    for i, per_prompt in enumerate(results):
-        for j, r in enumerate(per_prompt):
-            name = f"{i:03d}-{j:03d}.png"
-            r.image.save(out / name)
-            record["images"].append(
-                {"file": name, "prompt": r.prompt, "seed": r.seed, "score": r.score}
+    # Prompts are sampled in groups (whole prompts, at most --max-batch images each) and each
+    # group's images are written as soon as it finishes, so Ctrl-C keeps what is done. Image k of
+    # the run still uses seed + k, so the images are those of one call.
+    first = seed if seed is not None else secrets.randbelow(2**31)
+    groups = _prompt_groups(len(texts), n, max_batch)
+    steps = pipe.config.bart.image_length - (keep_rows or 0) * pipe.config.vqgan.grid_size
+    chunks = [-(-len(group) * n // (max_batch or len(group) * n)) for group in groups]
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc="sampling", unit="step", dynamic_ncols=True, total=sum(chunks) * steps)
+    base = 0
+
+    def progress(done: int, total: int) -> None:
+        bar.update(base + done - bar.n)
+
+    try:
+        for group, chunk_count in zip(groups, chunks, strict=True):
+            results = pipe(
+                [texts[i] for i in group],
+                num_images=n,
+                seed=first + group.start * n,
+                rerank=rerank,
+                init_image=image,
+                keep_rows=keep_rows or 0,
+                max_batch=max_batch,
+                progress=progress if bar is not None else None,
+                **settings.to_dict(),
             )
-        grid = f"grid-{i:03d}.png"
-        make_grid([r.image for r in per_prompt]).save(out / grid)
-        order = " (best first)" if reranked else ""
-        typer.echo(f"{texts[i]!r}: {len(per_prompt)} images{order}, grid {out / grid}")
-    (out / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+            base += chunk_count * steps
+            with _sigint_held():  # a group's files and the record are written whole
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise InputError(f"cannot make the output folder {out}: {e}") from e
+                for i, per_prompt in zip(group, results, strict=True):
+                    for j, r in enumerate(per_prompt):
+                        name = f"{i:03d}-{j:03d}.png"
+                        _save_png(r.image, out / name)
+                        record["images"].append(
+                            {"file": name, "prompt": r.prompt, "seed": r.seed, "score": r.score}
+                        )
+                    grid = f"grid-{i:03d}.png"
+                    _save_png(make_grid([r.image for r in per_prompt]), out / grid)
+                    order = " (best first)" if reranked else ""
+                    typer.echo(f"{texts[i]!r}: {len(per_prompt)} images{order}, grid {out / grid}")
+                _write_json(out / "generation.json", record)
+    except KeyboardInterrupt:
+        kept = len(record["images"])
+        if not kept:
+            raise _Interrupted("no image had finished: nothing was written") from None
+        raise _Interrupted(f"kept {kept} finished images in {out}") from None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @app.command()
@@ -461,7 +577,6 @@ def eval_(
             seed,
         )
         return
-    from collections.abc import Iterator
 
     from PIL import Image
 
@@ -878,7 +993,10 @@ def info(path: Annotated[Path, typer.Argument(help="model directory or checkpoin
 def main() -> None:
     """Entry point: run the app; user errors print one line and exit 2, without a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except _Interrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
+        sys.exit(130)
     except DalleMiniError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -893,6 +1011,11 @@ def main() -> None:
             e.show()
             sys.exit(2)
         raise
+    # Without standalone mode click returns exit codes instead of exiting: Ctrl-C comes back as 130.
+    if code == 130:
+        typer.echo("interrupted", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ empty sources, blank and non-UTF-8 captions, the served OpenAPI schema."""
 from __future__ import annotations
 
 import io
+import json
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +137,148 @@ def test_serve_on_a_busy_port_says_so_in_one_line_before_loading(
         f"error: port {port} on 127.0.0.1 is already in use: stop what uses it or pick another "
         "--port"
     ]
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+
+def _as_if_from_a_terminal() -> None:
+    """Ctrl-C's default action in the child, even when these tests run in a background job (SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_during_generate_keeps_finished_images_and_exits_130(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prompts = [f"strawberry on a blue background, top {side}" for side in ("left", "right")] * 500
+    flags = ("-n", "2", "--max-batch", "2", "--seed", "0", "--device", "cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dallemini.cli", "generate", *flags, "--out", str(out), *prompts],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_if_from_a_terminal,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.png")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no image was written"
+            time.sleep(0.02)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    record = json.loads((out / "generation.json").read_text())
+    kept = len(record["images"])
+    assert last == f"interrupted: kept {kept} finished images in {out}"
+    assert 0 < kept < 2 * len(prompts)
+    # every file is whole, and generation.json lists exactly the images that were written
+    files = sorted(p.name for p in out.iterdir())
+    images = sorted(f for f in files if not f.startswith(("grid-", "generation")))
+    assert images == sorted(i["file"] for i in record["images"])
+    assert files == sorted(
+        images + [f"grid-{i:03d}.png" for i in range(kept // 2)] + ["generation.json"]
+    )
+    for name in (f for f in files if f.endswith(".png")):
+        with Image.open(out / name) as im:
+            im.load()  # a cut-off PNG raises here
+            assert im.format == "PNG"
+    assert [i["seed"] for i in record["images"]] == list(range(kept))
+    assert len(stdout.splitlines()) == kept // 2  # one line per finished prompt
+
+
+def test_ctrl_c_in_process_keeps_finished_prompts(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dallemini.pipeline import TextToImage
+
+    calls, stop_at = [], [3]
+    real = TextToImage.__call__
+
+    def interrupted(self: TextToImage, *args: object, **kw: object) -> object:
+        calls.append(args[0])
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(TextToImage, "__call__", interrupted)
+    out = tmp_path / "out"
+    gen = ("generate", "--model", tiny, "-n", "3", "--max-batch", "6", "--seed", "4")
+    code, err = run_here(capsys, *gen, "--out", out, "a", "b", "c", "d", "e", "f")
+    assert code == 130
+    assert err.strip().splitlines() == [f"interrupted: kept 12 finished images in {out}"]
+    assert calls == [["a", "b"], ["c", "d"], ["e", "f"]]  # whole prompts, <= --max-batch images
+    record = json.loads((out / "generation.json").read_text())
+    assert [i["seed"] for i in record["images"]] == list(range(4, 16))
+    assert len(list(out.glob("*.png"))) == 12 + 4
+    # interrupted before any image: nothing is written, and it says so
+    calls.clear()
+    stop_at[0] = 1
+    code, err = run_here(capsys, *gen, "--max-batch", "1", "--out", tmp_path / "o2", "a", "b", "c")
+    assert code == 130 and not (tmp_path / "o2").exists()
+    assert err.strip().splitlines() == ["interrupted: no image had finished: nothing was written"]
+
+
+def test_ctrl_c_while_loading_exits_130(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dallemini.pipeline import TextToImage
+
+    def interrupted(*args: object, **kw: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TextToImage, "from_pretrained", interrupted)
+    code, err = run_here(capsys, "generate", "--model", tiny, "--out", tmp_path / "o", "a cat")
+    assert code == 130 and err.strip().splitlines() == ["interrupted"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_fail_before_the_model_loads(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dallemini.pipeline import TextToImage
+
+    def must_not_load(*args: object, **kw: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(TextToImage, "from_pretrained", must_not_load)
+    (tmp_path / "a-file").write_text("not a folder")
+    img = tmp_path / "init.png"
+    Image.new("RGB", (32, 32)).save(img)
+    gen = ("generate", "--model", tiny)
+    cases = [
+        ((*gen, "--seed", "-1", "a cat"), "--seed must be from 0 to"),
+        ((*gen, "--seed", str(2**63), "a cat"), "--seed must be from 0 to"),
+        ((*gen, "--seed", str(2**63 - 2**20), "a cat"), "--seed must be from 0 to"),
+        ((*gen, "--temperature", "0", "a cat"), "temperature must be > 0"),
+        ((*gen, "--temperature", "nan", "a cat"), "temperature must be > 0"),
+        ((*gen, "--top-p", "1.5", "a cat"), "top_p must be in (0, 1]"),
+        ((*gen, "--top-p", "0", "a cat"), "top_p must be in (0, 1]"),
+        ((*gen, "--top-k", "-2", "a cat"), "top_k must be >= 0"),
+        ((*gen, "--condition-scale", "-1", "a cat"), "condition_scale must be >= 0"),
+        ((*gen, "--init-image", img, "--keep-rows", "-1", "a cat"), "--keep-rows must be from 0"),
+        ((*gen, "--init-image", img, "--keep-rows", "5", "a cat"), "from 0 to 4 (the token grid"),
+        ((*gen, "--out", tmp_path / "a-file", "a cat"), "is not a folder"),
+        ((*gen, "--out", tmp_path / "a-file" / "sub", "a cat"), "is a file"),
+        # a model whose grid is not known before loading: only the lower bound is checked early
+        (
+            ("generate", "--model", tmp_path / "x", "--init-image", img, "--keep-rows", "-3", "a"),
+            "--keep-rows must be from 0 to the token grid's side, got -3",
+        ),
+    ]
+    for args, message in cases:
+        code, err = run_here(capsys, *args)
+        assert code == 2, (args, code, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            args,
+            err,
+        )
+    # the largest seed a run can use is accepted (here: the model load is what stops it)
+    with pytest.raises(AssertionError, match="loaded"):
+        run_here(capsys, *gen, "--seed", str(2**63 - 2**20 - 1), "a cat")

@@ -37,6 +37,10 @@ VqganDtypeOpt = Annotated[
 ]
 
 
+_MODEL_HELP = (
+    "a model directory, a checkpoint, or a Hub name (mini, mega, min-dalle-mini, min-dalle-mega, "
+    "owner/name[@revision]; downloaded and converted once); default: the built-in emoji-scenes model"
+)
 _BUILTIN_NOTE = (
     "using the built-in emoji-scenes model (--model DIR for another): it draws prompts like "
     "'strawberry on a blue background, top left' (emoji on 8 colours at 9 positions) and nothing "
@@ -44,8 +48,8 @@ _BUILTIN_NOTE = (
 )
 
 
-def _model_or_builtin(model: Path | None) -> Path:
-    """The --model given, else the built-in model directory (saying so on stderr)."""
+def _model_or_builtin(model: str | None) -> str | Path:
+    """The --model given (a path or a Hub name), else the built-in model directory (saying so)."""
     if model is not None:
         return model
     from .pipeline import default_model_path
@@ -132,12 +136,7 @@ def _prompt_groups(prompts: int, n: int, max_batch: int | None) -> list[range]:
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="one or more prompts")] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="model directory or a foreign checkpoint (default: the built-in emoji-scenes model)"
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=_MODEL_HELP)] = None,
     prompt_file: Annotated[
         Path | None, typer.Option(help="text file with one prompt per line")
     ] = None,
@@ -152,12 +151,12 @@ def generate(
         float | None, typer.Option(help="super-conditioning scale (1 = off)")
     ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("out"),
-    vqgan: Annotated[Path | None, typer.Option(help="separate VQGAN checkpoint")] = None,
+    vqgan: Annotated[str | None, typer.Option(help="separate VQGAN: a path or a Hub name")] = None,
     clip: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="reranker: a Hugging Face CLIP folder or a model directory with a built-in CLIP "
-            "(default: the model's own built-in CLIP, if any)"
+            help="reranker: `clip` (openai/clip-vit-base-patch32), another Hub CLIP, a Hugging Face "
+            "CLIP folder or a model directory with a built-in CLIP (default: the model's own, if any)"
         ),
     ] = None,
     rerank: Annotated[
@@ -304,11 +303,15 @@ def generate(
 @app.command()
 def convert(
     src: Annotated[
-        Path, typer.Argument(help="min-dalle folder, Flax model folder, taming .ckpt, or model dir")
+        str,
+        typer.Argument(
+            help="min-dalle folder, Flax model folder, taming .ckpt, model dir, or a Hub name"
+        ),
     ],
     dst: Annotated[Path, typer.Argument(help="output model directory")],
     vqgan: Annotated[
-        Path | None, typer.Option(help="VQGAN checkpoint to add (Flax folder, taming .ckpt, ...)")
+        str | None,
+        typer.Option(help="VQGAN to add (Flax folder, taming .ckpt, ..., or a Hub name)"),
     ] = None,
     tokenizer: Annotated[
         Path | None, typer.Option(help="tokenizer.json or folder with vocab.json + merges.txt")
@@ -320,9 +323,14 @@ def convert(
         Path | None, typer.Option(help="YAML config of a taming .ckpt")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace dst if it exists")] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
+    ] = None,
 ) -> None:
     """Convert a checkpoint people already have into a dallemini model directory."""
     from .checkpoints import convert as do_convert
+    from .pipeline import resolve_dtype
 
     path = do_convert(
         src,
@@ -332,8 +340,36 @@ def convert(
         attention_heads=heads,
         taming_config=taming_config,
         overwrite=overwrite,
+        dtype=None if dtype is None else resolve_dtype(dtype),
     )
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def download(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="mini, mega, min-dalle-mini, min-dalle-mega, clip, or a Hub repo "
+            "owner/name[@revision]"
+        ),
+    ],
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
+    ] = None,
+) -> None:
+    """Download a Hub model (checking for a newer revision) and convert it once; print its folder."""
+    from .checkpoints import hub
+    from .pipeline import resolve_dtype
+
+    if not hub.is_hub_name(name):
+        raise InputError(
+            f"{name!r} is not a Hub name: give one of {', '.join(hub.SHORT_NAMES)} or "
+            "owner/name[@revision] (a local folder needs no download)"
+        )
+    dt = None if dtype is None else resolve_dtype(dtype)
+    typer.echo(hub.local_path(name, dtype=dt, refresh=True))
 
 
 @app.command()
@@ -536,8 +572,10 @@ def eval_(
         typer.Option("--json", help="also write the report as JSON to FILE (- = stdout)"),
     ] = None,
     model: Annotated[
-        Path | None,
-        typer.Option(help="model directory to generate for held-out captions and judge"),
+        str | None,
+        typer.Option(
+            help="model (directory or Hub name) to generate for held-out captions and judge"
+        ),
     ] = None,
     split: Annotated[
         str, typer.Option(help="with --model: heldout-triples, heldout-colour, train or all")
@@ -549,7 +587,8 @@ def eval_(
         int, typer.Option(help="with --model: images per caption (CLIP picks the best)")
     ] = 4,
     clip: Annotated[
-        Path | None, typer.Option(help="with --model: CLIP reranker (default: the model's)")
+        str | None,
+        typer.Option(help="with --model: CLIP reranker, a path or Hub name (default: the model's)"),
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -636,11 +675,11 @@ def eval_(
 
 
 def _eval_model(
-    model: Path,
+    model: str,
     split: str,
     limit: int,
     candidates: int,
-    clip: Path | None,
+    clip: str | None,
     device: str,
     dtype: str,
     json_file: Path | None,
@@ -652,17 +691,19 @@ def _eval_model(
     """`eval --model`: generate for a split's captions, judge, print the table (and JSON)."""
     from tqdm import tqdm
 
+    from .checkpoints import hub
     from .evaluation import evaluate_model, format_report, scenes_for_model
     from .pipeline import TextToImage
 
+    model_dir = hub.local_path(model)
     scenes = scenes_for_model(
-        model,
+        model_dir,
         tier=_parse_tier(tier) if tier is not None else None,
         resolution=resolution,
         subject_size=subject_size,
         seed=seed,
     )
-    pipe = TextToImage.from_pretrained(model, device=device, dtype=dtype, clip=clip)
+    pipe = TextToImage.from_pretrained(model_dir, device=device, dtype=dtype, clip=clip)
     bar = tqdm(total=0, unit="caption", disable=not sys.stderr.isatty())
 
     def progress(done: int, total: int) -> None:
@@ -895,23 +936,19 @@ def train_vqgan(
 
 @app.command()
 def serve(
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="model directory or a foreign checkpoint (default: the built-in emoji-scenes model)"
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=_MODEL_HELP)] = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = (
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     clip: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="reranker: a Hugging Face CLIP folder or a model dir with a built-in CLIP"
+            help="reranker: `clip`, another Hub CLIP, a Hugging Face CLIP folder or a model dir "
+            "with a built-in CLIP"
         ),
     ] = None,
-    vqgan: Annotated[Path | None, typer.Option(help="separate VQGAN checkpoint")] = None,
+    vqgan: Annotated[str | None, typer.Option(help="separate VQGAN: a path or a Hub name")] = None,
     max_batch_images: Annotated[
         int, typer.Option(help="images sampled together in one decoder batch")
     ] = 16,
@@ -972,22 +1009,26 @@ def serve(
 
 
 @app.command()
-def info(path: Annotated[Path, typer.Argument(help="model directory or checkpoint")]) -> None:
-    """Print the detected format and the configuration of a model."""
-    from .checkpoints import detect_format, load_parts
+def info(
+    path: Annotated[str, typer.Argument(help="model directory, checkpoint or Hub name")],
+) -> None:
+    """Print a model's format, configuration and, for a Hub model, where it came from."""
+    from .checkpoints import detect_format, hub, load_parts
 
-    fmt = detect_format(path)
-    parts = load_parts(path)
-    typer.echo(
-        json.dumps(
-            {
-                "format": fmt,
-                "config": parts.config.to_dict(),
-                "tokenizer": parts.tokenizer_json is not None,
-            },
-            indent=2,
-        )
-    )
+    folder = hub.local_path(path)
+    fmt = detect_format(folder)
+    parts = load_parts(folder, lazy=True)  # nothing but the configs is read
+    record = {
+        "path": str(folder),
+        "format": fmt,
+        "config": parts.config.to_dict(),
+        "tokenizer": parts.tokenizer_json is not None,
+        "hashtag_word_list": parts.word_list is not None,
+    }
+    source = hub.describe(folder)
+    if source is not None:
+        record["source"] = source
+    typer.echo(json.dumps(record, indent=2))
 
 
 def main() -> None:

@@ -259,3 +259,12 @@ def test_names_and_paths() -> None:
     assert hub.parse("mega@abc").revision == "abc"
     with pytest.raises(CheckpointError, match="does not exist"):
         load_parts("no-such-folder")
+
+
+def test_trainers_loaders_take_hub_names(fake_hub: FakeHub, cache: Path) -> None:
+    """The trainers load a --model / --vqgan through load_parts and load_vqgan: names work there."""
+    from dallemini.pipeline import load_vqgan
+
+    published = publish(fake_hub, repos=(VQGAN_REPO,))
+    vq = load_vqgan(VQGAN_REPO, device="cpu")
+    assert _same_state(vq, published[VQGAN_REPO].models["vqgan"].states["vqgan"])

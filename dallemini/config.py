@@ -3,14 +3,93 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import numbers
+import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+# Upper bound of vocabularies, codebooks and token ids (the published models: 50272 text tokens,
+# 16415 image tokens, 16384 codes); every bound is far above the real models and far below absurd.
+_MAX_VOCAB = 1 << 20
+_MAX_TEXT = 4096
+# What one parameter costs in memory: float32 weights; training adds its gradient and Adam's two moments.
+BYTES_PER_PARAM = 4
+TRAINING_COPIES = 4
+
+Limits = dict[str, tuple[float, float]]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_error(where: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{where} must be {expected}, got {_shown(value)} ({type(value).__name__})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """value if it has the field's type (integer-likes become int, lists tuples), else a ConfigError."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(where, value, "true or false")
+    if hint is int:
+        if _is_int(value):
+            return value if type(value) is int else int(value)
+        raise _type_error(where, value, "an integer")
+    if hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return value if isinstance(value, (int, float)) else float(value)
+        raise _type_error(where, value, "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(where, value, "a string")
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
+            return tuple(int(v) for v in value)
+        raise _type_error(where, value, "a list of integers")
+    return value
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _validate(obj: Any, section: str) -> None:
+    """Check every field's type (normalising integer-likes), tuple lengths, then the class's LIMITS."""
+    for name, hint in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        typed = _typed(value, hint, f"{section}.{name}")
+        if typed is not value:
+            object.__setattr__(obj, name, typed)  # frozen dataclass: normalise in place
+    for name, (lo, hi) in getattr(obj, "LENGTHS", {}).items():
+        n = len(getattr(obj, name))
+        if not lo <= n <= hi:
+            raise ConfigError(f"{section}.{name} must have {lo} to {hi} entries, got {n}")
+    for name, (lo, hi) in obj.LIMITS.items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if not lo <= v <= hi:  # also refuses NaN
+                each = " (each entry)" if isinstance(value, tuple) else ""
+                raise ConfigError(
+                    f"{section}.{name} must be between {lo} and {hi}{each}, got {_shown(value)}"
+                )
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
@@ -55,20 +134,26 @@ class BartConfig:
     dropout: float = 0.0
     init_std: float = 0.02
 
+    PART: ClassVar[str] = "DalleBart"
+    # (min, max) of each size; mega has 24+24 layers, d_model 2048, GLU 4096, 32 heads.
+    LIMITS: ClassVar[Limits] = {
+        "encoder_vocab_size": (1, _MAX_VOCAB),
+        "image_vocab_size": (1, _MAX_VOCAB),
+        "max_text_length": (1, _MAX_TEXT),
+        "image_length": (1, 1 << 16),
+        "d_model": (1, 16384),
+        "encoder_layers": (1, 256),
+        "decoder_layers": (1, 256),
+        "attention_heads": (1, 1024),
+        "ffn_dim": (1, 1 << 16),
+        "decoder_start_token_id": (0, _MAX_VOCAB),
+        "layer_norm_eps": (0.0, 1.0),
+        "dropout": (0.0, 1.0),
+        "init_std": (0.0, 10.0),
+    }
+
     def __post_init__(self) -> None:
-        for name in (
-            "encoder_vocab_size",
-            "image_vocab_size",
-            "max_text_length",
-            "image_length",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "attention_heads",
-            "ffn_dim",
-        ):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"bart.{name} must be positive, got {getattr(self, name)}")
+        _validate(self, "bart")
         if self.d_model % self.attention_heads:
             raise ConfigError(
                 f"bart.d_model ({self.d_model}) must be divisible by attention_heads ({self.attention_heads})"
@@ -88,6 +173,20 @@ class BartConfig:
     @property
     def decoder_vocab_size(self) -> int:
         return self.image_vocab_size + 1
+
+    def param_count(self) -> int:
+        """Parameters of the DalleBart this config builds, counted from the sizes alone."""
+        d, f = self.d_model, self.ffn_dim
+        scales = self.force_ln_scale  # scales on the norms that are bias-only by default
+        enc_layer = 4 * d * d + 3 * d * f + 4 * d + f + scales * (2 * d + f)
+        dec_layer = 8 * d * d + 3 * d * f + 7 * d + f + scales * (3 * d + f)
+        ends = 2 * (2 * d + d + scales * d)  # layernorm_embedding and final_ln of both halves
+        embeddings = (
+            (self.encoder_vocab_size + self.max_text_length) * d
+            + (2 * self.decoder_vocab_size + self.image_length) * d  # + lm_head
+        )
+        layers = self.encoder_layers * enc_layer + self.decoder_layers * dec_layer
+        return embeddings + layers + ends
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -129,16 +228,34 @@ class VQGANConfig:
     # of a large codebook in use when training from scratch.
     l2_codes: bool = False
 
+    PART: ClassVar[str] = "VQGAN"
+    # (min, max) of each size (of each entry for lists); f16_16384 has ch 128, ch_mult [1,1,2,2,4],
+    # 16384 codes of 256, 256-px images.
+    LIMITS: ClassVar[Limits] = {
+        "ch": (1, 1024),
+        "ch_mult": (1, 64),
+        "num_res_blocks": (1, 64),
+        "attn_resolutions": (1, 8192),
+        "z_channels": (1, 4096),
+        "embed_dim": (1, 4096),
+        "n_embed": (1, _MAX_VOCAB),
+        "resolution": (1, 8192),
+        "in_channels": (1, 64),
+        "out_ch": (1, 64),
+        "dropout": (0.0, 1.0),
+        "num_groups": (1, 1024),
+    }
+    LENGTHS: ClassVar[dict[str, tuple[int, int]]] = {
+        "ch_mult": (1, 14),
+        "attn_resolutions": (0, 14),
+    }
+
     def __post_init__(self) -> None:
+        _validate(self, "vqgan")
         if self.pixel_range not in ("0,1", "-1,1"):
             raise ConfigError(
                 f"vqgan.pixel_range must be '0,1' or '-1,1', got {self.pixel_range!r}"
             )
-        if not self.ch_mult:
-            raise ConfigError("vqgan.ch_mult must not be empty")
-        for name in ("ch", "num_res_blocks", "z_channels", "embed_dim", "n_embed", "resolution"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"vqgan.{name} must be positive, got {getattr(self, name)}")
         if self.resolution % self.downsample_factor:
             raise ConfigError(
                 f"vqgan.resolution ({self.resolution}) must be divisible by the downsampling factor "
@@ -158,6 +275,57 @@ class VQGANConfig:
     def grid_size(self) -> int:
         """Side of the token grid for an image of `resolution` pixels."""
         return self.resolution // self.downsample_factor
+
+    def param_count(self) -> int:
+        """Parameters of the VQGAN this config builds (taming's layout), counted from the sizes alone."""
+
+        def conv(cin: int, cout: int, k: int = 3) -> int:
+            return cin * cout * k * k + cout
+
+        def block(cin: int, cout: int) -> int:
+            short = conv(cin, cout, 1) if cin != cout else 0
+            return 2 * cin + conv(cin, cout) + 2 * cout + conv(cout, cout) + short
+
+        def attn(c: int) -> int:
+            return 2 * c + 4 * conv(c, c, 1)
+
+        ch, mults, n = self.ch, self.ch_mult, len(self.ch_mult)
+        top = ch * mults[-1]
+        mid = 2 * block(top, top) + attn(top) * self.mid_attn
+        # Encoder: levels from the finest; attention only where the encoder is not local.
+        enc = conv(self.in_channels, ch)
+        res, cin = self.resolution, ch
+        for i, m in enumerate(mults):
+            for _ in range(self.num_res_blocks):
+                enc += block(cin, ch * m)
+                cin = ch * m
+                if res in self.attn_resolutions and not self.local_encoder:
+                    enc += attn(cin)
+            if i != n - 1:
+                enc += conv(cin, cin)
+                res //= 2
+        enc_mid = 2 * block(top, top) + attn(top) * (self.mid_attn and not self.local_encoder)
+        enc += (
+            enc_mid
+            + 2 * top
+            + conv(top, self.z_channels)
+            + conv(self.z_channels, self.embed_dim, 1)
+        )
+        # Decoder: levels from the coarsest, one more block per level, upsampling convs.
+        dec = conv(self.z_channels, top) + mid
+        res, cin = self.grid_size, top
+        for i in reversed(range(n)):
+            for _ in range(self.num_res_blocks + 1):
+                dec += block(cin, ch * mults[i])
+                cin = ch * mults[i]
+                if res in self.attn_resolutions:
+                    dec += attn(cin)
+            if i != 0:
+                dec += conv(cin, cin)
+                res *= 2
+        dec += 2 * cin + conv(cin, self.out_ch)
+        codebook = self.n_embed * self.embed_dim + conv(self.embed_dim, self.z_channels, 1)
+        return dec + codebook + (0 if self.decoder_only else enc)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -200,22 +368,27 @@ class ClipConfig:
     pad_token_id: int = 1
     layer_norm_eps: float = 1e-5
 
+    PART: ClassVar[str] = "CLIP"
+    # (min, max) of each size; the built-in CLIP is 256 wide with 4+4 layers.
+    LIMITS: ClassVar[Limits] = {
+        "vocab_size": (1, _MAX_VOCAB),
+        "max_text_length": (1, _MAX_TEXT),
+        "embed_dim": (1, 8192),
+        "text_width": (1, 8192),
+        "text_layers": (1, 256),
+        "text_heads": (1, 1024),
+        "image_size": (1, 4096),
+        "patch_size": (1, 4096),
+        "vision_width": (1, 8192),
+        "vision_layers": (1, 256),
+        "vision_heads": (1, 1024),
+        "mlp_ratio": (0.0, 64.0),
+        "pad_token_id": (0, _MAX_VOCAB),
+        "layer_norm_eps": (0.0, 1.0),
+    }
+
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "max_text_length",
-            "embed_dim",
-            "text_width",
-            "text_layers",
-            "text_heads",
-            "image_size",
-            "patch_size",
-            "vision_width",
-            "vision_layers",
-            "vision_heads",
-        ):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"clip.{name} must be positive, got {getattr(self, name)}")
+        _validate(self, "clip")
         for width, heads in (("text_width", "text_heads"), ("vision_width", "vision_heads")):
             if getattr(self, width) % getattr(self, heads):
                 raise ConfigError(
@@ -238,6 +411,18 @@ class ClipConfig:
         """Patches per image side, squared: the image tower's sequence length without the class token."""
         return (self.image_size // self.patch_size) ** 2
 
+    def param_count(self) -> int:
+        """Parameters of the SmallClip this config builds, counted from the sizes alone."""
+
+        def block(w: int) -> int:
+            hidden = max(1, round(w * self.mlp_ratio))
+            return 4 * w * w + 2 * w * hidden + 9 * w + hidden
+
+        tw, vw, p = self.text_width, self.vision_width, self.patch_size
+        text = (self.vocab_size + self.max_text_length + 2) * tw + self.text_layers * block(tw)
+        vision = (3 * p * p + self.num_patches + 6) * vw + self.vision_layers * block(vw)
+        return text + vision + (tw + vw) * self.embed_dim + 1
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
@@ -256,6 +441,17 @@ class TextConfig:
     pad_token_id: int = 1
     eos_token_id: int = 2
 
+    # (min, max) of each field: <s> and </s> need two positions.
+    LIMITS: ClassVar[Limits] = {
+        "max_length": (2, _MAX_TEXT),
+        "bos_token_id": (0, _MAX_VOCAB),
+        "pad_token_id": (0, _MAX_VOCAB),
+        "eos_token_id": (0, _MAX_VOCAB),
+    }
+
+    def __post_init__(self) -> None:
+        _validate(self, "text")
+
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
@@ -273,9 +469,13 @@ class SamplingConfig:
     top_p: float = 1.0
     condition_scale: float = 10.0
 
+    # The ranges are checked below (InputError: these settings usually come from a request).
+    LIMITS: ClassVar[Limits] = {}
+
     def __post_init__(self) -> None:
         from .errors import InputError
 
+        _validate(self, "sampling")
         if not self.temperature > 0:
             raise InputError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
@@ -305,6 +505,31 @@ class PipelineConfig:
 
     FORMAT = "dallemini"
     VERSION = 1
+
+    def __post_init__(self) -> None:
+        if self.bart is not None and self.text.max_length > self.bart.max_text_length:
+            raise ConfigError(
+                f"text.max_length ({self.text.max_length}) exceeds bart.max_text_length "
+                f"({self.bart.max_text_length}): the model has no positions for the extra tokens; "
+                f"set text.max_length to at most {self.bart.max_text_length}"
+            )
+
+    @property
+    def parts(self) -> list[BartConfig | VQGANConfig | ClipConfig]:
+        """The configs of the networks this config describes."""
+        return [c for c in (self.bart, self.vqgan, self.clip) if c is not None]
+
+    def param_count(self) -> int:
+        """Parameters of all the networks, counted from the sizes alone."""
+        return sum(c.param_count() for c in self.parts)
+
+    def estimate_bytes(self, training: bool = False, bytes_per_param: int | None = None) -> int:
+        """Memory the parameters need (with gradients and optimizer state when training)."""
+        return estimate_bytes(*self.parts, training=training, bytes_per_param=bytes_per_param)
+
+    def check_memory(self, training: bool = False, bytes_per_param: int | None = None) -> None:
+        """Raise a ConfigError before anything is built when the parameters exceed the machine's memory."""
+        check_memory(*self.parts, training=training, bytes_per_param=bytes_per_param)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -338,6 +563,47 @@ class PipelineConfig:
             text=TextConfig.from_dict(data.get("text") or {}),
             sampling=SamplingConfig.from_dict(data.get("sampling") or {}),
         )
+
+
+ModelConfig = BartConfig | VQGANConfig | ClipConfig
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's RAM (sysconf pages x page size), or None where the platform does not say."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
+
+
+def estimate_bytes(
+    *configs: ModelConfig | None, training: bool = False, bytes_per_param: int | None = None
+) -> int:
+    """Bytes the parameters of these networks take (float32 unless told; x4 when training)."""
+    per = (bytes_per_param or BYTES_PER_PARAM) * (TRAINING_COPIES if training else 1)
+    return per * sum(c.param_count() for c in configs if c is not None)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_memory(
+    *configs: ModelConfig | None, training: bool = False, bytes_per_param: int | None = None
+) -> None:
+    """Refuse (ConfigError) sizes whose parameters alone exceed the machine's memory; call before building."""
+    have = physical_memory_bytes()
+    need = estimate_bytes(*configs, training=training, bytes_per_param=bytes_per_param)
+    if have is None or need <= have:
+        return
+    parts = " + ".join(c.PART for c in configs if c is not None)
+    params = sum(c.param_count() for c in configs if c is not None)
+    why = "weights, gradients and optimizer state for training" if training else "weights"
+    raise ConfigError(
+        f"this {parts} needs about {_gib(need)} ({params:,} parameters; {why}), more than this "
+        f"machine's {_gib(have)} of memory; choose smaller sizes (layers, widths, vocabulary)"
+    )
 
 
 # Presets. "mini"/"mega" are the published models; "tiny" is small enough for tests on 2 CPU cores.

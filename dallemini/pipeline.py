@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import PipelineConfig, SamplingConfig
+from .config import PipelineConfig, SamplingConfig, check_memory
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
 from .models.bart import DalleBart
@@ -218,6 +218,7 @@ class TextToImage:
             raise CheckpointError(
                 f"{path} has no tokenizer (tokenizer.json or vocab.json + merges.txt)"
             )
+        cfg.check_memory(bytes_per_param=dt.itemsize)
         # One copy of the weights in memory: each tensor is read, converted to its dtype and moved to
         # the device on its own, and the modules adopt them (see build_from_state).
         bart = build_from_state(
@@ -487,6 +488,7 @@ def load_vqgan(
     parts = load_parts(Path(path))
     if parts.config.vqgan is None:
         raise CheckpointError(f"{path} holds no VQGAN")
+    check_memory(parts.config.vqgan)
     vq = load_into(VQGAN(parts.config.vqgan), parts.states["vqgan"], f"{parts.source} (vqgan)")
     return vq.to(resolve_device(device), resolve_dtype(dtype)).eval()
 

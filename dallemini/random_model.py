@@ -46,6 +46,7 @@ def create_random_model(
 
     cfg = preset_config(preset)
     assert cfg.bart is not None and cfg.vqgan is not None
+    cfg.check_memory()
     torch.manual_seed(seed)
     bart = DalleBart(cfg.bart)
     vqgan = VQGAN(cfg.vqgan)

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from ..checkpoints import native
-from ..config import ClipConfig, PipelineConfig, TextConfig
+from ..config import ClipConfig, PipelineConfig, TextConfig, check_memory
 from ..data.pairs import CAPTION_MODES, PairBatch, PairDataset
 from ..data.sources import Source, open_source
 from ..errors import CheckpointError, ConfigError
@@ -176,6 +176,7 @@ class ClipTrainer(Trainer):
         # The source already normalized the captions (with the same normalizer): tokenize them as they are.
         self._tokenize = TextEncoder(self.tokenizer, dataclasses.replace(text_cfg, normalize=False))
         self.clip_config = self._final_clip_config(shape)
+        check_memory(self.clip_config, training=True)
         model = SmallClip(self.clip_config)
         if self.base is not None and self.base.clip_state is not None:
             native.load_into(model, self.base.clip_state, f"{cfg.model} (clip)")

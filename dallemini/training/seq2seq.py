@@ -21,7 +21,14 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from ..checkpoints.native import save_model_dir
-from ..config import BART_PRESETS, BartConfig, PipelineConfig, SamplingConfig, TextConfig
+from ..config import (
+    BART_PRESETS,
+    BartConfig,
+    PipelineConfig,
+    SamplingConfig,
+    TextConfig,
+    check_memory,
+)
 from ..data.shards import ShardDataset, read_shard
 from ..errors import ConfigError
 from ..models.bart import DalleBart
@@ -90,6 +97,7 @@ class Seq2SeqTrainer(Trainer):
         info = probe.info
         self.text = self._text_encoder(cfg)
         self.bart_config = self._bart_config(cfg, info)
+        check_memory(self.bart_config, training=True)
         model = DalleBart(self.bart_config)
         if self.init_parts is not None:
             from ..checkpoints.native import load_into

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoints.native import save_model_dir
-from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig
+from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig, check_memory
 from ..data.emoji import EmojiScenes, glyph_cells
 from ..data.pairs import PairDataset
 from ..data.sources import Source, open_source
@@ -366,6 +366,7 @@ class VQGANTrainer(Trainer):
             from ..pipeline import load_vqgan
 
             return load_vqgan(cfg.model, device="cpu", dtype="float32")
+        check_memory(_vqgan_config(cfg.preset, cfg.vqgan), training=True)
         return VQGAN(_vqgan_config(cfg.preset, cfg.vqgan))
 
     def _emoji_scenes(self) -> EmojiScenes:

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 import dallemini.config as config_module
+from dallemini.checkpoints.min_dalle import load_min_dalle
+from dallemini.checkpoints.safe_load import ForeignObject, load_torch_file, require_tensors
+from dallemini.checkpoints.taming import load_taming
 from dallemini.config import (
     BART_PRESETS,
     VQGAN_PRESETS,
@@ -26,7 +29,7 @@ from dallemini.config import (
     check_memory,
     preset,
 )
-from dallemini.errors import ConfigError
+from dallemini.errors import CheckpointError, ConfigError
 from dallemini.models.bart import DalleBart
 from dallemini.models.clip import SmallClip
 from dallemini.models.vqgan import VQGAN
@@ -356,3 +359,109 @@ def test_train_vqgan_and_train_clip_refuse_models_larger_than_memory(
     args = ["train-clip", "--data", data, "--out", tmp_path / "clip", "--batch-size", "4"]
     code, err = run_here(capsys, *args, *(x for s in clip_sets for x in ("--set", s)))
     assert_one_line_error(code, err, "memory", "training")
+
+
+# --- pickled stand-ins in checkpoints ---------------------------------------------------------
+class Gadget:
+    """A class the safe loader does not know: it becomes an inert ForeignObject."""
+
+    def __init__(self) -> None:
+        self.payload = [1, 2, 3]
+
+
+def _min_dalle_root(tmp_path: Path, enc_changes: dict[str, Any] | None = None) -> Path:
+    torch.manual_seed(0)
+    model = DalleBart(BART_PRESETS["tiny"])
+    root = tmp_path / "md" / "dalle_bart_mini"
+    root.mkdir(parents=True)
+    enc = dict(model.encoder.state_dict())
+    enc.update(enc_changes or {})
+    torch.save(enc, root / "encoder.pt")
+    torch.save(model.decoder.state_dict(), root / "decoder.pt")
+    return root.parent
+
+
+def test_require_tensors() -> None:
+    stub = type("ForeignObject[x.Y]", (ForeignObject,), {"foreign_name": "x.Y"})()
+    require_tensors({"a": torch.zeros(1)}, "f.pt")
+    with pytest.raises(CheckpointError, match=r"f\.pt: 'b' holds a stand-in for x\.Y"):
+        require_tensors({"a": torch.zeros(1), "b": stub}, "f.pt")
+    with pytest.raises(CheckpointError, match=r"'epoch' holds a value of type int"):
+        require_tensors({"epoch": 3}, "f.pt")
+    require_tensors({"epoch": 3, "w": torch.zeros(1)}, "f.pt", metadata={"epoch": int})
+    with pytest.raises(CheckpointError, match=r"'epoch' holds a value of type str"):
+        require_tensors({"epoch": "3"}, "f.pt", metadata={"epoch": int})
+    with pytest.raises(CheckpointError, match=r"key 7"):
+        require_tensors({7: torch.zeros(1)}, "f.pt")
+
+
+@pytest.mark.parametrize("value", [Gadget(), 3, "text", {"nested": torch.zeros(1)}])
+def test_min_dalle_with_a_non_tensor_is_refused(tmp_path: Path, value: Any) -> None:
+    key = "layers.0.glu.fc0.weight"
+    root = _min_dalle_root(tmp_path, {key: value})
+    with pytest.raises(CheckpointError, match=rf"encoder\.pt: '{key}' holds"):
+        load_min_dalle(root)
+
+
+def test_min_dalle_stand_in_through_convert(tmp_path: Path) -> None:
+    root = _min_dalle_root(tmp_path, {"embed_tokens.weight": Gadget()})
+    r = run("convert", root, tmp_path / "out")
+    assert_one_line_error(r.returncode, r.stderr, "'embed_tokens.weight'", "Gadget")
+    assert not (tmp_path / "out").exists()
+    fine = _min_dalle_root(tmp_path / "ok")
+    assert load_min_dalle(fine, attention_heads=4)[0] == BART_PRESETS["tiny"]  # no stand-in: loads
+
+
+TAMING_VQ = VQGANConfig(
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    z_channels=16,
+    embed_dim=8,
+    n_embed=64,
+    resolution=32,
+    num_groups=32,
+    pixel_range="-1,1",
+)
+
+
+def _taming_ckpt(path: Path, sd_changes: dict[str, Any] | None = None) -> Path:
+    torch.manual_seed(0)
+    sd: dict[str, Any] = dict(VQGAN(TAMING_VQ).state_dict())
+    sd["loss.logvar"] = torch.zeros(())
+    sd.update(sd_changes or {})
+    ckpt = {
+        "epoch": 4,
+        "global_step": 1000,
+        "pytorch-lightning_version": "1.0.8",
+        "state_dict": sd,
+        "callbacks": {"last": Gadget()},  # Lightning's own objects outside the weights are fine
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_taming_with_a_stand_in_is_refused(tmp_path: Path) -> None:
+    good = _taming_ckpt(tmp_path / "good" / "last.ckpt")
+    cfg, state = load_taming(good)
+    VQGAN(cfg).load_state_dict(state, strict=True)
+    assert isinstance(load_torch_file(good)["callbacks"]["last"], ForeignObject)
+    bad = _taming_ckpt(tmp_path / "bad" / "last.ckpt", {"loss.discriminator.gadget": Gadget()})
+    with pytest.raises(CheckpointError, match=r"'loss\.discriminator\.gadget' holds a stand-in"):
+        load_taming(bad)
+    r = run("convert", bad, tmp_path / "out")
+    assert_one_line_error(r.returncode, r.stderr, "'loss.discriminator.gadget'", "Gadget")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bare_taming_state_dict_may_carry_its_step_counters(tmp_path: Path) -> None:
+    sd: dict[str, Any] = dict(VQGAN(TAMING_VQ).state_dict())
+    path = tmp_path / "bare.ckpt"
+    torch.save({**sd, "epoch": 2, "global_step": 7}, path)
+    cfg, _ = load_taming(path)
+    assert cfg.n_embed == 64
+    torch.save({**sd, "epoch": Gadget()}, path)
+    with pytest.raises(CheckpointError, match=r"'epoch' holds a stand-in"):
+        load_taming(path)

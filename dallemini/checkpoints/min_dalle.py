@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import BartConfig, VQGANConfig
 from ..errors import CheckpointError
 from .min_dalle_vqgan import convert_min_dalle_vqgan
-from .safe_load import load_torch_file
+from .safe_load import load_torch_file, require_tensors
 
 # Norms that have no scale in the original unless force_ln_scale is set (their min-dalle weight is all ones).
 _BIAS_ONLY_LN = re.compile(
@@ -146,6 +146,8 @@ def load_min_dalle(
         )
     enc = load_torch_file(files.encoder)
     dec = load_torch_file(files.decoder)
+    require_tensors(enc, str(files.encoder))
+    require_tensors(dec, str(files.decoder))
     bart_cfg, bart_state = convert_bart(enc, dec, attention_heads, where=str(files.encoder.parent))
     vq_cfg = vq_state = None
     if files.detoker is not None:

@@ -28,6 +28,8 @@ _SETITEM = re.compile(
     r"Can only SETITEMS? for dict.*but got <class '[^']*ForeignObject\[([^\]']+)\]'>"
 )
 _MAX_ROUNDS = 64
+# Plain values a PyTorch Lightning checkpoint keeps beside its tensors (taming's .ckpt files).
+LIGHTNING_METADATA: dict[str, type] = {"epoch": int, "global_step": int}
 
 
 class ForeignObject:
@@ -115,6 +117,35 @@ def load_torch_file(path: str | Path) -> dict:
             f"{p} holds a {type(obj).__name__}, not a dict of tensors (state dict or checkpoint)"
         )
     return obj if isinstance(obj, dict) else dict(obj)
+
+
+def require_tensors(
+    state: Mapping[Any, Any], where: str, metadata: Mapping[str, type] | None = None
+) -> None:
+    """Refuse (CheckpointError naming the key) a state dict holding anything but tensors.
+
+    `metadata` names the plain values the format keeps beside its tensors, with their types.
+    """
+    allowed = metadata or {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"{where}: key {key!r} is a {type(key).__name__}, not a tensor name; not a state dict"
+            )
+        if isinstance(value, torch.Tensor):
+            continue
+        plain = allowed.get(key)
+        if plain is not None and isinstance(value, plain) and not isinstance(value, ForeignObject):
+            continue
+        what = (
+            f"a stand-in for {value.foreign_name} (a pickled object, never run)"
+            if isinstance(value, ForeignObject)
+            else f"a value of type {type(value).__name__}"
+        )
+        raise CheckpointError(
+            f"{where}: {key!r} holds {what}, not a tensor; a state dict must hold tensors only "
+            "(the file was written by other code or altered): get the original checkpoint"
+        )
 
 
 def _describe(path: Path, e: Exception) -> str:

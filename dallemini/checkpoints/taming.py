@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..config import VQGANConfig
 from ..errors import CheckpointError, ConfigError
-from .safe_load import load_torch_file
+from .safe_load import LIGHTNING_METADATA, load_torch_file, require_tensors
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ def extract_state(raw: Mapping[str, Any], prefix: str | None, where: str) -> dic
             f"{where}: no VQGAN tensors found (expected keys like {prefix}encoder.conv_in.weight"
             f"{' under state_dict' if 'state_dict' in raw else ''})"
         )
+    require_tensors(sd, where, LIGHTNING_METADATA)
     return out
 
 

@@ -46,10 +46,8 @@ def step_dir_name(step: int) -> str:
 
 def _pid_alive(pid: int) -> bool:
     """Whether a process with this id runs now (unknown counts as running, so its files are kept)."""
-    if pid == os.getpid():
-        return (
-            False  # this process is not in the middle of another save: the files are a dead run's
-        )
+    if pid == os.getpid():  # not in the middle of another save: the files are a dead run's
+        return False
     if os.name == "nt":  # os.kill would terminate it there
         return True
     try:

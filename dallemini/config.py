@@ -6,13 +6,14 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import numbers
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 T = TypeVar("T")
 
@@ -473,17 +474,15 @@ class SamplingConfig:
     LIMITS: ClassVar[Limits] = {}
 
     def __post_init__(self) -> None:
-        from .errors import InputError
-
         _validate(self, "sampling")
-        if not self.temperature > 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise InputError(f"temperature must be a number > 0, got {self.temperature}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.condition_scale < 0:
-            raise InputError(f"condition_scale must be >= 0, got {self.condition_scale}")
+        if not 0 <= self.condition_scale < math.inf:
+            raise InputError(f"condition_scale must be a number >= 0, got {self.condition_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

@@ -342,6 +342,9 @@ def test_train_refuses_a_mistyped_size(
 ) -> None:
     code, err = run_here(capsys, *_train(shards, tmp_path / "run", "bart.ffn_dim=[1, 2]"))
     assert_one_line_error(code, err, "bart.ffn_dim must be an integer")
+    for key in ("image_vocab_size", "encoder_vocab_size", "max_text_length"):
+        code, err = run_here(capsys, *_train(shards, tmp_path / "run", f"bart.{key}=many"))
+        assert_one_line_error(code, err, f"bart.{key} must be an integer")
 
 
 def test_train_vqgan_and_train_clip_refuse_models_larger_than_memory(

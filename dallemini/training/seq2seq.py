@@ -128,7 +128,7 @@ class Seq2SeqTrainer(Trainer):
                 length = self.init_parts.config.bart.max_text_length
             else:
                 base = BART_PRESETS[cfg.preset]
-                length = int(cfg.bart.get("max_text_length", base.max_text_length))
+                length = _int_setting(cfg.bart, "max_text_length", base.max_text_length)
         text_cfg = TextConfig(max_length=length)
         if cfg.tokenizer:
             tok = load_tokenizer(cfg.tokenizer)
@@ -170,12 +170,12 @@ class Seq2SeqTrainer(Trainer):
             base.update(cfg.bart)
             if n_embed:
                 base.setdefault("image_vocab_size", n_embed)
-                base["image_vocab_size"] = int(cfg.bart.get("image_vocab_size", n_embed))
+                base["image_vocab_size"] = _int_setting(cfg.bart, "image_vocab_size", n_embed)
                 base["decoder_start_token_id"] = base["image_vocab_size"]
             if grid:
                 base["image_length"] = int(grid) ** 2
-            base["encoder_vocab_size"] = int(
-                cfg.bart.get("encoder_vocab_size", self.text.vocab_size)
+            base["encoder_vocab_size"] = _int_setting(
+                cfg.bart, "encoder_vocab_size", self.text.vocab_size
             )
             base["max_text_length"] = self.text.max_length
             bc = BartConfig(**base)
@@ -348,3 +348,11 @@ class Seq2SeqTrainer(Trainer):
             tokenizer_json=self.text.tokenizer.to_str(),
             overwrite=True,
         )
+
+
+def _int_setting(section: dict[str, Any], key: str, default: int) -> int:
+    """An integer from the `bart` settings (--set bart.KEY=...), or a ConfigError naming it."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"bart.{key} must be an integer, got {value!r}")
+    return value

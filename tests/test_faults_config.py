@@ -35,6 +35,7 @@ from dallemini.models.clip import SmallClip
 from dallemini.models.vqgan import VQGAN
 from dallemini.random_model import create_random_model
 
+from .test_cli import run_here
 from .train_utils import subprocess_env, tiny_bart_overrides, write_token_dataset
 
 CONFIGS = (BartConfig, VQGANConfig, ClipConfig, TextConfig, SamplingConfig)
@@ -50,22 +51,6 @@ def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[
         timeout=timeout,
         env=subprocess_env(),
     )
-
-
-def run_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    """The CLI's main() in this process: (exit status, stderr)."""
-    from dallemini.cli import main
-
-    old = sys.argv
-    sys.argv = ["dallemini", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -468,3 +453,24 @@ def test_bare_taming_state_dict_may_carry_its_step_counters(tmp_path: Path) -> N
     torch.save({**sd, "epoch": Gadget()}, path)
     with pytest.raises(CheckpointError, match=r"'epoch' holds a stand-in"):
         load_taming(path)
+
+
+# --- convert checks what it copies, as loading would --------------------------------------------
+def test_convert_refuses_a_broken_native_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = create_random_model(tmp_path / "src", preset="tiny")
+    state = load_file(src / "bart.safetensors")
+    state["decoder.lm_head.weight"] = state["decoder.lm_head.weight"][:-1].clone()
+    save_file(state, src / "bart.safetensors")
+    code, err = run_here(capsys, "convert", src, tmp_path / "out")
+    assert_one_line_error(code, err, "decoder.lm_head.weight", "shape")
+    assert not (tmp_path / "out").exists()
+
+    data = (src / "vqgan.safetensors").read_bytes()
+    (src / "vqgan.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    code, err = run_here(capsys, "convert", src, tmp_path / "out")
+    assert_one_line_error(code, err, "vqgan.safetensors")
+    assert not (tmp_path / "out").exists()

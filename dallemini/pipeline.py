@@ -17,6 +17,7 @@ from torch import Tensor
 from .config import PipelineConfig, SamplingConfig, check_memory
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
+from .memory import release_freed_memory
 from .models.bart import DalleBart
 from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip, load_scorer
 from .models.vqgan import VQGAN
@@ -249,7 +250,9 @@ class TextToImage:
         # Channels-last convolutions are ~15% faster with oneDNN on CPU (measured on the f16 decoder).
         fmt = torch.channels_last if dev.type == "cpu" else torch.preserve_format
         vq = vq.to(dev, vq_dt, memory_format=fmt)
-        return cls(bart.to(dev, dt), vq, text, cfg, dev, dt, scorer=scorer)
+        pipe = cls(bart.to(dev, dt), vq, text, cfg, dev, dt, scorer=scorer)
+        release_freed_memory()  # the read buffers of tensors converted while loading
+        return pipe
 
     def sampling(self, **overrides: float | int | None) -> SamplingConfig:
         """The model's default settings with the given non-None overrides (validated)."""

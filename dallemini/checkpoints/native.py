@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import PipelineConfig
 from ..errors import CheckpointError, ConfigError
+from ..memory import release_freed_memory
 from .lazy import TensorLike, load, materialize
 from .safetensors_io import lazy_safetensors, write_safetensors
 
@@ -203,10 +204,15 @@ def build_from_state(
     check_state_dict(module, state, where)
     expected = module.state_dict()
     adopted: dict[str, Tensor] = {}
+    since_trim = 0
     for k in list(state):
         ref = expected[k]
         to = dtype if (dtype is not None and ref.is_floating_point()) else ref.dtype
         adopted[k] = load(state.pop(k)).to(device=device, dtype=to).contiguous()
+        since_trim += adopted[k].numel() * adopted[k].element_size()
+        if since_trim > 2**30:  # read buffers freed so far: back to the system, not kept in RSS
+            release_freed_memory()
+            since_trim = 0
     module.load_state_dict(adopted, strict=True, assign=True)
     leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftover:

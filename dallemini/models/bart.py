@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import BartConfig
 from ..errors import InputError
+from ..memory import release_freed_memory
 from . import kernels
 
 
@@ -616,6 +617,7 @@ class DalleBart(nn.Module):
             if not bf16:  # bfloat16 reads its blocked copies, made on huge pages
                 for m in dense:
                     kernels.move_to_huge_pages(m.weight)
+                release_freed_memory()  # the weights' old homes
             weights = [m.blocked_weight() if bf16 else m.weight.detach() for m in dense]
             if any(w is None or not w.is_contiguous() for w in weights):
                 return None

@@ -11,6 +11,8 @@ measurement in its own process and records its peak RSS (VmHWM) beside the RSS i
                one image and a VQGAN decode: the memory generation needs
   load-f32     the Flax folder loaded directly in float32 (no conversion), then the same
   load-min-dalle  min-dalle's float16 .pt files loaded for CPU generation in bfloat16
+  stream-to-device  the bfloat16 directory built on the "meta" device: what a GPU load costs the
+               host (each tensor read, cast and moved on its own), measurable without a GPU
   load-cuda    the bfloat16 directory loaded onto a GPU (host RSS beyond the baseline), when CUDA is there
   hub-first / hub-second  TextToImage.from_pretrained("mega", dtype=bfloat16) against a local
                Hub-compatible server (tests/fakehub.py) serving those files: first start (download,
@@ -39,9 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, merge_results, run_child
-from dallemini.checkpoints import convert, export
+from dallemini.checkpoints import convert, export, load_parts
 from dallemini.checkpoints.flax_msgpack import write_msgpack
 from dallemini.checkpoints.lazy import LazyTensor
+from dallemini.checkpoints.native import build_from_state
 from dallemini.config import preset
 from dallemini.models.bart import DalleBart
 from dallemini.models.vqgan import VQGAN
@@ -156,6 +159,19 @@ def child(step: str, work: Path, shape: str) -> None:
         flax = work / "flax"
         convert(flax / f"dalle-{shape}", dst, vqgan=flax / "vqgan", dtype=torch.bfloat16)
         out["weight_bytes"] = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
+    elif step == "stream-to-device":
+        # What a GPU load does on the host, on any machine: each tensor is read, cast and moved to
+        # the device ("meta" here: nowhere) on its own, so the host holds one tensor at a time.
+        parts = load_parts(work / "converted-bf16", lazy=True)
+        for part, cls in (("bart", DalleBart), ("vqgan", VQGAN)):
+            cfg = getattr(parts.config, part)
+            build_from_state(
+                lambda cls=cls, cfg=cfg: cls(cfg),
+                parts.states.pop(part),
+                part,
+                torch.bfloat16,
+                "meta",
+            )
     elif step in LOADS:
         device = "cuda" if step == "load-cuda" else "cpu"
         dtype = "float32" if step == "load-f32" else "bfloat16"
@@ -170,9 +186,12 @@ def child(step: str, work: Path, shape: str) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         out["seconds"] = round(time.perf_counter() - t0, 2)
-        params = [*pipe.bart.state_dict().values(), *pipe.vqgan.state_dict().values()]
-        out["model_bytes"] = sum(t.numel() * t.element_size() for t in params)
-        out["largest_tensor_bytes"] = max(t.numel() * t.element_size() for t in params)
+        sizes = [
+            t.numel() * t.element_size()
+            for m in (pipe.bart, pipe.vqgan)
+            for t in m.state_dict().values()
+        ]
+        out["model_bytes"], out["largest_tensor_bytes"] = sum(sizes), max(sizes)
         out["final_rss_gb"] = round(_status_kib("VmRSS") * 1024 / GB, 3)
         out["load_peak_rss_gb"] = round(_status_kib("VmHWM") * 1024 / GB, 3)
         if step in ("load-bf16", "load-f32"):
@@ -231,6 +250,7 @@ def main() -> None:
     steps: dict[str, Any] = {"convert": run("convert")}
     for step in ("load-bf16", "load-f32", "load-min-dalle"):
         steps[step] = run(step)
+    steps["stream-to-device"] = run("stream-to-device")
     if torch.cuda.is_available():
         steps["load-cuda"] = run("load-cuda")
     with serve_hub(args.work, args.shape) as hub:
@@ -270,6 +290,9 @@ def main() -> None:
             steps["hub-second"]["seconds"] / steps["hub-first"]["seconds"], 4
         ),
     }
+    summary["device_load_host_peak_above_baseline_gb"] = steps["stream-to-device"][
+        "peak_above_baseline_gb"
+    ]
     if "load-cuda" in steps:
         summary["cuda_host_rss_above_baseline_gb"] = steps["load-cuda"]["peak_above_baseline_gb"]
     record = {

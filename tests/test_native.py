@@ -149,3 +149,34 @@ def test_loading_adopts_the_weights_and_takes_dtypes(tiny_dir: Path) -> None:
     a = torch.tensor(np.asarray(pipe.decode(tokens)[0]), dtype=torch.float32)
     b = torch.tensor(np.asarray(ref.decode(tokens)[0]), dtype=torch.float32)
     assert (a - b).abs().mean() < 3.0
+
+
+def test_loading_and_converting_hold_one_tensor_at_a_time(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lazy tensors are read one at a time: converting keeps none of them, loading onto a device
+    (meta here, as a GPU would) keeps none on the host."""
+    import weakref
+
+    from dallemini.checkpoints import convert
+    from dallemini.checkpoints.lazy import FileTensor
+    from dallemini.checkpoints.native import build_from_state
+    from dallemini.models.bart import DalleBart
+
+    alive, most = [0], [0]
+    read = FileTensor._read_file
+
+    def counted(self: FileTensor) -> torch.Tensor:
+        t = read(self)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(t.untyped_storage(), lambda: alive.__setitem__(0, alive[0] - 1))
+        return t
+
+    monkeypatch.setattr(FileTensor, "_read_file", counted)
+    convert(tiny_dir, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert most[0] == 1 and alive[0] == 0
+    parts = load_parts(tmp_path / "bf16", lazy=True)
+    most[0] = 0
+    build_from_state(lambda: DalleBart(parts.config.bart), parts.states["bart"], "t", None, "meta")
+    assert most[0] == 1 and alive[0] == 0

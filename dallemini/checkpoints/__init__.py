@@ -210,17 +210,25 @@ def convert(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     write_extra: Callable[[Path, dict[str, str]], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Convert any supported checkpoint into a native model directory at dst, one tensor at a time.
 
     `dtype` stores the DalleBart's (and built-in CLIP's) float weights in that dtype; the VQGAN
     keeps its own. The result is checked as loading would check it (every tensor's name and shape
-    against the config) before anything is written.
+    against the config) before anything is written. `progress(tensors written, total)` follows it.
     """
     parts = load_parts(src, vqgan, tokenizer, attention_heads, taming_config, lazy=True)
     check_parts(parts)
     dtypes = {part: dtype for part in ("bart", "clip")} if dtype is not None else None
     extra = {native.WORD_LIST_FILE: parts.word_list} if parts.word_list is not None else None
+    written, total = [0], sum(len(state) for state in parts.states.values())
+
+    def wrote(nbytes: int) -> None:
+        written[0] += 1
+        if progress is not None:
+            progress(written[0], total)
+
     return native.save_model_dir(
         dst,
         parts.config,
@@ -230,6 +238,7 @@ def convert(
         dtypes=dtypes,
         extra_files=extra,
         write_extra=write_extra,
+        progress=wrote,
     )
 
 

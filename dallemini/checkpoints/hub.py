@@ -25,6 +25,7 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from huggingface_hub import errors as hf_errors
+from tqdm import tqdm
 
 from .. import __version__
 from ..errors import CheckpointError
@@ -259,9 +260,7 @@ def _convert(name: str, source: Source, dtype: torch.dtype | None, ref: Path) ->
         key = f"{_slug(name.split('@')[0])}-{commits}-{_dtype_name(storage)}"
         dst = cache_root() / "models" / key
         if not (dst.is_dir() and verify(dst)):
-            log.info(
-                "converting %s to a dallemini model directory (%s)", name, _dtype_name(storage)
-            )
+            print(f"converting {name} once, into {dst}", file=sys.stderr, flush=True)
 
             def write_extra(tmp: Path, hashes: dict[str, str]) -> None:
                 _write_card(tmp, name, origins, storage)
@@ -277,11 +276,21 @@ def _convert(name: str, source: Source, dtype: torch.dtype | None, ref: Path) ->
             # Imported here: the package's load_parts resolves names through this module.
             from . import convert
 
+            bar = tqdm(desc="converting", unit="tensor", disable=not sys.stderr.isatty())
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
             try:
-                convert(src, dst, vqgan=vqgan, dtype=dtype, write_extra=write_extra)
+                convert(
+                    src, dst, vqgan=vqgan, dtype=dtype, write_extra=write_extra, progress=progress
+                )
             except CheckpointError:
                 if not dst.is_dir():  # another process may have finished the same conversion first
                     raise
+            finally:
+                bar.close()
             if not verify(dst):  # hashes what was written once and stamps it for later starts
                 raise CheckpointError(f"{dst}: the converted files differ from what was written")
     _record(ref, _dtype_name(storage), dst, {o["repo"]: o["commit"] for o in origins})

@@ -67,12 +67,14 @@ def save_model_dir(
     dtypes: Mapping[str, torch.dtype] | None = None,
     extra_files: Mapping[str, str | os.PathLike] | None = None,
     write_extra: Callable[[Path, dict[str, str]], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write a model directory atomically (temp folder + rename), so a crash never leaves half a model.
 
     Tensors are written one at a time (lazy ones read just then); `dtypes` casts a part's float
     tensors (e.g. {"bart": torch.bfloat16}); `extra_files` copies files in by name; `write_extra`
-    gets the temp folder and each weight file's sha256 to write more files before the rename.
+    gets the temp folder and each weight file's sha256 to write more files before the rename;
+    `progress` gets the bytes of each tensor written.
     """
     dst = Path(path)
     for part in states:
@@ -98,6 +100,7 @@ def save_model_dir(
                 state,
                 metadata={"format": "pt", "part": part},
                 cast=None if to is None else (lambda d, to=to: to if d.is_floating_point else d),
+                progress=progress,
             )
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json)

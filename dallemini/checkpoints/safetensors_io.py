@@ -45,8 +45,10 @@ def write_safetensors(
     tensors: Mapping[str, TensorLike],
     metadata: Mapping[str, str] | None = None,
     cast: Callable[[torch.dtype], torch.dtype] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> str:
-    """Write tensors (lazy ones read one at a time, cast to `cast(dtype)`) and return the file's sha256."""
+    """Write tensors (lazy ones read one at a time, cast to `cast(dtype)`) and return the file's
+    sha256; `progress` gets the bytes of each tensor written."""
     if sys.byteorder == "big":
         raise CheckpointError("writing safetensors on a big-endian machine is not supported")
     entries: dict[str, dict] = {}
@@ -84,6 +86,8 @@ def write_safetensors(
                 raise CheckpointError(f"tensor {name!r} changed shape while being written")
             if value.numel():
                 put(f, memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+            if progress is not None:
+                progress(value.numel() * value.element_size())
             del value
     return digest.hexdigest()
 

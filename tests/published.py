@@ -29,7 +29,7 @@ from dallemini.checkpoints.export import (
     min_dalle_states,
 )
 from dallemini.checkpoints.flax_msgpack import msgpack_bytes
-from dallemini.config import VQGAN_PRESETS, BartConfig, PipelineConfig, TextConfig, VQGANConfig
+from dallemini.config import VQGAN_PRESETS, BartConfig, PipelineConfig, TextConfig
 from dallemini.models.bart import DalleBart
 from dallemini.models.vqgan import VQGAN
 from dallemini.random_model import seed_captions
@@ -83,17 +83,7 @@ def _bart_config(image_length: int) -> BartConfig:
 
 
 # A VQGAN vqgan-jax can describe (32 groups, pixels in [0, 1]): 64x64 images -> 4x4 = 16 tokens.
-TINY_VQGAN = VQGANConfig(
-    ch=32,
-    ch_mult=(1, 2, 2, 2, 2),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    z_channels=32,
-    embed_dim=32,
-    n_embed=64,
-    resolution=64,
-    num_groups=32,
-)
+TINY_VQGAN = dataclasses.replace(VQGAN_PRESETS["tiny"], num_groups=32)
 
 
 def _random_state(shapes: dict[str, torch.Size], g: torch.Generator) -> dict[str, Tensor]:

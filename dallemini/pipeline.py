@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .config import PipelineConfig, SamplingConfig, check_memory
+from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
 from .memory import release_freed_memory
@@ -35,39 +36,6 @@ def default_model_path() -> Path:
             "give a model directory (--model DIR), e.g. OUT/model made by `dallemini recipe emoji OUT`"
         )
     return DEFAULT_MODEL_DIR
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None picks cuda > mps > cpu; anything else must name an available device."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """Accept 'float32' / 'bfloat16' / 'float16' or a torch dtype; default float32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ConfigError(f"dtype {dtype} not supported; use one of {sorted(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..config import ClipConfig
+from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = 100.0
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @runtime_checkable
@@ -264,31 +263,6 @@ def contrastive_loss(logits_per_text: Tensor, positives: Tensor | None = None) -
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/'auto' -> cuda > mps > cpu; anything else as given."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}: {e}") from e
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in _DTYPES.values():
-        raise ConfigError(f"dtype {dtype} not supported; use one of {sorted(_DTYPES)}")
-    return dtype
-
-
 def _check_inputs(images: Sequence[Image.Image], texts: Sequence[str]) -> tuple[list, list[str]]:
     if isinstance(texts, str):
         texts = [texts]
@@ -489,7 +463,7 @@ class HFClipScorer:
         except Exception as e:  # transformers/safetensors raise many types for a bad folder
             raise CheckpointError(f"cannot load the CLIP in {p}: {e}") from e
         scorer = cls(model, tokenizer, image_processor, batch_size=batch_size)
-        return scorer.to(_resolve_device(device), _resolve_dtype(dtype))
+        return scorer.to(resolve_device(device), resolve_dtype(dtype))
 
     @property
     def device(self) -> torch.device:
@@ -595,4 +569,4 @@ def load_scorer(
             raise CheckpointError(f"{p} has no {native.TOKENIZER_FILE} for its built-in CLIP")
         text = TextEncoder.from_path(p / native.TOKENIZER_FILE, native.read_config(p).text)
     scorer = BuiltinClipScorer(model, text)
-    return scorer.to(_resolve_device(device), _resolve_dtype(dtype))
+    return scorer.to(resolve_device(device), resolve_dtype(dtype))

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..devices import resolve_device
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,29 +45,12 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    """auto: cuda:<local_rank> > mps > cpu; an explicit 'cuda' also gets the local rank's GPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device and start the process group if needed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

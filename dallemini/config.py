@@ -472,17 +472,24 @@ class SamplingConfig:
 
     # The ranges are checked below (InputError: these settings usually come from a request).
     LIMITS: ClassVar[Limits] = {}
+    # Each setting's range, in pydantic's words (the HTTP API's schema uses these very bounds).
+    BOUNDS: ClassVar[dict[str, dict[str, float]]] = {
+        "temperature": {"gt": 0, "le": 10},
+        "top_k": {"ge": 0, "le": 1_000_000},
+        "top_p": {"gt": 0, "le": 1},
+        "condition_scale": {"ge": 0, "le": 100},
+    }
 
     def __post_init__(self) -> None:
         _validate(self, "sampling")
-        if not 0 < self.temperature < math.inf:
-            raise InputError(f"temperature must be a number > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.condition_scale < math.inf:
-            raise InputError(f"condition_scale must be a number >= 0, got {self.condition_scale}")
+        for name, bounds in self.BOUNDS.items():
+            value = getattr(self, name)
+            low = value > bounds["gt"] if "gt" in bounds else value >= bounds["ge"]
+            if not (math.isfinite(value) and low and value <= bounds["le"]):
+                lower = f"> {bounds['gt']}" if "gt" in bounds else f">= {bounds['ge']}"
+                raise InputError(
+                    f"{name} must be a number {lower} and <= {bounds['le']}, got {value}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

@@ -24,7 +24,7 @@ def test_recipe_settings_and_overrides() -> None:
         load_recipe("nonexistent")
     with pytest.raises(ConfigError, match="unknown sampling setting"):
         load_recipe("tiny", {"sampling.top_q": 5})
-    with pytest.raises(InputError, match="top_k must be >= 0"):
+    with pytest.raises(InputError, match="top_k must be a number >= 0"):
         load_recipe("tiny", {"sampling.top_k": -1})
     with pytest.raises(ConfigError, match="exclude each other"):
         load_recipe("tiny", {"encode.glyph_swaps": 1})  # tiny uses glyph_donor

@@ -6,7 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
+from ..config import SamplingConfig
+
 MAX_PROMPT_CHARS = 500
+_BOUNDS = SamplingConfig.BOUNDS  # the sampling settings' ranges, declared once
 MAX_SEED = 2**62
 
 
@@ -40,13 +43,15 @@ class GenerateRequest(_Strict):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="image k gets seed + k; default: a random seed"
     )
-    temperature: float | None = Field(None, gt=0, le=10, description="softmax temperature")
-    top_k: int | None = Field(
-        None, ge=0, le=1_000_000, description="keep the k most likely (0: all)"
+    temperature: float | None = Field(
+        None, **_BOUNDS["temperature"], description="softmax temperature"
     )
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int | None = Field(
+        None, **_BOUNDS["top_k"], description="keep the k most likely (0: all)"
+    )
+    top_p: float | None = Field(None, **_BOUNDS["top_p"], description="nucleus sampling mass")
     condition_scale: float | None = Field(
-        None, ge=0, le=100, description="super-conditioning scale (1: off)"
+        None, **_BOUNDS["condition_scale"], description="super-conditioning scale (1: off)"
     )
     rerank: bool = Field(True, description="sort the images by CLIP score (when a CLIP is loaded)")
     response: Literal["base64", "url"] = Field(

@@ -5,7 +5,7 @@ variant alike (the figures kept are medians over rounds):
 
 1. weight streaming: a decoder's per-step weights (12 layers x 9 matrices) times two rows through the
    float32 and bfloat16 products, from ordinary 4 KiB pages and from transparent huge pages;
-2. single-query attention over 12 layers' caches of 9 images (18 rows): kernels.attend1 against
+2. single-query attention over 12 layers' caches of 9 images (18 rows): native.attend1 against
    PyTorch's scaled_dot_product_attention, float32 and bfloat16 caches;
 3. one image's decoding step (mini DalleBart, random weights, position 128), one child process per
    variant: native decoder layers; PyTorch ops per layer with the native products (no layer
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, machine_info, merge_results, run_child
 from dallemini.models import kernels
+from dallemini.models.kernels import native
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernels.json"
 LAYERS, D, FFN = 12, 1024, 2730
@@ -49,9 +50,9 @@ def _products(ws: list[tuple[torch.Tensor, int, int]], xs: dict[int, torch.Tenso
     """Every weight times its two rows (bfloat16 weights in the kernel's blocked layout)."""
     for w, n, k in ws:
         if w.dtype == torch.bfloat16:
-            kernels.gemv_bf16(xs[k], w, n, k)
+            native.gemv_bf16(xs[k], w, n, k)
         else:
-            kernels.gemv(xs[k], w)
+            native.gemv(xs[k], w)
 
 
 def _attend(
@@ -65,18 +66,18 @@ def _attend(
 def streaming(rounds: int) -> dict[str, Any]:
     """GB/s of weights through the 2-row products, 4 KiB pages against huge pages, per dtype."""
     out: dict[str, Any] = {}
-    dtypes = [torch.float32] + ([torch.bfloat16] if kernels.available(torch.bfloat16) else [])
+    dtypes = [torch.float32] + ([torch.bfloat16] if native.available(torch.bfloat16) else [])
     for dtype in dtypes:
         weights: dict[str, list[tuple[torch.Tensor, int, int]]] = {"4k": [], "huge": []}
         for _ in range(LAYERS):
             for n, k in SHAPES:
                 w = torch.randn(n, k) * 0.02
                 if dtype == torch.bfloat16:
-                    plain = kernels._pack(w.bfloat16())
+                    plain = native._pack(w.bfloat16())
                     plain = plain.clone()  # an ordinary allocation: 4 KiB pages
                 else:
                     plain = w
-                huge = kernels.huge_page_empty(tuple(plain.shape), plain.dtype).copy_(plain)
+                huge = native.huge_page_empty(tuple(plain.shape), plain.dtype).copy_(plain)
                 weights["4k"].append((plain, n, k))
                 weights["huge"].append((huge, n, k))
         xs = {k: torch.randn(2, k).to(dtype) for k in (D, FFN)}
@@ -107,7 +108,7 @@ def attention(rounds: int) -> dict[str, Any]:
     """Microseconds per single-query attention call over 18 rows, attend1 against SDPA."""
     out: dict[str, Any] = {}
     rows, heads, slots, dh = 18, 16, 256, 64
-    dtypes = [torch.float32] + ([torch.bfloat16] if kernels.available(torch.bfloat16) else [])
+    dtypes = [torch.float32] + ([torch.bfloat16] if native.available(torch.bfloat16) else [])
     for dtype in dtypes:
         caches = [
             (
@@ -119,7 +120,7 @@ def attention(rounds: int) -> dict[str, Any]:
         q = torch.randn(rows, heads, 1, dh).to(dtype)
         for t in (32, 128, 228):
             times: dict[str, list[float]] = {"attend1": [], "sdpa": []}
-            fns = {"attend1": kernels.attend1, "sdpa": F.scaled_dot_product_attention}
+            fns = {"attend1": native.attend1, "sdpa": F.scaled_dot_product_attention}
             with torch.inference_mode():
                 for _ in range(rounds):
                     for name, fn in fns.items():
@@ -137,30 +138,35 @@ def attention(rounds: int) -> dict[str, Any]:
 def child(dtype_name: str, per_op: bool, steps: int, rows: int, pack_min_rows: int | None) -> None:
     """Time decoding steps of `rows` rows (two per image) at position 128; print them as JSON."""
     from dallemini.config import BartConfig
-    from dallemini.models import bart
     from dallemini.models.bart import DalleBart
+    from dallemini.models.kernels import cpu
 
     if pack_min_rows is not None:  # the float32 packing threshold of an earlier version
-        bart._PACK_MIN_ROWS_F32 = pack_min_rows
+        cpu._PACK_MIN_ROWS_F32 = pack_min_rows
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
-    model = DalleBart(BartConfig()).eval().to(dtype)
+    model = kernels.accelerate(DalleBart(BartConfig()).eval().to(dtype))
     ids = torch.randint(3, 50000, (rows, 14))
     mask = torch.ones(rows, 14, dtype=torch.long)
     with torch.inference_mode():
-        cache = model.init_cache(model.encode(ids, mask), mask)
-        if per_op:
-            cache.native = False
+        enc = model.encode(ids, mask)
+        cache = model.init_cache(enc, mask, dtype=kernels.cache_dtype(dtype, enc.device))
         token = torch.full((rows, 1), 5)
         times = []
+        step = None
         for i in range(steps + 3):
-            cache.length = 128
             t0 = time.perf_counter()
-            model.decode_step(token, cache)
+            if i == 0 and not per_op:  # binds the native layers where they apply
+                step = cpu.native_step(model, cache)
+            if step is None:
+                cache.length = 128
+                model.decode_step(token, cache)
+            else:
+                step(token, 128)
             if i >= 3:  # the first steps bind the kernels and make packed copies
                 times.append(time.perf_counter() - t0)
     print(
-        "RESULT " + json.dumps({"ms": statistics.median(times) * 1e3, "native": bool(cache.native)})
+        "RESULT " + json.dumps({"ms": statistics.median(times) * 1e3, "native": step is not None})
     )
 
 
@@ -186,7 +192,7 @@ def decode_steps(rounds: int, steps: int) -> dict[str, Any]:
             [],
             {"DALLEMINI_KERNEL_MARCH": "x86-64-v3", "DALLEMINI_CACHE": avx2_cache},
         )
-    if kernels.available(torch.bfloat16):
+    if native.available(torch.bfloat16):
         variants |= {
             "bfloat16 native layers": ("bfloat16", [], {}),
             "bfloat16 per-op, native products": ("bfloat16", ["--per-op"], {}),
@@ -227,7 +233,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.per_op, args.steps, args.rows, args.pack_min_rows)
         return
-    if not kernels.available():
+    if not native.available():
         raise SystemExit("no native kernels here (no C compiler, no AVX-512/AVX2, or switched off)")
     info = machine_info(torch.device("cpu"))
     print(

@@ -8,9 +8,7 @@ else shares the batch — which is what lets a server batch requests without cha
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +16,8 @@ from torch import Tensor
 
 from .config import SamplingConfig
 from .errors import InputError
-from .models.bart import DalleBart, DecoderCache
-
-log = logging.getLogger(__name__)
+from .models import kernels
+from .models.bart import DalleBart
 
 
 @dataclass
@@ -66,52 +63,6 @@ def draw(logits: Tensor, idx: Tensor | None, uniforms: Tensor) -> Tensor:
     return choice.squeeze(-1)
 
 
-class GraphedStep:
-    """DalleBart.decode_step_static captured once as a CUDA graph and replayed for every later
-    one-token step: a decoding step of a few rows is hundreds of small kernels whose launches, not
-    the GPU, bound it; a replay launches them all at once. CUDA only; `pos` is the next position
-    to decode (its cache slot is rewritten by the real step, so the warm-up may use it)."""
-
-    def __init__(self, model: DalleBart, cache: DecoderCache, rows: int, pos: int) -> None:
-        device = cache.self_k.device
-        self.tokens = torch.full((rows, 1), model.config.decoder_start_token_id, device=device)
-        self.pos = torch.full((1,), pos, dtype=torch.long, device=device)
-        with torch.cuda.device(device):  # capture on the model's GPU, whichever is current
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # kernels choose their algorithms before capture
-                for _ in range(2):
-                    model.decode_step_static(self.tokens, cache, self.pos)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (a server's) may use the GPU while this one captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.logits = model.decode_step_static(self.tokens, cache, self.pos)
-
-    def __call__(self, tokens: Tensor, pos: int) -> Tensor:
-        """Logits [rows, 1, V] for `tokens` [rows, 1] at `pos` (a buffer the next call overwrites)."""
-        self.tokens.copy_(tokens)
-        self.pos.fill_(pos)
-        self.graph.replay()
-        return self.logits
-
-
-def _graphed_step(model: DalleBart, cache: DecoderCache, rows: int, pos: int) -> GraphedStep | None:
-    """A GraphedStep where it applies (CUDA inference; DALLEMINI_CUDA_GRAPHS=0 turns it off), else None;
-    a capture that fails logs why and leaves decoding to decode_step."""
-    if (
-        cache.self_k.device.type != "cuda"
-        or model.training
-        or os.environ.get("DALLEMINI_CUDA_GRAPHS", "1") == "0"
-    ):
-        return None
-    try:
-        return GraphedStep(model, cache, rows, pos)
-    except RuntimeError as e:  # e.g. an op that cannot be captured on this build
-        log.warning("CUDA graph capture failed, decoding step by step: %s", e)
-        return None
-
-
 def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> Tensor:
     """[B, steps] uniforms in [0, 1), row r drawn from a CPU generator seeded with seeds[r]."""
     rows = []
@@ -152,6 +103,9 @@ def iter_image_tokens(
     row r (default: row r uses prompt r). uncond_ids is the empty caption's encoding (one row). `prefix`
     [B, m] forces the first m tokens of every row (image completion). `num_codes` is the VQGAN codebook
     size: decoder logits past it (BOS, padding rows of mega) are never sampled.
+
+    One-token steps run through kernels.fast_step where one applies (a CUDA graph; native CPU layers
+    once kernels.accelerate has bound the CPU paths to the model, as TextToImage does).
     """
     cfg = model.config
     device = input_ids.device
@@ -185,20 +139,20 @@ def iter_image_tokens(
         ids, mask, rows = input_ids, attention_mask, prompt_index
     ids, mask = trim_padding(ids, mask)
     enc = model.encode(ids, mask)
-    cache = model.init_cache(enc, mask, rows=rows)
+    cache = model.init_cache(enc, mask, rows=rows, dtype=kernels.cache_dtype(enc.dtype, enc.device))
     uniforms = row_uniforms(seeds, total, device)
     out = torch.empty((b, total), dtype=torch.long, device=device)
     bos = torch.full((b, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
     feed = bos if prefix is None else torch.cat([bos, prefix.to(device)], dim=1)
     if m:
         out[:, :m] = prefix
-    graphed: GraphedStep | bool | None = None  # False: tried, not available
+    fast: Callable[[Tensor, int], Tensor] | bool | None = None  # False: tried, none applies
     for step in range(m, total):
         x = feed.repeat(2, 1) if guided else feed
-        if graphed is None and x.shape[1] == 1:
-            graphed = _graphed_step(model, cache, x.shape[0], step) or False
-        if graphed and x.shape[1] == 1:
-            out_logits = graphed(x, step)
+        if fast is None and x.shape[1] == 1:
+            fast = kernels.fast_step(model, cache, x.shape[0], step) or False
+        if fast and x.shape[1] == 1:
+            out_logits = fast(x, step)
             cache.length = step + 1
         else:
             out_logits = model.decode_step(x, cache, last_only=True)

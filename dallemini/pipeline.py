@@ -19,6 +19,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
 from .memory import release_freed_memory
+from .models import kernels
 from .models.bart import DalleBart
 from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip, load_scorer
 from .models.vqgan import VQGAN
@@ -136,7 +137,8 @@ class TextToImage:
                 f"VQGAN codebook ({config.vqgan.n_embed}) is larger than the DalleBart image vocabulary "
                 f"({config.bart.image_vocab_size})"
             )
-        self.bart = bart.eval()
+        # The speed paths (packed weights, native CPU kernels) bound in place: same weights, same results.
+        self.bart = kernels.accelerate(bart.eval())
         self.vqgan = vqgan.eval()
         self.text = text
         self.config = config

@@ -10,7 +10,8 @@ import torch
 from dallemini.config import BART_PRESETS, BartConfig
 from dallemini.errors import ConfigError, InputError
 from dallemini.models import kernels
-from dallemini.models.bart import DalleBart, DecoderCache, attention_dtype
+from dallemini.models.bart import DalleBart, DecoderCache
+from dallemini.models.kernels import cuda_graph, native
 
 
 def _inputs(
@@ -40,6 +41,20 @@ def _copy(model: DalleBart, dtype: torch.dtype, device: str = "cpu") -> DalleBar
     other = DalleBart(model.config).eval()
     other.load_state_dict(model.state_dict())
     return other.to(device, dtype)
+
+
+def _fast_steps(model: DalleBart, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+    """Logits of `tokens` [B, n] fed one at a time as generation feeds them: through
+    kernels.fast_step where one applies (one image on CPU: the native decoder layers), else decode_step."""
+    step = kernels.fast_step(model, cache, tokens.shape[0], cache.length)
+    out = []
+    for i in range(tokens.shape[1]):
+        if step is None:
+            out.append(model.decode_step(tokens[:, i : i + 1], cache))
+        else:
+            out.append(step(tokens[:, i : i + 1], cache.length))
+            cache.length += 1
+    return torch.cat(out, 1)
 
 
 def _param_count(cfg: BartConfig) -> int:
@@ -156,10 +171,11 @@ def test_config_validation() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: torch.dtype) -> None:
     """Cached decoding without autograd (native kernels, oneDNN, packed and fused weights, the K/V
-    cache of attention_dtype) gives the logits of the teacher-forced forward with autograd on (plain
+    cache of kernels.cache_dtype) gives the logits of the teacher-forced forward with autograd on (plain
     F.linear), for 2 rows, 3 (the float32 packing threshold) and 10, and a weight change reaches
     the packed copies."""
-    model = _copy(tiny, dtype)
+    model = kernels.accelerate(_copy(tiny, dtype))
+    cache_dtype = kernels.cache_dtype(dtype, torch.device("cpu"))
     tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
     for batch in (2, 3, 10):
         ids, mask, labels = _inputs(model.config, batch=batch, seed=batch)
@@ -167,13 +183,10 @@ def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: tor
         with torch.enable_grad():
             full = model(ids, mask, decoder_input_ids=dec_in).logits.detach()
         with torch.inference_mode():
-            cache = model.init_cache(model.encode(ids, mask), mask)
+            cache = model.init_cache(model.encode(ids, mask), mask, dtype=cache_dtype)
             # float32 on CPU, except bfloat16 where the native kernels read it
-            assert cache.self_k.dtype == attention_dtype(dtype, torch.device("cpu"))
-            assert cache.self_k.dtype == torch.float32 or kernels.available(torch.bfloat16)
-            steps = torch.cat(
-                [model.decode_step(dec_in[:, i : i + 1], cache) for i in range(12)], 1
-            )
+            assert cache.self_k.dtype == torch.float32 or native.available(torch.bfloat16)
+            steps = _fast_steps(model, dec_in, cache)
         assert steps.dtype == dtype
         torch.testing.assert_close(steps.float(), full.float(), **tol)
     with torch.no_grad():  # in-place update: packed copies must not go stale
@@ -184,8 +197,8 @@ def test_cpu_inference_paths_match_the_training_path(tiny: DalleBart, dtype: tor
     with torch.enable_grad():
         full = model(ids, mask, decoder_input_ids=dec_in).logits.detach()
     with torch.inference_mode():
-        cache = model.init_cache(model.encode(ids, mask), mask)
-        steps = torch.cat([model.decode_step(dec_in[:, i : i + 1], cache) for i in range(3)], 1)
+        cache = model.init_cache(model.encode(ids, mask), mask, dtype=cache_dtype)
+        steps = _fast_steps(model, dec_in, cache)
     torch.testing.assert_close(steps.float(), full.float(), **tol)
 
 
@@ -239,27 +252,25 @@ def _assert_steps_match_eager(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_static_step_matches_decode_step(tiny: DalleBart, dtype: torch.dtype) -> None:
-    """decode_step_static (the CUDA-graph step: attention over every slot, later ones masked,
+    """cuda_graph.static_step (the CUDA-graph step: attention over every slot, later ones masked,
     position as a tensor) gives decode_step's logits and cache, after a multi-token prefill too."""
-    model = _copy(tiny, dtype)
+    model = kernels.accelerate(_copy(tiny, dtype))
     ids, mask, labels = _inputs(model.config, batch=2, seed=3)
     mask[1, -3:] = 0
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
 
     def stepper(cache: DecoderCache) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        return lambda t, i: model.decode_step_static(t, cache, torch.tensor([i]))
+        return lambda t, i: cuda_graph.static_step(model, t, cache, torch.tensor([i]))
 
     tokens = model.shift_right(labels)[:, :10]
     _assert_steps_match_eager(model, ids, mask, tokens, 3, stepper, tol)
 
 
 def test_graphed_steps_are_for_cuda_only(tiny: DalleBart) -> None:
-    from dallemini.generate import _graphed_step
-
     ids, mask, _ = _inputs(tiny.config, batch=2)
     with torch.inference_mode():
         cache = tiny.init_cache(tiny.encode(ids, mask), mask)
-    assert _graphed_step(tiny, cache, 2, 0) is None
+    assert cuda_graph.graphed_step(tiny, cache, 2, 0) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -267,14 +278,12 @@ def test_graphed_steps_are_for_cuda_only(tiny: DalleBart) -> None:
 def test_graphed_steps_match_eager_steps_on_cuda(tiny: DalleBart, dtype: torch.dtype) -> None:
     """A CUDA graph of the static step, replayed with new tokens and positions, gives decode_step's
     logits step after step (the copies into its static inputs, the cache writes in the graph)."""
-    from dallemini.generate import GraphedStep
-
-    model = _copy(tiny, dtype, "cuda")
+    model = kernels.accelerate(_copy(tiny, dtype, "cuda"))
     ids, mask, labels = (t.cuda() for t in _inputs(model.config, batch=2, seed=4))
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
 
     def stepper(cache: DecoderCache) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        graph = GraphedStep(model, cache, rows=2, pos=2)
+        graph = cuda_graph.GraphedStep(model, cache, rows=2, pos=2)
         return lambda t, i: graph(t, i).clone()  # the graph's output buffer is reused
 
     tokens = model.shift_right(labels)[:, :12]

@@ -1,4 +1,5 @@
-"""The native decoding kernels: same products and decoder layers as torch, used only where they apply."""
+"""The speed paths of models/kernels: the native kernels give torch's products and decoder layers, the CPU
+paths bind to a model from outside and are used only where they apply."""
 
 import pytest
 import torch
@@ -7,10 +8,14 @@ from torch import Tensor
 
 from dallemini.config import BartConfig
 from dallemini.models import kernels
-from dallemini.models.bart import DalleBart, Dense
+from dallemini.models.bart import DalleBart
+from dallemini.models.kernels import cpu, native
+from dallemini.models.kernels.cpu import CpuLinear
+from dallemini.pipeline import TextToImage
+from dallemini.random_model import create_random_model
 
 needs_kernel = pytest.mark.skipif(
-    not kernels.available(), reason="no C compiler or no AVX-512/AVX2 here"
+    not native.available(), reason="no C compiler or no AVX-512/AVX2 here"
 )
 
 
@@ -21,7 +26,7 @@ def test_gemv_matches_matmul(n: int, k: int, shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(*shape, k, generator=g)
-    y = kernels.gemv(x, w)
+    y = native.gemv(x, w)
     assert y is not None and y.shape == (*shape, n)
     torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
 
@@ -29,16 +34,16 @@ def test_gemv_matches_matmul(n: int, k: int, shape: tuple[int, ...]) -> None:
 @needs_kernel
 def test_gemv_declines_what_it_does_not_do() -> None:
     w = torch.randn(8, 32)
-    assert kernels.gemv(torch.randn(3, 32), w) is None  # more than two rows: oneDNN's matmul
-    assert kernels.gemv(torch.randn(2, 32, dtype=torch.bfloat16), w.bfloat16()) is None
-    assert kernels.gemv(torch.randn(2, 32), torch.randn(32, 8).t()) is None  # strided weight
-    assert kernels.gemv(torch.randn(2, 16), w) is None  # wrong width
+    assert native.gemv(torch.randn(3, 32), w) is None  # more than two rows: oneDNN's matmul
+    assert native.gemv(torch.randn(2, 32, dtype=torch.bfloat16), w.bfloat16()) is None
+    assert native.gemv(torch.randn(2, 32), torch.randn(32, 8).t()) is None  # strided weight
+    assert native.gemv(torch.randn(2, 16), w) is None  # wrong width
 
 
 @needs_kernel
 def test_dense_uses_it_in_inference_only() -> None:
     torch.manual_seed(0)
-    layer = Dense(96, 40)
+    layer = CpuLinear(96, 40)
     x = torch.randn(2, 1, 96)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
@@ -49,16 +54,16 @@ def test_dense_uses_it_in_inference_only() -> None:
 
 def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DALLEMINI_NATIVE_KERNELS", "0")
-    assert kernels._compile() is None
+    assert native._compile() is None
 
 
 def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
-    assert kernels.cache_dir() == tmp_path / "kernels"
+    assert native.cache_dir() == tmp_path / "kernels"
 
 
 needs_bf16_kernel = pytest.mark.skipif(
-    not kernels.available(torch.bfloat16), reason="no C compiler or no AVX512-BF16 here"
+    not native.available(torch.bfloat16), reason="no C compiler or no AVX512-BF16 here"
 )
 
 
@@ -69,20 +74,19 @@ def test_bf16_gemv_matches_matmul(n: int, k: int, shape: tuple[int, ...]) -> Non
     g = torch.Generator().manual_seed(n + k)
     w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
     x = torch.randn(*shape, k, generator=g).bfloat16()
-    packed = kernels.pack_bf16(w)
+    packed = native.pack_bf16(w)
     assert packed is not None
-    y = kernels.gemv_bf16(x, packed, n, k)
+    y = native.gemv_bf16(x, packed, n, k)
     assert y is not None and y.dtype == torch.bfloat16 and y.shape == (*shape, n)
     exact = (x.float() @ w.float().t()).bfloat16()  # float32 products and sums, rounded once
     torch.testing.assert_close(y, exact, rtol=1e-2, atol=1e-3)
-    assert kernels.gemv_bf16(torch.randn(3, k).bfloat16(), packed, n, k) is None
+    assert native.gemv_bf16(torch.randn(3, k).bfloat16(), packed, n, k) is None
 
 
 @needs_bf16_kernel
 def test_dense_bf16_keeps_one_packed_copy() -> None:
     torch.manual_seed(0)
-    layer = Dense(96, 40).bfloat16()
-    layer.prepack = True
+    layer = CpuLinear(96, 40, prepack=True).bfloat16()
     one, many = torch.randn(2, 1, 96).bfloat16(), torch.randn(18, 1, 96).bfloat16()
     with torch.inference_mode():
         torch.testing.assert_close(layer(one), F.linear(one, layer.weight), rtol=1e-2, atol=1e-2)
@@ -115,27 +119,34 @@ def _bart(dtype: torch.dtype, scale: bool) -> DalleBart:
         for name, p in m.named_parameters():
             if "norm" in name or ".ln" in name:
                 p.add_(torch.randn_like(p) * 0.3)
-    return m.to(dtype)
+    return kernels.accelerate(m.to(dtype))
 
 
-def _greedy_logits(m: DalleBart, rows: int, native: bool, steps: int = 8) -> tuple[Tensor, object]:
-    """Logits of a 3-token prefill and then `steps` greedy one-token steps, and the cache's native
-    kernels (native=False forces torch's ops)."""
+def _greedy_logits(
+    m: DalleBart, rows: int, use_native: bool, steps: int = 8
+) -> tuple[Tensor, cpu.NativeStep | None]:
+    """Logits of a 3-token prefill and then `steps` - 1 greedy one-token steps, and the native step
+    that ran them (use_native=False: torch's ops)."""
     ids = torch.randint(0, 100, (rows, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(rows, 6, dtype=torch.long)
     mask[-1, 4:] = 0  # padded text: the cross-attention mask
     with torch.inference_mode():
-        cache = m.init_cache(m.encode(ids, mask), mask)
-        if not native:
-            cache.native = False
+        enc = m.encode(ids, mask)
+        cache = m.init_cache(enc, mask, dtype=kernels.cache_dtype(enc.dtype, enc.device))
         # A prefill of several tokens (torch's ops) writes the cache the native steps then read.
         tok = torch.tensor([[m.config.decoder_start_token_id, 5, 77]] * rows)
-        out = []
-        for _ in range(steps):
-            logits = m.decode_step(tok, cache)
-            out.append(logits.float())
+        logits = m.decode_step(tok, cache)
+        out = [logits.float()]
+        step = cpu.native_step(m, cache) if use_native else None
+        for _ in range(steps - 1):
             tok = logits[:, -1, :128].argmax(-1, keepdim=True)
-    return torch.cat(out, 1), cache.native
+            if step is None:
+                logits = m.decode_step(tok, cache)
+            else:
+                logits = step(tok, cache.length)
+                cache.length += 1
+            out.append(logits.float())
+    return torch.cat(out, 1), step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -143,12 +154,12 @@ def _greedy_logits(m: DalleBart, rows: int, native: bool, steps: int = 8) -> tup
 @pytest.mark.parametrize("scale", [False, True])
 def test_native_decoder_layer_matches_torch(dtype: torch.dtype, rows: int, scale: bool) -> None:
     """One image's decoding steps through the C decoder layer give torch's logits."""
-    if not kernels.available(dtype):
+    if not native.available(dtype):
         pytest.skip(f"no native {dtype} kernel here")
     m = _bart(dtype, scale)
-    got, native = _greedy_logits(m, rows, native=True)
-    want, _ = _greedy_logits(m, rows, native=False)
-    assert isinstance(native, list) and len(native) == 2  # the native path ran
+    got, step = _greedy_logits(m, rows, use_native=True)
+    want, _ = _greedy_logits(m, rows, use_native=False)
+    assert isinstance(step, cpu.NativeStep) and len(step.layers) == 2  # the native path ran
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:  # the C layer keeps float32 between products where torch rounds each op to bfloat16
@@ -161,18 +172,12 @@ def test_native_decoder_layer_only_where_it_applies() -> None:
     mask = torch.ones(3, 6, dtype=torch.long)
     with torch.inference_mode():
         enc = m.encode(torch.randint(0, 100, (3, 6)), mask)
-        cache = m.init_cache(enc, mask)  # three rows: torch's ops
-        m.decode_step(torch.full((3, 1), 128), cache)
-        assert cache.native is False
-        cache = m.init_cache(enc[:2], mask[:2])
-        m.decode_step(torch.full((2, 3), 5), cache)  # several tokens at once: torch's ops
-        assert cache.native is None
-        m.decode_step(torch.full((2, 1), 5), cache)
-        assert isinstance(cache.native, list)
+        assert cpu.native_step(m, m.init_cache(enc, mask)) is None  # three rows: torch's ops
+        assert isinstance(cpu.native_step(m, m.init_cache(enc[:2], mask[:2])), cpu.NativeStep)
+        plain = DalleBart(m.config).eval()  # not accelerated: torch's ops
+        assert cpu.native_step(plain, plain.init_cache(enc[:2], mask[:2])) is None
         m.train()
-        cache = m.init_cache(enc[:2], mask[:2])
-        m.decode_step(torch.full((2, 1), 5), cache)
-        assert cache.native is False
+        assert cpu.native_step(m, m.init_cache(enc[:2], mask[:2])) is None
 
 
 @needs_kernel
@@ -181,8 +186,9 @@ def test_native_decoder_layer_checks_its_arguments() -> None:
     mask = torch.ones(2, 6, dtype=torch.long)
     with torch.inference_mode():
         cache = m.init_cache(m.encode(torch.randint(0, 100, (2, 6)), mask), mask)
-        m.decode_step(torch.full((2, 1), 5), cache)
-        kernel = cache.native[0]
+        step = cpu.native_step(m, cache)
+        assert step is not None
+        kernel = step.layers[0]
         with pytest.raises(ValueError, match="expected x"):
             kernel(torch.zeros(3, 64), 1)
         with pytest.raises(ValueError, match="position 16 outside"):
@@ -190,7 +196,7 @@ def test_native_decoder_layer_checks_its_arguments() -> None:
         layer = m.decoder.layers[0]
         weights = [layer.self_attn.q_proj.weight.t()] * 9  # not contiguous
         with pytest.raises(ValueError, match="weight 0"):
-            kernels.DecoderLayerKernel(
+            native.DecoderLayerKernel(
                 weights,
                 [(None, torch.zeros(64))] * 5 + [(None, torch.zeros(90))],
                 1e-5,
@@ -212,7 +218,7 @@ def test_attend1_matches_sdpa_on_cache_views(
     dtype: torch.dtype, rows: int, t: int, dh: int
 ) -> None:
     """Single-query attention over the filled prefix of a float32 or bfloat16 cache, as torch's."""
-    if not kernels.available(dtype):
+    if not native.available(dtype):
         pytest.skip(f"no native {dtype} kernel here")
     g = torch.Generator().manual_seed(rows + t)
     cache_k, cache_v = torch.randn(2, rows, 4, 160, dh, generator=g).to(dtype).unbind(0)
@@ -221,7 +227,7 @@ def test_attend1_matches_sdpa_on_cache_views(
     mask = torch.zeros(rows, 1, 1, t)
     mask[-1, ..., t // 2 + 1 :] = float("-inf")
     for m in (None, mask, mask.to(dtype)):
-        got = kernels.attend1(q.to(dtype), k, v, m)
+        got = native.attend1(q.to(dtype), k, v, m)
         assert got is not None and got.dtype == torch.float32
         want = F.scaled_dot_product_attention(
             q.to(dtype).float(), k.float(), v.float(), attn_mask=None if m is None else m.float()
@@ -232,16 +238,16 @@ def test_attend1_matches_sdpa_on_cache_views(
 @needs_kernel
 def test_attend1_declines_what_it_does_not_do() -> None:
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 5, 16)
-    assert kernels.attend1(torch.randn(2, 4, 2, 16), k, k) is None  # two queries
-    assert kernels.attend1(q.half(), k.half(), k.half()) is None
-    assert kernels.attend1(q, k, k.bfloat16()) is None  # keys and values of different dtypes
-    assert kernels.attend1(q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool)) is None
-    assert kernels.attend1(q, k.transpose(2, 3).contiguous().transpose(2, 3), k) is None
+    assert native.attend1(torch.randn(2, 4, 2, 16), k, k) is None  # two queries
+    assert native.attend1(q.half(), k.half(), k.half()) is None
+    assert native.attend1(q, k, k.bfloat16()) is None  # keys and values of different dtypes
+    assert native.attend1(q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool)) is None
+    assert native.attend1(q, k.transpose(2, 3).contiguous().transpose(2, 3), k) is None
 
 
 def test_huge_page_tensors_hold_values() -> None:
-    big = kernels.huge_page_empty((1100, 1024), torch.bfloat16)  # > 2 MiB: an advised mapping
-    small = kernels.huge_page_empty((3, 5), torch.float32)
+    big = native.huge_page_empty((1100, 1024), torch.bfloat16)  # > 2 MiB: an advised mapping
+    small = native.huge_page_empty((3, 5), torch.float32)
     assert big.shape == (1100, 1024) and big.dtype == torch.bfloat16 and big.is_contiguous()
     assert small.shape == (3, 5) and small.dtype == torch.float32
     src = torch.randn(1100, 1024).bfloat16()
@@ -255,8 +261,8 @@ def test_model_still_trains_after_native_decoding() -> None:
     and the parameters stay ordinary tensors that autograd can use."""
     m = _bart(torch.float32, False)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    _, native = _greedy_logits(m, 2, native=True, steps=2)
-    assert isinstance(native, list)
+    _, step = _greedy_logits(m, 2, use_native=True, steps=2)
+    assert isinstance(step, cpu.NativeStep)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     m.train()
     ids = torch.randint(0, 100, (2, 6))
@@ -269,8 +275,8 @@ def test_moving_to_huge_pages_inside_inference_mode_keeps_autograd() -> None:
     p = torch.nn.Parameter(torch.randn(1100, 1024))  # 4.3 MiB: an advised mapping
     want = p.detach().clone()
     with torch.inference_mode():
-        kernels.move_to_huge_pages(p)
-        kernels.move_to_huge_pages(p)  # once only
+        native.move_to_huge_pages(p)
+        native.move_to_huge_pages(p)  # once only
     assert torch.equal(p.detach(), want) and not p.is_inference()
     (p * 2).sum().backward()
     assert p.grad is not None and torch.all(p.grad == 2)
@@ -289,26 +295,75 @@ def avx2_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
         pytest.skip("no AVX2 CPU or no C compiler here")
     monkeypatch.setenv("DALLEMINI_KERNEL_MARCH", "x86-64-v3")
     monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
-    saved = dict(kernels._STATE)
-    kernels._STATE.clear()
+    saved = dict(native._STATE)
+    native._STATE.clear()
     yield
-    kernels._STATE.clear()
-    kernels._STATE.update(saved)
+    native._STATE.clear()
+    native._STATE.update(saved)
 
 
 def test_avx2_build_runs_float32_decoding(avx2_build: None) -> None:
     """Without AVX-512 the float32 kernels (plain vectorized loops) give torch's products, attention
     and decoder layers; bfloat16 ones are not built."""
-    assert kernels.available() and not kernels.available(torch.bfloat16)
-    assert list(kernels.cache_dir().glob("gemv-*.so"))  # built for this test, not the shared cache
+    assert native.available() and not native.available(torch.bfloat16)
+    assert list(native.cache_dir().glob("gemv-*.so"))  # built for this test, not the shared cache
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2730, 1000, generator=g) * 0.02, torch.randn(2, 1, 1000, generator=g)
-    torch.testing.assert_close(kernels.gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
     k, v = torch.randn(3, 4, 9, 24, generator=g), torch.randn(3, 4, 9, 24, generator=g)
     q = torch.randn(3, 4, 1, 24, generator=g)
-    torch.testing.assert_close(kernels.attend1(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(native.attend1(q, k, v), F.scaled_dot_product_attention(q, k, v))
     m = _bart(torch.float32, True)
-    got, native = _greedy_logits(m, 2, native=True)
-    want, _ = _greedy_logits(m, 2, native=False)
-    assert isinstance(native, list)
+    got, step = _greedy_logits(m, 2, use_native=True)
+    want, _ = _greedy_logits(m, 2, use_native=False)
+    assert isinstance(step, cpu.NativeStep)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plain_model_has_no_speed_paths() -> None:
+    """models/bart.py builds plain torch layers; the speed paths come only with kernels.accelerate,
+    which keeps every parameter (the same objects) and state-dict name."""
+    m = _bart(torch.float32, False)
+    plain = DalleBart(m.config)
+    linears = [x for x in plain.modules() if isinstance(x, torch.nn.Linear)]
+    assert linears and all(type(x) is torch.nn.Linear for x in linears)
+    params = dict(plain.named_parameters())
+    fast = kernels.accelerate(plain)
+    assert fast is plain and kernels.accelerate(fast) is fast
+    assert dict(fast.named_parameters()) == params
+    assert all(isinstance(x, CpuLinear) for x in fast.modules() if isinstance(x, torch.nn.Linear))
+    layer = fast.decoder.layers[0]
+    assert isinstance(layer.glu, cpu.FusedGLU) and isinstance(layer.self_attn, cpu.CpuAttention)
+    assert type(fast.encoder.layers[0].glu).__name__ == "GLU"  # the encoder runs once: no fusing
+    prepacked = {name for name, x in fast.named_modules() if getattr(x, "prepack", False)}
+    assert "decoder.lm_head" in prepacked and "decoder.layers.0.encoder_attn.out_proj" in prepacked
+    assert not any(n.startswith("encoder.") or "encoder_attn.k_proj" in n for n in prepacked)
+
+
+@needs_kernel
+def test_generation_takes_the_fast_paths(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline binds the speed paths: a float32 CPU image decodes every step through the native
+    decoder layers; two images (four rows) through oneDNN's packed and fused decoder weights."""
+    pipe = TextToImage.from_pretrained(
+        create_random_model(tmp_path_factory.mktemp("k") / "tiny", preset="tiny", seed=0),
+        device="cpu",
+    )
+    steps: list[int] = []
+    call = cpu.NativeStep.__call__
+    monkeypatch.setattr(
+        cpu.NativeStep, "__call__", lambda self, t, pos: steps.append(pos) or call(self, t, pos)
+    )
+    pipe("a cat", num_images=1, seed=0)
+    total = pipe.config.bart.image_length
+    assert steps == list(range(total))  # every step, from the first one
+    dec = pipe.bart.decoder
+    assert isinstance(dec.lm_head, CpuLinear) and dec.lm_head._packed is None
+    if cpu._ONEDNN_LINEAR:
+        pipe("a cat", num_images=2, seed=0)
+        assert len(steps) == total  # more than one image: no native layers
+        layer = dec.layers[0]
+        assert dec.lm_head._packed is not None and layer.glu.fc2._packed is not None
+        assert layer.self_attn.qkv._cache is not None and layer.glu.fc01._cache is not None
+        assert pipe.bart.encoder.layers[0].glu.fc0._packed is None  # the encoder is not packed

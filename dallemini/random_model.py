@@ -9,10 +9,20 @@ import torch
 
 from .checkpoints.native import save_model_dir
 from .config import preset as preset_config
-from .data.emoji import POSITIONS
 from .models.bart import DalleBart
 from .models.vqgan import VQGAN
 
+_PLACES = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 _COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
 _THINGS = [
     "apple",
@@ -34,7 +44,7 @@ def seed_captions() -> list[str]:
     """A small built-in caption set to fit a tokenizer for a random model (no download needed)."""
     return [
         f"{thing} on a {colour} background, {place}"
-        for thing, colour, place in itertools.product(_THINGS, _COLOURS, POSITIONS)
+        for thing, colour, place in itertools.product(_THINGS, _COLOURS, _PLACES)
     ]
 
 

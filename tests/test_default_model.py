@@ -10,9 +10,9 @@ from pathlib import Path
 from PIL import Image
 
 from dallemini import load_pipeline
-from dallemini.data.emoji import Scene
-from dallemini.data.judge import EmojiJudge
-from dallemini.evaluation import scenes_for_model
+from dallemini.emoji.evaluation import scenes_for_model
+from dallemini.emoji.judge import EmojiJudge
+from dallemini.emoji.scenes import Scene
 from dallemini.pipeline import default_model_path
 
 # A training caption and a seed (fixed, so the check is reproducible on CPU in float32).

@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dallemini.checkpoints.native import read_config
-from dallemini.data.emoji import write_emoji_dataset
 from dallemini.data.pairs import PairDataset, to_pixels
 from dallemini.data.sources import open_source
+from dallemini.emoji.scenes import write_emoji_dataset
 from dallemini.errors import CheckpointError, ConfigError, InputError
 from dallemini.models.clip import BuiltinClipScorer, contrastive_loss, load_scorer, load_small_clip
 from dallemini.random_model import create_random_model

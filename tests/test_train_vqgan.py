@@ -19,11 +19,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch import Tensor
 
 from dallemini.checkpoints.native import save_model_dir
 from dallemini.config import PipelineConfig, VQGANConfig
-from dallemini.data.emoji import EmojiScenes, glyph_cells, write_emoji_dataset
 from dallemini.data.pairs import PairDataset
 from dallemini.data.sources import FolderSource, Record, Source, open_source
 from dallemini.errors import ConfigError, InputError
@@ -34,9 +32,7 @@ from dallemini.training.losses import LPIPS, PatchDiscriminator
 from dallemini.training.vqgan import (
     VQGANTrainConfig,
     VQGANTrainer,
-    background_invariance,
     spread_pick,
-    swap_glyph_cells,
 )
 
 from .train_utils import kill9_resume_and_compare, subprocess_env
@@ -363,24 +359,13 @@ def test_finetune_from_model_dir_with_lpips_and_taming_discriminator(tmp_path: P
 
 
 def test_decoder_only_finetune_keeps_every_code(tmp_path: Path) -> None:
-    data = _emoji_data(tmp_path / "emoji")
+    data = write_images(tmp_path / "imgs")
     torch.manual_seed(2)
     vq_cfg = VQGANConfig.from_dict({**VQGANConfig().to_dict(), **TINY_VQGAN})
     start = VQGAN(vq_cfg).state_dict()
     model_dir = save_model_dir(tmp_path / "start", PipelineConfig(vqgan=vq_cfg), {"vqgan": start})
     kw: dict[str, Any] = dict(vqgan={}, model=str(model_dir), steps=4, disc_start=100)
-    with pytest.raises(ConfigError, match="background_weight must be 0"):
-        _cfg(data, tmp_path / "run", train_encoder=False, background_pairs=2, **kw)
-    cfg = _cfg(
-        data,
-        tmp_path / "run",
-        train_encoder=False,
-        background_pairs=2,
-        background_weight=0.0,
-        background_swap=True,
-        background_donor=True,
-        **kw,
-    )
+    cfg = _cfg(data, tmp_path / "run", train_encoder=False, **kw)
     trainer = VQGANTrainer(cfg)
     trainer.fit()
     out = load_vqgan(tmp_path / "run" / "model").state_dict()
@@ -485,117 +470,6 @@ def test_quantize_warmup_then_codebook_seeded_from_latents(tmp_path: Path) -> No
     assert len(torch.unique(weight, dim=0)) > quant.n_embed // 2
     with pytest.raises(ConfigError, match="quantize_start"):
         _cfg(data, tmp_path / "c", quantize_start=-1)
-
-
-def test_background_invariance_measures_masked_cells_only() -> None:
-    a = torch.randn(3, 4, 5, 5)
-    mask = torch.zeros(3, 5, 5, dtype=torch.bool)
-    mask[:, 1:3, 1:3] = True
-    b = a.clone()
-    b[:, :, 0] += 5.0  # outside the mask: does not count
-    assert float(background_invariance(torch.cat([a, b]), mask)) == 0.0
-    b[:, :, 1, 1] = -a[:, :, 1, 1]  # opposite latents in one masked cell of four
-    inv = float(background_invariance(torch.cat([a, b]), mask))
-    assert inv == pytest.approx(4.0 / 4, rel=1e-4)  # |2a|^2 / |a|^2 = 4, averaged over 4 cells
-    scaled = float(background_invariance(torch.cat([a, b]) * 10.0, mask))
-    assert scaled == pytest.approx(inv, rel=1e-4)  # shrinking the latents does not lower it
-    assert float(background_invariance(torch.cat([a, b]), mask & False)) == 0.0
-    # anchored: the same value, but only the first half gets a gradient
-    both = torch.cat([a, b]).requires_grad_(True)
-    anchored = background_invariance(both, mask, anchor=True)
-    assert float(anchored.detach()) == pytest.approx(inv, rel=1e-4)
-    anchored.backward()
-    assert both.grad is not None and both.grad[:3].abs().sum() > 0
-    assert both.grad[3:].abs().sum() == 0
-
-
-def _emoji_data(folder: Path) -> Path:
-    write_emoji_dataset(folder, tier=8, resolution=RES, splits="train", captions_per_image=1)
-    return folder
-
-
-def test_background_pairs_make_glyph_cells_background_invariant(tmp_path: Path) -> None:
-    data = _emoji_data(tmp_path / "emoji")
-    kw: dict[str, Any] = dict(steps=40, disc_start=1000, background_pairs=4, l2_weight=1.0)
-    on = VQGANTrainer(_cfg(data, tmp_path / "on", background_weight=4.0, **kw))
-    off = VQGANTrainer(_cfg(data, tmp_path / "off", background_weight=0.0, **kw))
-    scenes = EmojiScenes.from_config(json.loads((data / "emoji_scenes.json").read_text()))
-    a, b, alpha, _ = scenes.background_pairs(32, "held", 0)
-    pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255
-    mask = torch.from_numpy(glyph_cells(alpha, 2))
-
-    def measured(t: VQGANTrainer) -> float:
-        with torch.no_grad():
-            return float(background_invariance(t.vqgan.encode_latents(pixels), mask))
-
-    before = measured(on)
-    for t in (on, off):
-        for _ in range(40):
-            logs = t.train_step()
-            t.step += 1
-        assert logs["background_invariance"] >= 0 and logs["n_images"] == 16  # 8 + 2 x 4
-    assert measured(on) < 0.5 * measured(off) and measured(on) < before
-    # the pairs need the emoji-scenes config next to the images
-    with pytest.raises(ConfigError, match=r"emoji_scenes\.json"):
-        VQGANTrainer(_cfg(write_images(tmp_path / "imgs"), tmp_path / "c", background_pairs=2))
-    with pytest.raises(ConfigError, match="background_pairs"):
-        _cfg(data, tmp_path / "d", background_pairs=-1)
-
-
-def test_swap_glyph_cells_appends_recombined_rows() -> None:
-    z = torch.arange(5 * 2 * 3 * 3, dtype=torch.float32).reshape(5, 2, 3, 3)  # 1 image + 2 pairs
-    mask = torch.zeros(2, 3, 3, dtype=torch.bool)
-    mask[0, 1, 1] = True
-    out = swap_glyph_cells(z, mask)
-    assert out.shape == (7, 2, 3, 3) and torch.equal(out[:5], z)
-    # pair 0: the first scene (row 1) with its masked cell from the second scene (row 3)
-    want = z[1].clone()
-    want[:, 1, 1] = z[3, :, 1, 1]
-    assert torch.equal(out[5], want) and torch.equal(out[6], z[2])  # pair 1: nothing masked
-
-
-def test_background_swap_decodes_recombined_pairs_against_the_first_scene(tmp_path: Path) -> None:
-    data = _emoji_data(tmp_path / "emoji")
-    t = VQGANTrainer(
-        _cfg(data, tmp_path / "a", background_pairs=3, background_weight=0.0, background_swap=True)
-    )
-    seen: list[tuple[Tensor, Tensor]] = []
-    generator_loss = t.loss.generator_loss
-
-    weights_seen: list[Tensor | None] = []
-
-    def spy(targets: Tensor, recon: Tensor, *rest: Any) -> Any:
-        seen.append((targets.detach(), recon.detach()))
-        weights_seen.append(rest[-1])
-        return generator_loss(targets, recon, *rest)
-
-    t.loss.generator_loss = spy  # type: ignore[method-assign]
-    logs = t.train_step()
-    targets, recon = seen[0]
-    assert logs["n_images"] == 8 + 2 * 3 and targets.shape == recon.shape
-    assert targets.shape[0] == 8 + 2 * 3 + 3  # and 3 recombined pairs decoded
-    # the last 3 targets are the pairs' first scenes (rows 8..10)
-    assert torch.equal(targets[-3:], targets[8:11])
-    assert weights_seen == [None]
-    # background_swap_weight weighs the swapped rows in the reconstruction loss
-    t.cfg.background_swap_weight = 3.0
-    t.train_step()
-    assert weights_seen[1] is not None and weights_seen[1].tolist() == [1.0] * 14 + [3.0] * 3
-
-
-def test_background_donor_swaps_in_the_glyph_donors_codes(tmp_path: Path) -> None:
-    data = _emoji_data(tmp_path / "emoji")
-    kw: dict[str, Any] = dict(background_pairs=3, background_weight=0.0, background_swap=True)
-    t = VQGANTrainer(_cfg(data, tmp_path / "a", background_donor=True, **kw))
-    scenes = EmojiScenes.from_folder(data)
-    pixels, _ = t._background_pairs(0)  # type: ignore[misc]
-    want = scenes.background_pairs(3, t.cfg.seed, t.step, 0, 0, donor=True)
-    assert torch.equal(pixels, torch.from_numpy(np.concatenate(want[:2])).permute(0, 3, 1, 2) / 255)
-    assert all(b.colour == scenes.glyph_donor(b.subject, b.position) for _, b in want.scenes)
-    assert t.train_step()["n_images"] == 8 + 2 * 3
-    for name in ("background_donor", "background_swap"):
-        with pytest.raises(ConfigError, match=f"{name} needs background_pairs"):
-            _cfg(data, tmp_path / "b", **{name: True})
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ itself sees ("0,1" for dalle-mini, "-1,1" for taming checkpoints).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -475,19 +474,11 @@ class VQGAN(nn.Module):
         )
 
     # --- training ------------------------------------------------------------------------------
-    def forward(
-        self,
-        images: Tensor,
-        quantize: bool = True,
-        return_latents: bool = False,
-        remix: Callable[[Tensor], Tensor] | None = None,
-    ) -> tuple[Tensor, ...]:
+    def forward(self, images: Tensor, quantize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Training pass: (reconstruction in [0, 1] space, unclamped; codebook+commitment loss; codes).
 
         quantize=False decodes the continuous latents (an autoencoder warm-up: zero codebook loss;
-        the codes are still reported). return_latents appends the latents as the codebook compares
-        them (`quantize.matched`), with their gradient, for losses on the encoder's output. `remix`
-        maps the quantized latents to what is decoded (e.g. with extra, recombined rows).
+        the codes are still reported).
         """
         z = self.encode_latents(images)
         if quantize:
@@ -495,9 +486,5 @@ class VQGAN(nn.Module):
         else:
             z_q = self.quantize.matched(z)
             loss, codes = z.new_zeros(()), self.quantize.nearest(z.detach())
-        if remix is not None:
-            z_q = remix(z_q)
         recon = self._from_network(self._decode_network(z_q))
-        if return_latents:
-            return recon, loss, codes, self.quantize.matched(z)
         return recon, loss, codes

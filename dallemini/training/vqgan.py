@@ -16,12 +16,11 @@ position is saved in every checkpoint.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import typing
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from torch import Tensor
 
 from ..checkpoints.native import save_model_dir
 from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig, check_memory
-from ..data.emoji import EmojiScenes, glyph_cells
 from ..data.pairs import PairDataset
 from ..data.sources import Source, open_source
 from ..errors import ConfigError, InputError
@@ -67,33 +65,27 @@ def spread_pick(z: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return chosen
 
 
-def background_invariance(latents: Tensor, mask: Tensor, anchor: bool = False) -> Tensor:
-    """Mean relative squared distance between the two halves' latents over the masked cells.
+@dataclass
+class ExtraRows:
+    """Rows a trainer extension adds to one micro-batch (see `VQGANTrainer.extra_rows`)."""
 
-    latents: [2n, C, h, w] (first n scenes, then the same scenes on other backgrounds); mask:
-    [n, h, w] bool. Relative to the pair's mean squared norm, so shrinking the latents cannot
-    lower it. Zero when no cell is masked. With `anchor` the second half is a fixed target (no
-    gradient): only the first scenes' latents move toward it, so the anchors keep what they encode
-    and the pair cannot meet in a latent that encodes nothing.
-    """
-    z = latents.float()
-    a, b = z.chunk(2)
-    if anchor:
-        b = b.detach()
-    dist = (a - b).square().sum(1)
-    scale = 0.5 * (a.square().sum(1) + b.square().sum(1)) + 1e-6
-    m = mask.to(dist.dtype)
-    return (dist / scale * m).sum() / m.sum().clamp_min(1.0)
+    images: Tensor  # [k, 3, H, W]: encoded and decoded with the batch, against themselves
+    # Maps the quantized latents of the whole batch [B, C, h, w] to what the decoder decodes: the
+    # same rows, then extra ones; those are reconstructed against `targets`, weighted `weight`.
+    decode: Callable[[Tensor], Tensor] | None = None
+    targets: Tensor | None = None  # [j, 3, H, W], one per row `decode` appends
+    weight: float = 1.0
 
-
-def swap_glyph_cells(z_q: Tensor, mask: Tensor) -> Tensor:
-    """z_q with rows appended: each pair's first scene with its glyph cells from the second.
-
-    z_q: [m + 2n, C, h, w], its last 2n rows the pairs (first scenes, then second); mask: [n, h, w].
-    """
-    n = mask.shape[0]
-    first, second = z_q[-2 * n : -n], z_q[-n:]
-    return torch.cat([z_q, torch.where(mask[:, None], second, first)])
+    def targets_for(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(reconstruction targets, per-row loss weights or None) for the batch `images` (extra rows in)."""
+        if self.decode is None or self.targets is None:
+            return images, None
+        targets = torch.cat([images, self.targets])
+        if self.weight == 1.0:
+            return targets, None
+        weights = torch.ones(targets.shape[0], device=targets.device)
+        weights[-self.targets.shape[0] :] = self.weight
+        return targets, weights
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -143,34 +135,9 @@ class VQGANTrainConfig(TrainConfig):
     # warm-up); at this update every codebook entry is drawn from the probe's latents (weighted by
     # distance), a data-dependent start that a codebook trained from scratch otherwise lacks.
     quantize_start: int = 0
-    # Background invariance (experimental; emoji-scenes data only: needs the emoji_scenes.json that
-    # `dallemini dataset emoji` writes next to the images): each update also trains on this many
-    # training scenes drawn twice, on two of their training colours, and pulls the two latents of
-    # every cell that holds part of the glyph together (relative squared distance, times
-    # background_weight). The aim: a glyph's cells get the same codes on every background, so the
-    # seq2seq model can draw a subject on a colour it never saw it with, and the decoder takes the
-    # colour from the cells around (it does learn that); see the emoji default recipe's status.
-    background_pairs: int = 0
-    background_weight: float = 1.0
-    # Update at which the term starts: from the first update it can stop the encoder from
-    # learning anything (every latent alike is invariant), so let it learn to reconstruct first.
-    background_start: int = 0
-    # Also decode each pair's first scene from its own codes with the glyph cells' codes taken from
-    # the other colour, against the first scene: the decoder learns to take a glyph's fringe colour
-    # from the background around it, whatever colour its codes were encoded on.
-    background_swap: bool = False
-    # Weight of each swapped row in the reconstruction loss (every other image counts 1).
-    background_swap_weight: float = 1.0
-    # Draw every pair's second scene on the subject's glyph donor colour (EmojiScenes.glyph_donor),
-    # so background_swap teaches the decoder exactly the codes that donor-coded token rows
-    # (the recipe's encode.glyph_donor) give it: the donor's glyph cells on any background.
-    background_donor: bool = False
-    # The invariance term pulls each pair's first scene toward its second, held fixed (with
-    # background_donor: every colour toward the donor's latents), instead of both toward each other.
-    background_anchor: bool = False
     # False: fine-tune the decoder (and post_quant_conv) of `model` only; the encoder and the
     # codebook stay as they are, so every image keeps its codes and a seq2seq model trained on
-    # them stays valid (e.g. teach the decoder the donor-coded scenes a DalleBart emits).
+    # them stays valid (e.g. teach the decoder to draw the token rows a DalleBart emits).
     train_encoder: bool = True
     # Taming's optimizer: Adam, 4.5e-6 × global batch (8 here), betas (0.5, 0.9), constant rate, no clipping.
     optimizer: str = "adamw"
@@ -199,8 +166,6 @@ class VQGANTrainConfig(TrainConfig):
             "codebook_weight",
             "disc_weight",
             "disc_factor",
-            "background_weight",
-            "background_swap_weight",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -216,8 +181,6 @@ class VQGANTrainConfig(TrainConfig):
             "codebook_restart_every",
             "codebook_restart_until",
             "quantize_start",
-            "background_pairs",
-            "background_start",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -226,18 +189,12 @@ class VQGANTrainConfig(TrainConfig):
                 raise ConfigError(
                     "train_encoder=false fine-tunes a decoder: give the VQGAN as model"
                 )
-            fixed = ["quantize_start", "codebook_restart_every"]
-            if self.background_pairs:  # the invariance term trains the encoder only
-                fixed.append("background_weight")
-            for name in fixed:
+            for name in ("quantize_start", "codebook_restart_every"):
                 if getattr(self, name):
                     raise ConfigError(
                         f"{name} must be 0 with train_encoder=false (the encoder and codebook stay "
                         "fixed)"
                     )
-        for name in ("background_swap", "background_donor"):
-            if getattr(self, name) and not self.background_pairs:
-                raise ConfigError(f"{name} needs background_pairs > 0 (the pairs it works on)")
         if self.shuffle_buffer is not None and self.shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0 (or none), got {self.shuffle_buffer}")
         if self.resolution is not None and self.resolution < 1:
@@ -354,7 +311,6 @@ class VQGANTrainer(Trainer):
             start=holdout,
         )
         self.eval_data = self._eval_images(self.env.rank, self.env.world_size, cfg.batch_size)
-        self.scenes = self._emoji_scenes() if cfg.background_pairs else None
         self._samples: Tensor | None = None
         self._probe: Tensor | None = None
 
@@ -368,34 +324,6 @@ class VQGANTrainer(Trainer):
             return load_vqgan(cfg.model, device="cpu", dtype="float32")
         check_memory(_vqgan_config(cfg.preset, cfg.vqgan), training=True)
         return VQGAN(_vqgan_config(cfg.preset, cfg.vqgan))
-
-    def _emoji_scenes(self) -> EmojiScenes:
-        """The emoji-scenes dataset that `data` was written from (for background pairs)."""
-        try:
-            scenes = EmojiScenes.from_folder(self.cfg.data)
-        except ConfigError as e:
-            raise ConfigError(f"background_pairs needs emoji-scenes data: {e}") from e
-        if scenes.resolution != self.resolution:
-            raise ConfigError(
-                f"background_pairs: the emoji scenes are {scenes.resolution} px but the VQGAN trains "
-                f"at {self.resolution} px"
-            )
-        return scenes
-
-    def _background_pairs(self, micro: int) -> tuple[Tensor, Tensor] | None:
-        """(both images of this micro-batch's pairs [2n, 3, H, W], glyph-cell mask [n, h, w]) or None.
-
-        Drawn from (seed, update, rank, micro-batch) alone, so a resumed run sees the same pairs.
-        """
-        if self.scenes is None:
-            return None
-        n = self.cfg.background_pairs
-        a, b, alpha, _ = self.scenes.background_pairs(
-            n, self.cfg.seed, self.step, self.env.rank, micro, donor=self.cfg.background_donor
-        )
-        pixels = torch.from_numpy(np.concatenate([a, b])).permute(0, 3, 1, 2).float() / 255.0
-        mask = torch.from_numpy(glyph_cells(alpha, self.vqgan.config.downsample_factor))
-        return pixels.to(self.device), mask.to(self.device)
 
     def _lpips(self) -> LPIPS | None:
         cfg = self.cfg
@@ -453,6 +381,28 @@ class VQGANTrainer(Trainer):
             drop_last=False,
         )
 
+    # --- the extension point ------------------------------------------------------------------
+    def extra_rows(self, micro: int) -> ExtraRows | None:
+        """Rows that micro-batch `micro` of this update trains on beside its images; none here.
+
+        Subclasses fill it; drawing from (seed, step, rank, micro) alone keeps resumes exact.
+        """
+        return None
+
+    @contextlib.contextmanager
+    def _decoding(self, decode: Callable[[Tensor], Tensor] | None) -> Iterator[None]:
+        """While active, the decoder gets `decode(quantized latents)` instead of the latents."""
+        if decode is None:
+            yield
+            return
+        handle = self.vqgan.post_quant_conv.register_forward_pre_hook(
+            lambda _module, args: (decode(args[0]),)
+        )
+        try:
+            yield
+        finally:
+            handle.remove()
+
     # --- a step ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _wrapped_discriminator(self) -> Iterator[None]:
@@ -482,34 +432,22 @@ class VQGANTrainer(Trainer):
             logs.update(self.restart_dead_codes())
         for i in range(accum):
             images = self.next_batch().pixels.to(self.device, non_blocking=True)
-            pairs = self._background_pairs(i)
-            remix = None
-            if pairs is not None:
-                images = torch.cat([images, pairs[0]])
-                if self.cfg.background_swap:
-                    remix = functools.partial(swap_glyph_cells, mask=pairs[1])
+            extra = self.extra_rows(i)
+            targets, weights = images, None
+            if extra is not None:
+                images = torch.cat([images, extra.images])
             sync = i == accum - 1
-            with D.gradient_sync(model, sync), self.autocast():
-                recon, codebook_loss, _, latents = model(
-                    images, quantize=quantize, return_latents=True, remix=remix
-                )
-                targets, weights = images, None
-                if pairs is not None and remix is not None:  # swapped rows: the pairs' first scenes
-                    n = pairs[1].shape[0]
-                    targets = torch.cat([images, images[-2 * n : -n]])
-                    if self.cfg.background_swap_weight != 1.0:
-                        weights = torch.ones(targets.shape[0], device=targets.device)
-                        weights[-n:] = self.cfg.background_swap_weight
+            with (
+                D.gradient_sync(model, sync),
+                self.autocast(),
+                self._decoding(extra.decode if extra is not None else None),
+            ):
+                recon, codebook_loss, _ = model(images, quantize=quantize)
+                if extra is not None:
+                    targets, weights = extra.targets_for(images)
                 loss, g_logs = self.loss.generator_loss(
                     targets, recon, codebook_loss, self.step, last_layer, weights
                 )
-                if pairs is not None:
-                    inv = background_invariance(
-                        latents[-pairs[0].shape[0] :], pairs[1], self.cfg.background_anchor
-                    )
-                    if self.step >= self.cfg.background_start:
-                        loss = loss + self.cfg.background_weight * inv
-                    g_logs["background_invariance"] = float(inv.detach())
             self.backward(loss / accum)
             if not gan:  # the GAN terms appear in the logs once they count
                 for k in ("g_loss", "d_weight", "disc_factor"):

@@ -157,7 +157,7 @@ def article(word: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Font rendering (used by tools/build_emoji_atlas.py and by render_from_font=True)
+# Font rendering (used by atlas.py and by render_from_font=True)
 
 
 def find_font(path: str | os.PathLike[str] | None = None) -> Path | None:
@@ -210,7 +210,7 @@ def _load_atlas() -> tuple[tuple[Subject, ...], np.ndarray, dict[str, Any]]:
     meta_path, atlas_path = ASSETS_DIR / SUBJECTS_FILE, ASSETS_DIR / ATLAS_FILE
     if not meta_path.is_file() or not atlas_path.is_file():
         raise ConfigError(
-            f"the emoji atlas is missing from {ASSETS_DIR}; rebuild it with tools/build_emoji_atlas.py"
+            f"the emoji atlas is missing from {ASSETS_DIR}; rebuild it with `python -m dallemini.emoji.atlas`"
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     cell, cols = int(meta["cell"]), int(meta["columns"])
@@ -580,7 +580,7 @@ class EmojiScenes:
         """The training colour whose codes stand for the subject's glyph at `position`, or None.
 
         One colour per (subject, place) (the training colour the glyph stands out on most), so a
-        seq2seq model trained on donor codes (`data/glyph_swaps.py`) sees a subject's glyph cells
+        seq2seq model trained on donor codes (`donors.py`) sees a subject's glyph cells
         with the same codes on every background: the glyph and the background become separate
         parts of the token grid.
         """
@@ -592,10 +592,9 @@ class EmojiScenes:
     def background_pairs(self, n: int, *parts: object, donor: bool = False) -> BackgroundPairs:
         """n training scenes, each also drawn on another of its training colours, seeded by `parts`.
 
-        Both scenes of a pair are in the train split, so held-out pairs stay unseen. The VQGAN
-        trainer's background-invariance term uses them to give a cell that holds part of a glyph
-        the same code on every background. With `donor`, the second colour is always the scene's
-        `glyph_donor` (and the first any other training colour).
+        Both scenes of a pair are in the train split, so held-out pairs stay unseen. The emoji
+        VQGAN trainer (`training.EmojiVQGANTrainer`) trains on them. With `donor`, the second
+        colour is always the scene's `glyph_donor` (and the first any other training colour).
         """
         keys, colours = self._recolourable
         if not keys:

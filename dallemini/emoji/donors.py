@@ -1,13 +1,11 @@
-"""Glyph-swapped token rows for emoji-scenes training: a scene's codes with its glyph cells' codes
-taken from the same subject and place on another training colour, under the scene's own caption.
+"""Glyph-donor token rows for emoji-scenes training: every scene's codes with its glyph cells' codes
+taken from the same subject and place on the subject's glyph donor colour, under the scene's own caption.
 
 A subject's edge cells blend with the background, so their VQGAN codes differ per colour; a
 DalleBart trained on the plain rows learns which variant goes with which colour and, for a colour
-never seen with the subject, draws a subject that was. These rows break that link: the glyph's
-codes come from any training colour while the background (and the caption) keep theirs. They are
-only worth it with a VQGAN whose decoder takes the fringe colour from the cells around a glyph
-(train-vqgan's `background_swap`). Both scenes of a swap are training rows, so held-out pairs stay
-unseen.
+never seen with the subject, draws a subject that was. Donor rows give a glyph one set of codes on
+every background; they need a VQGAN whose decoder draws those codes on any colour (the emoji
+VQGAN trainer's `background_donor` + `background_swap`).
 """
 
 from __future__ import annotations
@@ -22,102 +20,23 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, InputError
-from .emoji import EmojiScenes, _rng, glyph_cells
-from .shards import (
+from ..data.shards import (
     MANIFEST_NAME,
     ShardInfo,
     atomic_write_json,
     list_shards,
     read_shard_meta,
-    shard_index,
-    shard_name,
     write_shard,
 )
+from ..errors import InputError
+from .scenes import EmojiScenes, glyph_cells
 
-__all__ = ["glyph_cell_mask", "write_glyph_donors", "write_glyph_swaps"]
+__all__ = ["glyph_cell_mask", "write_glyph_donors"]
 
 
 def glyph_cell_mask(scenes: EmojiScenes, subject: str, position: str, cell: int) -> np.ndarray:
     """[side/cell, side/cell] bool: the token cells that hold any pixel of the subject's glyph."""
     return glyph_cells(scenes.glyph_alpha(subject, position), cell)
-
-
-def write_glyph_swaps(
-    data_dir: str | os.PathLike[str],
-    tokens_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    copies: int = 1,
-    seed: int = 0,
-) -> int:
-    """Write `out_dir`: the encoded rows of `tokens_dir` plus `copies` glyph-swapped rows per image.
-
-    `data_dir` is the emoji-scenes folder `tokens_dir` was encoded from (its metadata.jsonl names
-    every image's scene). The original shards are hard-linked (copied where links fail); the new
-    rows go into shards after them, listed in the same manifest. Returns the rows added.
-    """
-    if copies < 1:
-        raise ConfigError(f"glyph swap copies must be >= 1, got {copies}")
-    scenes, shards, manifest, scene_of, codes, captions = _read_encoded(data_dir, tokens_dir)
-    cell = int(manifest["image_size"]) // int(manifest["grid_size"])
-    by_place: dict[tuple[str, str], list[str]] = {}
-    for key in sorted(codes):
-        subject, _, position = scene_of[key]
-        by_place.setdefault((subject, position), []).append(key)
-    mask_of = _mask_cache(scenes, cell)
-    keys, caps, rows = [], [], []
-    for key in sorted(codes):
-        subject, colour, position = scene_of[key]
-        donors = [k for k in by_place[subject, position] if scene_of[k][1] != colour]
-        if not donors:
-            continue
-        mask = mask_of(subject, position)
-        rng = _rng(seed, "glyph-swaps", key)
-        for k in range(copies):
-            donor = donors[int(rng.integers(len(donors)))]
-            keys.append(f"{key}#swap{k}")
-            caps.append(captions[key][int(rng.integers(len(captions[key])))])
-            rows.append(np.where(mask, codes[donor], codes[key]))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for info in shards:
-        dst = out / info.path.name
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(info.path, dst)
-        except OSError:
-            dst.write_bytes(info.path.read_bytes())
-        entries.append(next(e for e in manifest["shards"] if e["file"] == info.path.name))
-    size = max(1, max(info.rows for info in shards))  # rows per new shard: as the largest old one
-    start = max(shard_index(info.path.name) or 0 for info in shards) + 1
-    for i, lo in enumerate(range(0, len(rows), size)):
-        name = shard_name(start + i)
-        part = slice(lo, lo + size)
-        write_shard(
-            out / name,
-            keys[part],
-            caps[part],
-            np.stack(rows[part]),
-            n_embed=int(manifest["n_embed"]),
-            metadata={"glyph_swaps": True, "vqgan_fingerprint": manifest.get("vqgan_fingerprint")},
-        )
-        entries.append({"file": name, "rows": len(keys[part]), "glyph_swaps": True})
-    atomic_write_json(
-        out / MANIFEST_NAME,
-        {
-            **manifest,
-            "shards": entries,
-            "count": int(manifest.get("count", 0)) + len(rows),
-            "glyph_swaps": {
-                "copies": copies,
-                "seed": seed,
-                "rows": len(rows),
-                "from": str(tokens_dir),
-            },
-        },
-    )
-    return len(rows)
 
 
 def write_glyph_donors(
@@ -131,7 +50,7 @@ def write_glyph_donors(
     in the written rows a subject's glyph cells carry one set of codes whatever the background:
     a seq2seq model learns the glyph from the subject and the position and the background cells
     from the colour, and can put a subject on a colour it never saw it with. The VQGAN must draw
-    those codes on any background (train-vqgan's `background_donor` + `background_swap`). Same
+    those codes on any background (the emoji VQGAN trainer's `background_donor` + `background_swap`). Same
     shard names, keys and captions as `tokens_dir`; returns the rows whose codes changed.
     """
     scenes, shards, manifest, scene_of, codes, _ = _read_encoded(data_dir, tokens_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dallemini.data.emoji import EmojiScenes, Scene
+from dallemini.emoji.scenes import EmojiScenes, Scene
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:

@@ -3,14 +3,12 @@
 Steps, each skipped when its result exists (and each trainer resuming from its checkpoints), so an
 interrupted recipe continues where it stopped:
 1. dataset: emoji scenes rendered into OUT/data/{train,heldout} (held-out = the heldout-triples split);
-2. vqgan: `train-vqgan` on the training images -> OUT/vqgan/model;
+2. vqgan: the emoji VQGAN trainer (`training.py`) on the training images -> OUT/vqgan/model;
 3. encode: both image folders into VQGAN token shards OUT/tokens/{train,heldout} (with
-   `encode.glyph_swaps: K`, also OUT/tokens/train-swaps: the training rows plus K glyph-swapped
-   rows per image, see `data/glyph_swaps.py`, which the DalleBart then trains on; with
-   `encode.glyph_donor: true`, OUT/tokens/train-donor: every row's glyph cells with the codes of
-   its glyph donor colour, which the DalleBart trains on instead);
+   `encode.glyph_donor: true`, also OUT/tokens/train-donor: every row's glyph cells with the codes
+   of its glyph donor colour, see `donors.py`, which the DalleBart trains on instead);
 4. bart: `train` (DalleBart) on the tokens -> OUT/bart/model (with the VQGAN);
-5. decoder (only with a `decoder` section): `train-vqgan` with train_encoder=false on the VQGAN
+5. decoder (only with a `decoder` section): the emoji VQGAN trainer with train_encoder=false on the VQGAN
    (every code stays, so the DalleBart stays valid) -> OUT/decoder/model, and OUT/decoder/pipeline:
    the bart model dir with that VQGAN;
 6. clip: `train-clip` on the images, inside the bart model dir (or OUT/decoder/pipeline) ->
@@ -18,7 +16,7 @@ interrupted recipe continues where it stopped:
 7. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
 8. OUT/model: the clip step's model dir plus emoji_scenes.json and MODEL_CARD.md (config, seed,
    time per step, evaluation).
-Settings come from a recipe YAML (packaged: `dallemini/recipes/emoji/<name>.yaml`) with sections
+Settings come from a recipe YAML (packaged: `dallemini/emoji/recipes/<name>.yaml`) with sections
 dataset, vqgan, encode, bart, decoder, clip, sampling, eval, and `section.key=value` overrides. `sampling`
 (temperature, top_k, top_p, condition_scale) is what eval uses and what OUT/model's config.json keeps.
 Continuing a run whose settings changed is refused unless `rerun_changed`, which redoes the first
@@ -30,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -37,14 +36,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from .config import PipelineConfig, SamplingConfig
-from .errors import ConfigError
+from ..config import PipelineConfig, SamplingConfig
+from ..data.encode import encode_dataset
+from ..data.sources import open_source
+from ..errors import ConfigError
+from ..pipeline import TextToImage, load_vqgan
+from ..training import trainer_class
+from ..training.checkpointing import list_checkpoints
+from ..training.loop import load_config
+from .donors import write_glyph_donors
+from .evaluation import METRICS, evaluate_model, format_report
+from .scenes import EmojiScenes, write_emoji_dataset
+from .training import EmojiVQGANTrainer
 
 log = logging.getLogger("dallemini.recipe")
 
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes" / "emoji"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 SECTIONS = ("dataset", "vqgan", "encode", "bart", "decoder", "clip", "sampling", "eval")
 STEPS = ("dataset", "vqgan", "encode", "bart", "decoder", "clip", "eval", "model")
 # The sections each step's result depends on (beyond the seed and the steps before it), and what it writes.
@@ -112,11 +122,6 @@ def load_recipe(
             f"unknown sampling setting(s) {bad}; known: {sorted(SamplingConfig.__dataclass_fields__)}"
         )
     SamplingConfig(**sampling)  # validates the values
-    encode = cfg.get("encode") or {}
-    if encode.get("glyph_swaps") and encode.get("glyph_donor"):
-        raise ConfigError(
-            "encode.glyph_swaps and encode.glyph_donor exclude each other: choose one"
-        )
     cfg.setdefault("seed", 0)
     cfg["source"] = str(p)
     return cfg
@@ -128,11 +133,7 @@ def _marker(out: Path, step: str) -> Path:
 
 def _train(kind: str, settings: dict[str, Any]) -> None:
     """Run one trainer in this process, resuming its own checkpoints when it was interrupted."""
-    from .training import trainer_class
-    from .training.checkpointing import list_checkpoints
-    from .training.loop import load_config
-
-    cls = trainer_class(kind)
+    cls = EmojiVQGANTrainer if kind == "vqgan" else trainer_class(kind)
     settings = dict(settings)
     settings["resume"] = bool(list_checkpoints(Path(settings["out"]) / "checkpoints"))
     cls(load_config(cls.config_class, None, settings)).fit()
@@ -199,8 +200,6 @@ def run_recipe(
     sec = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
 
     def dataset() -> None:
-        from .data.emoji import write_emoji_dataset
-
         d = sec["dataset"]
         for folder, split in (("train", "train"), ("heldout", "heldout-triples")):
             dst = data / folder
@@ -234,24 +233,14 @@ def run_recipe(
         "vqgan", "vqgan", data=data / "train", eval_data=data / "heldout", out=out / "vqgan"
     )
 
-    swaps = int(sec["encode"].pop("glyph_swaps", 0) or 0)
     donor = bool(sec["encode"].pop("glyph_donor", False))
-    bart_tokens = "train-swaps" if swaps else "train-donor" if donor else "train"
+    bart_tokens = "train-donor" if donor else "train"
 
     def encode() -> None:
-        from .data.encode import encode_dataset
-        from .data.glyph_swaps import write_glyph_donors, write_glyph_swaps
-        from .data.sources import open_source
-        from .pipeline import load_vqgan
-
         vq = load_vqgan(out / "vqgan" / "model", device=device)
         for folder in ("train", "heldout"):
             encode_dataset(
                 open_source(data / folder), tokens / folder, vq, **sec["encode"], progress=False
-            )
-        if swaps:
-            write_glyph_swaps(
-                data / "train", tokens / "train", tokens / "train-swaps", copies=swaps, seed=seed
             )
         if donor:
             write_glyph_donors(data / "train", tokens / "train", tokens / "train-donor")
@@ -301,10 +290,6 @@ def run_recipe(
     )
 
     def evaluate() -> None:
-        from .data.emoji import EmojiScenes
-        from .evaluation import evaluate_model, format_report
-        from .pipeline import TextToImage
-
         scenes_cfg = json.loads((data / "train" / "emoji_scenes.json").read_text())
         scenes = EmojiScenes.from_config(scenes_cfg)
         pipe = TextToImage.from_pretrained(out / "clip" / "model", device=device)
@@ -363,8 +348,6 @@ def run_recipe(
 
 def _table(report: dict[str, Any]) -> list[str]:
     """The report's accuracies as a Markdown table (model, reranked, ceiling, floor)."""
-    from .evaluation import METRICS
-
     cols = [c for c in ("model", "reranked", "ceiling", "floor") if c in report]
     rows = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key, label in METRICS:
@@ -374,10 +357,6 @@ def _table(report: dict[str, Any]) -> list[str]:
 
 def model_card(out: Path, cfg: dict[str, Any]) -> str:
     """MODEL_CARD.md: what the model is, how it was made (settings, seed, time) and how it scores."""
-    import platform
-
-    import torch
-
     times = {
         s: json.loads(_marker(out, s).read_text())["seconds"]
         for s in STEPS
@@ -389,7 +368,7 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
         "",
         "A small VQGAN + DalleBart + CLIP reranker trained from scratch by `dallemini recipe emoji` on",
         "the emoji-scenes dataset (Noto Color Emoji glyphs on 8 background colours at 9 positions;",
-        "glyphs OFL-1.1 / Apache-2.0, see dallemini/data/assets/LICENSE-emoji.txt). It draws prompts",
+        "glyphs OFL-1.1 / Apache-2.0, see dallemini/emoji/assets/LICENSE-emoji.txt). It draws prompts",
         'like "strawberry on a blue background, top left"; it knows nothing else.',
         "",
         "## How it was made",

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dallemini.data.emoji import EmojiScenes
-from dallemini.data.judge import EmojiJudge
+from dallemini.emoji.evaluation import SCENES_FILE, evaluate_model, sample_scenes, scenes_for_model
+from dallemini.emoji.judge import EmojiJudge
+from dallemini.emoji.scenes import EmojiScenes
 from dallemini.errors import ConfigError
-from dallemini.evaluation import SCENES_FILE, evaluate_model, sample_scenes, scenes_for_model
 from dallemini.pipeline import TextToImage
 
-from .test_cli import run_here
-from .test_pipeline import tiny_dir, with_builtin_clip  # noqa: F401  (fixtures)
+from ..test_cli import run_here
+from ..test_pipeline import tiny_dir, with_builtin_clip  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

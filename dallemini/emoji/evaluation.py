@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .data.emoji import EmojiScenes, Scene
-from .data.judge import EmojiJudge
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
+from .judge import EmojiJudge
+from .scenes import EmojiScenes, Scene
 
 SCENES_FILE = "emoji_scenes.json"
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dallemini.data.emoji import (
+from dallemini.emoji.judge import EmojiJudge
+from dallemini.emoji.scenes import (
     ASSETS_DIR,
     COLOURS,
     PALETTE,
@@ -24,7 +25,6 @@ from dallemini.data.emoji import (
     load_subjects,
     write_emoji_dataset,
 )
-from dallemini.data.judge import EmojiJudge
 from dallemini.errors import ConfigError, InputError
 
 CATEGORIES = {"Food & Drink", "Animals & Nature", "Travel & Places", "Objects", "Activities"}

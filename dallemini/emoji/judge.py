@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from .emoji import COLOURS, PALETTE, POSITIONS, TEMPLATES, EmojiScenes, Scene, _clean_caption
+from .scenes import COLOURS, PALETTE, POSITIONS, TEMPLATES, EmojiScenes, Scene, _clean_caption
 
 __all__ = ["EmojiJudge"]
 

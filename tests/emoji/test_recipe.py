@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dallemini.emoji.recipe import STEPS, first_changed_step, load_recipe, run_recipe
 from dallemini.errors import ConfigError, InputError
 from dallemini.pipeline import TextToImage, load_vqgan
-from dallemini.recipe import STEPS, first_changed_step, load_recipe, run_recipe
 
-from .test_cli import run_here
+from ..test_cli import run_here
 
 
 def test_recipe_settings_and_overrides() -> None:
@@ -26,8 +26,6 @@ def test_recipe_settings_and_overrides() -> None:
         load_recipe("tiny", {"sampling.top_q": 5})
     with pytest.raises(InputError, match="top_k must be a number >= 0"):
         load_recipe("tiny", {"sampling.top_k": -1})
-    with pytest.raises(ConfigError, match="exclude each other"):
-        load_recipe("tiny", {"encode.glyph_swaps": 1})  # tiny uses glyph_donor
 
 
 def test_first_changed_step() -> None:

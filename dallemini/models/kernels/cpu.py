@@ -242,7 +242,7 @@ def accelerate(model: DalleBart) -> DalleBart:
         if _swap(layer.glu, FusedGLU):
             layer.glu._bind()
     for m in model.modules():
-        if isinstance(m, nn.Linear) and _swap(m, CpuLinear):
+        if isinstance(m, nn.Linear) and m.bias is None and _swap(m, CpuLinear):
             m._bind(prepack=m in per_step)
         elif isinstance(m, Attention) and _swap(m, CpuAttention):
             m._bind()

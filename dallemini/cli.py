@@ -685,7 +685,7 @@ def info(
     """Print a model's format, configuration and, for a Hub model, where it came from."""
     from .checkpoints import detect_format, hub, load_parts
 
-    folder = hub.local_path(path)
+    folder = hub.cached_folder(path)  # a Hub model must be downloaded first: info never fetches
     fmt = detect_format(folder)
     parts = load_parts(folder, lazy=True)  # nothing but the configs is read
     record = {

@@ -167,6 +167,13 @@ def test_pinned_revisions_and_download_refreshes(
     assert shown["source"]["dtype"] == "bfloat16"
 
 
+def test_info_never_downloads(fake_hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+    publish(fake_hub, repos=(DALLE_MINI, VQGAN_REPO))
+    r = _cli("info", "mini", cwd=tmp_path)
+    assert r.returncode == 2 and "dallemini download mini" in r.stderr
+    assert fake_hub.requests == []
+
+
 def test_unknown_repo_is_one_line_and_exit_2(
     fake_hub: FakeHub, cache: Path, tmp_path: Path
 ) -> None:

@@ -130,6 +130,28 @@ def local_path(
     return _convert(str(name), source, dtype, ref)
 
 
+def cached_folder(name: str) -> Path:
+    """The local folder of a path or of a Hub name already downloaded (and converted), without any
+    request; a CheckpointError saying how to get it otherwise."""
+    if not is_hub_name(name):
+        return Path(name)
+    cached = _cached(_ref_file(name), None)
+    if cached is None:
+        base = name.split("@", 1)[0]
+        source = SHORT_NAMES.get(base)
+        if source is not None and source.kind == "clip":
+            with _hub_errors(name, _CLIP_FILES):
+                return Path(
+                    huggingface_hub.snapshot_download(
+                        source.repo, revision=source.revision, local_files_only=True
+                    )
+                )
+        raise CheckpointError(
+            f"{name} has not been downloaded yet: `dallemini download {name}` fetches and converts it"
+        )
+    return cached
+
+
 def parse(name: str) -> Source:
     """A name -> Source; owner/repo names are classified by the files the repo holds."""
     base, _, revision = name.partition("@")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dallemini.checkpoints import load_parts
 from dallemini.checkpoints.native import save_model_dir
+from dallemini.config import SamplingConfig
 from dallemini.errors import CheckpointError, InputError
 from dallemini.models.clip import BuiltinClipScorer, HFClipScorer, SmallClip
 from dallemini.pipeline import TextToImage
@@ -149,6 +150,50 @@ def test_chunks_give_the_same_images(pipe: TextToImage) -> None:
     for bad in (0, -1, 1.5):
         with pytest.raises(InputError, match="max_batch"):
             pipe("a cat", max_batch=bad)  # type: ignore[arg-type]
+
+
+def test_a_sampling_config_gives_the_keywords_images(pipe: TextToImage) -> None:
+    given = {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "condition_scale": 3.0}
+    settings = SamplingConfig(**given)
+    assert pipe.sampling(**given) == settings  # the sugar builds the same object
+    by_keywords = pipe(PROMPTS, num_images=2, seed=3, **given)
+    by_object = pipe(PROMPTS, num_images=2, seed=3, sampling=settings)
+    default = pipe(PROMPTS, num_images=2, seed=3)
+    tokens = [[r.tokens for r in g] for g in by_keywords]
+    assert tokens == [[r.tokens for r in g] for g in by_object]
+    assert tokens != [[r.tokens for r in g] for g in default]  # the settings did change something
+    for a, b in zip(by_keywords, by_object, strict=True):
+        assert [r.image.tobytes() for r in a] == [r.image.tobytes() for r in b]
+    # keywords override the object's fields: sampling=S, top_k=1 is S with top_k 1
+    greedy = pipe(PROMPTS, num_images=2, seed=3, sampling=settings, top_k=1)
+    same = pipe(PROMPTS, num_images=2, seed=3, sampling=replace(settings, top_k=1))
+    assert [[r.tokens for r in g] for g in greedy] == [[r.tokens for r in g] for g in same]
+    # streaming takes the object too; its last frame is the call's images
+    frames = list(pipe.stream("a red cat", num_images=2, seed=3, sampling=settings))
+    assert frames[-1].tokens.tolist() == tokens[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("temperature", 0.0), ("top_k", -1), ("top_p", 1.5), ("condition_scale", float("nan"))],
+)
+def test_bad_sampling_keywords_raise_the_configs_error(
+    pipe: TextToImage, name: str, value: float
+) -> None:
+    with pytest.raises(InputError) as from_config:
+        SamplingConfig(**{name: value})
+    message = str(from_config.value)
+    assert message.startswith(f"{name} must be a number")
+    for call in (
+        lambda: pipe("a cat", **{name: value}),
+        lambda: list(pipe.stream("a cat", **{name: value})),
+        lambda: pipe("a cat", sampling=SamplingConfig(), **{name: value}),
+    ):
+        with pytest.raises(InputError) as from_call:
+            call()
+        assert str(from_call.value) == message
+    with pytest.raises(InputError, match="sampling must be a SamplingConfig, got dict"):
+        pipe("a cat", sampling={name: value})  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------

@@ -204,6 +204,35 @@ def test_streaming_requests_share_a_batch_and_get_their_own_frames(pipe: TextToI
     same(jb.result, pipe("b", num_images=1, seed=8))
 
 
+class Recording(GatedPipe):
+    """Records the `sampling` each call and stream is handed."""
+
+    def __init__(self, pipe: TextToImage) -> None:
+        super().__init__(pipe)
+        self.handed: list[Any] = []
+
+    def __call__(self, prompts: Any, **kwargs: Any) -> Any:
+        self.handed.append(kwargs["sampling"])
+        return super().__call__(prompts, **kwargs)
+
+    def stream(self, prompts: Any, **kwargs: Any) -> Any:
+        self.handed.append(kwargs["sampling"])
+        return super().stream(prompts, **kwargs)
+
+
+def test_the_requests_sampling_config_is_handed_down_as_is(pipe: TextToImage) -> None:
+    rec = Recording(pipe)
+    b = Batcher(rec, max_wait_ms=0)
+    plain, greedy = pipe.sampling(), pipe.sampling(top_k=1)
+    jobs = [b.submit("a", 1, 1, plain), b.submit("b", 1, 2, greedy)]
+    jobs.append(b.submit("c", 1, 3, greedy, on_frame=lambda *a: None))
+    assert b.close()
+    assert all(j.state == "done" for j in jobs)
+    assert [id(s) for s in rec.handed] == [id(plain), id(greedy), id(greedy)]
+    with pytest.raises(TypeError, match="settings must be a SamplingConfig, got dict"):
+        b.submit("d", 1, 1, {"top_k": 1})  # type: ignore[arg-type]
+
+
 class Boom(GatedPipe):
     """Fails every call that holds the prompt 'boom'."""
 

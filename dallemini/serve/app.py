@@ -252,12 +252,9 @@ def create_app(
     ) -> Job:
         """Queue a validated request (429/503 with Retry-After when it cannot be taken)."""
         try:
-            sampling = pipe.sampling(
-                temperature=req.temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
-                condition_scale=req.condition_scale,
-            )
+            # The request's one SamplingConfig (the model's defaults under what it gives), handed
+            # down as is: the batcher groups by it and the pipeline samples with it.
+            sampling = pipe.sampling(**req.sampling_overrides())
             pipe.text([req.prompt])  # a prompt with nothing to tokenize fails here, not in a batch
         except DalleMiniError as e:
             raise _invalid("prompt" if "prompt" in str(e) else "settings", str(e)) from e

@@ -240,6 +240,8 @@ class Batcher:
         timeout_s: float | None = None,
     ) -> Job:
         """Queue a request, or raise Rejected (429 queue full, 503 shutting down)."""
+        if not isinstance(settings, SamplingConfig):
+            raise TypeError(f"settings must be a SamplingConfig, got {type(settings).__name__}")
         deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         job = Job(prompt, num_images, seed, settings, rerank, on_frame, deadline)
         with self._cond:
@@ -389,10 +391,10 @@ class Batcher:
         prompts = [j.prompt for j in batch]
         counts = [j.num_images for j in batch]
         seeds = [j.seed for j in batch]
-        kwargs = batch[0].settings.to_dict()
+        sampling = batch[0].settings  # one SamplingConfig: the batch's jobs all have equal settings
         self.stats.batches += 1
         if batch[0].streaming:
-            groups = self._stream(batch, prompts, counts, seeds, kwargs)
+            groups = self._stream(batch, prompts, counts, seeds, sampling)
         else:
 
             def progress(done: int, total: int) -> None:
@@ -406,7 +408,7 @@ class Batcher:
                 rerank=False,
                 max_batch=self.max_batch_images,
                 progress=progress,
-                **kwargs,
+                sampling=sampling,
             )
         self.stats.images += sum(counts)
         wanted = [i for i, j in enumerate(batch) if j.rerank]
@@ -422,13 +424,13 @@ class Batcher:
         prompts: list[str],
         counts: list[int],
         seeds: list[int],
-        kwargs: dict,
+        sampling: SamplingConfig,
     ) -> list[list[GeneratedImage]]:
         """Run a streaming batch: hand each job its slice of every partial frame; build the final images."""
         starts = [sum(counts[:i]) for i in range(len(counts))]
         last = None
         for frame in self.pipe.stream(
-            prompts, num_images=counts, seed=seeds, every=self.stream_every, **kwargs
+            prompts, num_images=counts, seed=seeds, every=self.stream_every, sampling=sampling
         ):
             last = frame
             if frame.done == frame.total:

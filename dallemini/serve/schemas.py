@@ -58,6 +58,10 @@ class GenerateRequest(_Strict):
         "base64", description="images inline as base64 PNG, or as URLs to fetch within a while"
     )
 
+    def sampling_overrides(self) -> dict[str, float | int]:
+        """The sampling settings this request gives (the others stay the model's defaults)."""
+        return {k: v for k in SamplingConfig.BOUNDS if (v := getattr(self, k)) is not None}
+
 
 def request_model(max_images: int, default_images: int) -> type[GenerateRequest]:
     """GenerateRequest with this server's bound on num_images (so the OpenAPI schema states it)."""

@@ -205,17 +205,13 @@ def generate(
         raise InputError(
             f"--seed must be from 0 to {seed_max} (image k of the run uses seed + k), got {seed}"
         )
-    given = {
-        k: v
-        for k, v in {
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "condition_scale": condition_scale,
-        }.items()
-        if v is not None
+    sampling = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "condition_scale": condition_scale,
     }
-    SamplingConfig(**given)  # checks the values before the model loads
+    SamplingConfig(**{k: v for k, v in sampling.items() if v is not None})  # checks the values
     _check_out_folder(out)
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
     model = _model_or_builtin(model)
@@ -227,7 +223,7 @@ def generate(
     pipe = TextToImage.from_pretrained(
         model, device=device, dtype=dtype, vqgan=vqgan, clip=clip, vqgan_dtype=vqgan_dtype
     )
-    settings = pipe.sampling(**given)  # the model's defaults under the options given: one object
+    settings = pipe.sampling(**sampling)
     if keep_rows == 0:
         typer.echo(
             "note: --keep-rows 0 keeps nothing of --init-image: this is plain generation", err=True
@@ -275,7 +271,7 @@ def generate(
                 keep_rows=keep_rows or 0,
                 max_batch=max_batch,
                 progress=progress if bar is not None else None,
-                sampling=settings,
+                **settings.to_dict(),
             )
             base += chunk_count * steps
             with _sigint_held():  # a group's files and the record are written whole
@@ -457,7 +453,7 @@ def _fit(kind: str, options: dict[str, object]) -> None:
 
     from .training import trainer_class
     from .training.distributed import shutdown
-    from .training.loop import load_config, parse_overrides
+    from .training.settings import load_config, parse_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = dict(options)

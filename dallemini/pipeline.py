@@ -14,14 +14,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import PipelineConfig, SamplingConfig, check_memory
+from .config import PipelineConfig, SamplingConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
+from .images import make_grid as make_grid  # re-exported
+from .images import to_pil
 from .memory import release_freed_memory
 from .models import kernels
 from .models.bart import DalleBart
 from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip, load_scorer
+from .models.loading import load_vqgan as load_vqgan  # re-exported
 from .models.vqgan import VQGAN
 
 # The built-in model (emoji scenes, made by `dallemini recipe emoji`; see its MODEL_CARD.md): what
@@ -37,28 +40,6 @@ def default_model_path() -> Path:
             "give a model directory (--model DIR), e.g. OUT/model made by `dallemini recipe emoji OUT`"
         )
     return DEFAULT_MODEL_DIR
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> RGB PIL images."""
-    arr = (
-        (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-    return [Image.fromarray(np.ascontiguousarray(a), "RGB") for a in arr]
-
-
-def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile equally sized images into one picture, row-major, `cols` per row (default: near-square)."""
-    if not images:
-        raise InputError("no images to put in a grid")
-    n = len(images)
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = (n + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 ImageSource = Image.Image | str | os.PathLike
@@ -224,20 +205,10 @@ class TextToImage:
         release_freed_memory()  # the read buffers of tensors converted while loading
         return pipe
 
-    def sampling(
-        self, base: SamplingConfig | None = None, /, **overrides: float | int | None
-    ) -> SamplingConfig:
-        """The settings a call runs with: `base` (default: the model's own) with the non-None overrides.
-
-        The overrides (temperature, top_k, top_p, condition_scale) are checked once, when the new
-        SamplingConfig is built (InputError); with none given `base` itself comes back.
-        """
-        if base is None:
-            base = self.config.sampling
-        elif not isinstance(base, SamplingConfig):
-            raise InputError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
+    def sampling(self, **overrides: float | int | None) -> SamplingConfig:
+        """The model's default settings with the given non-None overrides (validated)."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return replace(base, **given) if given else base
+        return replace(self.config.sampling, **given)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageSource]) -> Tensor:
@@ -379,7 +350,6 @@ class TextToImage:
         keep_rows: int = 0,
         max_batch: int | None = None,
         progress: Callable[[int, int], object] | None = None,
-        sampling: SamplingConfig | None = None,
     ) -> list[GeneratedImage] | list[list[GeneratedImage]]:
         """Generate num_images per prompt; one prompt gives a list, several give a list per prompt.
 
@@ -390,16 +360,10 @@ class TextToImage:
         prompt) with keep_rows=K keeps the image's top K token rows and samples the rest; keep_rows=0
         keeps nothing and is plain generation. All images are sampled as one batch, or in chunks of at
         most `max_batch` image rows, which gives the same images. `progress(done, total)` is called after
-        every decoding step. `sampling` is a SamplingConfig to run with (default: the model's own,
-        `self.config.sampling`); temperature, top_k, top_p and condition_scale, when given, override
-        its fields: `pipe(p, top_k=5)` is `pipe(p, sampling=pipe.sampling(top_k=5))`.
+        every decoding step.
         """
         settings = self.sampling(
-            sampling,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            condition_scale=condition_scale,
+            temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
         )
         if max_batch is not None and (
             isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
@@ -440,24 +404,18 @@ class TextToImage:
         condition_scale: float | None = None,
         init_image: ImageSource | None = None,
         keep_rows: int = 0,
-        sampling: SamplingConfig | None = None,
     ) -> Iterator[StreamFrame]:
         """Yield partial images every `every` tokens (default: one token row), the last frame complete.
 
         Images come in seed order, not reranked; several prompts give their images one after another in
-        one list; num_images, seed, init_image, keep_rows, sampling and its overrides work as in
-        __call__.
+        one list; num_images, seed, init_image and keep_rows work as in __call__.
         """
         g = self.config.vqgan.grid_size
         every = every or g
         if every < 1:
             raise InputError(f"every must be >= 1, got {every}")
         settings = self.sampling(
-            sampling,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            condition_scale=condition_scale,
+            temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
         )
         req = self._request(prompt, num_images, seed, init_image, keep_rows)
         total = self.config.bart.image_length
@@ -470,23 +428,6 @@ class TextToImage:
                 cut = rows * self.config.vqgan.downsample_factor
                 images[:, :, cut:] = 0.5
             yield StreamFrame(to_pil(images), batch.done, total, batch.tokens)
-
-
-def load_vqgan(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-) -> VQGAN:
-    """The VQGAN of a model directory or of any VQGAN checkpoint (Flax folder, taming .ckpt, min-dalle)."""
-    from .checkpoints import load_parts
-    from .checkpoints.native import load_into
-
-    parts = load_parts(Path(path))
-    if parts.config.vqgan is None:
-        raise CheckpointError(f"{path} holds no VQGAN")
-    check_memory(parts.config.vqgan)
-    vq = load_into(VQGAN(parts.config.vqgan), parts.states["vqgan"], f"{parts.source} (vqgan)")
-    return vq.to(resolve_device(device), resolve_dtype(dtype)).eval()
 
 
 def load_pipeline(

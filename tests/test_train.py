@@ -16,8 +16,8 @@ from dallemini.errors import ConfigError
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.training.checkpointing import load_checkpoint
-from dallemini.training.loop import load_config, parse_overrides
 from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
+from dallemini.training.settings import load_config, parse_overrides
 
 from .train_utils import (
     kill9_resume_and_compare,

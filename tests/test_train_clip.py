@@ -20,7 +20,7 @@ from dallemini.errors import CheckpointError, ConfigError, InputError
 from dallemini.models.clip import BuiltinClipScorer, contrastive_loss, load_scorer, load_small_clip
 from dallemini.random_model import create_random_model
 from dallemini.training.clip import ClipTrainConfig, ClipTrainer, batch_positives
-from dallemini.training.loop import load_config
+from dallemini.training.settings import load_config
 
 from .train_utils import kill9_resume_and_compare
 

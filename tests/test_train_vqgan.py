@@ -27,8 +27,8 @@ from dallemini.data.sources import FolderSource, Record, Source, open_source
 from dallemini.errors import ConfigError, InputError
 from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
-from dallemini.training.loop import load_config
 from dallemini.training.losses import LPIPS, PatchDiscriminator
+from dallemini.training.settings import load_config
 from dallemini.training.vqgan import (
     VQGANTrainConfig,
     VQGANTrainer,

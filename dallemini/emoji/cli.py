@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..checkpoints import hub
 from ..errors import ConfigError, InputError
 from ..pipeline import TextToImage
-from ..training.loop import parse_overrides
+from ..training.settings import parse_overrides
 from .evaluation import accuracy_table, evaluate_model, format_report, scenes_for_model
 from .judge import EmojiJudge
 from .recipe import run_recipe

@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..pipeline import TextToImage, load_vqgan
 from ..training import trainer_class
 from ..training.checkpointing import list_checkpoints
-from ..training.loop import load_config
+from ..training.settings import load_config
 from .donors import write_glyph_donors
 from .evaluation import METRICS, evaluate_model, format_report
 from .scenes import EmojiScenes, write_emoji_dataset

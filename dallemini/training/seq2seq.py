@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tokenizers import Tokenizer
 from torch import Tensor
 
@@ -31,7 +32,11 @@ from ..config import (
 )
 from ..data.shards import ShardDataset, read_shard
 from ..errors import ConfigError
+from ..generate import iter_image_tokens
+from ..images import make_grid, to_pil
+from ..models import kernels
 from ..models.bart import DalleBart
+from ..models.loading import load_vqgan
 from ..models.vqgan import VQGAN
 from ..text import TextEncoder, TextNormalizer, load_tokenizer, train_tokenizer
 from . import distributed as D
@@ -208,8 +213,6 @@ class Seq2SeqTrainer(Trainer):
             path = cfg.model
         if path is None:
             return None
-        from ..pipeline import load_vqgan
-
         vq = load_vqgan(path, device=self.device)
         fp = info.get("vqgan_fingerprint")
         if fp and fp != vq.config.fingerprint():
@@ -305,31 +308,44 @@ class Seq2SeqTrainer(Trainer):
             for m in sharded:
                 m.reshard()
 
+    def _sample_images(self, model: DalleBart, vq: VQGAN, prompts: list[str]) -> list[Image.Image]:
+        """`sample_images` images per prompt, in order, the k-th image of the run drawn with seed + k
+        (what TextToImage gives for these prompts, settings and seed)."""
+        n = self.cfg.sample_images
+        ids, mask = self.text(prompts)
+        u_ids, u_mask = self.text.unconditional(1)
+        seeds = [self.cfg.seed + k for k in range(n * len(prompts))]
+        index = torch.arange(len(prompts)).repeat_interleave(n)
+        *_, batch = iter_image_tokens(
+            kernels.accelerate(model),  # the CPU inference paths, as generation binds them
+            ids.to(self.device),
+            mask.to(self.device),
+            u_ids.to(self.device),
+            u_mask.to(self.device),
+            seeds,
+            self.pipeline_config().sampling,
+            num_codes=vq.config.n_embed,
+            prompt_index=index,
+        )
+        # Decoded one image at a time on CPU and eight on GPU, as TextToImage does (same pixels).
+        g = vq.config.grid_size
+        codes = batch.tokens.view(-1, g, g).split(1 if self.device.type == "cpu" else 8)
+        return [im for c in codes for im in to_pil(vq.decode(c))]
+
     def sample(self, step: int) -> Path | None:
         """A grid per run: every sample prompt × sample_images, written to out/samples/step-NNNNNN.png."""
         if self.vqgan_model is None:
             return None
-        from ..pipeline import TextToImage, make_grid
-
         prompts = self._prompts()
         with self._full_weights() as model, torch.inference_mode():
             was_training = model.training
             model.eval()
             try:
-                pipe = TextToImage(
-                    model,
-                    self.vqgan_model,
-                    self.text,
-                    self.pipeline_config(),
-                    self.device,
-                    torch.float32,
-                )
-                results = pipe(prompts, num_images=self.cfg.sample_images, seed=self.cfg.seed)
+                images = self._sample_images(model, self.vqgan_model, prompts)
             finally:
                 model.train(was_training)
         if not self.env.is_main:
             return None
-        images = [r.image for per in results for r in per]
         dst = self.out / "samples" / f"step-{step:06d}.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, cols=self.cfg.sample_images).save(dst)

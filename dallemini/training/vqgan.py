@@ -35,10 +35,13 @@ from ..config import VQGAN_PRESETS, PipelineConfig, VQGANConfig, check_memory
 from ..data.pairs import PairDataset
 from ..data.sources import Source, open_source
 from ..errors import ConfigError, InputError
+from ..images import make_grid
+from ..models.loading import load_vqgan
 from ..models.vqgan import VQGAN
 from . import distributed as D
-from .loop import TrainConfig, Trainer, _coerce
+from .loop import TrainConfig, Trainer
 from .losses import D_LOSSES, LPIPS, ActNorm, VQGANLoss, load_taming_discriminator
+from .settings import coerce
 
 log = logging.getLogger("dallemini.train")
 
@@ -226,7 +229,7 @@ def _vqgan_config(preset: str, overrides: dict[str, Any]) -> VQGANConfig:
     for name, value in overrides.items():
         if typing.get_origin(hints[name]) is tuple and not isinstance(value, (str, list, tuple)):
             value = [value]
-        base[name] = _coerce(value, hints[name], f"vqgan.{name}")
+        base[name] = coerce(value, hints[name], f"vqgan.{name}")
     return VQGANConfig.from_dict(base)
 
 
@@ -319,8 +322,6 @@ class VQGANTrainer(Trainer):
         """The VQGAN to fine-tune (model dir or foreign checkpoint), else a fresh one from preset + overrides."""
         cfg = self.cfg
         if cfg.model:
-            from ..pipeline import load_vqgan
-
             return load_vqgan(cfg.model, device="cpu", dtype="float32")
         check_memory(_vqgan_config(cfg.preset, cfg.vqgan), training=True)
         return VQGAN(_vqgan_config(cfg.preset, cfg.vqgan))
@@ -581,8 +582,6 @@ class VQGANTrainer(Trainer):
         images = self._sample_images()
         if images is None:
             return None
-        from ..pipeline import make_grid
-
         model = self.vqgan
         was_training = model.training
         model.eval()

@@ -17,7 +17,7 @@ from dallemini.emoji.training import EmojiVQGANTrainConfig, EmojiVQGANTrainer, s
 from dallemini.errors import ConfigError
 from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
-from dallemini.training.loop import load_config
+from dallemini.training.settings import load_config
 
 from ..test_train_vqgan import RES, TINY_VQGAN, _cfg, write_images
 

@@ -205,13 +205,17 @@ def generate(
         raise InputError(
             f"--seed must be from 0 to {seed_max} (image k of the run uses seed + k), got {seed}"
         )
-    sampling = {
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "condition_scale": condition_scale,
+    given = {
+        k: v
+        for k, v in {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "condition_scale": condition_scale,
+        }.items()
+        if v is not None
     }
-    SamplingConfig(**{k: v for k, v in sampling.items() if v is not None})  # checks the values
+    SamplingConfig(**given)  # checks the values before the model loads
     _check_out_folder(out)
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
     model = _model_or_builtin(model)
@@ -223,7 +227,7 @@ def generate(
     pipe = TextToImage.from_pretrained(
         model, device=device, dtype=dtype, vqgan=vqgan, clip=clip, vqgan_dtype=vqgan_dtype
     )
-    settings = pipe.sampling(**sampling)
+    settings = pipe.sampling(**given)  # the model's defaults under the options given: one object
     if keep_rows == 0:
         typer.echo(
             "note: --keep-rows 0 keeps nothing of --init-image: this is plain generation", err=True
@@ -271,7 +275,7 @@ def generate(
                 keep_rows=keep_rows or 0,
                 max_batch=max_batch,
                 progress=progress if bar is not None else None,
-                **settings.to_dict(),
+                sampling=settings,
             )
             base += chunk_count * steps
             with _sigint_held():  # a group's files and the record are written whole

@@ -205,10 +205,20 @@ class TextToImage:
         release_freed_memory()  # the read buffers of tensors converted while loading
         return pipe
 
-    def sampling(self, **overrides: float | int | None) -> SamplingConfig:
-        """The model's default settings with the given non-None overrides (validated)."""
+    def sampling(
+        self, base: SamplingConfig | None = None, /, **overrides: float | int | None
+    ) -> SamplingConfig:
+        """The settings a call runs with: `base` (default: the model's own) with the non-None overrides.
+
+        The overrides (temperature, top_k, top_p, condition_scale) are checked once, when the new
+        SamplingConfig is built (InputError); with none given `base` itself comes back.
+        """
+        if base is None:
+            base = self.config.sampling
+        elif not isinstance(base, SamplingConfig):
+            raise InputError(f"sampling must be a SamplingConfig, got {type(base).__name__}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        return replace(self.config.sampling, **given)
+        return replace(base, **given) if given else base
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageSource]) -> Tensor:
@@ -350,6 +360,7 @@ class TextToImage:
         keep_rows: int = 0,
         max_batch: int | None = None,
         progress: Callable[[int, int], object] | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> list[GeneratedImage] | list[list[GeneratedImage]]:
         """Generate num_images per prompt; one prompt gives a list, several give a list per prompt.
 
@@ -360,10 +371,16 @@ class TextToImage:
         prompt) with keep_rows=K keeps the image's top K token rows and samples the rest; keep_rows=0
         keeps nothing and is plain generation. All images are sampled as one batch, or in chunks of at
         most `max_batch` image rows, which gives the same images. `progress(done, total)` is called after
-        every decoding step.
+        every decoding step. `sampling` is a SamplingConfig to run with (default: the model's own,
+        `self.config.sampling`); temperature, top_k, top_p and condition_scale, when given, override
+        its fields: `pipe(p, top_k=5)` is `pipe(p, sampling=pipe.sampling(top_k=5))`.
         """
         settings = self.sampling(
-            temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
+            sampling,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            condition_scale=condition_scale,
         )
         if max_batch is not None and (
             isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
@@ -404,18 +421,24 @@ class TextToImage:
         condition_scale: float | None = None,
         init_image: ImageSource | None = None,
         keep_rows: int = 0,
+        sampling: SamplingConfig | None = None,
     ) -> Iterator[StreamFrame]:
         """Yield partial images every `every` tokens (default: one token row), the last frame complete.
 
         Images come in seed order, not reranked; several prompts give their images one after another in
-        one list; num_images, seed, init_image and keep_rows work as in __call__.
+        one list; num_images, seed, init_image, keep_rows, sampling and its overrides work as in
+        __call__.
         """
         g = self.config.vqgan.grid_size
         every = every or g
         if every < 1:
             raise InputError(f"every must be >= 1, got {every}")
         settings = self.sampling(
-            temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
+            sampling,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            condition_scale=condition_scale,
         )
         req = self._request(prompt, num_images, seed, init_image, keep_rows)
         total = self.config.bart.image_length

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import huggingface_hub
@@ -338,8 +339,9 @@ def _source_dtype(source: Source) -> torch.dtype:
 def _fetch_sources(source: Source, stage: Path, origins: list[dict]) -> tuple[Path, Path | None]:
     """Download the files of `source` (and its VQGAN); (checkpoint folder, VQGAN folder or None)."""
     if source.kind == "min-dalle":
-        folder, commit = _download(source, _MIN_DALLE_FILES[source.variant] + ["README.md"])
-        origins.append(_origin(source.repo, source.revision, commit, folder))
+        patterns = [*_MIN_DALLE_FILES[source.variant], "README.md"]
+        folder, commit = _download(source, patterns)
+        origins.append(_origin(source.repo, source.revision, commit, folder, patterns))
         # A folder holding only this variant's files (the snapshot may hold the other one too).
         sub = stage / f"dalle_bart_{source.variant}"
         sub.mkdir()
@@ -352,17 +354,20 @@ def _fetch_sources(source: Source, stage: Path, origins: list[dict]) -> tuple[Pa
         return stage, None
     patterns = _DALLE_FILES if source.kind == "flax-dalle" else _VQGAN_FILES
     folder, commit = _download(source, patterns)
-    origins.append(_origin(source.repo, source.revision, commit, folder))
+    origins.append(_origin(source.repo, source.revision, commit, folder, patterns))
     vqgan = None
     if source.vqgan is not None:
         vq_source = Source("flax-vqgan", source.vqgan)
         vqgan, vq_commit = _download(vq_source, _VQGAN_FILES)
-        origins.append(_origin(source.vqgan, None, vq_commit, vqgan))
+        origins.append(_origin(source.vqgan, None, vq_commit, vqgan, _VQGAN_FILES))
     return folder, vqgan
 
 
-def _origin(repo: str, revision: str | None, commit: str, folder: Path) -> dict:
-    files = sorted(p.name for p in folder.iterdir())
+def _origin(
+    repo: str, revision: str | None, commit: str, folder: Path, patterns: list[str]
+) -> dict:
+    """Where one part came from: the repo, revision, commit and the files used (and their size)."""
+    files = sorted(p.name for p in folder.iterdir() if any(fnmatch(p.name, x) for x in patterns))
     size = sum((folder / f).stat().st_size for f in files)
     return {
         "repo": repo,
@@ -391,7 +396,7 @@ def _write_card(folder: Path, name: str, origins: list[dict], dtype: torch.dtype
     lines = [
         f"# {name}",
         "",
-        f"Converted by dallemini {__version__}; weights stored as {dtype}.",
+        f"Converted by dallemini {__version__}; weights stored as {_dtype_name(dtype)}.",
         "",
     ]
     lines += ["| source | revision | commit | licence (as the source states it) | downloaded |"]

@@ -66,8 +66,8 @@ def test_generate_vqgan_dtype(
     assert code == 2 and "int8" in err
 
 
-def run_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    """Run the CLI's main() in this process (no interpreter start-up): (exit status, stderr)."""
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    """Run the CLI's main() in this process (no interpreter start-up): (exit status, stdout, stderr)."""
     from dallemini.cli import main
 
     old = sys.argv
@@ -79,7 +79,14 @@ def run_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int
         code = int(e.code or 0)
     finally:
         sys.argv = old
-    return code, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_here(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    """run_cli without stdout: (exit status, stderr)."""
+    code, _, err = run_cli(capsys, *args)
+    return code, err
 
 
 def test_user_errors_exit_2_with_a_message(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +10,7 @@ import pytest
 
 from dallemini.emoji.scenes import EmojiScenes, Scene
 
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    """Run the CLI's main() in this process: (exit status, stdout, stderr)."""
-    from dallemini.cli import main
-
-    old = sys.argv
-    sys.argv = ["dallemini", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from ..test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +21,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write(capsys: pytest.CaptureFixture[str], out: Path, *extra: str) -> str:
-    code, stdout, err = cli(
+    code, stdout, err = run_cli(
         capsys, "dataset", "emoji", out, "--tier", "8", "--splits", "heldout-colour", *extra
     )
     assert code == 0, err
@@ -61,7 +45,7 @@ def test_dataset_emoji_then_encode(
     assert all(isinstance(c, str) and c for c, _ in pairs)
 
     tokens = tmp_path / "tokens"
-    code, stdout, err = cli(capsys, "encode", data, tokens, "--model", tiny, "--device", "cpu")
+    code, stdout, err = run_cli(capsys, "encode", data, tokens, "--model", tiny, "--device", "cpu")
     assert code == 0, err
     meta = json.loads((tokens / "dataset.json").read_text())
     assert meta["count"] == 144 and not meta["skipped"]["counts"]
@@ -74,7 +58,7 @@ def test_dataset_emoji_refuses_and_overwrites(
 ) -> None:
     data = tmp_path / "emoji"
     write(capsys, data, "--captions-per-image", "1")
-    code, _, err = cli(capsys, "dataset", "emoji", data, "--tier", "8")
+    code, _, err = run_cli(capsys, "dataset", "emoji", data, "--tier", "8")
     assert code == 2 and "--overwrite" in err and "Traceback" not in err
     # --overwrite replaces the whole folder: no files of the old dataset stay behind
     stdout = write(capsys, data, "--overwrite", "--tier", "2", "--resolution", "32")
@@ -89,7 +73,7 @@ def test_dataset_emoji_refuses_and_overwrites(
         ((tmp_path / "x", "--tier", "lots"), "tier"),
         ((tmp_path / "x", "--captions-per-image", "9"), "captions per image"),
     ]:
-        code, _, err = cli(capsys, "dataset", "emoji", *args)
+        code, _, err = run_cli(capsys, "dataset", "emoji", *args)
         assert code == 2 and message in err, (args, err)
     assert (other / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()
 
@@ -110,7 +94,7 @@ def test_eval_dataset_folder_and_swapped_captions(
     data = tmp_path / "emoji"
     write(capsys, data)
     report_file = tmp_path / "report.json"
-    code, stdout, err = cli(capsys, "eval", "--images", data, "--json", report_file)
+    code, stdout, err = run_cli(capsys, "eval", "--images", data, "--json", report_file)
     assert code == 0, err
     for label in ("colour", "position", "subject top-1", "subject top-5", "all", "count"):
         assert label in stdout
@@ -124,7 +108,7 @@ def test_eval_dataset_folder_and_swapped_captions(
     perm = np.roll(perm, 1)[np.argsort(perm)]  # a derangement: i -> the next in a random cycle
     assert not (perm == np.arange(len(caps))).any()
     _rewrite_captions(data, [caps[int(j)] for j in perm])
-    code, stdout, err = cli(capsys, "eval", "--images", data, "--json", "-")
+    code, stdout, err = run_cli(capsys, "eval", "--images", data, "--json", "-")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["n"] == 72 and report["all"] < 0.1
@@ -139,7 +123,7 @@ def test_eval_generate_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         record["images"].append({"file": name, "prompt": scenes.caption(sc), "seed": i})
     (tmp_path / "generation.json").write_text(json.dumps(record))
     args = ("eval", "--images", tmp_path, "--tier", "8", "--resolution", "32", "--json", "-")
-    code, stdout, err = cli(capsys, *args)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 0, err
     report = json.loads(stdout)
     assert report["kind"] == "generate" and report["n"] == 12 and report["all"] >= 0.99
@@ -170,9 +154,9 @@ def test_eval_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (("--images", cats, "--tier", "none"), "tier"),
     ]
     for args, message in cases:
-        code, _, err = cli(capsys, "eval", *args)
+        code, _, err = run_cli(capsys, "eval", *args)
         assert code == 2, (args, code, err)
         assert message in err and "Traceback" not in err, (args, err)
     (data / "000003.png").unlink()
-    code, _, err = cli(capsys, "eval", "--images", data)
+    code, _, err = run_cli(capsys, "eval", "--images", data)
     assert code == 2 and "missing" in err

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from .errors import ConfigError, InputError
 
 T = TypeVar("T")
+S = TypeVar("S", bound="_Section")
 
 # Upper bound of vocabularies, codebooks and token ids (the published models: 50272 text tokens,
 # 16415 image tokens, 16384 codes); every bound is far above the real models and far below absurd.
@@ -72,8 +73,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _validate(obj: Any, section: str) -> None:
+def _validate(obj: Any) -> None:
     """Check every field's type (normalising integer-likes), tuple lengths, then the class's LIMITS."""
+    section = obj.SECTION
     for name, hint in _field_types(type(obj)).items():
         value = getattr(obj, name)
         typed = _typed(value, hint, f"{section}.{name}")
@@ -109,13 +111,25 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     return obj
 
 
-def _to_dict(obj: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+class _Section:
+    """A config section: JSON (de)serialisation and the section name its errors carry."""
+
+    SECTION: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        items = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in items.items()}
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict[str, Any]) -> S:
+        return _from_dict(cls, data, f"{cls.SECTION} config")
 
 
 @dataclass(frozen=True)
-class BartConfig:
+class BartConfig(_Section):
     """DalleBart: BART encoder over caption tokens, BART decoder over image tokens (NormFormer + GLU)."""
+
+    SECTION: ClassVar[str] = "bart"
 
     encoder_vocab_size: int = 50264
     # Decoder rows = image_vocab_size + 1; the extra row is BOS (decoder_start_token_id).
@@ -154,7 +168,7 @@ class BartConfig:
     }
 
     def __post_init__(self) -> None:
-        _validate(self, "bart")
+        _validate(self)
         if self.d_model % self.attention_heads:
             raise ConfigError(
                 f"bart.d_model ({self.d_model}) must be divisible by attention_heads ({self.attention_heads})"
@@ -189,17 +203,12 @@ class BartConfig:
         layers = self.encoder_layers * enc_layer + self.decoder_layers * dec_layer
         return embeddings + layers + ends
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BartConfig:
-        return _from_dict(cls, data, "bart config")
-
 
 @dataclass(frozen=True)
-class VQGANConfig:
+class VQGANConfig(_Section):
     """VQGAN with the taming-transformers layout (defaults: vqgan_imagenet_f16_16384)."""
+
+    SECTION: ClassVar[str] = "vqgan"
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -252,7 +261,7 @@ class VQGANConfig:
     }
 
     def __post_init__(self) -> None:
-        _validate(self, "vqgan")
+        _validate(self)
         if self.pixel_range not in ("0,1", "-1,1"):
             raise ConfigError(
                 f"vqgan.pixel_range must be '0,1' or '-1,1', got {self.pixel_range!r}"
@@ -328,13 +337,6 @@ class VQGANConfig:
         codebook = self.n_embed * self.embed_dim + conv(self.embed_dim, self.z_channels, 1)
         return dec + codebook + (0 if self.decoder_only else enc)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VQGANConfig:
-        return _from_dict(cls, data, "vqgan config")
-
     def fingerprint(self) -> str:
         """Short hash of the architecture, recorded next to encoded datasets."""
         arch = self.to_dict()
@@ -349,8 +351,10 @@ class VQGANConfig:
 
 
 @dataclass(frozen=True)
-class ClipConfig:
+class ClipConfig(_Section):
     """The built-in small CLIP reranker (text transformer + small ViT); real CLIP is loaded from a HF folder."""
+
+    SECTION: ClassVar[str] = "clip"
 
     vocab_size: int = 50264
     max_text_length: int = 64
@@ -389,7 +393,7 @@ class ClipConfig:
     }
 
     def __post_init__(self) -> None:
-        _validate(self, "clip")
+        _validate(self)
         for width, heads in (("text_width", "text_heads"), ("vision_width", "vision_heads")):
             if getattr(self, width) % getattr(self, heads):
                 raise ConfigError(
@@ -424,17 +428,12 @@ class ClipConfig:
         vision = (3 * p * p + self.num_patches + 6) * vw + self.vision_layers * block(vw)
         return text + vision + (tw + vw) * self.embed_dim + 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClipConfig:
-        return _from_dict(cls, data, "clip config")
-
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_Section):
     """How captions become token ids: normalizer, then BPE, padded/truncated to max_length."""
+
+    SECTION: ClassVar[str] = "text"
 
     max_length: int = 64
     normalize: bool = True
@@ -451,19 +450,14 @@ class TextConfig:
     }
 
     def __post_init__(self) -> None:
-        _validate(self, "text")
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TextConfig:
-        return _from_dict(cls, data, "text config")
+        _validate(self)
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(_Section):
     """Sampling settings; defaults follow the original's inference notebook (top-k 50, condition scale 10)."""
+
+    SECTION: ClassVar[str] = "sampling"
 
     temperature: float = 1.0
     top_k: int = 50
@@ -481,7 +475,7 @@ class SamplingConfig:
     }
 
     def __post_init__(self) -> None:
-        _validate(self, "sampling")
+        _validate(self)
         for name, bounds in self.BOUNDS.items():
             value = getattr(self, name)
             low = value > bounds["gt"] if "gt" in bounds else value >= bounds["ge"]
@@ -490,13 +484,6 @@ class SamplingConfig:
                 raise InputError(
                     f"{name} must be a number {lower} and <= {bounds['le']}, got {value}"
                 )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplingConfig:
-        return _from_dict(cls, data, "sampling config")
 
 
 @dataclass(frozen=True)

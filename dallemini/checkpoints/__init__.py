@@ -6,7 +6,6 @@ a model directory and the pipeline can load directly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..config import PipelineConfig, TextConfig
 from ..errors import CheckpointError
 from . import hub, native
 from .lazy import TensorLike, materialize
+from .safe_load import read_json_object
 
 FORMATS = ("native", "min-dalle", "flax-dalle", "flax-vqgan", "taming")
 
@@ -30,16 +30,6 @@ class ModelParts:
     tokenizer_json: str | None = None
     source: str = ""
     word_list: Path | None = None  # the hashtag splitter's word list the model ships, if any
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
 
 
 def detect_format(path: str | Path) -> str:
@@ -60,7 +50,7 @@ def detect_format(path: str | Path) -> str:
     if find_files(p) is not None:
         return "min-dalle"
     if (p / "flax_model.msgpack").is_file() and (p / "config.json").is_file():
-        cfg = _json(p / "config.json")
+        cfg = read_json_object(p / "config.json")
         if "ch_mult" in cfg or "n_embed" in cfg:
             return "flax-vqgan"
         if "image_vocab_size" in cfg or "encoder_vocab_size" in cfg:

@@ -32,6 +32,7 @@ from ..config import BartConfig
 from ..errors import CheckpointError, ConfigError
 from .flax_msgpack import flatten_tree, read_msgpack
 from .lazy import LazyTensor, TensorLike, transposed
+from .safe_load import read_json_object
 
 WEIGHTS_NAME = "flax_model.msgpack"
 WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"  # transformers' sharded Flax checkpoints
@@ -73,18 +74,6 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "tie_word_embeddings": (False, "tied embeddings are not implemented"),
     "sinkhorn_iters": (1, "Sinkhorn attention is not implemented"),
 }
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing (a Flax DalleBart needs config.json)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _get(cfg: dict[str, Any], key: str, kind: type, where: Path) -> Any:
@@ -317,7 +306,7 @@ def load_flax_dalle(path: str | Path) -> tuple[BartConfig, dict[str, TensorLike]
     folder = p.parent if p.is_file() else p
     if not folder.is_dir():
         raise CheckpointError(f"{p} does not exist")
-    raw = _read_config(folder / "config.json")
+    raw = read_json_object(folder / "config.json", "a Flax DalleBart needs config.json")
     cfg = bart_config_from_flax(raw, folder / "config.json")
     flat, where = _read_weights(folder)
     return cfg, convert_flax_dalle(flat, cfg, where)

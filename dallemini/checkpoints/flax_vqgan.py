@@ -25,6 +25,7 @@ from torch import Tensor
 from ..config import VQGANConfig
 from ..errors import CheckpointError, ConfigError
 from .flax_msgpack import flatten_tree, read_msgpack
+from .safe_load import read_json_object
 from .taming import check_state, expected_shapes
 
 WEIGHTS_NAME = "flax_model.msgpack"
@@ -143,14 +144,7 @@ def load_flax_vqgan(path: str | Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     if not folder.is_dir():
         raise CheckpointError(f"{p} does not exist")
     cfg_path = folder / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path} is missing (a Flax VQGAN needs config.json)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path} is not readable JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path} does not hold a JSON object")
+    raw = read_json_object(cfg_path, "a Flax VQGAN needs config.json")
     cfg = vqgan_config_from_flax(raw, cfg_path)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

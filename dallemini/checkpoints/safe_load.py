@@ -1,4 +1,5 @@
-"""Read .pt/.ckpt files with `torch.load(weights_only=True)` only, stubbing foreign objects inertly.
+"""Read untrusted files safely: JSON objects, and .pt/.ckpt files with `torch.load(weights_only=True)`
+only, stubbing foreign objects inertly.
 
 PyTorch Lightning checkpoints carry more than tensors: callback states keyed by (or holding)
 `pytorch_lightning...ModelCheckpoint`, omegaconf containers in `hyper_parameters`, numpy scalars.
@@ -10,6 +11,7 @@ state it was given. Tensors are untouched; everything else is data for us to ign
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import OrderedDict
@@ -51,6 +53,21 @@ class ForeignObject:
 
     def __repr__(self) -> str:
         return f"<ForeignObject {self.foreign_name}>"
+
+
+def read_json_object(path: Path, missing: str | None = None) -> dict[str, Any]:
+    """The JSON object in a file; CheckpointError otherwise (`missing` explains a missing file)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        if missing is None:
+            raise CheckpointError(f"{path} does not exist") from None
+        raise CheckpointError(f"{path} is missing ({missing})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
 
 
 def _stub(name: str) -> type:

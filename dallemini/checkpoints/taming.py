@@ -25,20 +25,20 @@ from .safe_load import LIGHTNING_METADATA, load_torch_file, require_tensors
 
 log = logging.getLogger(__name__)
 
-_DDCONFIG_KEYS = {
-    "double_z",
-    "z_channels",
-    "resolution",
-    "in_channels",
-    "out_ch",
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "dropout",
-    "resamp_with_conv",
-    "give_pre_end",
-}
+# The ddconfig keys a VQGANConfig needs, then those it accepts at their only supported value.
+_DDCONFIG_REQUIRED = frozenset(
+    [
+        "z_channels",
+        "resolution",
+        "in_channels",
+        "out_ch",
+        "ch",
+        "ch_mult",
+        "num_res_blocks",
+        "attn_resolutions",
+    ]
+)
+_DDCONFIG_KEYS = _DDCONFIG_REQUIRED | {"double_z", "dropout", "resamp_with_conv", "give_pre_end"}
 _SUPPORTED_TARGETS = {"taming.models.vqgan.VQModel"}
 # The first-stage model of a taming cond-transformer checkpoint lives under this prefix.
 _FIRST_STAGE_PREFIX = "first_stage_model."
@@ -133,19 +133,7 @@ def config_from_yaml(yaml_path: str | Path) -> tuple[VQGANConfig, str]:
     for key in ("n_embed", "embed_dim"):
         if key not in params:
             raise CheckpointError(f"{path}: model.params.{key} is missing")
-    missing = sorted(
-        {
-            "z_channels",
-            "resolution",
-            "in_channels",
-            "out_ch",
-            "ch",
-            "ch_mult",
-            "num_res_blocks",
-            "attn_resolutions",
-        }
-        - set(dd)
-    )
+    missing = sorted(_DDCONFIG_REQUIRED - set(dd))
     if missing:
         raise CheckpointError(f"{path}: ddconfig lacks {missing}")
     try:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..checkpoints.safe_load import read_json_object
 from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -227,12 +228,7 @@ def _manifest(path: Path) -> dict[str, Any]:
     state = path / STATE_FILE
     if not state.is_file():
         raise CheckpointError(f"{path}: no {STATE_FILE}; the checkpoint was not finished")
-    try:
-        manifest = json.loads(state.read_text())
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{state} is unreadable: {e}") from e
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{state} is not a JSON object")
+    manifest = read_json_object(state)
     step = manifest.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{state}: 'step' is {step!r}, expected a step number")

@@ -39,7 +39,7 @@ from ..images import make_grid
 from ..models.loading import load_vqgan
 from ..models.vqgan import VQGAN
 from . import distributed as D
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, option
 from .losses import D_LOSSES, LPIPS, ActNorm, VQGANLoss, load_taming_discriminator
 from .settings import coerce
 
@@ -96,16 +96,19 @@ class ExtraRows:
 class VQGANTrainConfig(TrainConfig):
     """`dallemini train-vqgan` settings: images, the VQGAN to train, loss weights, discriminator, LPIPS."""
 
-    data: str = ""  # image folder / webdataset tars / parquet files (images only are used)
-    kind: str = "auto"  # auto, folder, tar, parquet (as `dallemini encode`)
-    image_column: str | None = None  # parquet column with image bytes
+    # images only are used
+    data: str = option("", "image folder, webdataset .tar(s) or parquet file(s)")
+    kind: str = option("auto", "auto, folder, tar or parquet")  # as `dallemini encode`
+    image_column: str | None = option(None, "parquet column with image bytes")
     caption_column: str | None = None  # parquet files need one to be readable; it is not used
-    eval_data: str | None = None  # held-out images for eval/l1 and eval/psnr
+    eval_data: str | None = option(None, "held-out images for L1/PSNR")  # eval/l1, eval/psnr
     eval_holdout: int = 0  # without eval_data: the first N records of data, kept out of training
-    model: str | None = None  # model dir / VQGAN checkpoint to fine-tune; else `preset`
-    preset: str = "f16_16384"  # VQGAN_PRESETS name when training from scratch
+    model: str | None = option(None, "model dir or VQGAN checkpoint to fine-tune")  # else preset
+    preset: str = option(  # a VQGAN_PRESETS name
+        "f16_16384", "VQGAN preset when training from scratch", flag="--model-preset"
+    )
     vqgan: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
-    resolution: int | None = None  # training image side; default: the VQGAN's resolution
+    resolution: int | None = option(None, "training image side (default: the VQGAN's)")
     # None: each epoch is a shuffle of the whole index (parquet/.tar.gz sources keep every encoded
     # image in memory); N: stream the source each epoch through a shuffle buffer of N images (bounded
     # memory, a local shuffle; 0 keeps the source order)
@@ -117,16 +120,19 @@ class VQGANTrainConfig(TrainConfig):
     codebook_weight: float = 1.0
     disc_weight: float = 0.8  # scales the adaptive GAN weight (taming's custom_vqgan: 0.8)
     disc_factor: float = 1.0
-    disc_start: int = 10_000  # updates before the GAN terms start
+    disc_start: int = option(10_000, "updates before the GAN starts")
     disc_loss: str = "hinge"
-    disc_lr: float | None = None  # default: lr
+    disc_lr: float | None = option(None, "discriminator learning rate (default: --lr)")
     disc_ch: int = 64
     disc_layers: int = 3
     disc_norm: str = "batch"  # batch or actnorm
-    discriminator: str | None = None  # taming .ckpt to start the discriminator from
-    lpips_vgg: str | None = None  # torchvision vgg16-397923af.pth
-    lpips_lin: str | None = None  # the lpips package's weights/v0.1/vgg.pth
-    lpips_taming: str | None = None  # or a taming .ckpt carrying loss.perceptual_loss.*
+    discriminator: str | None = option(None, "taming .ckpt to start the discriminator from")
+    # torchvision's vgg16-397923af.pth
+    lpips_vgg: str | None = option(None, "torchvision VGG16 weights for LPIPS")
+    # the lpips package's weights/v0.1/vgg.pth
+    lpips_lin: str | None = option(None, "lpips' vgg.pth linear heads")
+    # one carrying loss.perceptual_loss.*, instead of lpips_vgg + lpips_lin
+    lpips_taming: str | None = option(None, "taming .ckpt to take LPIPS from")
     sample_images: int = 8  # originals over reconstructions in out/samples/step-NNNNNN.png
     # Dead-code restarts: every N updates (0: never), codebook entries that no latent of a fixed
     # probe of training images picks are moved onto probe latents (chosen by quantization error),
@@ -162,31 +168,16 @@ class VQGANTrainConfig(TrainConfig):
             )
         if self.model and self.vqgan:
             raise ConfigError("vqgan.* overrides shape a new VQGAN; they cannot apply to --model")
-        for name in (
-            "l1_weight",
-            "l2_weight",
-            "perceptual_weight",
-            "codebook_weight",
-            "disc_weight",
-            "disc_factor",
-        ):
+        weights = "l1_weight l2_weight perceptual_weight codebook_weight disc_weight disc_factor"
+        counts = "disc_start eval_holdout sample_images workers quantize_start"
+        restarts = "codebook_restart_every codebook_restart_until"
+        for name in f"{weights} {counts} {restarts}".split():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.codebook_restart_probe < 1:
             raise ConfigError(
                 f"codebook_restart_probe must be >= 1, got {self.codebook_restart_probe}"
             )
-        for name in (
-            "disc_start",
-            "eval_holdout",
-            "sample_images",
-            "workers",
-            "codebook_restart_every",
-            "codebook_restart_until",
-            "quantize_start",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.train_encoder:
             if not self.model:
                 raise ConfigError(

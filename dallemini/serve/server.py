@@ -31,12 +31,7 @@ class GracefulServer(uvicorn.Server):
 def make_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> GracefulServer:
     """A GracefulServer for the app (no time limit on finishing requests in flight)."""
     config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=None,
-        lifespan="on",
+        app, host, port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=None
     )
     return GracefulServer(config)
 

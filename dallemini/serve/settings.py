@@ -1,0 +1,41 @@
+"""The limits and options of one server, and the check that they can work together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ServeSettings:
+    """Limits and options of one server."""
+
+    max_batch_images: int = 16  # images sampled together in one decoder batch
+    max_wait_ms: float = 10.0  # how long the oldest request waits for others to join its batch
+    max_queue: int = 64  # images waiting; past it new requests get 429
+    timeout_s: float = 300.0  # per request, queueing included; past it 504
+    api_key: str | None = None
+    max_images: int = 16  # per request
+    default_images: int = 4
+    original_images: int = 9  # per request of the original demo protocol
+    max_body_bytes: int = 16_384
+    cache_images: int = 512  # PNGs kept for response="url"
+    stream_every: int | None = None  # tokens between partial frames (default: one token row)
+    model_name: str = "model"
+
+    def check(self) -> None:
+        """Raise ConfigError for limits that cannot work together."""
+        for name in ("max_batch_images", "max_queue", "max_images", "original_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise ConfigError("max_wait_ms must be >= 0 and timeout_s > 0")
+        largest = max(self.max_images, self.original_images)
+        if self.max_queue < largest:
+            raise ConfigError(
+                f"max_queue ({self.max_queue}) must hold one whole request ({largest} images: "
+                f"max_images {self.max_images}, original protocol {self.original_images})"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key must not be empty")

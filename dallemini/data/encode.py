@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
 from .shards import (
@@ -150,8 +152,6 @@ class _Progress:
         self.total = total
         self.desc = desc
         if self.enabled and tty:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
     def update(self, images: int, skipped: int) -> None:
@@ -293,6 +293,218 @@ def check_has_records(source: Source) -> None:
         raise InputError(f"{source.description} holds {what}: there is nothing to encode")
 
 
+def _worker(worker: tuple[int, int] | None) -> tuple[int, int]:
+    """(i, n) checked: the given worker, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    wi, wn = worker if worker is not None else worker_from_env()
+    if wn < 1 or not 0 <= wi < wn:
+        raise ConfigError(f"worker must be (i, n) with 0 <= i < n, got {(wi, wn)}")
+    return wi, wn
+
+
+def _code_layout(cfg: Any, image_size: int | None) -> tuple[int, int, pa.DataType]:
+    """(image size, token grid side, Arrow type of an encoding) for this VQGAN config."""
+    if getattr(cfg, "decoder_only", False):
+        raise ConfigError("this VQGAN has no encoder (decoder-only checkpoint); load a full VQGAN")
+    size = int(image_size or cfg.resolution)
+    factor = cfg.downsample_factor
+    if size % factor:
+        raise ConfigError(
+            f"image_size {size} must be a multiple of the VQGAN's downsampling factor {factor}"
+        )
+    grid = size // factor
+    return size, grid, encoding_type(cfg.n_embed, grid * grid)
+
+
+def _run_metadata(
+    source: Source, cfg: Any, size: int, grid: int, etype: pa.DataType, shard_size: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings a resumed run must share with the shards present, every shard's footer metadata)."""
+    expect = {
+        "format": DATASET_FORMAT,
+        "vqgan_fingerprint": cfg.fingerprint(),
+        "image_size": size,
+        "shard_size": shard_size,
+        "source_id": _source_id(source),
+        "captions_normalized": source.normalizer is not None,
+    }
+    shard_meta = {
+        **expect,
+        "version": DATASET_VERSION,
+        "vqgan": cfg.to_dict(),
+        "grid_size": grid,
+        "n_embed": cfg.n_embed,
+        "encoding_dtype": str(etype.value_type),
+        "source": source.description,
+        "source_kind": source.kind,
+    }
+    return expect, shard_meta
+
+
+def _remove_temp_shards(out: Path, wi: int, wn: int) -> None:
+    """Delete the temp files of this worker's shards that a killed run left behind."""
+    for p in out.iterdir():
+        if p.name.startswith(".part-") and ".parquet.tmp-" in p.name:
+            k = shard_index(p.name[1:].split(".tmp-")[0])
+            if k is not None and k % wn == wi:
+                p.unlink(missing_ok=True)
+
+
+def _records_to_do(
+    source: Source, shard_size: int, wi: int, wn: int, done: dict[int, Any]
+) -> int | None:
+    """How many records this worker will encode, when the source knows its size cheaply."""
+    hint = source.count_hint()
+    if hint is None:
+        return None
+    return sum(
+        min(shard_size, hint - k * shard_size)
+        for k in range(-(-hint // shard_size))
+        if k % wn == wi and k not in done
+    )
+
+
+class _EncodeRun:
+    """One worker's pass over the source: decode in threads, encode in batches, write its shards.
+
+    The work list interleaves ('rec', key, future) for each of this worker's records with
+    ('end', k, end_record) after each of its shards; at most `window` items are in flight.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        vqgan: VQGAN,
+        out: Path,
+        shard_meta: dict[str, Any],
+        result: EncodeResult,
+        bar: _Progress,
+        *,
+        batch_size: int,
+        shard_size: int,
+        size: int,
+        done: dict[int, Any],
+        threads: int | None,
+    ) -> None:
+        self.source, self.vqgan, self.out, self.shard_meta = source, vqgan, out, shard_meta
+        self.result, self.bar = result, bar
+        self.batch_size, self.shard_size, self.size, self.done = batch_size, shard_size, size, done
+        self.device = next(vqgan.parameters()).device
+        self.n_threads = threads or min(8, os.cpu_count() or 1)
+        self.window = max(2 * batch_size, 4 * self.n_threads)
+        self.code_length = int(shard_meta["grid_size"]) ** 2
+        self.total = 0  # records in the source, known once the work list is exhausted
+        self.keys: list[str] = []
+        self.caps: list[str] = []
+        self.codes: list[np.ndarray] = []
+        self.batch: list[tuple[str, tuple[str, ...], np.ndarray]] = []
+        self.images = 0
+        self.stats = SkipStats()
+
+    def _mine(self, k: int) -> bool:
+        wi, wn = self.result.worker
+        return k % wn == wi and k not in self.done
+
+    def _work(self, pool: cf.ThreadPoolExecutor) -> Iterator[tuple[Any, ...]]:
+        """('rec', key, future) for my records and ('end', k, end_record) after each of my shards."""
+        open_k: int | None = None
+        idx = -1
+        for idx, record in enumerate(self.source.records()):
+            k = idx // self.shard_size
+            if idx % self.shard_size == 0:
+                if open_k is not None:
+                    yield ("end", open_k, idx)
+                open_k = k if self._mine(k) else None
+            if open_k is not None:
+                job = pool.submit(_prepare, record, self.source.normalizer, self.size)
+                yield ("rec", record.key, job)
+        self.total = idx + 1
+        if open_k is not None:
+            yield ("end", open_k, self.total)
+
+    def _run_batch(self) -> None:
+        batch = self.batch
+        if not batch:
+            return
+        x = torch.from_numpy(np.stack([b[2] for b in batch])).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.inference_mode():
+            z = self.vqgan.encode(x).reshape(len(batch), -1).cpu().numpy()
+        for (key, captions, _), row in zip(batch, z, strict=True):
+            for c in captions:
+                self.keys.append(key)
+                self.caps.append(c)
+                self.codes.append(row)
+        self.images += len(batch)
+        self.bar.update(len(batch), self.result.skipped.total + self.stats.total)
+        batch.clear()
+
+    def _finish_shard(self, k: int, end: int) -> None:
+        self._run_batch()
+        if self.codes:
+            arr = np.stack(self.codes)
+        else:
+            arr = np.zeros((0, self.code_length), dtype=np.int64)
+        meta = {
+            **self.shard_meta,
+            "shard": k,
+            "first_record": k * self.shard_size,
+            "end_record": end,
+            "images": self.images,
+            "skipped": self.stats.to_dict(),
+        }
+        n_embed = self.shard_meta["n_embed"]
+        path = self.out / shard_name(k)
+        write_shard(path, self.keys, self.caps, arr, n_embed=n_embed, metadata=meta)
+        result = self.result
+        result.shards_written.append(k)
+        result.images += self.images
+        result.rows += len(self.keys)
+        result.skipped.merge(self.stats)
+        self.keys.clear()
+        self.caps.clear()
+        self.codes.clear()
+        self.images, self.stats = 0, SkipStats()
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "end":
+            self._finish_shard(item[1], item[2])
+            return
+        _, key, fut = item
+        res = fut.result()
+        if isinstance(res, SampleError):
+            self.stats.add(res.reason, key)
+            self.bar.update(0, self.result.skipped.total + self.stats.total)
+        else:
+            self.batch.append((key, res[0], res[1]))
+            if len(self.batch) >= self.batch_size:
+                self._run_batch()
+
+    def run(self) -> int:
+        """Encode and write this worker's shards; returns the number of records in the source."""
+        was_training = self.vqgan.training
+        self.vqgan.eval()
+        pool = cf.ThreadPoolExecutor(max_workers=self.n_threads, thread_name_prefix="encode-decode")
+        pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        try:
+            for item in self._work(pool):
+                pending.append(item)
+                if item[0] == "end":  # a shard is complete: write it now
+                    while pending:
+                        self._handle(pending.popleft())
+                while len(pending) > self.window:
+                    self._handle(pending.popleft())
+            while pending:
+                self._handle(pending.popleft())
+        finally:
+            for item in pending:
+                if item[0] == "rec":
+                    item[2].cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.bar.close()
+            self.vqgan.train(was_training)
+        return self.total
+
+
 def encode_dataset(
     source: Source | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -316,165 +528,34 @@ def encode_dataset(
     """
     if batch_size < 1 or shard_size < 1:
         raise ConfigError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    wi, wn = worker if worker is not None else worker_from_env()
-    if wn < 1 or not 0 <= wi < wn:
-        raise ConfigError(f"worker must be (i, n) with 0 <= i < n, got {(wi, wn)}")
+    wi, wn = _worker(worker)
     if not isinstance(source, Source):
         source = open_source(source, normalizer=normalizer)
-    cfg = vqgan.config
-    if getattr(cfg, "decoder_only", False):
-        raise ConfigError("this VQGAN has no encoder (decoder-only checkpoint); load a full VQGAN")
-    size = int(image_size or cfg.resolution)
-    factor = cfg.downsample_factor
-    if size % factor:
-        raise ConfigError(
-            f"image_size {size} must be a multiple of the VQGAN's downsampling factor {factor}"
-        )
-    grid = size // factor
-    etype = encoding_type(cfg.n_embed, grid * grid)
+    size, grid, etype = _code_layout(vqgan.config, image_size)
     check_has_records(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    expect = {
-        "format": DATASET_FORMAT,
-        "vqgan_fingerprint": cfg.fingerprint(),
-        "image_size": size,
-        "shard_size": shard_size,
-        "source_id": _source_id(source),
-        "captions_normalized": source.normalizer is not None,
-    }
-    shard_meta = {
-        **expect,
-        "version": DATASET_VERSION,
-        "vqgan": cfg.to_dict(),
-        "grid_size": grid,
-        "n_embed": cfg.n_embed,
-        "encoding_dtype": str(etype.value_type),
-        "source": source.description,
-        "source_kind": source.kind,
-    }
+    expect, shard_meta = _run_metadata(source, vqgan.config, size, grid, etype, shard_size)
     done = _scan_existing(out, expect)
-    for p in out.iterdir():  # temp files of my shards left by a killed run
-        if p.name.startswith(".part-") and ".parquet.tmp-" in p.name:
-            k = shard_index(p.name[1:].split(".tmp-")[0])
-            if k is not None and k % wn == wi:
-                p.unlink(missing_ok=True)
-
-    hint = source.count_hint()
-    todo_hint = None
-    if hint is not None:
-        todo_hint = sum(
-            min(shard_size, hint - k * shard_size)
-            for k in range(-(-hint // shard_size))
-            if k % wn == wi and k not in done
-        )
+    _remove_temp_shards(out, wi, wn)
+    todo = _records_to_do(source, shard_size, wi, wn, done)
     result = EncodeResult(out, (wi, wn), shards_existing=sorted(k for k in done if k % wn == wi))
-    bar = _Progress(progress, todo_hint, f"encode {wi}/{wn}" if wn > 1 else "encode")
-    device = next(vqgan.parameters()).device
-    was_training = vqgan.training
-    vqgan.eval()
-    n_threads = threads or min(8, os.cpu_count() or 1)
-    window = max(2 * batch_size, 4 * n_threads)
-    total = 0
+    bar = _Progress(progress, todo, f"encode {wi}/{wn}" if wn > 1 else "encode")
+    run = _EncodeRun(
+        source,
+        vqgan,
+        out,
+        shard_meta,
+        result,
+        bar,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        size=size,
+        done=done,
+        threads=threads,
+    )
     start = time.perf_counter()
-
-    def work() -> Iterator[tuple[Any, ...]]:
-        """('rec', key, future) for my records and ('end', k, end_record) after each of my shards."""
-        nonlocal total
-        open_k: int | None = None
-        idx = -1
-        for idx, record in enumerate(source.records()):
-            k = idx // shard_size
-            if idx % shard_size == 0:
-                if open_k is not None:
-                    yield ("end", open_k, idx)
-                open_k = k if (k % wn == wi and k not in done) else None
-            if open_k is not None:
-                yield ("rec", record.key, pool.submit(_prepare, record, source.normalizer, size))
-        total = idx + 1
-        if open_k is not None:
-            yield ("end", open_k, total)
-
-    keys: list[str] = []
-    caps: list[str] = []
-    codes: list[np.ndarray] = []
-    batch: list[tuple[str, tuple[str, ...], np.ndarray]] = []
-    images = 0
-    stats = SkipStats()
-
-    def run_batch() -> None:
-        nonlocal images
-        if not batch:
-            return
-        x = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        with torch.inference_mode():
-            z = vqgan.encode(x).reshape(len(batch), -1).cpu().numpy()
-        for (key, captions, _), row in zip(batch, z, strict=True):
-            for c in captions:
-                keys.append(key)
-                caps.append(c)
-                codes.append(row)
-        images += len(batch)
-        bar.update(len(batch), result.skipped.total + stats.total)
-        batch.clear()
-
-    def finish_shard(k: int, end: int) -> None:
-        nonlocal images, stats
-        run_batch()
-        arr = np.stack(codes) if codes else np.zeros((0, grid * grid), dtype=np.int64)
-        meta = {
-            **shard_meta,
-            "shard": k,
-            "first_record": k * shard_size,
-            "end_record": end,
-            "images": images,
-            "skipped": stats.to_dict(),
-        }
-        write_shard(out / shard_name(k), keys, caps, arr, n_embed=cfg.n_embed, metadata=meta)
-        result.shards_written.append(k)
-        result.images += images
-        result.rows += len(keys)
-        result.skipped.merge(stats)
-        keys.clear()
-        caps.clear()
-        codes.clear()
-        images, stats = 0, SkipStats()
-
-    pool = cf.ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="encode-decode")
-    pending: collections.deque[tuple[Any, ...]] = collections.deque()
-
-    def handle(item: tuple[Any, ...]) -> None:
-        if item[0] == "end":
-            finish_shard(item[1], item[2])
-            return
-        _, key, fut = item
-        res = fut.result()
-        if isinstance(res, SampleError):
-            stats.add(res.reason, key)
-            bar.update(0, result.skipped.total + stats.total)
-        else:
-            batch.append((key, res[0], res[1]))
-            if len(batch) >= batch_size:
-                run_batch()
-
-    try:
-        for item in work():
-            pending.append(item)
-            if item[0] == "end":  # a shard is complete: write it now
-                while pending:
-                    handle(pending.popleft())
-            while len(pending) > window:
-                handle(pending.popleft())
-        while pending:
-            handle(pending.popleft())
-    finally:
-        for item in pending:
-            if item[0] == "rec":
-                item[2].cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        vqgan.train(was_training)
+    total = run.run()
     if total == 0:
         raise InputError(f"{source.description} holds no records: there is nothing to encode")
     result.seconds = time.perf_counter() - start

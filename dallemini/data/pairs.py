@@ -50,6 +50,7 @@ from PIL import Image
 
 from ..errors import ConfigError, InputError
 from .encode import resize_center_crop
+from .shards import RankSplitBatches
 from .sources import (
     ParquetSource,
     Record,
@@ -129,7 +130,7 @@ def _holds_bytes(source: Source) -> bool:
     return isinstance(source, TarSource) and any(p.suffix != ".tar" for p in source.paths)
 
 
-class PairDataset:
+class PairDataset(RankSplitBatches):
     """Exactly resumable, rank-split batches of (caption, image) from a `Source` (see the module doc).
 
     `require_captions=False` keeps records without a caption (their caption is ""), for image-only
@@ -162,16 +163,13 @@ class PairDataset:
         start: int = 0,
         stop: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self._set_batching(
+            batch_size, shuffle, shuffle_buffer, seed, rank, world_size, epochs, drop_last
+        )
         if image_size < 1:
             raise ConfigError(f"image_size must be >= 1, got {image_size}")
         if captions not in CAPTION_MODES:
             raise ConfigError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(
-                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
-            )
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, got {workers}")
         if shuffle_buffer is not None and shuffle_buffer < 0:
@@ -179,19 +177,11 @@ class PairDataset:
         if start < 0 or (stop is not None and stop < start):
             raise ConfigError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
         self.source = source
-        self.batch_size = int(batch_size)
         self.image_size = int(image_size)
         self.captions = captions
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.epochs = epochs
-        self.drop_last = bool(drop_last)
         self.require_captions = bool(require_captions)
         self.transform = transform
         self.workers = int(workers)
-        self.shuffle_buffer = None if shuffle_buffer is None else int(shuffle_buffer)
         self.start = int(start)
         self.stop = None if stop is None else int(stop)
         self._what = "(caption, image) pairs" if self.require_captions else "images"
@@ -454,17 +444,8 @@ class PairDataset:
     # --- position -------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
         return {
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "image_size": self.image_size,
-            "captions": self.captions,
-            "shuffle": self.shuffle,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "drop_last": self.drop_last,
-            "shuffle_buffer": self.shuffle_buffer,
-            "start": self.start,
-            "stop": self.stop,
+            **self._batching_settings(),
+            **{name: getattr(self, name) for name in ("image_size", "captions", "start", "stop")},
             "items": len(self._items),
             "keys": self._keys_hash,
         }

@@ -287,7 +287,64 @@ def _seed(*parts: int) -> list[int]:
     return [int(p) % (2**63) for p in parts]
 
 
-class ShardDataset(IterableDataset):
+# The attributes of a rank-split batch reader that its batch order depends on: a saved position
+# refuses to resume when one of them changed.
+BATCHING_SETTINGS = (
+    "seed",
+    "batch_size",
+    "shuffle",
+    "shuffle_buffer",
+    "rank",
+    "world_size",
+    "drop_last",
+)
+
+
+class RankSplitBatches:
+    """The batching settings shared by the exactly resumable, rank-split readers (`ShardDataset`,
+    `data.pairs.PairDataset`): checked and stored once, listed by `BATCHING_SETTINGS`."""
+
+    batch_size: int
+    shuffle: bool
+    shuffle_buffer: int | None
+    seed: int
+    rank: int
+    world_size: int
+    epochs: int | None
+    drop_last: bool
+
+    def _set_batching(
+        self,
+        batch_size: int,
+        shuffle: bool,
+        shuffle_buffer: int | None,
+        seed: int,
+        rank: int,
+        world_size: int,
+        epochs: int | None,
+        drop_last: bool,
+    ) -> None:
+        """Check (a batch size >= 1, a rank in [0, world_size)) and store the settings."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+            )
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.shuffle_buffer = None if shuffle_buffer is None else int(shuffle_buffer)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epochs = epochs
+        self.drop_last = bool(drop_last)
+
+    def _batching_settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in BATCHING_SETTINGS}
+
+
+class ShardDataset(IterableDataset, RankSplitBatches):
     """Streaming, shuffling, rank-aware, exactly resumable reader of an encoded dataset (see module doc).
 
     `tokenize` maps a list of captions to (input_ids, attention_mask), e.g. a `TextEncoder`. The
@@ -314,24 +371,13 @@ class ShardDataset(IterableDataset):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(
-                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
-            )
+        self._set_batching(
+            batch_size, shuffle, shuffle_buffer, seed, rank, world_size, epochs, drop_last
+        )
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.folder = Path(folder)
         self.tokenize = tokenize
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.epochs = epochs
-        self.drop_last = drop_last
         self.shards, self.info = list_shards(self.folder)
         grid = self.info.get("grid_size")
         self.code_length: int | None = int(grid) ** 2 if grid else None
@@ -499,13 +545,7 @@ class ShardDataset(IterableDataset):
     # --- position -----------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
         return {
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "drop_last": self.drop_last,
+            **self._batching_settings(),
             "shards": hashlib.sha256(
                 "\n".join(f"{s.path.name} {s.rows}" for s in self.shards).encode()
             ).hexdigest()[:16],

@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from ..text import TextNormalizer
 
 log = logging.getLogger(__name__)
 
@@ -296,12 +298,15 @@ def _split_caption_text(text: str, lines: CaptionLines) -> tuple[str, ...]:
 
 def _resolve_normalizer(normalizer: Normalizer | Literal["default"] | None) -> Normalizer | None:
     if normalizer == "default":
-        from ..text import TextNormalizer
-
         return TextNormalizer()
     if normalizer is not None and not callable(normalizer):
         raise InputError(f"normalizer must be a callable, 'default' or None, got {normalizer!r}")
     return normalizer  # type: ignore[return-value]
+
+
+def _sorted_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files of a multi-file source in the order it reads them (sorted by path)."""
+    return sorted((Path(p) for p in paths), key=str)
 
 
 class Source:
@@ -470,11 +475,7 @@ class TarSource(Source):
         caption_lines: CaptionLines = "join",
         description: str | None = None,
     ) -> None:
-        super().__init__(
-            sorted((Path(p) for p in paths), key=str),
-            normalizer=normalizer,
-            description=description,
-        )
+        super().__init__(_sorted_paths(paths), normalizer=normalizer, description=description)
         self.caption_lines = caption_lines
 
     def records(self) -> Iterator[Record]:
@@ -567,13 +568,7 @@ class ParquetSource(Source):
         batch_rows: int = 256,
         description: str | None = None,
     ) -> None:
-        import pyarrow.parquet as pq
-
-        super().__init__(
-            sorted((Path(p) for p in paths), key=str),
-            normalizer=normalizer,
-            description=description,
-        )
+        super().__init__(_sorted_paths(paths), normalizer=normalizer, description=description)
         if not self.paths:
             raise InputError("no Parquet files given")
         names = pq.ParquetFile(self.paths[0]).schema_arrow.names
@@ -601,8 +596,6 @@ class ParquetSource(Source):
         self.batch_rows = batch_rows
 
     def count_hint(self) -> int | None:
-        import pyarrow.parquet as pq
-
         try:
             return sum(pq.ParquetFile(p).metadata.num_rows for p in self.paths)
         except Exception:
@@ -618,8 +611,6 @@ class ParquetSource(Source):
         return ()
 
     def records(self) -> Iterator[Record]:
-        import pyarrow.parquet as pq
-
         columns = [self.image_column, self.caption_column]
         if self.key_column:
             columns.append(self.key_column)

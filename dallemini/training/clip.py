@@ -37,7 +37,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.clip import SmallClip, contrastive_loss
 from ..text import TextEncoder, TextNormalizer, load_tokenizer, save_tokenizer, train_tokenizer
 from . import distributed as D
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, option
 
 log = logging.getLogger("dallemini.train")
 
@@ -49,14 +49,20 @@ class ClipTrainConfig(TrainConfig):
     """`dallemini train-clip` settings: data, CLIP shape (or a model whose CLIP to fine-tune), tokenizer, eval."""
 
     out: str = "runs/clip"
-    data: str = ""  # caption–image source: image folder (+ .txt), webdataset .tar(s), parquet, glob
-    eval_data: str | None = None  # held-out source for loss and retrieval accuracy
-    kind: str = "auto"  # auto, folder, tar or parquet (as `dallemini encode`)
-    image_column: str | None = None  # parquet column with image bytes
-    caption_column: str | None = None  # parquet column with captions
-    model: str | None = None  # model dir whose CLIP to fine-tune and/or whose tokenizer to use
+    data: str = option(  # or a glob
+        "", "caption–image source: image folder (+ .txt), webdataset .tar(s), parquet"
+    )
+    eval_data: str | None = option(None, "held-out source for loss and retrieval accuracy")
+    kind: str = option("auto", "auto, folder, tar or parquet")  # as `dallemini encode`
+    image_column: str | None = option(None, "parquet column with image bytes")
+    caption_column: str | None = option(None, "parquet column with captions")
+    model: str | None = option(
+        None, "model directory whose CLIP to fine-tune and/or whose tokenizer to use"
+    )
     clip: dict[str, Any] = field(default_factory=dict)  # overrides of ClipConfig fields
-    tokenizer: str | None = None  # tokenizer files; default: the model's, else one trained on data
+    tokenizer: str | None = option(
+        None, "tokenizer files (default: the model's, else trained on data)"
+    )
     tokenizer_vocab: int = 4096  # vocabulary of a tokenizer trained on the data's captions
     captions: str = "random"  # per image: random (one per epoch), first, or all (one item each)
     workers: int = 0  # image-decoding threads (0: decode in the training thread)

@@ -48,16 +48,25 @@ PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.floa
 CONFIG_NAME = "train_config.json"
 
 
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field that is also an option of its trainer's command (built by `training.cli`):
+    `help` is the option's help text, `flag` its name when not --field-name. A subclass that only
+    gives the field another default keeps the option."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": True, "flag": flag})
+
+
 @dataclass
 class TrainConfig:
-    """Settings every trainer shares; trainers extend it with their own fields."""
+    """Settings every trainer shares; trainers extend it with their own fields. Fields made with
+    `option` are also command-line options (None there: keep the config file's value)."""
 
-    out: str = "runs/train"
-    steps: int = 1000  # optimizer updates
-    batch_size: int = 8  # per rank and micro-batch; global batch = batch_size × grad_accum × ranks
-    grad_accum: int = 1
+    out: str = option("runs/train", "run folder: checkpoints, logs, model")
+    steps: int = option(1000, "optimizer updates")
+    # global batch = batch_size × grad_accum × ranks
+    batch_size: int = option(8, "per-rank micro-batch")
+    grad_accum: int = option(1, "micro-batches per update")
     optimizer: str = "adafactor"
-    lr: float = 5e-3
+    lr: float = option(5e-3, "peak learning rate")
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -65,22 +74,21 @@ class TrainConfig:
     decay: str = "linear"
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0  # max global grad norm; 0 = off
-    precision: str = (
-        "float32"  # autocast dtype: float32 (off), bfloat16, float16 (with loss scaling)
-    )
+    # float32 is no autocast; float16 comes with loss scaling
+    precision: str = option("float32", "float32, bfloat16 or float16 autocast")
     ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.999
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end (when there is evaluation data)
     sample_every: int = 0  # 0 = only at the end
     save_every: int = 500
     keep_last: int = 3
-    seed: int = 0
-    device: str = "auto"
+    seed: int = option(0, "seed of everything random")
+    device: str = option("auto", "auto, cpu, cuda, mps")
     distributed: str = "ddp"  # ddp or fsdp (fully_shard, for models too big to replicate)
     deterministic: bool = False
-    resume: bool = False
+    resume: bool = option(False, "continue the run in --out")
     tensorboard: bool = True
-    wandb: bool = False
+    wandb: bool = option(False, "also log to Weights & Biases")
     wandb_project: str = "dallemini"
 
     def validate(self) -> None:

@@ -40,7 +40,7 @@ from ..models.loading import load_vqgan
 from ..models.vqgan import VQGAN
 from ..text import TextEncoder, TextNormalizer, load_tokenizer, train_tokenizer
 from . import distributed as D
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, option
 
 log = logging.getLogger("dallemini.train")
 
@@ -49,12 +49,17 @@ log = logging.getLogger("dallemini.train")
 class Seq2SeqConfig(TrainConfig):
     """`dallemini train` settings: data, model shape (or a model to fine-tune), text and sampling."""
 
-    data: str = ""  # folder of encoded parquet shards (dallemini encode)
-    eval_data: str | None = None  # held-out shards for the periodic evaluation loss
-    model: str | None = None  # model directory to start from (fine-tuning); else `preset`
-    preset: str = "tiny"  # mini, mega, tiny: the DalleBart shape when training from scratch
+    # two shared settings that are options of `dallemini train` alone
+    optimizer: str = option("adafactor", "adafactor or adamw")
+    distributed: str = option("ddp", "ddp or fsdp (under torchrun)")  # fsdp: fully_shard
+    data: str = option("", "folder of encoded token shards (dallemini encode)")  # parquet shards
+    eval_data: str | None = option(None, "held-out encoded shards")  # for the evaluation loss
+    model: str | None = option(None, "model directory to fine-tune")  # else `preset`
+    # the DalleBart shape when training from scratch
+    preset: str = option("tiny", "tiny, mini or mega (from scratch)", flag="--model-preset")
     bart: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
-    vqgan: str | None = None  # model dir / VQGAN checkpoint for sample grids and the exported model
+    # for sample grids and the exported model
+    vqgan: str | None = option(None, "VQGAN (model dir/checkpoint) for samples and export")
     tokenizer: str | None = (
         None  # tokenizer files; default: the model's, else one trained on the data
     )

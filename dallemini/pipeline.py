@@ -12,9 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 from torch import Tensor
 
+from .checkpoints import load_parts
+from .checkpoints.native import build_from_state, load_into
 from .config import PipelineConfig, SamplingConfig
+from .data.encode import resize_center_crop
 from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
@@ -23,9 +27,11 @@ from .images import to_pil
 from .memory import release_freed_memory
 from .models import kernels
 from .models.bart import DalleBart
-from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip, load_scorer
+from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip
+from .models.loading import load_scorer
 from .models.loading import load_vqgan as load_vqgan  # re-exported
 from .models.vqgan import VQGAN
+from .text import TextEncoder, TextNormalizer
 
 # The built-in model (emoji scenes, made by `dallemini recipe emoji`; see its MODEL_CARD.md): what
 # generate / serve / load_pipeline use when no model is given.
@@ -152,12 +158,6 @@ class TextToImage:
         `vqgan_dtype` (default float32) runs the VQGAN decoder in another dtype: bfloat16 halves its time
         on CPUs with avx512_bf16, at the price of pixel values a few levels off float32's.
         """
-        from tokenizers import Tokenizer
-
-        from .checkpoints import load_parts
-        from .checkpoints.native import build_from_state, load_into
-        from .text import TextEncoder, TextNormalizer
-
         dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
         path = default_model_path() if path is None else path
         parts = load_parts(path, vqgan=vqgan, tokenizer=tokenizer, lazy=True, dtype=dt)
@@ -223,8 +223,6 @@ class TextToImage:
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageSource]) -> Tensor:
         """Images (PIL or files) -> VQGAN codes [N, image_length], after resizing and centre-cropping to its resolution."""
-        from .data.encode import resize_center_crop
-
         size = self.config.vqgan.resolution
         arr = np.stack(
             [np.asarray(resize_center_crop(load_image(im), size), dtype=np.uint8) for im in images]

@@ -21,9 +21,8 @@ from dallemini.models.clip import (
     ImageTextScorer,
     SmallClip,
     contrastive_loss,
-    load_scorer,
-    load_small_clip,
 )
+from dallemini.models.loading import load_scorer, load_small_clip
 from dallemini.text import TextEncoder, train_tokenizer
 
 COLOURS = {

@@ -17,7 +17,8 @@ from dallemini.data.pairs import PairDataset, to_pixels
 from dallemini.data.sources import open_source
 from dallemini.emoji.scenes import write_emoji_dataset
 from dallemini.errors import CheckpointError, ConfigError, InputError
-from dallemini.models.clip import BuiltinClipScorer, contrastive_loss, load_scorer, load_small_clip
+from dallemini.models.clip import BuiltinClipScorer, contrastive_loss
+from dallemini.models.loading import load_scorer, load_small_clip
 from dallemini.random_model import create_random_model
 from dallemini.training.clip import ClipTrainConfig, ClipTrainer, batch_positives
 from dallemini.training.settings import load_config

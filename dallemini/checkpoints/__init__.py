@@ -14,9 +14,17 @@ import torch
 
 from ..config import PipelineConfig, TextConfig
 from ..errors import CheckpointError
+from ..models.bart import DalleBart
+from ..models.clip import SmallClip
+from ..models.vqgan import VQGAN
+from ..text import load_tokenizer
 from . import hub, native
+from .flax_dalle import load_flax_dalle
+from .flax_vqgan import load_flax_vqgan
 from .lazy import TensorLike, materialize
+from .min_dalle import find_files, load_min_dalle
 from .safe_load import read_json_object
+from .taming import load_taming
 
 FORMATS = ("native", "min-dalle", "flax-dalle", "flax-vqgan", "taming")
 
@@ -34,8 +42,6 @@ class ModelParts:
 
 def detect_format(path: str | Path) -> str:
     """Name the checkpoint format at path (one of FORMATS) or raise a CheckpointError saying what was found."""
-    from .min_dalle import find_files
-
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
@@ -69,8 +75,6 @@ def _tokenizer_json(path: Path | None) -> str | None:
     """tokenizer.json text from a tokenizer.json / vocab.json+merges.txt location, or None if there is none."""
     if path is None:
         return None
-    from ..text import load_tokenizer
-
     return load_tokenizer(path).to_str()
 
 
@@ -145,8 +149,6 @@ def _load_parts(
         )
         parts = ModelParts(cfg, states, tok, source=f"native:{p}", word_list=_word_list(p))
     elif fmt == "min-dalle":
-        from .min_dalle import load_min_dalle
-
         bart_cfg, bart_state, vq_cfg, vq_state, files = load_min_dalle(p, attention_heads)
         cfg = PipelineConfig(
             bart=bart_cfg, vqgan=vq_cfg, text=TextConfig(max_length=bart_cfg.max_text_length)
@@ -157,14 +159,10 @@ def _load_parts(
         tok_dir = files.vocab.parent if files.vocab else None
         tok_json = None
         if files.vocab is not None and files.merges is not None:
-            from ..text import load_tokenizer
-
             tok_json = load_tokenizer(files.vocab, files.merges).to_str()
         parts = ModelParts(cfg, states, tok_json, source=f"min-dalle:{tok_dir or p}")
         parts.word_list = _word_list(*([tok_dir] if tok_dir else []), p)
     elif fmt == "flax-dalle":
-        from .flax_dalle import load_flax_dalle
-
         bart_cfg, bart_state = load_flax_dalle(p)
         cfg = PipelineConfig(bart=bart_cfg, text=TextConfig(max_length=bart_cfg.max_text_length))
         tok_dir = _find_tokenizer(p)
@@ -176,15 +174,11 @@ def _load_parts(
             word_list=_word_list(p if p.is_dir() else p.parent),
         )
     elif fmt == "flax-vqgan":
-        from .flax_vqgan import load_flax_vqgan
-
         vq_cfg, vq_state = load_flax_vqgan(p)
         parts = ModelParts(
             PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"flax-vqgan:{p}"
         )
     else:
-        from .taming import load_taming
-
         vq_cfg, vq_state = load_taming(_taming_ckpt(p), taming_config)
         parts = ModelParts(PipelineConfig(vqgan=vq_cfg), {"vqgan": vq_state}, source=f"taming:{p}")
     return parts
@@ -234,11 +228,6 @@ def convert(
 
 def check_parts(parts: ModelParts) -> None:
     """Check every part's tensors against the module its config builds (on the meta device: no memory)."""
-    # Imported here: models.clip reads its weights through checkpoints.native (a cycle at import time).
-    from ..models.bart import DalleBart
-    from ..models.clip import SmallClip
-    from ..models.vqgan import VQGAN
-
     builders = {"bart": DalleBart, "vqgan": VQGAN, "clip": SmallClip}
     for part, state in parts.states.items():
         with torch.device("meta"):

@@ -20,6 +20,7 @@ tooling and writes the same bytes flax would.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -601,8 +602,6 @@ def msgpack_bytes(
     tree: Mapping[str, Any], chunk_size: int = MAX_CHUNK_SIZE, sort_keys: bool = True
 ) -> bytes:
     """The bytes write_msgpack would write (for small trees: tests, comparisons with flax)."""
-    import io
-
     buf = io.BytesIO()
     _write(buf, tree, chunk_size, sort=sort_keys)
     return buf.getvalue()

@@ -26,6 +26,11 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 from tqdm import tqdm
 
 from .. import __version__
@@ -496,12 +501,6 @@ def _clip_weights(source: Source) -> list[str]:
 @contextmanager
 def _progress() -> Iterator[None]:
     """huggingface_hub's progress bars on a terminal only."""
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-
     hide = not sys.stderr.isatty() and not are_progress_bars_disabled()
     if hide:
         disable_progress_bars()

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..config import VQGANConfig
 from ..errors import CheckpointError, ConfigError
+from ..models.vqgan import VQGAN
 from .safe_load import LIGHTNING_METADATA, load_torch_file, require_tensors
 
 log = logging.getLogger(__name__)
@@ -214,8 +215,6 @@ def config_from_state(state: Mapping[str, Tensor], where: str = "taming checkpoi
 
 def expected_shapes(config: VQGANConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of our VQGAN's state dict for config, built on the meta device (no memory)."""
-    from ..models.vqgan import VQGAN
-
     with torch.device("meta"):
         model = VQGAN(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -26,9 +26,7 @@ from torch import Tensor, nn
 from ..config import ClipConfig
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, InputError
-
-if TYPE_CHECKING:
-    from ..text import TextEncoder
+from ..text import TextEncoder
 
 __all__ = [
     "BuiltinClipScorer",
@@ -37,7 +35,6 @@ __all__ = [
     "SmallClip",
     "contrastive_loss",
     "is_hf_clip_folder",
-    "load_scorer",
 ]
 
 # OpenAI CLIP's per-channel pixel statistics; the built-in model normalises with them too.
@@ -511,62 +508,3 @@ class HFClipScorer:
         t = F.normalize(text_embeds.float(), dim=-1)
         i = F.normalize(torch.cat(chunks).float(), dim=-1)
         return (m.logit_scale.float().exp() * t @ i.t()).cpu()
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def load_small_clip(path: str | os.PathLike[str]) -> SmallClip:
-    """The `SmallClip` of a dallemini model directory (config `clip` section + clip.safetensors), shapes checked."""
-    from ..checkpoints import native
-
-    cfg = native.read_config(path)
-    if cfg.clip is None:
-        raise CheckpointError(
-            f"{path}/config.json has no clip section: this model directory carries no built-in CLIP; "
-            f"train one with `dallemini train-clip` or pass a Hugging Face CLIP folder"
-        )
-    state = native.read_weights(path, "clip")
-    return native.load_into(
-        SmallClip(cfg.clip), state, f"{Path(path) / native.WEIGHT_FILES['clip']}"
-    )
-
-
-def load_scorer(
-    path: str | os.PathLike[str] | None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    text: TextEncoder | None = None,
-) -> ImageTextScorer | None:
-    """A scorer from a HF CLIP folder or a dallemini model dir with a built-in CLIP; None for None.
-
-    `text` overrides the model directory's own tokenizer for the built-in CLIP.
-    """
-    if path is None:
-        return None
-    from ..checkpoints import hub
-
-    p = hub.local_path(path)  # a Hub name ("clip", "openai/clip-vit-base-patch32") or a path
-    if not p.exists():
-        raise CheckpointError(f"CLIP path {p} does not exist")
-    if is_hf_clip_folder(p):
-        return HFClipScorer.from_folder(p, device=device, dtype=dtype)
-
-    from ..checkpoints import native
-
-    if not native.is_model_dir(p):
-        raise CheckpointError(
-            f"{p} holds no CLIP: expected a Hugging Face CLIP folder (config.json with "
-            f'"model_type": "clip") or a dallemini model directory with clip.safetensors'
-        )
-    model = load_small_clip(p)
-    if text is None:
-        from ..text import TextEncoder
-
-        if not (p / native.TOKENIZER_FILE).is_file():
-            raise CheckpointError(f"{p} has no {native.TOKENIZER_FILE} for its built-in CLIP")
-        text = TextEncoder.from_path(p / native.TOKENIZER_FILE, native.read_config(p).text)
-    scorer = BuiltinClipScorer(model, text)
-    return scorer.to(resolve_device(device), resolve_dtype(dtype))

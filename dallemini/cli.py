@@ -16,7 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_options import DeviceOpt, DtypeOpt, VqganDtypeOpt
 from .config import PipelineConfig, SamplingConfig
+from .data.cli import mount as mount_data
 from .emoji.cli import mount as mount_emoji
 from .errors import DalleMiniError, InputError
 from .training.cli import mount as mount_training
@@ -27,16 +29,6 @@ app = typer.Typer(
     help="DALL·E Mini in PyTorch: generate images from text, convert checkpoints, train and serve.",
     pretty_exceptions_enable=False,
 )
-
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
-VqganDtypeOpt = Annotated[
-    str,
-    typer.Option(
-        help="the VQGAN decoder's dtype: bfloat16 about halves its time on CPUs with avx512_bf16 "
-        "and on GPUs (pixels a few levels off float32's)"
-    ),
-]
 
 
 _MODEL_HELP = (
@@ -392,55 +384,7 @@ def create(
     typer.echo(f"wrote {path} (random weights: its images are noise until it is trained)")
 
 
-@app.command()
-def encode(
-    src: Annotated[
-        str,
-        typer.Argument(
-            help="image folder (+ .txt captions), webdataset .tar(s), parquet file(s) or a glob"
-        ),
-    ],
-    out: Annotated[
-        Path, typer.Argument(help="output folder of parquet token shards + dataset.json")
-    ],
-    model: Annotated[
-        Path, typer.Option(help="model directory or VQGAN checkpoint whose encoder to use")
-    ],
-    kind: Annotated[str, typer.Option(help="auto, folder, tar or parquet")] = "auto",
-    image_column: Annotated[
-        str | None, typer.Option(help="parquet column with image bytes")
-    ] = None,
-    caption_column: Annotated[str | None, typer.Option(help="parquet column with captions")] = None,
-    batch_size: Annotated[int, typer.Option(help="images per VQGAN batch")] = 32,
-    shard_size: Annotated[int, typer.Option(help="source records per output shard")] = 10_000,
-    shard: Annotated[
-        str | None,
-        typer.Option(help="i/n: encode only shards k with k % n == i (default: torchrun rank)"),
-    ] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-) -> None:
-    """Pre-encode a caption–image dataset into VQGAN token shards (resumable; split with --shard i/n or torchrun)."""
-    import os
-
-    import torch
-
-    from .data.encode import check_has_records, encode_dataset, parse_worker, worker_from_env
-    from .data.sources import open_source
-    from .pipeline import load_vqgan
-
-    worker = parse_worker(shard) if shard else worker_from_env()
-    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    source = open_source(src, kind, image_column=image_column, caption_column=caption_column)  # type: ignore[arg-type]
-    check_has_records(source)  # before loading the model
-    vq = load_vqgan(model, device=device, dtype=dtype)
-    result = encode_dataset(
-        source, out, vq, batch_size=batch_size, shard_size=shard_size, worker=worker
-    )
-    typer.echo(result.summary())
-
-
+mount_data(app)  # encode
 mount_emoji(app)  # dataset emoji, eval, recipe emoji
 mount_training(app)  # train-clip, train, train-vqgan
 

@@ -161,6 +161,207 @@ def _forget_from(out: Path, step: str, echo: Callable[[str], object]) -> None:
     echo(f"recipe: settings changed; redoing {', '.join(STEPS[STEPS.index(step) :])}")
 
 
+def _check_saved_settings(
+    out: Path, cfg: dict[str, Any], rerun_changed: bool, echo: Callable[[str], object]
+) -> None:
+    """Refuse to continue a run in `out` made with other settings, or (`rerun_changed`) forget the
+    results of its first changed step and those after it."""
+    saved = out / "recipe.json"
+    if not saved.is_file():
+        return
+    try:
+        before = json.loads(saved.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{saved} is not valid JSON ({e}); use a new OUT folder") from e
+    changed = first_changed_step(before, cfg)
+    if changed is None:
+        return
+    if not rerun_changed:
+        raise ConfigError(
+            f"{out} holds a recipe run with other settings ({saved}; the {changed!r} step "
+            "and those after it differ): use a new OUT folder, or --rerun-changed to redo "
+            "them (their results in OUT are deleted)"
+        )
+    _forget_from(out, changed, echo)
+
+
+class _RecipeRun:
+    """The steps of one recipe run into `out`, one method each (see the module doc)."""
+
+    def __init__(
+        self, out: Path, cfg: dict[str, Any], device: str, echo: Callable[[str], object]
+    ) -> None:
+        self.out, self.cfg, self.device, self.echo = out, cfg, device, echo
+        self.seed = int(cfg["seed"])
+        self.data, self.tokens = out / "data", out / "tokens"
+        self.sec = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
+        self.donor = bool(self.sec["encode"].pop("glyph_donor", False))
+        self.tuned = out / "decoder" / "pipeline"  # the bart model dir with the tuned VQGAN decoder
+
+    def _sampling(self, base: SamplingConfig) -> SamplingConfig:
+        """The model's sampling defaults with the recipe's `sampling` section on top."""
+        return replace(base, **dict(self.cfg.get("sampling") or {}))
+
+    def _trainer(
+        self, kind: str, section: str, fixed: dict[str, Any] | None = None, **paths: Path
+    ) -> None:
+        """Run one trainer on the section's settings with the recipe's paths, `fixed` settings,
+        seed and device."""
+        settings = {k: str(v) for k, v in paths.items()}
+        _train(
+            kind,
+            {
+                **self.sec[section],
+                **(fixed or {}),
+                **settings,
+                "seed": self.seed,
+                "device": self.device,
+            },
+        )
+
+    def dataset(self) -> None:
+        d = self.sec["dataset"]
+        for folder, split in (("train", "train"), ("heldout", "heldout-triples")):
+            dst = self.data / folder
+            shutil.rmtree(dst, ignore_errors=True)
+            write_emoji_dataset(
+                dst,
+                tier=d.get("tier", 256),
+                resolution=d.get("resolution", 64),
+                splits=split,
+                captions_per_image=d.get("captions_per_image", 2),
+                seed=self.seed,
+                subject_size=d.get("subject_size"),
+            )
+
+    def vqgan(self) -> None:
+        data = self.data
+        self._trainer(
+            "vqgan",
+            "vqgan",
+            data=data / "train",
+            eval_data=data / "heldout",
+            out=self.out / "vqgan",
+        )
+
+    def encode(self) -> None:
+        data, tokens = self.data, self.tokens
+        vq = load_vqgan(self.out / "vqgan" / "model", device=self.device)
+        for folder in ("train", "heldout"):
+            encode_dataset(
+                open_source(data / folder),
+                tokens / folder,
+                vq,
+                **self.sec["encode"],
+                progress=False,
+            )
+        if self.donor:
+            write_glyph_donors(data / "train", tokens / "train", tokens / "train-donor")
+
+    def bart(self) -> None:
+        self._trainer(
+            "seq2seq",
+            "bart",
+            data=self.tokens / ("train-donor" if self.donor else "train"),
+            eval_data=self.tokens / "heldout",
+            vqgan=self.out / "vqgan" / "model",
+            out=self.out / "bart",
+        )
+
+    def decoder(self) -> None:
+        if not self.sec["decoder"]:
+            return  # nothing to fine-tune: the CLIP step takes the bart model dir as it is
+        out, tuned = self.out, self.tuned
+        self._trainer(
+            "vqgan",
+            "decoder",
+            {"train_encoder": False},
+            model=out / "vqgan" / "model",
+            data=self.data / "train",
+            eval_data=self.data / "heldout",
+            out=out / "decoder",
+        )
+        before = json.loads((out / "bart" / "model" / "config.json").read_text())["vqgan"]
+        after = json.loads((out / "decoder" / "model" / "config.json").read_text())["vqgan"]
+        if before != after:  # cannot happen unless a file was edited: the shape is the model's
+            raise ConfigError(f"{out / 'decoder' / 'model'} is not the bart model's VQGAN shape")
+        tmp = tuned.with_name(".pipeline.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "bart" / "model", tmp)
+        shutil.copy(out / "decoder" / "model" / "vqgan.safetensors", tmp / "vqgan.safetensors")
+        shutil.rmtree(tuned, ignore_errors=True)  # left by a run stopped before its marker
+        tmp.rename(tuned)
+
+    def clip(self) -> None:
+        self._trainer(
+            "clip",
+            "clip",
+            data=self.data / "train",
+            eval_data=self.data / "heldout",
+            model=self.tuned if self.tuned.is_dir() else self.out / "bart" / "model",
+            out=self.out / "clip",
+        )
+
+    def evaluate(self) -> None:
+        scenes_cfg = json.loads((self.data / "train" / "emoji_scenes.json").read_text())
+        scenes = EmojiScenes.from_config(scenes_cfg)
+        pipe = TextToImage.from_pretrained(self.out / "clip" / "model", device=self.device)
+        pipe.config = replace(pipe.config, sampling=self._sampling(pipe.config.sampling))
+        e = self.sec["eval"]
+        reports = {}
+        for split in ("heldout-triples", "heldout-colour"):
+            reports[split] = evaluate_model(
+                pipe,
+                scenes,
+                split,
+                limit=e.get("limit", 512),
+                candidates=e.get("candidates", 4),
+                seed=self.seed,
+            )
+            self.echo(format_report(reports[split]))
+        (self.out / "eval.json").write_text(json.dumps(reports, indent=2) + "\n")
+
+    def model(self) -> None:
+        out = self.out
+        dst = out / "model"
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "clip" / "model", tmp)
+        config = PipelineConfig.from_dict(json.loads((tmp / "config.json").read_text()))
+        config = replace(config, sampling=self._sampling(config.sampling))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        shutil.copy(self.data / "train" / "emoji_scenes.json", tmp / "emoji_scenes.json")
+        (tmp / "MODEL_CARD.md").write_text(model_card(out, self.cfg))
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+
+    def run(self) -> Path:
+        """Each step in STEPS order, skipping those whose marker says they are done; returns OUT/model."""
+        actions: dict[str, Callable[[], None]] = {
+            "dataset": self.dataset,
+            "vqgan": self.vqgan,
+            "encode": self.encode,
+            "bart": self.bart,
+            "decoder": self.decoder,
+            "clip": self.clip,
+            "eval": self.evaluate,
+            "model": self.model,
+        }
+        for step in STEPS:
+            marker = _marker(self.out, step)
+            if marker.is_file():
+                self.echo(f"recipe: {step} done before, skipped")
+                continue
+            self.echo(f"recipe: {step} ...")
+            t0 = time.perf_counter()
+            actions[step]()
+            seconds = time.perf_counter() - t0
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
+            self.echo(f"recipe: {step} took {seconds:.0f} s")
+        return self.out / "model"
+
+
 def run_recipe(
     out: str | Path,
     recipe: str | Path = "default",
@@ -174,176 +375,9 @@ def run_recipe(
     cfg = load_recipe(recipe, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "recipe.json"
-    if saved.is_file():
-        try:
-            before = json.loads(saved.read_text())
-        except ValueError as e:
-            raise ConfigError(f"{saved} is not valid JSON ({e}); use a new OUT folder") from e
-        changed = first_changed_step(before, cfg)
-        if changed is not None:
-            if not rerun_changed:
-                raise ConfigError(
-                    f"{out} holds a recipe run with other settings ({saved}; the {changed!r} step "
-                    "and those after it differ): use a new OUT folder, or --rerun-changed to redo "
-                    "them (their results in OUT are deleted)"
-                )
-            _forget_from(out, changed, echo)
-    saved.write_text(json.dumps(cfg, indent=2) + "\n")
-    seed = int(cfg["seed"])
-
-    def _sampling(base: SamplingConfig) -> SamplingConfig:
-        """The model's sampling defaults with the recipe's `sampling` section on top."""
-        return replace(base, **dict(cfg.get("sampling") or {}))
-
-    data, tokens = out / "data", out / "tokens"
-    sec = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
-
-    def dataset() -> None:
-        d = sec["dataset"]
-        for folder, split in (("train", "train"), ("heldout", "heldout-triples")):
-            dst = data / folder
-            shutil.rmtree(dst, ignore_errors=True)
-            write_emoji_dataset(
-                dst,
-                tier=d.get("tier", 256),
-                resolution=d.get("resolution", 64),
-                splits=split,
-                captions_per_image=d.get("captions_per_image", 2),
-                seed=seed,
-                subject_size=d.get("subject_size"),
-            )
-
-    def trainer(
-        kind: str, section: str, fixed: dict[str, Any] | None = None, **paths: Path | Callable
-    ) -> Callable[[], None]:
-        """A step that runs one trainer on the section's settings with the recipe's paths (a
-        callable path is resolved when the step runs), `fixed` settings, seed and device."""
-
-        def run() -> None:
-            settings = {k: str(v() if callable(v) else v) for k, v in paths.items()}
-            _train(
-                kind,
-                {**sec[section], **(fixed or {}), **settings, "seed": seed, "device": device},
-            )
-
-        return run
-
-    vqgan = trainer(
-        "vqgan", "vqgan", data=data / "train", eval_data=data / "heldout", out=out / "vqgan"
-    )
-
-    donor = bool(sec["encode"].pop("glyph_donor", False))
-    bart_tokens = "train-donor" if donor else "train"
-
-    def encode() -> None:
-        vq = load_vqgan(out / "vqgan" / "model", device=device)
-        for folder in ("train", "heldout"):
-            encode_dataset(
-                open_source(data / folder), tokens / folder, vq, **sec["encode"], progress=False
-            )
-        if donor:
-            write_glyph_donors(data / "train", tokens / "train", tokens / "train-donor")
-
-    bart = trainer(
-        "seq2seq",
-        "bart",
-        data=tokens / bart_tokens,
-        eval_data=tokens / "heldout",
-        vqgan=out / "vqgan" / "model",
-        out=out / "bart",
-    )
-    tuned = out / "decoder" / "pipeline"  # the bart model dir with the fine-tuned VQGAN decoder
-
-    tune_decoder = trainer(
-        "vqgan",
-        "decoder",
-        {"train_encoder": False},
-        model=out / "vqgan" / "model",
-        data=data / "train",
-        eval_data=data / "heldout",
-        out=out / "decoder",
-    )
-
-    def decoder() -> None:
-        if not sec["decoder"]:
-            return  # nothing to fine-tune: the CLIP step takes the bart model dir as it is
-        tune_decoder()
-        before = json.loads((out / "bart" / "model" / "config.json").read_text())["vqgan"]
-        after = json.loads((out / "decoder" / "model" / "config.json").read_text())["vqgan"]
-        if before != after:  # cannot happen unless a file was edited: the shape is the model's
-            raise ConfigError(f"{out / 'decoder' / 'model'} is not the bart model's VQGAN shape")
-        tmp = tuned.with_name(".pipeline.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / "bart" / "model", tmp)
-        shutil.copy(out / "decoder" / "model" / "vqgan.safetensors", tmp / "vqgan.safetensors")
-        shutil.rmtree(tuned, ignore_errors=True)  # left by a run stopped before its marker
-        tmp.rename(tuned)
-
-    clip = trainer(
-        "clip",
-        "clip",
-        data=data / "train",
-        eval_data=data / "heldout",
-        model=lambda: tuned if tuned.is_dir() else out / "bart" / "model",
-        out=out / "clip",
-    )
-
-    def evaluate() -> None:
-        scenes_cfg = json.loads((data / "train" / "emoji_scenes.json").read_text())
-        scenes = EmojiScenes.from_config(scenes_cfg)
-        pipe = TextToImage.from_pretrained(out / "clip" / "model", device=device)
-        pipe.config = replace(pipe.config, sampling=_sampling(pipe.config.sampling))
-        e = sec["eval"]
-        reports = {}
-        for split in ("heldout-triples", "heldout-colour"):
-            reports[split] = evaluate_model(
-                pipe,
-                scenes,
-                split,
-                limit=e.get("limit", 512),
-                candidates=e.get("candidates", 4),
-                seed=seed,
-            )
-            echo(format_report(reports[split]))
-        (out / "eval.json").write_text(json.dumps(reports, indent=2) + "\n")
-
-    def model() -> None:
-        dst = out / "model"
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / "clip" / "model", tmp)
-        config = PipelineConfig.from_dict(json.loads((tmp / "config.json").read_text()))
-        config = replace(config, sampling=_sampling(config.sampling))
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        shutil.copy(data / "train" / "emoji_scenes.json", tmp / "emoji_scenes.json")
-        (tmp / "MODEL_CARD.md").write_text(model_card(out, cfg))
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
-
-    actions = {
-        "dataset": dataset,
-        "vqgan": vqgan,
-        "encode": encode,
-        "bart": bart,
-        "decoder": decoder,
-        "clip": clip,
-        "eval": evaluate,
-        "model": model,
-    }
-    for step in STEPS:
-        marker = _marker(out, step)
-        if marker.is_file():
-            echo(f"recipe: {step} done before, skipped")
-            continue
-        echo(f"recipe: {step} ...")
-        t0 = time.perf_counter()
-        actions[step]()
-        seconds = time.perf_counter() - t0
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
-        echo(f"recipe: {step} took {seconds:.0f} s")
-    return out / "model"
+    _check_saved_settings(out, cfg, rerun_changed, echo)
+    (out / "recipe.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return _RecipeRun(out, cfg, device, echo).run()
 
 
 def _table(report: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import SamplingConfig
+from .config import BartConfig, SamplingConfig
 from .errors import InputError
 from .models import kernels
 from .models.bart import DalleBart
@@ -84,6 +84,43 @@ def trim_padding(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return ids[:, :keep], mask[:, :keep]
 
 
+def _check_rows(
+    cfg: BartConfig, b: int, prompt_index: Tensor, num_codes: int, prefix: Tensor | None
+) -> None:
+    """InputError unless the rows, the codebook size and the forced prefix fit the model."""
+    if prompt_index.shape != (b,):
+        raise InputError(f"{b} seeds given for {prompt_index.shape[0]} image rows")
+    if not 0 < num_codes <= cfg.image_vocab_size:
+        raise InputError(
+            f"num_codes {num_codes} does not fit the decoder vocabulary {cfg.image_vocab_size}"
+        )
+    if prefix is not None:
+        if prefix.shape[0] != b or prefix.shape[1] > cfg.image_length:
+            raise InputError(
+                f"prefix must be [{b}, <= {cfg.image_length}], got {tuple(prefix.shape)}"
+            )
+        if prefix.numel() and (prefix.min() < 0 or prefix.max() >= num_codes):
+            raise InputError(f"prefix codes must lie in [0, {num_codes})")
+
+
+def _with_unconditional(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    uncond_ids: Tensor,
+    uncond_mask: Tensor,
+    prompt_index: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Encoder inputs with the empty caption appended, and the encoder row of every decoder row:
+    the B conditional rows, then B unconditional ones (super-conditioning)."""
+    device = input_ids.device
+    ids = torch.cat([input_ids, uncond_ids[:1].to(device)])
+    mask = torch.cat([attention_mask, uncond_mask[:1].to(device)])
+    if ids.shape[1] != uncond_ids.shape[1]:
+        raise InputError("prompt and unconditional encodings must have the same length")
+    empty = torch.full_like(prompt_index, input_ids.shape[0])
+    return ids, mask, torch.cat([prompt_index, empty])
+
+
 def iter_image_tokens(
     model: DalleBart,
     input_ids: Tensor,
@@ -109,32 +146,17 @@ def iter_image_tokens(
     """
     cfg = model.config
     device = input_ids.device
-    b = len(seeds)
+    b, total = len(seeds), cfg.image_length
     if prompt_index is None:
         prompt_index = torch.arange(input_ids.shape[0], device=device)
     prompt_index = prompt_index.to(device)
-    if prompt_index.shape != (b,):
-        raise InputError(f"{b} seeds given for {prompt_index.shape[0]} image rows")
-    if not 0 < num_codes <= cfg.image_vocab_size:
-        raise InputError(
-            f"num_codes {num_codes} does not fit the decoder vocabulary {cfg.image_vocab_size}"
-        )
-    total = cfg.image_length
+    _check_rows(cfg, b, prompt_index, num_codes, prefix)
     m = 0 if prefix is None else prefix.shape[1]
-    if prefix is not None:
-        if prefix.shape[0] != b or m > total:
-            raise InputError(f"prefix must be [{b}, <= {total}], got {tuple(prefix.shape)}")
-        if prefix.numel() and (prefix.min() < 0 or prefix.max() >= num_codes):
-            raise InputError(f"prefix codes must lie in [0, {num_codes})")
-
     guided = settings.condition_scale != 1.0
-    p = input_ids.shape[0]
     if guided:
-        ids = torch.cat([input_ids, uncond_ids[:1].to(device)])
-        mask = torch.cat([attention_mask, uncond_mask[:1].to(device)])
-        if ids.shape[1] != uncond_ids.shape[1]:
-            raise InputError("prompt and unconditional encodings must have the same length")
-        rows = torch.cat([prompt_index, torch.full((b,), p, device=device)])
+        ids, mask, rows = _with_unconditional(
+            input_ids, attention_mask, uncond_ids, uncond_mask, prompt_index
+        )
     else:
         ids, mask, rows = input_ids, attention_mask, prompt_index
     ids, mask = trim_padding(ids, mask)

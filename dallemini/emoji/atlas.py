@@ -194,8 +194,8 @@ def order_subjects(subjects: list[dict], feats: np.ndarray, min_distance: float)
     return order
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Render, order and write the atlas."""
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """The command line, and the font it names (or the Debian one)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--font", default=None, help="NotoColorEmoji.ttf (default: the Debian path)")
     ap.add_argument("--out", default=str(ASSETS_DIR))
@@ -209,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(
             "Noto Color Emoji not found: apt-get install fonts-noto-color-emoji, or pass --font"
         )
+    return args, font
 
-    subjects = curated()
-    print(f"{len(subjects)} curated subjects", file=sys.stderr)
+
+def render_subjects(subjects: list[dict], font: Path) -> tuple[list[dict], np.ndarray]:
+    """The subjects that render as one glyph, each image once, and their atlas cells (RGBA)."""
     kept, cells, seen = [], [], {}
     for s in subjects:
         g = render_glyph(s["emoji"], font)
@@ -227,25 +229,35 @@ def main(argv: list[str] | None = None) -> int:
         cells.append(np.asarray(fit_glyph(g, ATLAS_CELL)))
     if len({s["name"] for s in kept}) != len(kept):
         raise SystemExit("subject names are not unique")
-    resolve_aliases(kept)
-    cells_arr = np.stack(cells)
-    order = order_subjects(kept, features(cells_arr), args.min_distance)
-    if args.limit:
-        order = order[: args.limit]
-    print(f"{len(order)} subjects in the atlas", file=sys.stderr)
+    return kept, np.stack(cells)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = math.ceil(len(order) / COLUMNS)
+
+def write_sheet(path: Path, cells: np.ndarray) -> None:
+    """The atlas image: the cells row-major, COLUMNS a row."""
+    rows = math.ceil(len(cells) / COLUMNS)
     sheet = np.zeros((rows * ATLAS_CELL, COLUMNS * ATLAS_CELL, 4), np.uint8)
-    for j, i in enumerate(order):
+    for j, cell in enumerate(cells):
         r, c = divmod(j, COLUMNS)
-        sheet[r * ATLAS_CELL : (r + 1) * ATLAS_CELL, c * ATLAS_CELL : (c + 1) * ATLAS_CELL] = (
-            cells_arr[i]
-        )
-    Image.fromarray(sheet, "RGBA").save(out / ATLAS_FILE, optimize=True)
+        sheet[r * ATLAS_CELL : (r + 1) * ATLAS_CELL, c * ATLAS_CELL : (c + 1) * ATLAS_CELL] = cell
+    Image.fromarray(sheet, "RGBA").save(path, optimize=True)
 
-    meta = {
+
+SUBJECT_KEYS = (
+    "emoji",
+    "codepoints",
+    "name",
+    "cldr",
+    "aliases",
+    "category",
+    "subcategory",
+    "emoji_version",
+    "min_distance",
+)
+
+
+def atlas_metadata(font: Path, min_distance: float, subjects: list[dict]) -> dict:
+    """emoji_subjects.json: the font, the ordering settings, the tiers and the subjects in order."""
+    return {
         "format": 1,
         "cell": ATLAS_CELL,
         "columns": COLUMNS,
@@ -258,23 +270,28 @@ def main(argv: list[str] | None = None) -> int:
         },
         "emoji_package": getattr(emoji, "__version__", "unknown"),
         "feature": f"{FEATURE_SIZE}x{FEATURE_SIZE} RGB on grey {GREY}, RMS distance",
-        "min_distance": args.min_distance,
-        "tiers": [64, 256, len(order)],
-        "subjects": [
-            {
-                "emoji": kept[i]["emoji"],
-                "codepoints": kept[i]["codepoints"],
-                "name": kept[i]["name"],
-                "cldr": kept[i]["cldr"],
-                "aliases": kept[i]["aliases"],
-                "category": kept[i]["category"],
-                "subcategory": kept[i]["subcategory"],
-                "emoji_version": kept[i]["emoji_version"],
-                "min_distance": kept[i]["min_distance"],
-            }
-            for i in order
-        ],
+        "min_distance": min_distance,
+        "tiers": [64, 256, len(subjects)],
+        "subjects": [{k: s[k] for k in SUBJECT_KEYS} for s in subjects],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render, order and write the atlas."""
+    args, font = _parse_args(argv)
+    subjects = curated()
+    print(f"{len(subjects)} curated subjects", file=sys.stderr)
+    kept, cells = render_subjects(subjects, font)
+    resolve_aliases(kept)
+    order = order_subjects(kept, features(cells), args.min_distance)
+    if args.limit:
+        order = order[: args.limit]
+    print(f"{len(order)} subjects in the atlas", file=sys.stderr)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_sheet(out / ATLAS_FILE, cells[order])
+    meta = atlas_metadata(font, args.min_distance, [kept[i] for i in order])
     (out / SUBJECTS_FILE).write_text(
         json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
     )

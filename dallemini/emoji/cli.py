@@ -9,23 +9,30 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from PIL import Image
 from tqdm import tqdm
 
 from ..checkpoints import hub
+from ..cli_options import DeviceOpt, DtypeOpt
 from ..errors import ConfigError, InputError
 from ..pipeline import TextToImage
 from ..training.settings import parse_overrides
 from .evaluation import accuracy_table, evaluate_model, format_report, scenes_for_model
 from .judge import EmojiJudge
 from .recipe import run_recipe
-from .scenes import SPLITS, EmojiScenes, write_emoji_dataset
+from .scenes import SPLITS, write_emoji_dataset
 
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+# The dataset settings: options of `dataset emoji` and of `eval --images`, which takes them only
+# for a folder that does not record them (default None there: not given).
+TierOpt = Annotated[str | None, typer.Option(help="subjects: 64, 256, any count, or all")]
+ResolutionOpt = Annotated[int | None, typer.Option(help="image side in pixels")]
+SubjectSizeOpt = Annotated[
+    int | None, typer.Option(help="emoji side in pixels (default: half the image side)")
+]
+SeedOpt = Annotated[int | None, typer.Option(help="seed of the splits and caption choice")]
 
 
 def mount(app: typer.Typer) -> None:
@@ -40,29 +47,33 @@ dataset_app = typer.Typer(
 )
 
 
-def _parse_tier(tier: str) -> int | str:
-    """An emoji tier option as EmojiScenes takes it: a subject count, or 'all'."""
+def _parse_tier(tier: str | None) -> int | str | None:
+    """An emoji tier option as EmojiScenes takes it: a subject count, or 'all' (None: not given)."""
+    if tier is None:
+        return None
     return int(tier) if tier.strip().isdigit() else tier.strip()
+
+
+# The options of `dataset emoji` (and the dataset settings above).
+SplitsOpt = Annotated[str, typer.Option(help=f"comma list of {', '.join(SPLITS)}, or all")]
+CaptionsPerImageOpt = Annotated[
+    int, typer.Option(help="captions per image (distinct templates), 1 to 6")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="replace OUT if it holds an emoji dataset written before")
+]
 
 
 @dataset_app.command("emoji")
 def dataset_emoji(
     out: Annotated[Path, typer.Argument(help="output folder (new or empty)")],
-    tier: Annotated[str, typer.Option(help="subjects: 64, 256, any count, or all")] = "64",
-    resolution: Annotated[int, typer.Option(help="image side in pixels")] = 64,
-    subject_size: Annotated[
-        int | None, typer.Option(help="emoji side in pixels (default: half the image side)")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the splits and caption choice")] = 0,
-    splits: Annotated[
-        str, typer.Option(help="comma list of train, heldout-triples, heldout-colour, or all")
-    ] = "all",
-    captions_per_image: Annotated[
-        int, typer.Option(help="captions per image (distinct templates), 1 to 6")
-    ] = 2,
-    overwrite: Annotated[
-        bool, typer.Option(help="replace OUT if it holds an emoji dataset written before")
-    ] = False,
+    tier: TierOpt = "64",
+    resolution: ResolutionOpt = 64,
+    subject_size: SubjectSizeOpt = None,
+    seed: SeedOpt = 0,
+    splits: SplitsOpt = "all",
+    captions_per_image: CaptionsPerImageOpt = 2,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write the emoji-scenes dataset: NNNNNN.png + NNNNNN.txt, metadata.jsonl and emoji_scenes.json."""
     names = [s.strip() for s in splits.split(",") if s.strip()]
@@ -105,16 +116,10 @@ def dataset_emoji(
     typer.echo(f"wrote {out}: {total} images, {total * captions_per_image} captions")
 
 
-def _eval_items(folder: Path) -> tuple[str, list[tuple[Path, str]], dict[str, object] | None]:
-    """What `eval --images` scores: (folder kind, [(image path, caption)], emoji_scenes.json or None)."""
+def _eval_items(folder: Path) -> tuple[str, list[tuple[Path, str]]]:
+    """What `eval --images` scores: (folder kind, [(image path, caption)])."""
     if not folder.is_dir():
         raise InputError(f"{folder} does not exist or is not a folder")
-    cfg = None
-    if (folder / "emoji_scenes.json").is_file():
-        try:
-            cfg = json.loads((folder / "emoji_scenes.json").read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ConfigError(f"{folder / 'emoji_scenes.json'} is not valid JSON: {e}") from e
     try:
         if (folder / "generation.json").is_file():
             kind = "generate"
@@ -137,52 +142,51 @@ def _eval_items(folder: Path) -> tuple[str, list[tuple[Path, str]], dict[str, ob
     missing = [p for p, _ in items if not p.is_file()]
     if missing:
         raise InputError(f"{len(missing)} listed images are missing, e.g. {missing[0]}")
-    return kind, items, cfg
+    return kind, items
+
+
+# The options of `eval` (and the dataset settings above).
+ImagesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="folder to score: an emoji dataset (`dallemini dataset emoji`) or the output "
+        "folder of `dallemini generate`"
+    ),
+]
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="also write the report as JSON to FILE (- = stdout)")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="model (directory or Hub name) to generate for held-out captions and judge"),
+]
+SplitOpt = Annotated[
+    str, typer.Option(help="with --model: heldout-triples, heldout-colour, train or all")
+]
+LimitOpt = Annotated[
+    int, typer.Option(help="with --model: captions sampled from the split (0 = all)")
+]
+CandidatesOpt = Annotated[
+    int, typer.Option(help="with --model: images per caption (CLIP picks the best)")
+]
+ClipOpt = Annotated[
+    str | None,
+    typer.Option(help="with --model: CLIP reranker, a path or Hub name (default: the model's)"),
+]
 
 
 def eval_(
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            help="folder to score: an emoji dataset (`dallemini dataset emoji`) or the output "
-            "folder of `dallemini generate`"
-        ),
-    ] = None,
-    tier: Annotated[
-        str | None, typer.Option(help="emoji tier of the captions, if the folder does not say")
-    ] = None,
-    resolution: Annotated[
-        int | None, typer.Option(help="emoji scene side in pixels, if the folder does not say")
-    ] = None,
-    subject_size: Annotated[
-        int | None, typer.Option(help="emoji side in pixels, if the folder does not say")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="dataset seed, if the folder does not say")
-    ] = None,
-    json_file: Annotated[
-        Path | None,
-        typer.Option("--json", help="also write the report as JSON to FILE (- = stdout)"),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="model (directory or Hub name) to generate for held-out captions and judge"
-        ),
-    ] = None,
-    split: Annotated[
-        str, typer.Option(help="with --model: heldout-triples, heldout-colour, train or all")
-    ] = "heldout-triples",
-    limit: Annotated[
-        int, typer.Option(help="with --model: captions sampled from the split (0 = all)")
-    ] = 512,
-    candidates: Annotated[
-        int, typer.Option(help="with --model: images per caption (CLIP picks the best)")
-    ] = 4,
-    clip: Annotated[
-        str | None,
-        typer.Option(help="with --model: CLIP reranker, a path or Hub name (default: the model's)"),
-    ] = None,
+    images: ImagesOpt = None,
+    tier: TierOpt = None,
+    resolution: ResolutionOpt = None,
+    subject_size: SubjectSizeOpt = None,
+    seed: SeedOpt = None,
+    json_file: JsonOpt = None,
+    model: ModelOpt = None,
+    split: SplitOpt = "heldout-triples",
+    limit: LimitOpt = 512,
+    candidates: CandidatesOpt = 4,
+    clip: ClipOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
 ) -> None:
@@ -190,68 +194,60 @@ def eval_(
 
     With --model, generate for a held-out split's captions and report the model beside the ceiling
     (its VQGAN's reconstructions), the floor (mismatched captions) and the CLIP reranking lift.
+    --tier, --resolution, --subject-size and --seed describe the dataset only where the folder or
+    model does not say (it has no emoji_scenes.json).
     """
+    given = {
+        "tier": _parse_tier(tier),
+        "resolution": resolution,
+        "subject_size": subject_size,
+        "seed": seed,
+    }
     if model is not None:
         if images is not None:
             raise InputError("give --images DIR or --model DIR, not both")
-        _eval_model(
-            model,
-            split,
-            limit,
-            candidates,
-            clip,
-            device,
-            dtype,
-            json_file,
-            tier,
-            resolution,
-            subject_size,
-            seed,
-        )
-        return
-
-    if images is None:
+        _eval_model(model, split, limit, candidates, clip, device, dtype, json_file, given)
+    elif images is None:
         raise InputError(
             "nothing to score: pass --images DIR (a folder of images) or --model DIR (a model)"
         )
-    kind, items, cfg = _eval_items(images)
-    given = {"tier": tier, "resolution": resolution, "subject_size": subject_size, "seed": seed}
-    given = {k: v for k, v in given.items() if v is not None}
-    if "tier" in given:
-        given["tier"] = _parse_tier(str(given["tier"]))
-    if cfg is not None:
-        clash = [f"--{k.replace('_', '-')}" for k, v in given.items() if cfg.get(k) != v]
-        if clash:
-            raise ConfigError(
-                f"{' '.join(clash)} differ from {images / 'emoji_scenes.json'}, which fixes the "
-                "dataset settings; leave them out"
-            )
-        scenes = EmojiScenes.from_config(cfg)
     else:
-        scenes = EmojiScenes(
-            given.get("tier", 64), given.get("resolution", 64), subject_size, given.get("seed", 0)
-        )
-    judge = EmojiJudge(scenes)
-    for _, caption in items:  # every caption must parse before any image is scored
-        judge.parse_caption(caption)
+        _eval_images(images, given, json_file)
 
-    def pairs() -> Iterator[tuple[Image.Image, str]]:
-        for path, caption in items:
-            try:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
-            except OSError as e:
-                raise InputError(f"cannot read image {path}: {e}") from e
-            yield image, caption
 
-    report = judge.evaluate(pairs())
-    report = {"images": str(images), "kind": kind, "scenes": scenes.config(), **report}
+def _read_images(items: list[tuple[Path, str]]) -> Iterator[tuple[Image.Image, str]]:
+    """(RGB image, caption) for each listed image, read as it is scored."""
+    for path, caption in items:
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except OSError as e:
+            raise InputError(f"cannot read image {path}: {e}") from e
+        yield image, caption
+
+
+def _json_report(report: dict[str, Any], json_file: Path | None) -> bool:
+    """Write the report as JSON to `json_file` (if given); True when that was stdout (`-`)."""
     if json_file is not None and str(json_file) == "-":
         typer.echo(json.dumps(report, indent=2))
-        return
+        return True
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return False
+
+
+def _eval_images(images: Path, given: dict[str, Any], json_file: Path | None) -> None:
+    """`eval --images`: judge a folder's images against their captions, print the table (and JSON)."""
+    kind, items = _eval_items(images)
+    scenes = scenes_for_model(images, **given)
+    judge = EmojiJudge(scenes)
+    for _, caption in items:  # every caption must parse before any image is scored
+        judge.parse_caption(caption)
+    report = judge.evaluate(_read_images(items))
+    report = {"images": str(images), "kind": kind, "scenes": scenes.config(), **report}
+    if _json_report(report, json_file):
+        return
     for line in accuracy_table({"accuracy": report, "chance": report["chance"]}):
         typer.echo(line)
     typer.echo(f"{'count':<14} {report['n']:>10d}")
@@ -269,20 +265,11 @@ def _eval_model(
     device: str,
     dtype: str,
     json_file: Path | None,
-    tier: str | None,
-    resolution: int | None,
-    subject_size: int | None,
-    seed: int | None,
+    given: dict[str, Any],
 ) -> None:
     """`eval --model`: generate for a split's captions, judge, print the table (and JSON)."""
     model_dir = hub.local_path(model)
-    scenes = scenes_for_model(
-        model_dir,
-        tier=_parse_tier(tier) if tier is not None else None,
-        resolution=resolution,
-        subject_size=subject_size,
-        seed=seed,
-    )
+    scenes = scenes_for_model(model_dir, **given)
     pipe = TextToImage.from_pretrained(model_dir, device=device, dtype=dtype, clip=clip)
     bar = tqdm(total=0, unit="caption", disable=not sys.stderr.isatty())
 
@@ -296,13 +283,8 @@ def _eval_model(
     )
     bar.close()
     report["model_dir"] = str(model)
-    if json_file is not None and str(json_file) == "-":
-        typer.echo(json.dumps(report, indent=2))
-        return
-    if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    typer.echo(format_report(report))
+    if not _json_report(report, json_file):
+        typer.echo(format_report(report))
 
 
 recipe_app = typer.Typer(
@@ -310,24 +292,30 @@ recipe_app = typer.Typer(
 )
 
 
+# The options of `recipe emoji`.
+RecipeOpt = Annotated[
+    str, typer.Option("--config", help="recipe YAML or a packaged name: default, tiny")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a setting: --set bart.steps=100 --set seed=1"),
+]
+RerunChangedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--rerun-changed",
+        help="OUT holds a run with other settings: redo the first changed step and those after it",
+    ),
+]
+
+
 @recipe_app.command("emoji")
 def recipe_emoji(
     out: Annotated[Path, typer.Argument(help="run folder: data, tokens, each model, eval, model")],
-    config: Annotated[
-        str, typer.Option("--config", help="recipe YAML or a packaged name: default, tiny")
-    ] = "default",
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="override a setting: --set bart.steps=100 --set seed=1"),
-    ] = None,
+    config: RecipeOpt = "default",
+    set_: SetOpt = None,
     device: DeviceOpt = "auto",
-    rerun_changed: Annotated[
-        bool,
-        typer.Option(
-            "--rerun-changed",
-            help="OUT holds a run with other settings: redo the first changed step and those after it",
-        ),
-    ] = False,
+    rerun_changed: RerunChangedOpt = False,
 ) -> None:
     """The built-in default model: emoji dataset -> VQGAN -> tokens -> DalleBart -> CLIP -> eval -> OUT/model."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

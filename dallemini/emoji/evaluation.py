@@ -26,18 +26,29 @@ from .scenes import EmojiScenes, Scene
 SCENES_FILE = "emoji_scenes.json"
 
 
+def read_scenes_config(folder: str | Path) -> dict[str, Any] | None:
+    """A folder's emoji_scenes.json (a model dir's, or a written dataset's), None if it has none."""
+    f = Path(folder) / SCENES_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from e
+
+
 def scenes_for_model(path: str | Path, **given: Any) -> EmojiScenes:
-    """The emoji-scenes settings a model was trained on (its emoji_scenes.json), else those given."""
-    f = Path(path) / SCENES_FILE
+    """The emoji-scenes settings a model was trained on (or a dataset folder was written with: its
+    emoji_scenes.json), else those given (None: not given); given ones that differ are refused."""
+    cfg = read_scenes_config(path)
     given = {k: v for k, v in given.items() if v is not None}
-    if f.is_file():
-        try:
-            cfg = json.loads(f.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ConfigError(f"{f} is not valid JSON: {e}") from e
-        clash = sorted(k for k, v in given.items() if cfg.get(k) != v)
+    if cfg is not None:
+        clash = [f"--{k.replace('_', '-')}" for k, v in given.items() if cfg.get(k) != v]
         if clash:
-            raise ConfigError(f"{clash} differ from {f}, which fixes the dataset settings")
+            raise ConfigError(
+                f"{' '.join(clash)} differ from {Path(path) / SCENES_FILE}, which fixes the "
+                "dataset settings; leave them out"
+            )
         return EmojiScenes.from_config(cfg)
     return EmojiScenes(
         given.get("tier", 64),

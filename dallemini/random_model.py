@@ -11,18 +11,8 @@ from .checkpoints.native import save_model_dir
 from .config import preset as preset_config
 from .models.bart import DalleBart
 from .models.vqgan import VQGAN
+from .text import TextNormalizer, train_tokenizer
 
-_PLACES = (
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "center",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
-)
 _COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
 _THINGS = [
     "apple",
@@ -41,10 +31,12 @@ _THINGS = [
 
 
 def seed_captions() -> list[str]:
-    """A small built-in caption set to fit a tokenizer for a random model (no download needed)."""
+    """A small built-in caption set to fit a tokenizer for a random model (no download needed).
+
+    Demo vocabulary only: the tokenizer is byte-level BPE, so it encodes any prompt."""
     return [
-        f"{thing} on a {colour} background, {place}"
-        for thing, colour, place in itertools.product(_THINGS, _COLOURS, _PLACES)
+        f"{thing} on a {colour} background"
+        for thing, colour in itertools.product(_THINGS, _COLOURS)
     ]
 
 
@@ -52,8 +44,6 @@ def create_random_model(
     dst: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False
 ) -> Path:
     """Write a model directory with random weights and a tokenizer trained on seed_captions()."""
-    from .text import TextNormalizer, train_tokenizer
-
     cfg = preset_config(preset)
     assert cfg.bart is not None and cfg.vqgan is not None
     cfg.check_memory()

@@ -1,26 +1,34 @@
-"""The `dallemini` command line: generate, convert, create (a random model directory), encode,
-dataset emoji, eval, info."""
+"""The `dallemini` command line: generate, convert, download, create (a random model directory),
+serve and info; encode (data/cli.py), dataset emoji, eval, recipe emoji (emoji/cli.py) and the
+trainers (training/cli.py) are mounted from their packages."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import secrets
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+from .checkpoints import convert as convert_checkpoint
+from .checkpoints import detect_format, hub, load_parts
 from .cli_options import DeviceOpt, DtypeOpt, VqganDtypeOpt
 from .config import PipelineConfig, SamplingConfig
 from .data.cli import mount as mount_data
+from .devices import resolve_dtype
 from .emoji.cli import mount as mount_emoji
 from .errors import DalleMiniError, InputError
+from .generate_run import GenerateRun, Interrupted
+from .pipeline import TextToImage, default_model_path, load_image
+from .random_model import create_random_model
+from .serve.app import create_app
+from .serve.server import bind_socket
+from .serve.server import run as run_server
+from .serve.settings import ServeSettings
 from .training.cli import mount as mount_training
 
 app = typer.Typer(
@@ -29,7 +37,6 @@ app = typer.Typer(
     help="DALL·E Mini in PyTorch: generate images from text, convert checkpoints, train and serve.",
     pretty_exceptions_enable=False,
 )
-
 
 _MODEL_HELP = (
     "a model directory, a checkpoint, or a Hub name (mini, mega, min-dalle-mini, min-dalle-mega, "
@@ -40,14 +47,20 @@ _BUILTIN_NOTE = (
     "'strawberry on a blue background, top left' (emoji on 8 colours at 9 positions) and nothing "
     "else"
 )
+ModelOpt = Annotated[str | None, typer.Option(help=_MODEL_HELP)]
+VqganOpt = Annotated[str | None, typer.Option(help="separate VQGAN: a path or a Hub name")]
+DstArg = Annotated[Path, typer.Argument(help="output model directory")]
+OverwriteOpt = Annotated[bool, typer.Option(help="replace dst if it exists")]
+StoreDtypeOpt = Annotated[
+    str | None,
+    typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
+]
 
 
 def _model_or_builtin(model: str | None) -> str | Path:
     """The --model given (a path or a Hub name), else the built-in model directory (saying so)."""
     if model is not None:
         return model
-    from .pipeline import default_model_path
-
     path = default_model_path()
     typer.echo(_BUILTIN_NOTE, err=True)
     return path
@@ -55,46 +68,6 @@ def _model_or_builtin(model: str | None) -> str | Path:
 
 # TextToImage takes first seeds below this (image k of a prompt then uses first + k).
 _SEED_END = 2**63 - 2**20
-
-
-class _Interrupted(Exception):
-    """Ctrl-C stopped a command after it kept what had finished; main() prints it and exits 130."""
-
-
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold Ctrl-C while files are written: it takes effect (KeyboardInterrupt) once the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, None)
-
-
-def _save_png(image: Any, path: Path) -> None:
-    """Write an image as a PNG whole or not at all (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: object) -> None:
-    """Write JSON whole or not at all (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_out_folder(out: Path) -> None:
@@ -121,16 +94,62 @@ def _native_grid(model: str | os.PathLike[str], vqgan: object) -> int | None:
     return None if cfg.vqgan is None else cfg.vqgan.grid_size
 
 
-def _prompt_groups(prompts: int, n: int, max_batch: int | None) -> list[range]:
-    """Prompts sampled together: all at once, or as many whole prompts as fit in max_batch images."""
-    per = prompts if max_batch is None else max(1, max_batch // n)
-    return [range(i, min(i + per, prompts)) for i in range(0, prompts, per)]
+def _read_prompts(prompts: list[str] | None, prompt_file: Path | None) -> list[str]:
+    """The prompt arguments, then --prompt-file's lines: at least one, none empty."""
+    texts = list(prompts or [])
+    if prompt_file is not None:
+        try:
+            texts += [line.strip() for line in prompt_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise InputError(f"cannot read prompt file {prompt_file}: {e}") from e
+    if not texts:
+        raise InputError("no prompt given: pass prompts as arguments or --prompt-file FILE")
+    if any(not t.strip() for t in texts):
+        raise InputError("empty prompt given")
+    return texts
+
+
+def _check_counts(
+    texts: list[str], n: int, seed: int | None, max_batch: int | None, init: bool, keep: bool
+) -> None:
+    """Check --n, --max-batch, --seed and that --init-image comes with --keep-rows."""
+    if not 1 <= n <= 1024:
+        raise InputError(f"--n must be between 1 and 1024, got {n}")
+    if max_batch is not None and max_batch < 1:
+        raise InputError(f"--max-batch must be at least 1, got {max_batch}")
+    if init != keep:
+        raise InputError(
+            "--init-image and --keep-rows go together: --init-image FILE --keep-rows K keeps the "
+            "image's top K token rows and samples the rest"
+        )
+    seed_max = _SEED_END - 1 - n * (len(texts) - 1)
+    if seed is not None and not 0 <= seed <= seed_max:
+        raise InputError(
+            f"--seed must be from 0 to {seed_max} (image k of the run uses seed + k), got {seed}"
+        )
+
+
+def _sampling_options(**options: float | None) -> dict[str, Any]:
+    """The sampling options given (not None), checked before the model loads."""
+    given = {k: v for k, v in options.items() if v is not None}
+    SamplingConfig(**given)
+    return given
+
+
+def _check_keep_rows(keep_rows: int | None, model: str | Path, vqgan: str | None) -> None:
+    """--keep-rows within the token grid, when the model's config.json tells the grid cheaply."""
+    if keep_rows is None:
+        return
+    g = _native_grid(model, vqgan)
+    if keep_rows < 0 or (g is not None and keep_rows > g):
+        bound = f"{g} (the token grid is {g}x{g})" if g is not None else "the token grid's side"
+        raise InputError(f"--keep-rows must be from 0 to {bound}, got {keep_rows}")
 
 
 @app.command()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="one or more prompts")] = None,
-    model: Annotated[str | None, typer.Option(help=_MODEL_HELP)] = None,
+    model: ModelOpt = None,
     prompt_file: Annotated[
         Path | None, typer.Option(help="text file with one prompt per line")
     ] = None,
@@ -145,7 +164,7 @@ def generate(
         float | None, typer.Option(help="super-conditioning scale (1 = off)")
     ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("out"),
-    vqgan: Annotated[str | None, typer.Option(help="separate VQGAN: a path or a Hub name")] = None,
+    vqgan: VqganOpt = None,
     clip: Annotated[
         str | None,
         typer.Option(
@@ -171,131 +190,30 @@ def generate(
     vqgan_dtype: VqganDtypeOpt = "float32",
 ) -> None:
     """Generate images for prompts: one PNG per image (best first when reranked), a grid per prompt, generation.json."""
-    from .pipeline import TextToImage, load_image, make_grid
-
-    texts = list(prompts or [])
-    if prompt_file is not None:
-        try:
-            texts += [line.strip() for line in prompt_file.read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise InputError(f"cannot read prompt file {prompt_file}: {e}") from e
-    if not texts:
-        raise InputError("no prompt given: pass prompts as arguments or --prompt-file FILE")
-    if any(not t.strip() for t in texts):
-        raise InputError("empty prompt given")
-    if not 1 <= n <= 1024:
-        raise InputError(f"--n must be between 1 and 1024, got {n}")
-    if max_batch is not None and max_batch < 1:
-        raise InputError(f"--max-batch must be at least 1, got {max_batch}")
-    if (init_image is None) != (keep_rows is None):
-        raise InputError(
-            "--init-image and --keep-rows go together: --init-image FILE --keep-rows K keeps the "
-            "image's top K token rows and samples the rest"
-        )
     # What can be checked without the model is checked before loading it (minutes for big ones).
-    seed_max = _SEED_END - 1 - n * (len(texts) - 1)
-    if seed is not None and not 0 <= seed <= seed_max:
-        raise InputError(
-            f"--seed must be from 0 to {seed_max} (image k of the run uses seed + k), got {seed}"
-        )
-    given = {
-        k: v
-        for k, v in {
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "condition_scale": condition_scale,
-        }.items()
-        if v is not None
-    }
-    SamplingConfig(**given)  # checks the values before the model loads
+    texts = _read_prompts(prompts, prompt_file)
+    _check_counts(texts, n, seed, max_batch, init_image is not None, keep_rows is not None)
+    given = _sampling_options(
+        temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
+    )
     _check_out_folder(out)
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
     model = _model_or_builtin(model)
-    if keep_rows is not None:
-        g = _native_grid(model, vqgan)  # the upper bound when config.json tells it cheaply
-        if keep_rows < 0 or (g is not None and keep_rows > g):
-            bound = f"{g} (the token grid is {g}x{g})" if g is not None else "the token grid's side"
-            raise InputError(f"--keep-rows must be from 0 to {bound}, got {keep_rows}")
+    _check_keep_rows(keep_rows, model, vqgan)
     pipe = TextToImage.from_pretrained(
         model, device=device, dtype=dtype, vqgan=vqgan, clip=clip, vqgan_dtype=vqgan_dtype
     )
-    settings = pipe.sampling(**given)  # the model's defaults under the options given: one object
     if keep_rows == 0:
         typer.echo(
             "note: --keep-rows 0 keeps nothing of --init-image: this is plain generation", err=True
         )
-    reranked = rerank and pipe.scorer is not None
-    reranker = None if pipe.scorer is None else (str(clip) if clip is not None else "built-in")
-    init = None if image is None else {"file": str(init_image), "size": list(image.size)}
-    record: dict[str, Any] = {
-        "model": str(model),
-        "settings": settings.to_dict(),
-        "device": str(pipe.device),
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "vqgan_dtype": str(next(pipe.vqgan.parameters()).dtype).removeprefix("torch."),
-        "clip": reranker,
-        "rerank": reranked,
-        "init_image": None if init is None else {**init, "keep_rows": keep_rows},
-        "max_batch": max_batch,
-        "images": [],
-    }
-    # Prompts are sampled in groups (whole prompts, at most --max-batch images each) and each
-    # group's images are written as soon as it finishes, so Ctrl-C keeps what is done. Image k of
-    # the run still uses seed + k, so the images are those of one call.
     first = seed if seed is not None else secrets.randbelow(2**31)
-    groups = _prompt_groups(len(texts), n, max_batch)
-    steps = pipe.config.bart.image_length - (keep_rows or 0) * pipe.config.vqgan.grid_size
-    chunks = [-(-len(group) * n // (max_batch or len(group) * n)) for group in groups]
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(desc="sampling", unit="step", dynamic_ncols=True, total=sum(chunks) * steps)
-    base = 0
-
-    def progress(done: int, total: int) -> None:
-        bar.update(base + done - bar.n)
-
-    try:
-        for group, chunk_count in zip(groups, chunks, strict=True):
-            results = pipe(
-                [texts[i] for i in group],
-                num_images=n,
-                seed=first + group.start * n,
-                rerank=rerank,
-                init_image=image,
-                keep_rows=keep_rows or 0,
-                max_batch=max_batch,
-                progress=progress if bar is not None else None,
-                sampling=settings,
-            )
-            base += chunk_count * steps
-            with _sigint_held():  # a group's files and the record are written whole
-                try:
-                    out.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise InputError(f"cannot make the output folder {out}: {e}") from e
-                for i, per_prompt in zip(group, results, strict=True):
-                    for j, r in enumerate(per_prompt):
-                        name = f"{i:03d}-{j:03d}.png"
-                        _save_png(r.image, out / name)
-                        record["images"].append(
-                            {"file": name, "prompt": r.prompt, "seed": r.seed, "score": r.score}
-                        )
-                    grid = f"grid-{i:03d}.png"
-                    _save_png(make_grid([r.image for r in per_prompt]), out / grid)
-                    order = " (best first)" if reranked else ""
-                    typer.echo(f"{texts[i]!r}: {len(per_prompt)} images{order}, grid {out / grid}")
-                _write_json(out / "generation.json", record)
-    except KeyboardInterrupt:
-        kept = len(record["images"])
-        if not kept:
-            raise _Interrupted("no image had finished: nothing was written") from None
-        raise _Interrupted(f"kept {kept} finished images in {out}") from None
-    finally:
-        if bar is not None:
-            bar.close()
+    settings = pipe.sampling(**given)  # the model's defaults under the options given: one object
+    run = GenerateRun(
+        pipe, texts, n, first, out, settings, rerank, image, keep_rows or 0, max_batch
+    )
+    run.start_record(model, clip, init_image)
+    run.sample()
 
 
 @app.command()
@@ -306,7 +224,7 @@ def convert(
             help="min-dalle folder, Flax model folder, taming .ckpt, model dir, or a Hub name"
         ),
     ],
-    dst: Annotated[Path, typer.Argument(help="output model directory")],
+    dst: DstArg,
     vqgan: Annotated[
         str | None,
         typer.Option(help="VQGAN to add (Flax folder, taming .ckpt, ..., or a Hub name)"),
@@ -320,17 +238,11 @@ def convert(
     taming_config: Annotated[
         Path | None, typer.Option(help="YAML config of a taming .ckpt")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace dst if it exists")] = False,
-    dtype: Annotated[
-        str | None,
-        typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
-    ] = None,
+    overwrite: OverwriteOpt = False,
+    dtype: StoreDtypeOpt = None,
 ) -> None:
     """Convert a checkpoint people already have into a dallemini model directory."""
-    from .checkpoints import convert as do_convert
-    from .pipeline import resolve_dtype
-
-    path = do_convert(
+    path = convert_checkpoint(
         src,
         dst,
         vqgan=vqgan,
@@ -352,15 +264,9 @@ def download(
             "owner/name[@revision]"
         ),
     ],
-    dtype: Annotated[
-        str | None,
-        typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
-    ] = None,
+    dtype: StoreDtypeOpt = None,
 ) -> None:
     """Download a Hub model (checking for a newer revision) and convert it once; print its folder."""
-    from .checkpoints import hub
-    from .pipeline import resolve_dtype
-
     if not hub.is_hub_name(name):
         raise InputError(
             f"{name!r} is not a Hub name: give one of {', '.join(hub.SHORT_NAMES)} or "
@@ -372,14 +278,12 @@ def download(
 
 @app.command()
 def create(
-    dst: Annotated[Path, typer.Argument(help="output model directory")],
+    dst: DstArg,
     preset: Annotated[str, typer.Option(help="tiny, mini or mega")] = "tiny",
     seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="replace dst if it exists")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a model directory with randomly initialised weights (a starting point for training, or a smoke test)."""
-    from .random_model import create_random_model
-
     path = create_random_model(dst, preset=preset, seed=seed, overwrite=overwrite)
     typer.echo(f"wrote {path} (random weights: its images are noise until it is trained)")
 
@@ -388,10 +292,18 @@ mount_data(app)  # encode
 mount_emoji(app)  # dataset emoji, eval, recipe emoji
 mount_training(app)  # train-clip, train, train-vqgan
 
+T = TypeVar("T")
+
+
+def _from_fields(cls: type[T], values: dict[str, Any]) -> T:
+    """A dataclass made of the values named like its fields (the others are left out)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in names})
+
 
 @app.command()
 def serve(
-    model: Annotated[str | None, typer.Option(help=_MODEL_HELP)] = None,
+    model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = (
         "127.0.0.1"
     ),
@@ -403,7 +315,7 @@ def serve(
             "with a built-in CLIP"
         ),
     ] = None,
-    vqgan: Annotated[str | None, typer.Option(help="separate VQGAN: a path or a Hub name")] = None,
+    vqgan: VqganOpt = None,
     max_batch_images: Annotated[
         int, typer.Option(help="images sampled together in one decoder batch")
     ] = 16,
@@ -429,19 +341,9 @@ def serve(
     vqgan_dtype: VqganDtypeOpt = "float32",
 ) -> None:
     """Serve the model over HTTP: JSON API, server-sent events, the original demo's /generate and a web page."""
+    settings = _from_fields(ServeSettings, {**locals(), "api_key": api_key or None})
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
-    from .serve.app import ServeSettings, create_app
-    from .serve.server import bind_socket, run
-
-    settings = ServeSettings(
-        max_batch_images=max_batch_images,
-        max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
-        timeout_s=timeout_s,
-        max_images=max_images,
-        api_key=api_key or None,
-    )
     settings.check()  # before loading the model
     sock = bind_socket(host, port)  # a busy port fails here, before loading the model
     try:
@@ -458,7 +360,7 @@ def serve(
         typer.echo(
             f"serving {model} on http://{host}:{port} (Ctrl-C stops it gracefully)", err=True
         )
-        run(application, host=host, port=port, sock=sock)
+        run_server(application, host=host, port=port, sock=sock)
     finally:
         sock.close()
 
@@ -468,8 +370,6 @@ def info(
     path: Annotated[str, typer.Argument(help="model directory, checkpoint or Hub name")],
 ) -> None:
     """Print a model's format, configuration and, for a Hub model, where it came from."""
-    from .checkpoints import detect_format, hub, load_parts
-
     folder = hub.cached_folder(path)  # a Hub model must be downloaded first: info never fetches
     fmt = detect_format(folder)
     parts = load_parts(folder, lazy=True)  # nothing but the configs is read
@@ -490,7 +390,7 @@ def main() -> None:
     """Entry point: run the app; user errors print one line and exit 2, without a traceback."""
     try:
         code = app(standalone_mode=False)
-    except _Interrupted as e:
+    except Interrupted as e:
         typer.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
     except DalleMiniError as e:

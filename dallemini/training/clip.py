@@ -13,7 +13,7 @@ The tokenizer is `tokenizer` (files), else the one of `model`, else the run's ow
 (on resume), else a byte-level BPE trained on the data's captions and saved there. The export
 `out/model` is `model` plus the trained `clip` section and `clip.safetensors` when `model` is given,
 else a model directory holding only the CLIP, its text config and tokenizer; either loads with
-`load_scorer` / `load_small_clip`.
+`models.loading.load_scorer` / `load_small_clip`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from ..checkpoints import native
+from ..checkpoints import load_parts, native
 from ..config import ClipConfig, PipelineConfig, TextConfig, check_memory
 from ..data.pairs import CAPTION_MODES, PairBatch, PairDataset
 from ..data.sources import Source, open_source
@@ -137,8 +137,6 @@ def _read_base(path: str) -> _Base:
         state = native.read_weights(p, "clip") if cfg.clip is not None else None
         tok = p / native.TOKENIZER_FILE
         return _Base(cfg, state, tok.read_text(encoding="utf-8") if tok.is_file() else None)
-    from ..checkpoints import load_parts
-
     parts = load_parts(p)
     return _Base(parts.config, parts.states.get("clip"), parts.tokenizer_json)
 
@@ -375,8 +373,6 @@ class ClipTrainer(Trainer):
         """out/model: `model` plus the trained CLIP, or a model dir with only the CLIP + text config + tokenizer."""
         states: dict[str, dict[str, Tensor]]
         if self.cfg.model:
-            from ..checkpoints import load_parts
-
             parts = load_parts(Path(self.cfg.model))
             config = dataclasses.replace(parts.config, clip=self.clip_config)
             states = {**parts.states, "clip": state}

@@ -18,6 +18,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..devices import resolve_device
 from ..errors import ConfigError
@@ -111,8 +120,6 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Modu
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown distributed strategy {strategy!r}; choose one of {STRATEGIES}")
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         if not env.distributed:
             return model
         for unit in _shard_units(model):
@@ -121,8 +128,6 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Modu
         return model
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
 
@@ -152,15 +157,11 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 
 
 def _options(**kw: Any) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(**kw)
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     """The whole model's weights on CPU (gathered from shards under FSDP); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     state = get_model_state_dict(
         unwrap(model), options=_options(full_state_dict=True, cpu_offload=True)
     )
@@ -170,15 +171,11 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load full weights into a plain, DDP or FSDP model (each rank keeps its shard)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     set_model_state_dict(unwrap(model), state, options=_options(full_state_dict=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's state keyed by parameter names, unsharded, on CPU; every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(
         unwrap(model), optimizer, options=_options(full_state_dict=True, cpu_offload=True)
     )
@@ -188,8 +185,6 @@ def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Load what `full_optimizer_state` returned (parameters matched by name)."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     set_optimizer_state_dict(
         unwrap(model), optimizer, state, options=_options(full_state_dict=True)
     )

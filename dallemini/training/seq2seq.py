@@ -21,7 +21,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from ..checkpoints.native import save_model_dir
+from ..checkpoints import load_parts
+from ..checkpoints.native import load_into, save_model_dir
 from ..config import (
     BART_PRESETS,
     BartConfig,
@@ -100,8 +101,6 @@ class Seq2SeqTrainer(Trainer):
         cfg = self.cfg
         self.init_parts = None
         if cfg.model:
-            from ..checkpoints import load_parts
-
             self.init_parts = load_parts(Path(cfg.model))
         probe = ShardDataset(cfg.data, lambda c: (c, c), 1, shuffle=False)
         info = probe.info
@@ -110,8 +109,6 @@ class Seq2SeqTrainer(Trainer):
         check_memory(self.bart_config, training=True)
         model = DalleBart(self.bart_config)
         if self.init_parts is not None:
-            from ..checkpoints.native import load_into
-
             load_into(model, self.init_parts.states["bart"], f"{cfg.model} (bart)")
         self.vqgan_model = self._vqgan(cfg, info)
         self.add_module("model", model)

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
 from ..errors import ConfigError
 
 log = logging.getLogger("dallemini.train")
@@ -48,12 +51,10 @@ class Tracker:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             self.writer = SummaryWriter(str(log_dir), purge_step=start_step or None)
         if wandb:
             try:
-                import wandb as wandb_lib
+                import wandb as wandb_lib  # optional extra: only --wandb needs it
             except ImportError as e:
                 raise ConfigError(
                     "--wandb needs the wandb package: pip install 'dallemini[wandb]' "
@@ -65,8 +66,6 @@ class Tracker:
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -27,7 +27,7 @@ run)
   export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   # The CUDA-only tests (CUDA graph replay against eager steps), then the figures.
-  python3 -m pytest -q -p no:cacheprovider tests/test_bart.py -k "cuda" 2>&1 | tee "$out/tests.log"
+  python3 -m pytest -q -p no:cacheprovider tests/models/test_bart.py -k "cuda" 2>&1 | tee "$out/tests.log"
   python3 benchmarks/bench_generate.py --device cuda --shape mini --steps 32 --work /tmp/bench \
     2>&1 | tee "$out/mini.log"
   python3 benchmarks/bench_generate.py --device cuda --shape mega --steps 32 --work /tmp/bench \

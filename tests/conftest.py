@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from .fakehub import FakeHub, point_hf_at
+from tests.fakehub import FakeHub, point_hf_at
 
 
 @pytest.fixture(autouse=True)

@@ -240,7 +240,7 @@ def _min_dalle_repo(seed: int) -> tuple[dict[str, bytes], dict[str, TinyModel]]:
 
 
 def _clip_files() -> dict[str, bytes]:
-    from tests.test_clip import save_tiny_hf_clip
+    from tests.models.test_clip import save_tiny_hf_clip
 
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
         folder = save_tiny_hf_clip(Path(tmp) / "clip")

@@ -153,7 +153,7 @@ def test_encode_folder_into_shards(tiny: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
-    from .test_clip import save_tiny_hf_clip
+    from tests.models.test_clip import save_tiny_hf_clip
 
     return save_tiny_hf_clip(tmp_path_factory.mktemp("hf") / "tiny-clip")
 

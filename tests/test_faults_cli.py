@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from dallemini.data.sources import open_source
-
-from .test_cli import run_here
+from tests.test_cli import run_here
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,8 @@ from dallemini.models.bart import DalleBart
 from dallemini.models.clip import SmallClip
 from dallemini.models.vqgan import VQGAN
 from dallemini.random_model import create_random_model
-
-from .test_cli import run_here
-from .train_utils import subprocess_env, tiny_bart_overrides, write_token_dataset
+from tests.test_cli import run_here
+from tests.train_utils import subprocess_env, tiny_bart_overrides, write_token_dataset
 
 CONFIGS = (BartConfig, VQGANConfig, ClipConfig, TextConfig, SamplingConfig)
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "dallemini" / "default_model"
@@ -335,7 +334,7 @@ def test_train_refuses_a_mistyped_size(
 def test_train_vqgan_and_train_clip_refuse_models_larger_than_memory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from .test_train_vqgan import write_images
+    from tests.training.test_vqgan import write_images
 
     data = write_images(tmp_path / "imgs", n=4, size=32)
     vq_sets = ["vqgan.ch=1024", "vqgan.ch_mult=64,64", "vqgan.attn_resolutions=[]"]

@@ -17,8 +17,7 @@ from dallemini.errors import CheckpointError, InputError
 from dallemini.models.clip import BuiltinClipScorer, HFClipScorer, SmallClip
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
-
-from .test_clip import save_tiny_hf_clip, tiny_config
+from tests.models.test_clip import save_tiny_hf_clip, tiny_config
 
 PROMPTS = ["a red cat", "blue"]
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from dallemini.emoji.scenes import EmojiScenes, Scene
-
-from ..test_cli import run_cli
+from tests.test_cli import run_cli
 
 
 @pytest.fixture(scope="module")

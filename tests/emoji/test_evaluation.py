@@ -12,9 +12,8 @@ from dallemini.emoji.judge import EmojiJudge
 from dallemini.emoji.scenes import EmojiScenes
 from dallemini.errors import ConfigError
 from dallemini.pipeline import TextToImage
-
-from ..test_cli import run_here
-from ..test_pipeline import tiny_dir, with_builtin_clip  # noqa: F401  (fixtures)
+from tests.test_cli import run_here
+from tests.test_pipeline import tiny_dir, with_builtin_clip  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

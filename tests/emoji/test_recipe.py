@@ -11,8 +11,7 @@ import torch
 from dallemini.emoji.recipe import STEPS, first_changed_step, load_recipe, run_recipe
 from dallemini.errors import ConfigError, InputError
 from dallemini.pipeline import TextToImage, load_vqgan
-
-from ..test_cli import run_here
+from tests.test_cli import run_here
 
 
 def test_recipe_settings_and_overrides() -> None:

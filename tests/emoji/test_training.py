@@ -18,8 +18,7 @@ from dallemini.errors import ConfigError
 from dallemini.models.vqgan import VQGAN
 from dallemini.pipeline import load_vqgan
 from dallemini.training.settings import load_config
-
-from ..test_train_vqgan import RES, TINY_VQGAN, _cfg, write_images
+from tests.training.test_vqgan import RES, TINY_VQGAN, _cfg, write_images
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,7 @@ from dallemini.models.loading import load_scorer, load_small_clip
 from dallemini.random_model import create_random_model
 from dallemini.training.clip import ClipTrainConfig, ClipTrainer, batch_positives
 from dallemini.training.settings import load_config
-
-from .train_utils import kill9_resume_and_compare
+from tests.train_utils import kill9_resume_and_compare
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -253,7 +252,7 @@ def test_fine_tune_clip_inside_a_model_dir(emoji: Path, tmp_path: Path) -> None:
 def test_bad_settings_are_refused(
     emoji: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from .test_cli import run_here
+    from tests.test_cli import run_here
 
     with pytest.raises(ConfigError, match="data must name"):
         load_config(ClipTrainConfig, None, {})

@@ -18,10 +18,9 @@ from dallemini.training.checkpointing import (
     verify_checkpoint,
 )
 from dallemini.training.seq2seq import Seq2SeqTrainer
-
-from .test_cli import run_here
-from .test_train import _cfg, _cli_args
-from .train_utils import write_token_dataset
+from tests.test_cli import run_here
+from tests.train_utils import write_token_dataset
+from tests.training.test_seq2seq import _cfg, _cli_args
 
 DEAD_PID = 99_999_999  # above any Linux pid_max: never a live process
 

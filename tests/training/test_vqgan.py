@@ -34,8 +34,7 @@ from dallemini.training.vqgan import (
     VQGANTrainer,
     spread_pick,
 )
-
-from .train_utils import kill9_resume_and_compare, subprocess_env
+from tests.train_utils import kill9_resume_and_compare, subprocess_env
 
 RES = 16
 # 16x16 images -> 8x8 codes from 32 entries; a training step takes a few milliseconds.
@@ -131,7 +130,7 @@ def _cli_args(data: Path, out: Path, steps: int, extra: list[str] | None = None)
 
 # --- the images: PairDataset without captions ---------------------------------------------------
 # Exact resume in the default (whole-index shuffle) mode, the rank split, counted decode failures and
-# refused setting changes are tested in test_train_clip.py; here what the VQGAN trainer adds.
+# refused setting changes are tested in training/test_clip.py; here what the VQGAN trainer adds.
 def _folder_with_oddities(folder: Path) -> Path:
     """20 captioned images, 2 broken files and 1 image without a caption: 23 records, 21 decodable."""
     write_images(folder, n=20, size=12)
@@ -309,7 +308,7 @@ def test_l1_falls_gan_starts_after_disc_start_and_export_encodes(
     images = next(iter(PairDataset(FolderSource(data), 4, RES, shuffle=False))).pixels
     assert vq.encode(images).shape == (4, RES // 2, RES // 2)
 
-    from .test_cli import run_here
+    from tests.test_cli import run_here
 
     code, err = run_here(
         capsys, "encode", data, tmp_path / "enc", "--model", run / "model", "--device", "cpu"
@@ -378,7 +377,7 @@ def test_decoder_only_finetune_keeps_every_code(tmp_path: Path) -> None:
 
 
 def test_cli_train_vqgan_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from .test_cli import run_here
+    from tests.test_cli import run_here
 
     code, err = run_here(capsys, "train-vqgan", "--out", tmp_path / "x")
     assert code == 2 and "data must name" in err

@@ -18,8 +18,7 @@ from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve import ServeSettings, create_app
 from dallemini.serve.server import BackgroundServer
-
-from .serve_utils import GatedPipe
+from tests.serve_utils import GatedPipe
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .fakehub import FakeHub, hub_offline
+from tests.fakehub import FakeHub, hub_offline
 
 hf = pytest.importorskip("huggingface_hub")
 httpx2 = pytest.importorskip("httpx2")

@@ -16,8 +16,7 @@ from PIL import Image
 
 from dallemini.random_model import create_random_model
 from dallemini.serve.server import free_port
-
-from .test_cli import run_here
+from tests.test_cli import run_here
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from dallemini.errors import InputError
 from dallemini.pipeline import GeneratedImage, TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve.batcher import Batcher, Job, JobCancelled, JobTimeout, Rejected
-
-from .serve_utils import GatedPipe
+from tests.serve_utils import GatedPipe
 
 
 @pytest.fixture(autouse=True)

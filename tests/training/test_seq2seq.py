@@ -18,8 +18,7 @@ from dallemini.random_model import create_random_model
 from dallemini.training.checkpointing import load_checkpoint
 from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
 from dallemini.training.settings import load_config, parse_overrides
-
-from .train_utils import (
+from tests.train_utils import (
     kill9_resume_and_compare,
     subprocess_env,
     tiny_bart_overrides,
@@ -208,7 +207,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path, strategy: str) -> 
 
 
 def test_cli_train_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from .test_cli import run_here
+    from tests.test_cli import run_here
 
     code, err = run_here(capsys, "train", "--out", tmp_path / "x")
     assert code == 2 and "data must name" in err

@@ -17,9 +17,8 @@ from dallemini.checkpoints import hub, load_parts
 from dallemini.checkpoints.safetensors_io import read_header
 from dallemini.errors import CheckpointError
 from dallemini.pipeline import TextToImage
-
-from .fakehub import FakeHub, hub_offline
-from .published import DALLE_MINI, MIN_DALLE, VQGAN_REPO, publish
+from tests.fakehub import FakeHub, hub_offline
+from tests.published import DALLE_MINI, MIN_DALLE, VQGAN_REPO, publish
 
 PROMPT = "a red cat on the hot dog stand"
 MINI_FILES = {

@@ -33,7 +33,7 @@ from dallemini.checkpoints.lazy import materialize
 from dallemini.config import VQGANConfig
 from dallemini.errors import CheckpointError, ConfigError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DALLE = {name: FIXTURES / "flax_dalle" / name for name in ("scan", "unscanned")}
 FLAX_WRITTEN = FIXTURES / "flax_msgpack" / "flax_written.msgpack"
 

@@ -21,8 +21,7 @@ from dallemini.models.clip import SmallClip
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve import ServeSettings, create_app
-
-from .test_clip import tiny_config
+from tests.models.test_clip import tiny_config
 
 PROMPT = "pizza on a blue background, top left"
 

@@ -16,7 +16,15 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from .checkpoints import load_parts
-from .checkpoints.native import build_from_state, load_into
+from .checkpoints.native import (
+    ModelExamples,
+    build_from_state,
+    caption_words,
+    is_model_dir,
+    load_into,
+    read_examples,
+    read_vocabulary,
+)
 from .config import PipelineConfig, SamplingConfig
 from .data.encode import resize_center_crop
 from .devices import resolve_device, resolve_dtype
@@ -36,6 +44,11 @@ from .text import TextEncoder, TextNormalizer
 # The built-in model (emoji scenes, made by `dallemini recipe emoji`; see its MODEL_CARD.md): what
 # generate / serve / load_pipeline use when no model is given.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+# Words `unknown_words` never reports: they name nothing to draw, so a model that never saw "of" or
+# "the" still draws "a cat on the left" as well as it can.
+_FUNCTION_WORDS = "a an the this that it its is are and or of to with in on at for by"
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
 
 
 def default_model_path() -> Path:
@@ -111,6 +124,7 @@ class TextToImage:
         device: torch.device,
         dtype: torch.dtype,
         scorer: ImageTextScorer | None = None,
+        model_dir: str | os.PathLike | None = None,
     ) -> None:
         if config.bart is None or config.vqgan is None:
             raise ConfigError("a pipeline needs both a DalleBart and a VQGAN")
@@ -137,6 +151,33 @@ class TextToImage:
         # so chunked requests give the very same pixels (conv results change with the batch size).
         # On CPU one at a time is fastest (~8% over 8 at once) and keeps activation memory small.
         self.decode_batch = 1 if device.type == "cpu" else 8
+        # The native model directory it came from (None: another format or built in memory), and
+        # what that directory says the model knows: the words of its training captions and what it
+        # draws (None when the directory has no vocabulary.txt / examples.json).
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.vocabulary: frozenset[str] | None = None
+        self.examples: ModelExamples | None = None
+        if model_dir is not None:
+            self.vocabulary = read_vocabulary(model_dir)
+            self.examples = read_examples(model_dir)
+
+    @property
+    def is_builtin(self) -> bool:
+        """Whether this is the package's built-in emoji-scenes model."""
+        return self.model_dir is not None and self.model_dir.resolve() == DEFAULT_MODEL_DIR
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of `prompt` that the model's training captions never used, each once, in order.
+
+        The prompt is normalized as the model's text encoder does and split into words
+        (`checkpoints.native.caption_words`); small function words (`FUNCTION_WORDS`: a, the, of,
+        ...) are never reported. A model without a vocabulary (vocabulary.txt) reports none.
+        """
+        if self.vocabulary is None:
+            return []
+        words = caption_words(self.text.normalize(prompt))
+        unknown = (w for w in words if w not in self.vocabulary and w not in FUNCTION_WORDS)
+        return list(dict.fromkeys(unknown))
 
     @classmethod
     def from_pretrained(
@@ -157,6 +198,8 @@ class TextToImage:
         it the model directory's own built-in CLIP (clip.safetensors) is the reranker when it has one.
         `vqgan_dtype` (default float32) runs the VQGAN decoder in another dtype: bfloat16 halves its time
         on CPUs with avx512_bf16, at the price of pixel values a few levels off float32's.
+        A model directory's vocabulary.txt and examples.json, when it has them, become `vocabulary`
+        (see `unknown_words`) and `examples`.
         """
         dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
         path = default_model_path() if path is None else path
@@ -201,7 +244,9 @@ class TextToImage:
         # Channels-last convolutions are ~15% faster with oneDNN on CPU (measured on the f16 decoder).
         fmt = torch.channels_last if dev.type == "cpu" else torch.preserve_format
         vq = vq.to(dev, vq_dt, memory_format=fmt)
-        pipe = cls(bart.to(dev, dt), vq, text, cfg, dev, dt, scorer=scorer)
+        local = Path(path) if isinstance(path, (str, os.PathLike)) else None
+        model_dir = local if local is not None and is_model_dir(local) else None
+        pipe = cls(bart.to(dev, dt), vq, text, cfg, dev, dt, scorer=scorer, model_dir=model_dir)
         release_freed_memory()  # the read buffers of tensors converted while loading
         return pipe
 

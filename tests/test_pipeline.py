@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import torch
 from PIL import Image
 
 from dallemini.checkpoints import load_parts
-from dallemini.checkpoints.native import save_model_dir
+from dallemini.checkpoints.native import save_model_dir, write_examples, write_vocabulary
 from dallemini.config import SamplingConfig
 from dallemini.errors import CheckpointError, InputError
 from dallemini.models.clip import BuiltinClipScorer, HFClipScorer, SmallClip
-from dallemini.pipeline import TextToImage
+from dallemini.pipeline import TextToImage, load_pipeline
 from dallemini.random_model import create_random_model
 from tests.models.test_clip import save_tiny_hf_clip, tiny_config
 
@@ -277,3 +278,32 @@ def test_completion_errors(pipe: TextToImage, tmp_path: Path) -> None:
         pipe("a cat", init_image=tmp_path / "missing.png", keep_rows=1)
     with pytest.raises(InputError, match="PIL image or a file path"):
         pipe("a cat", init_image=np.zeros((64, 64, 3)), keep_rows=1)  # type: ignore[arg-type]
+
+
+def test_unknown_words_come_from_the_model_vocabulary(tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, d)
+    write_vocabulary(d, [" avocado on a red background, top left", " a blue cat"])
+    write_examples(d, ["a blue cat"], "cats and avocados")
+    pipe = TextToImage.from_pretrained(d, device="cpu")
+    assert not pipe.is_builtin and pipe.examples is not None
+    assert pipe.examples.prompts == ("a blue cat",)
+    # normalized as the model's text is (case, punctuation, hyphens); each word once, in order;
+    # function words ("the", "of", "an") that the captions never used are not reported
+    prompt = "An ARMCHAIR in the shape of an Avocado, armchair-shaped!"
+    assert pipe.unknown_words(prompt) == ["armchair", "shape", "shaped"]
+    assert pipe.unknown_words("Avocado on a RED background, top-left") == []
+
+
+def test_a_model_without_a_vocabulary_reports_no_unknown_words(pipe: TextToImage) -> None:
+    assert pipe.model_dir is not None and pipe.vocabulary is None and pipe.examples is None
+    assert pipe.unknown_words("an armchair in the shape of an avocado") == []
+
+
+def test_the_builtin_model_names_the_words_it_does_not_know() -> None:
+    pipe = load_pipeline(device="cpu")
+    assert pipe.is_builtin and pipe.examples is not None and len(pipe.examples.prompts) >= 4
+    assert pipe.unknown_words("an armchair in the shape of an avocado") == ["armchair", "shape"]
+    assert pipe.unknown_words("a photo of a cat") == ["photo"]
+    assert pipe.unknown_words("strawberry on a blue background, top left") == []
+    assert all(pipe.unknown_words(p) == [] for p in pipe.examples.prompts)

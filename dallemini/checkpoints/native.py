@@ -1,13 +1,19 @@
-"""The native model directory: config.json + bart/vqgan/clip .safetensors + tokenizer.json (DESIGN.md §3)."""
+"""The native model directory: config.json + bart/vqgan/clip .safetensors + tokenizer.json (DESIGN.md §3).
+
+Two optional files say what a model knows: vocabulary.txt (every word of its training captions) and
+examples.json (a line on what it draws and a few prompts it draws well).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +36,22 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WORD_LIST_FILE = (
     "enwiki-words-frequency.txt"  # the original's hashtag word list, when a model ships it
 )
+VOCABULARY_FILE = "vocabulary.txt"  # the words of the training captions, sorted, one a line
+EXAMPLES_FILE = "examples.json"  # {"description": "...", "prompts": ["...", ...]}
+# A word: letters and digits, with apostrophes inside ("man's"); anything else separates words.
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+
+
+@dataclass(frozen=True)
+class ModelExamples:
+    """What a model draws: a line saying so (or None) and a few prompts it draws well."""
+
+    description: str | None
+    prompts: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        """The examples.json form."""
+        return {"description": self.description, "prompts": list(self.prompts)}
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -120,6 +142,66 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def caption_words(text: str) -> list[str]:
+    """The words of a (normalized) caption in order, lower-cased: runs of letters and digits, with
+    apostrophes inside them; vocabulary.txt and `TextToImage.unknown_words` split text this way."""
+    return _WORD.findall(text.lower())
+
+
+def write_vocabulary(path: str | os.PathLike, captions: Iterable[str]) -> Path:
+    """Write vocabulary.txt into a model directory: every word of the (normalized) captions, sorted."""
+    words: set[str] = set()
+    for caption in captions:
+        words.update(caption_words(caption))
+    f = Path(path) / VOCABULARY_FILE
+    f.write_text("".join(f"{w}\n" for w in sorted(words)), encoding="utf-8")
+    return f
+
+
+def read_vocabulary(path: str | os.PathLike) -> frozenset[str] | None:
+    """A model directory's vocabulary.txt as a set of words; None when it has none."""
+    f = Path(path) / VOCABULARY_FILE
+    if not f.is_file():
+        return None
+    try:
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {f}: {e}; it should hold one word a line") from e
+    return frozenset(w for line in text.splitlines() for w in caption_words(line))
+
+
+def write_examples(
+    path: str | os.PathLike, prompts: Sequence[str], description: str | None = None
+) -> Path:
+    """Write examples.json into a model directory: a line on what the model draws and example prompts."""
+    f = Path(path) / EXAMPLES_FILE
+    data = ModelExamples(description, tuple(prompts)).to_dict()
+    f.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return f
+
+
+def read_examples(path: str | os.PathLike) -> ModelExamples | None:
+    """A model directory's examples.json; None when it has none, CheckpointError when it is malformed."""
+    f = Path(path) / EXAMPLES_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+    prompts = data.get("prompts", []) if isinstance(data, dict) else None
+    description = data.get("description") if isinstance(data, dict) else None
+    if (
+        not isinstance(prompts, list)
+        or not all(isinstance(p, str) for p in prompts)
+        or not isinstance(description, (str, type(None)))
+    ):
+        raise CheckpointError(
+            f'{f} must be {{"description": "...", "prompts": ["...", ...]}} (strings only)'
+        )
+    return ModelExamples(description, tuple(prompts))
 
 
 def read_weights(path: str | os.PathLike, part: str, lazy: bool = False) -> dict[str, TensorLike]:

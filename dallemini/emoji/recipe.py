@@ -14,8 +14,9 @@ interrupted recipe continues where it stopped:
 6. clip: `train-clip` on the images, inside the bart model dir (or OUT/decoder/pipeline) ->
    OUT/clip/model;
 7. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
-8. OUT/model: the clip step's model dir plus emoji_scenes.json and MODEL_CARD.md (config, seed,
-   time per step, evaluation).
+8. OUT/model: the clip step's model dir plus emoji_scenes.json, MODEL_CARD.md (config, seed,
+   time per step, evaluation), vocabulary.txt and examples.json (the words of the training captions,
+   and a few of them that the model draws right as example prompts: `vocabulary.py`).
 Settings come from a recipe YAML (packaged: `dallemini/emoji/recipes/<name>.yaml`) with sections
 dataset, vqgan, encode, bart, decoder, clip, sampling, eval, and `section.key=value` overrides. `sampling`
 (temperature, top_k, top_p, condition_scale) is what eval uses and what OUT/model's config.json keeps.
@@ -51,6 +52,7 @@ from .donors import write_glyph_donors
 from .evaluation import METRICS, evaluate_model, format_report
 from .scenes import EmojiScenes, write_emoji_dataset
 from .training import EmojiVQGANTrainer
+from .vocabulary import write_model_vocabulary
 
 log = logging.getLogger("dallemini.recipe")
 
@@ -330,7 +332,11 @@ class _RecipeRun:
         config = PipelineConfig.from_dict(json.loads((tmp / "config.json").read_text()))
         config = replace(config, sampling=self._sampling(config.sampling))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        shutil.copy(self.data / "train" / "emoji_scenes.json", tmp / "emoji_scenes.json")
+        scenes_json = self.data / "train" / "emoji_scenes.json"
+        shutil.copy(scenes_json, tmp / "emoji_scenes.json")
+        # what the model knows: its training captions' words, and example prompts it draws right
+        pipe = TextToImage.from_pretrained(tmp, device=self.device)
+        write_model_vocabulary(tmp, json.loads(scenes_json.read_text()), pipe)
         (tmp / "MODEL_CARD.md").write_text(model_card(out, self.cfg))
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
@@ -404,6 +410,9 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
         "the emoji-scenes dataset (Noto Color Emoji glyphs on 8 background colours at 9 positions;",
         "glyphs OFL-1.1 / Apache-2.0, see dallemini/emoji/assets/LICENSE-emoji.txt). It draws prompts",
         'like "strawberry on a blue background, top left"; it knows nothing else.',
+        "`vocabulary.txt` lists every word of its training captions (prompts with other words get",
+        "a note saying which it does not know) and `examples.json` a few of those captions that it",
+        "draws right.",
         "",
         "## How it was made",
         "",

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from ..checkpoints import load_parts
-from ..checkpoints.native import load_into, save_model_dir
+from ..checkpoints.native import load_into, save_model_dir, write_examples, write_vocabulary
 from ..config import (
     BART_PRESETS,
     BartConfig,
@@ -354,8 +354,26 @@ class Seq2SeqTrainer(Trainer):
         (dst.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
         return dst
 
+    def _write_vocabulary(self, dst: Path) -> None:
+        """vocabulary.txt (every word of the training captions) and examples.json (the first four
+        distinct ones) in the exported model dir; the shards hold the captions, read once here."""
+        seen: dict[str, None] = {}
+
+        def captions() -> Iterator[str]:
+            normalized = self.data.info.get("captions_normalized") is True
+            for shard in self.data.shards:
+                for caption in read_shard(shard.path, self.data.code_length)[0]:
+                    text = caption if normalized else self.text.normalize(caption)
+                    if len(seen) < 4 and text.strip():
+                        seen.setdefault(text.strip())
+                    yield text
+
+        write_vocabulary(dst, captions())
+        write_examples(dst, list(seen))
+
     def export(self, state: dict[str, Tensor]) -> Path:
-        """out/model: config.json + bart.safetensors (+ vqgan.safetensors) + tokenizer.json."""
+        """out/model: config.json + bart.safetensors (+ vqgan.safetensors) + tokenizer.json, with
+        the training captions' vocabulary.txt and examples.json."""
         states: dict[str, dict[str, Tensor]] = {"bart": state}
         if self.vqgan_model is not None:
             states["vqgan"] = self.vqgan_model.state_dict()
@@ -365,6 +383,7 @@ class Seq2SeqTrainer(Trainer):
             states,
             tokenizer_json=self.text.tokenizer.to_str(),
             overwrite=True,
+            write_extra=lambda tmp, _hashes: self._write_vocabulary(tmp),
         )
 
 

@@ -12,7 +12,18 @@ import torch
 
 from dallemini.checkpoints import detect_format, load_parts
 from dallemini.checkpoints.lazy import LazyTensor
-from dallemini.checkpoints.native import read_config, save_model_dir
+from dallemini.checkpoints.native import (
+    EXAMPLES_FILE,
+    VOCABULARY_FILE,
+    ModelExamples,
+    caption_words,
+    read_config,
+    read_examples,
+    read_vocabulary,
+    save_model_dir,
+    write_examples,
+    write_vocabulary,
+)
 from dallemini.config import PipelineConfig, preset
 from dallemini.errors import CheckpointError
 from dallemini.pipeline import TextToImage, load_pipeline
@@ -180,3 +191,25 @@ def test_loading_and_converting_hold_one_tensor_at_a_time(
     most[0] = 0
     build_from_state(lambda: DalleBart(parts.config.bart), parts.states["bart"], "t", None, "meta")
     assert most[0] == 1 and alive[0] == 0
+
+
+def test_vocabulary_and_examples_files(tmp_path: Path) -> None:
+    assert caption_words(" man's red hat, top-left: 3 cats") == [
+        "man's", "red", "hat", "top", "left", "3", "cats"
+    ]  # fmt: skip
+    assert read_vocabulary(tmp_path) is None and read_examples(tmp_path) is None  # optional files
+    write_vocabulary(tmp_path, [" a red hat, top left", " a blue hat"])
+    assert (tmp_path / VOCABULARY_FILE).read_text() == "a\nblue\nhat\nleft\nred\ntop\n"
+    assert read_vocabulary(tmp_path) == {"a", "blue", "hat", "left", "red", "top"}
+    write_examples(tmp_path, ["a red hat"], "hats")
+    assert read_examples(tmp_path) == ModelExamples("hats", ("a red hat",))
+    assert json.loads((tmp_path / EXAMPLES_FILE).read_text()) == {
+        "description": "hats",
+        "prompts": ["a red hat"],
+    }
+    (tmp_path / EXAMPLES_FILE).write_text('{"prompts": "a red hat"}')
+    with pytest.raises(CheckpointError, match=r"examples\.json must be"):
+        read_examples(tmp_path)
+    (tmp_path / EXAMPLES_FILE).write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_examples(tmp_path)

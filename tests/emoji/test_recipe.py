@@ -51,6 +51,14 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert set(report) == {"heldout-triples", "heldout-colour"}
     assert report["heldout-colour"]["captions"] == 4 and "reranked" in report["heldout-colour"]
     assert json.loads((model / "emoji_scenes.json").read_text())["tier"] == 8
+    # what the model knows: the DalleBart's export read its words from the token shards, the
+    # model step from the dataset's captions; the same words either way
+    words = (model / "vocabulary.txt").read_text()
+    assert (
+        "background" in words.split() and words == (out / "bart/model/vocabulary.txt").read_text()
+    )
+    examples = json.loads((model / "examples.json").read_text())
+    assert "one of 8" in examples["description"] and isinstance(examples["prompts"], list)
     # the DalleBart trained on the donor-coded rows (encode.glyph_donor), the VQGAN on donor pairs
     donor = json.loads((out / "tokens" / "train-donor" / "dataset.json").read_text())
     plain = json.loads((out / "tokens" / "train" / "dataset.json").read_text())

@@ -47,7 +47,10 @@ async def _stream_events(
 ) -> AsyncIterator[bytes]:
     """The events of a streamed job: accepted, progress frames (and heartbeats), then result or error."""
     try:
-        yield _sse("accepted", {"num_images": job.num_images, "seed": job.seed})
+        unknown = service.unknown_words(req.prompt)
+        yield _sse(
+            "accepted", {"num_images": job.num_images, "seed": job.seed, "unknown_words": unknown}
+        )
         last_beat = time.monotonic()
         while not job.done():
             left = job.deadline - time.monotonic()
@@ -126,8 +129,8 @@ def api_router(service: Service) -> APIRouter:
         responses={
             200: {
                 "content": {"text/event-stream": {}},
-                "description": "events: accepted, progress {done, total, images}, "
-                "result (the /v1/generate body) or error {status, detail}",
+                "description": "events: accepted {num_images, seed, unknown_words}, progress "
+                "{done, total, images}, result (the /v1/generate body) or error {status, detail}",
             },
             **errors(401, 422, 429, 503),
         },

@@ -103,9 +103,13 @@ class ImageOut(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    """Images best first (when reranked), with the settings used."""
+    """Images best first (when reranked), with the settings used and the prompt's words the model does not know."""
 
     prompt: str
+    unknown_words: list[str] = Field(
+        description="words of the prompt that the model's training captions never used (empty "
+        "when the model lists no vocabulary): it draws what it knows instead"
+    )
     images: list[ImageOut]
     settings: Settings
     model: str

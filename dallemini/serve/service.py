@@ -167,6 +167,7 @@ class Service:
         run = (job.finished or time.monotonic()) - (job.started or job.enqueued)
         return GenerateResponse(
             prompt=req.prompt,
+            unknown_words=self.unknown_words(req.prompt),
             images=out,
             settings=used,
             model=self.settings.model_name,
@@ -174,10 +175,16 @@ class Service:
             run_s=round(run, 4),
         ).model_dump(mode="json")
 
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of a prompt the model never saw in training (none when it lists no vocabulary)."""
+        find = getattr(self.pipe, "unknown_words", None)
+        return find(prompt) if find is not None else []
+
     def health(self) -> dict[str, Any]:
         """The /health body: readiness, queue depth, counters, the model, defaults and limits."""
         pipe, settings, batcher = self.pipe, self.settings, self.batcher
         cfg = pipe.config
+        examples = getattr(pipe, "examples", None)
         return {
             "status": "ok" if batcher.accepting else "shutting down",
             "ready": batcher.accepting,
@@ -193,6 +200,10 @@ class Service:
                 "grid": cfg.vqgan.grid_size,
                 "image_tokens": cfg.bart.image_length,
                 "reranker": getattr(pipe, "scorer", None) is not None,
+                "builtin": bool(getattr(pipe, "is_builtin", False)),
+                # what the model draws (its directory's examples.json): a line and example prompts
+                "description": examples.description if examples is not None else None,
+                "examples": list(examples.prompts) if examples is not None else [],
             },
             "defaults": {"num_images": self.Req.model_fields["num_images"].default}
             | cfg.sampling.to_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dallemini.checkpoints import load_parts
-from dallemini.checkpoints.native import save_model_dir
+from dallemini.checkpoints.native import save_model_dir, write_examples, write_vocabulary
 from dallemini.models.clip import SmallClip
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
@@ -60,6 +61,7 @@ def test_generate_returns_images_seeds_and_settings(client: TestClient, pipe: Te
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["prompt"] == PROMPT and body["model"] == "tiny"
+    assert body["unknown_words"] == []  # the random model lists no vocabulary: nothing to say
     assert body["settings"] == {
         "num_images": 3,
         "seed": 7,
@@ -196,7 +198,7 @@ def test_stream_yields_partial_frames_then_the_final_images(client: TestClient) 
     names = [e for e, _ in events]
     assert names[0] == "accepted" and names[-1] == "result"
     assert set(names[1:-1]) == {"progress"} and len(names) >= 3
-    assert events[0][1] == {"num_images": 2, "seed": 11}
+    assert events[0][1] == {"num_images": 2, "seed": 11, "unknown_words": []}
     dones = [d["done"] for e, d in events if e == "progress"]
     assert dones == sorted(dones) and all(0 < d < 16 for d in dones)
     first = events[1][1]
@@ -226,6 +228,8 @@ def test_health_docs_and_page(client: TestClient) -> None:
     assert body["queue"]["queued_requests"] == 0 and body["queue"]["max_queue_images"] == 64
     assert body["model"]["image_size"] == 64 and body["model"]["grid"] == 4
     assert body["limits"]["max_images"] == 8 and body["defaults"]["top_k"] == 50
+    assert body["model"]["builtin"] is False
+    assert body["model"]["description"] is None and body["model"]["examples"] == []
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/v1/generate", "/v1/generate/stream", "/generate", "/health"} <= set(spec["paths"])
@@ -280,3 +284,25 @@ def test_rerank_with_a_builtin_clip(tiny_dir: Path, tmp_path: Path) -> None:
         ).json()
         assert [im["seed"] for im in plain["images"]] == [3, 4, 5, 6]
         assert all(im["score"] is None for im in plain["images"])
+
+
+def test_unknown_words_in_the_reply_and_examples_in_health(tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, d)
+    write_vocabulary(d, [" avocado on a blue background, top left"])
+    write_examples(d, ["avocado on a blue background, top left"], "avocados")
+    app = create_app(d, ServeSettings(), device="cpu")
+    prompt = "an armchair in the shape of an avocado"
+    with TestClient(app) as c:
+        model = c.get("/health").json()["model"]
+        assert model["description"] == "avocados" and model["builtin"] is False
+        assert model["examples"] == ["avocado on a blue background, top left"]
+        body = c.post("/v1/generate", json={"prompt": prompt, "num_images": 1, "seed": 0}).json()
+        assert body["unknown_words"] == ["armchair", "shape"]
+        known = {"prompt": "Avocado, top-left", "num_images": 1, "seed": 0}
+        assert c.post("/v1/generate", json=known).json()["unknown_words"] == []
+        params = {"prompt": prompt, "num_images": 1, "seed": 0}
+        with c.stream("GET", "/v1/generate/stream", params=params) as r:
+            events = dict(sse_events(r.read().decode()))
+        assert events["accepted"]["unknown_words"] == ["armchair", "shape"]
+        assert events["result"]["unknown_words"] == ["armchair", "shape"]

@@ -9,11 +9,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
+from dallemini.checkpoints.native import write_examples, write_vocabulary
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve import ServeSettings, create_app
@@ -170,11 +172,42 @@ def test_graceful_shutdown_finishes_requests_in_flight(pipe: TextToImage) -> Non
     assert "late" not in gated.prompts_run()
 
 
-def test_web_page_fills_the_grid_from_the_stream(pipe: TextToImage, tmp_path: Path) -> None:
+EXAMPLES = ["pizza on a blue background, top left", "avocado on red, center"]
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory: pytest.TempPathFactory) -> TextToImage:
+    """A tiny random model whose directory lists a vocabulary and example prompts."""
+    d = create_random_model(tmp_path_factory.mktemp("described") / "tiny", preset="tiny")
+    write_vocabulary(d, EXAMPLES)
+    write_examples(d, EXAMPLES, "pizza and avocados on coloured backgrounds")
+    return TextToImage.from_pretrained(d, device="cpu")
+
+
+def _check_examples_and_unknown_words(page: Any, expect: Any) -> None:
+    """The page says what the model draws, its examples fill the prompt box, and a prompt with
+    words the model does not know gets a note naming them."""
+    expect(page.locator("#about-text")).to_contain_text("pizza and avocados")
+    buttons = page.locator("#examples button.example")
+    expect(buttons).to_have_text(EXAMPLES)
+    buttons.nth(1).click()
+    assert page.input_value("#prompt") == EXAMPLES[1]
+    page.fill("#prompt", "An armchair in the shape of an avocado")
+    page.click("#run")
+    note = page.locator("#unknown")
+    expect(note).to_contain_text("This model does not know: armchair, shape")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=30_000)
+    buttons.nth(0).click()
+    page.click("#run")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=30_000)
+    expect(note).to_be_hidden()
+
+
+def test_web_page_fills_the_grid_from_the_stream(described: TextToImage, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is missing: run `bash tools/install-system-deps.sh`")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
-    app = create_app(pipe, ServeSettings(model_name="tiny", max_images=8))
+    app = create_app(described, ServeSettings(model_name="tiny", max_images=8))
     prompt = "pizza on a blue background, top left"
     with BackgroundServer(app) as srv, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -183,6 +216,7 @@ def test_web_page_fills_the_grid_from_the_stream(pipe: TextToImage, tmp_path: Pa
             page.goto(srv.url)
             sync_api.expect(page.locator("#footer")).to_contain_text("64×64 px")
             assert page.get_attribute("#num_images", "max") == "8"
+            _check_examples_and_unknown_words(page, sync_api.expect)
             page.fill("#prompt", prompt)
             page.click("#settings summary")
             page.fill("#num_images", "4")
@@ -193,6 +227,13 @@ def test_web_page_fills_the_grid_from_the_stream(pipe: TextToImage, tmp_path: Pa
             sync_api.expect(page.locator("#status")).to_contain_text("Done in")
             sizes = page.eval_on_selector_all(".card img", "els => els.map(e => e.naturalWidth)")
             assert sizes == [64] * 4
+            # 64×64 images shown large enough to see, each pixel a sharp square
+            shown = page.eval_on_selector_all(
+                ".card img",
+                "els => els.map(e => [e.clientWidth, getComputedStyle(e).imageRendering])",
+            )
+            assert all(w >= 192 and r == "pixelated" for w, r in shown), shown
+            sync_api.expect(page.locator("#unknown")).to_be_hidden()  # every word is known
             assert int(page.get_attribute("#grid", "data-frames") or 0) >= 1  # partial frames came
             labels = page.locator(".card .meta span").all_inner_texts()
             assert labels == ["seed 3", "seed 4", "seed 5", "seed 6"]

@@ -1,10 +1,12 @@
-// The dallemini web page: reads the server's limits from /health, streams a generation from
-// /v1/generate/stream (server-sent events read with fetch, so an API key header can be sent) and
-// fills the image grid as partial frames arrive.
+// The dallemini web page: reads the server's limits and what the model draws from /health, streams
+// a generation from /v1/generate/stream (server-sent events read with fetch, so an API key header
+// can be sent), fills the image grid as partial frames arrive and says which words of the prompt
+// the model does not know.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let controller = null;
+let modelName = "This model";  // "The built-in model" for the package's own
 
 function showError(message) {
   const box = $("error");
@@ -15,6 +17,35 @@ function showError(message) {
 function hideError() {
   $("error").hidden = true;
   $("error").textContent = "";
+}
+
+function showUnknown(words) {
+  const note = $("unknown");
+  note.hidden = !words || words.length === 0;
+  note.textContent = note.hidden
+    ? ""
+    : `${modelName} does not know: ${words.join(", ")}. It can only draw what its training ` +
+      "captions describe, so expect something else.";
+}
+
+function showExamples(model) {
+  const examples = model.examples || [];
+  $("about").hidden = !model.description && examples.length === 0;
+  $("about-text").textContent = model.description ? `What it draws: ${model.description}` : "";
+  $("about-text").hidden = !model.description;
+  $("examples").hidden = examples.length === 0;
+  for (const text of examples) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "example";
+    button.textContent = text;
+    button.addEventListener("click", () => {
+      $("prompt").value = text;
+      $("prompt").focus();
+    });
+    $("examples").append(button);
+  }
+  if (examples.length) $("prompt").placeholder = examples[0];
 }
 
 function setStatus(text) {
@@ -47,6 +78,8 @@ async function loadInfo() {
     $("condition_scale").value = health.defaults.condition_scale;
     $("prompt").maxLength = health.limits.max_prompt_chars;
     $("key-field").hidden = !health.auth;
+    if (health.model.builtin) modelName = "The built-in model";
+    showExamples(health.model);
     if (!health.model.reranker) {
       $("rerank").checked = false;
       $("rerank").disabled = true;
@@ -136,6 +169,7 @@ function query(prompt) {
 async function generate(event) {
   event.preventDefault();
   hideError();
+  showUnknown([]);
   const prompt = $("prompt").value.trim();
   if (!prompt) {
     showError("Type a prompt first.");
@@ -167,6 +201,7 @@ async function generate(event) {
     cards = makeCards(count);  // only now: a refused request leaves the last results in place
     await readEvents(res, (name, data) => {
       if (name === "accepted") {
+        showUnknown(data.unknown_words);
         setStatus(`Waiting for the model… (seed ${data.seed})`);
       } else if (name === "progress") {
         frames += 1;
@@ -181,6 +216,7 @@ async function generate(event) {
         });
       } else if (name === "result") {
         finished = true;
+        showUnknown(data.unknown_words);
         data.images.forEach((im, i) => {
           const c = cards[i];
           if (!c) return;

@@ -22,7 +22,7 @@ from .data.cli import mount as mount_data
 from .devices import resolve_dtype
 from .emoji.cli import mount as mount_emoji
 from .errors import DalleMiniError, InputError
-from .generate_run import GenerateRun, Interrupted
+from .generate_run import GenerateRun, Interrupted, earlier_run_files
 from .pipeline import TextToImage, default_model_path, load_image
 from .random_model import create_random_model
 from .serve.app import create_app
@@ -70,8 +70,9 @@ def _model_or_builtin(model: str | None) -> str | Path:
 _SEED_END = 2**63 - 2**20
 
 
-def _check_out_folder(out: Path) -> None:
-    """--out must be a folder or a path one can be made at; checked before loading the model."""
+def _check_out_folder(out: Path, overwrite: bool) -> None:
+    """--out must be a folder or a path one can be made at, without an earlier run's images unless
+    --overwrite; checked before loading the model."""
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
@@ -79,7 +80,12 @@ def _check_out_folder(out: Path) -> None:
                 raise InputError(
                     f"--out {out} is not a folder{where}: give a folder for the images"
                 )
-            return
+            break
+    if not overwrite and earlier_run_files(out):
+        raise InputError(
+            f"--out {out} already holds an earlier run's images and generation.json: give another "
+            "--out folder, or --overwrite to replace them"
+        )
 
 
 def _native_grid(model: str | os.PathLike[str], vqgan: object) -> int | None:
@@ -112,9 +118,9 @@ def _read_prompts(prompts: list[str] | None, prompt_file: Path | None) -> list[s
 def _check_counts(
     texts: list[str], n: int, seed: int | None, max_batch: int | None, init: bool, keep: bool
 ) -> None:
-    """Check --n, --max-batch, --seed and that --init-image comes with --keep-rows."""
+    """Check --num-images, --max-batch, --seed and that --init-image comes with --keep-rows."""
     if not 1 <= n <= 1024:
-        raise InputError(f"--n must be between 1 and 1024, got {n}")
+        raise InputError(f"--num-images (-n) must be between 1 and 1024, got {n}")
     if max_batch is not None and max_batch < 1:
         raise InputError(f"--max-batch must be at least 1, got {max_batch}")
     if init != keep:
@@ -153,7 +159,9 @@ def generate(
     prompt_file: Annotated[
         Path | None, typer.Option(help="text file with one prompt per line")
     ] = None,
-    n: Annotated[int, typer.Option("--n", "-n", help="images per prompt")] = 4,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", "--n", help="images per prompt")
+    ] = 4,
     seed: Annotated[int | None, typer.Option(help="seed; image k of the run uses seed + k")] = None,
     temperature: Annotated[float | None, typer.Option(help="softmax temperature (> 0)")] = None,
     top_k: Annotated[
@@ -164,6 +172,10 @@ def generate(
         float | None, typer.Option(help="super-conditioning scale (1 = off)")
     ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("out"),
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="replace the images and generation.json of an earlier run in --out"),
+    ] = False,
     vqgan: VqganOpt = None,
     clip: Annotated[
         str | None,
@@ -189,14 +201,15 @@ def generate(
     dtype: DtypeOpt = "float32",
     vqgan_dtype: VqganDtypeOpt = "float32",
 ) -> None:
-    """Generate images for prompts: one PNG per image (best first when reranked), a grid per prompt, generation.json."""
+    """Generate images for prompts: one PNG per image (best first when reranked, prompt, seed and settings in its text chunks), a grid per prompt, generation.json."""
     # What can be checked without the model is checked before loading it (minutes for big ones).
     texts = _read_prompts(prompts, prompt_file)
+    n = num_images
     _check_counts(texts, n, seed, max_batch, init_image is not None, keep_rows is not None)
     given = _sampling_options(
         temperature=temperature, top_k=top_k, top_p=top_p, condition_scale=condition_scale
     )
-    _check_out_folder(out)
+    _check_out_folder(out, overwrite)
     image = None if init_image is None else load_image(init_image)  # fail before loading a model
     model = _model_or_builtin(model)
     _check_keep_rows(keep_rows, model, vqgan)
@@ -210,7 +223,7 @@ def generate(
     first = seed if seed is not None else secrets.randbelow(2**31)
     settings = pipe.sampling(**given)  # the model's defaults under the options given: one object
     run = GenerateRun(
-        pipe, texts, n, first, out, settings, rerank, image, keep_rows or 0, max_batch
+        pipe, texts, n, first, out, settings, rerank, image, keep_rows or 0, max_batch, overwrite
     )
     run.start_record(model, clip, init_image)
     run.sample()

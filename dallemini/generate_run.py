@@ -1,25 +1,29 @@
 """One `dallemini generate` run once its options are checked: the prompts are sampled in groups and
 each group's PNGs, grids and the generation.json record are written as soon as it finishes, whole
-(Ctrl-C waits for the files and then stops the run, keeping what is done)."""
+(Ctrl-C waits for the files and then stops the run, keeping what is done). Each PNG carries its
+prompt, seed and settings as text chunks."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import typer
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from . import __version__
 from .config import SamplingConfig
-from .data.shards import atomic_write_json
 from .errors import InputError
 from .images import make_grid
 from .pipeline import GeneratedImage, TextToImage
@@ -45,14 +49,49 @@ def sigint_held() -> Iterator[None]:
         previous(signal.SIGINT, None)
 
 
-def save_png(image: Any, path: Path) -> None:
-    """Write an image as a PNG whole or not at all (temp file + rename)."""
+# The files a run writes: images NNN-MMM.png, grids grid-NNN.png and generation.json.
+_RUN_FILE = re.compile(r"(\d{3,}-\d{3,}|grid-\d{3,})\.png|generation\.json")
+
+
+def earlier_run_files(out: Path) -> list[Path]:
+    """The images, grids and generation.json an earlier run left in a folder (none: [])."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if _RUN_FILE.fullmatch(p.name) and p.is_file())
+
+
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file whole or not at all: `write` fills a temp file that then replaces `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        image.save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def png_info(fields: dict[str, Any]) -> PngInfo:
+    """PNG text chunks: one per field (strings as they are, anything else as JSON) and all of them
+    as JSON `parameters`."""
+    info = PngInfo()
+    for key, value in fields.items():
+        if value is not None:
+            text = value if isinstance(value, str) else json.dumps(value)  # True: "true"
+            info.add_text(key, text)  # iTXt (UTF-8) where the text is not Latin-1
+    info.add_text("parameters", json.dumps(fields, ensure_ascii=False))
+    info.add_text("Software", f"dallemini {__version__}")
+    return info
+
+
+def save_png(image: Any, path: Path, info: PngInfo | None = None) -> None:
+    """Write an image as a PNG, with text chunks if given, whole or not at all."""
+    _write_whole(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write indented JSON whole or not at all."""
+    text = json.dumps(obj, indent=2) + "\n"
+    _write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def prompt_groups(prompts: int, n: int, max_batch: int | None) -> list[range]:
@@ -75,6 +114,7 @@ class GenerateRun:
     image: Image.Image | None  # --init-image
     keep_rows: int
     max_batch: int | None
+    overwrite: bool = False  # replace an earlier run's files in `out` (removed at the first write)
     record: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -142,6 +182,21 @@ class GenerateRun:
             if bar is not None:
                 bar.close()
 
+    def png_fields(self, prompt: str) -> dict[str, Any]:
+        """What a PNG of a prompt records besides its seed: the settings that made it."""
+        rec = self.record
+        return {
+            "prompt": prompt,
+            "model": rec["model"],
+            **rec["settings"],
+            "clip": rec["clip"],
+            "rerank": rec["rerank"],
+            "init_image": rec["init_image"],
+            "dtype": rec["dtype"],
+            "vqgan_dtype": rec["vqgan_dtype"],
+            "dallemini": __version__,
+        }
+
     def write(self, group: range, results: list[list[GeneratedImage]]) -> None:
         """A finished group's images and grids, and the record so far: each file whole."""
         out = self.out
@@ -150,15 +205,22 @@ class GenerateRun:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InputError(f"cannot make the output folder {out}: {e}") from e
+            if self.overwrite and not self.record["images"]:
+                for earlier in earlier_run_files(out):  # the new run's first files replace them
+                    earlier.unlink(missing_ok=True)
             for i, per_prompt in zip(group, results, strict=True):
+                fields = self.png_fields(self.texts[i])
                 for j, r in enumerate(per_prompt):
                     name = f"{i:03d}-{j:03d}.png"
-                    save_png(r.image, out / name)
+                    image_fields = {"prompt": r.prompt, "seed": r.seed, **fields, "score": r.score}
+                    save_png(r.image, out / name, png_info(image_fields))
                     self.record["images"].append(
                         {"file": name, "prompt": r.prompt, "seed": r.seed, "score": r.score}
                     )
                 grid = f"grid-{i:03d}.png"
-                save_png(make_grid([r.image for r in per_prompt]), out / grid)
+                seeds = [r.seed for r in per_prompt]
+                grid_info = png_info({"prompt": fields["prompt"], "seeds": seeds, **fields})
+                save_png(make_grid([r.image for r in per_prompt]), out / grid, grid_info)
                 order = " (best first)" if self.reranked else ""
                 typer.echo(f"{self.texts[i]!r}: {len(per_prompt)} images{order}, grid {out / grid}")
-            atomic_write_json(out / "generation.json", self.record)
+            write_json(out / "generation.json", self.record)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import dallemini
+
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -34,7 +36,7 @@ def test_generate_writes_images_grid_and_record(tiny: Path, tmp_path: Path) -> N
         "generate",
         "--model",
         tiny,
-        "-n",
+        "--num-images",
         "3",
         "--seed",
         "5",
@@ -52,6 +54,17 @@ def test_generate_writes_images_grid_and_record(tiny: Path, tmp_path: Path) -> N
     assert Image.open(out / "grid-000.png").size == (128, 128)  # 3 images of 64 px on a 2x2 grid
     assert Image.open(out / "001-002.png").size == (64, 64)
     assert rec["vqgan_dtype"] == "float32"
+    # each PNG carries its prompt, seed and settings as text chunks
+    with Image.open(out / "001-002.png") as im:
+        text = im.text
+    assert (text["prompt"], text["seed"], text["model"]) == ("a cat", "10", str(tiny))
+    assert (text["top_k"], text["dallemini"]) == ("8", dallemini.__version__)
+    assert {"temperature", "top_p", "condition_scale", "Software"} <= set(text)
+    params = json.loads(text["parameters"])
+    assert params["seed"] == 10 and params["top_k"] == 8 and params["prompt"] == "a cat"
+    assert params["score"] is None and params["rerank"] is False  # the tiny model has no CLIP
+    with Image.open(out / "grid-001.png") as im:
+        assert json.loads(im.text["seeds"]) == [8, 9, 10] and im.text["prompt"] == "a cat"
 
 
 def test_generate_vqgan_dtype(
@@ -62,7 +75,7 @@ def test_generate_vqgan_dtype(
     code, err = run_here(capsys, *args, "--vqgan-dtype", "bfloat16", "--device", "cpu")
     assert code == 0, err
     assert json.loads((out / "generation.json").read_text())["vqgan_dtype"] == "bfloat16"
-    code, err = run_here(capsys, *args, "--vqgan-dtype", "int8")
+    code, err = run_here(capsys, *args, "--overwrite", "--vqgan-dtype", "int8")
     assert code == 2 and "int8" in err
 
 
@@ -97,7 +110,7 @@ def test_user_errors_exit_2_with_a_message(
         (("generate", "--model", tiny), "no prompt"),
         (("generate", "--model", tmp_path / "missing", "a cat"), "does not exist"),
         (("generate", "--model", tiny, "--temperature", "0", "a cat"), "temperature"),
-        (("generate", "--model", tiny, "-n", "0", "a cat"), "--n"),
+        (("generate", "--model", tiny, "-n", "0", "a cat"), "--num-images (-n) must be"),
         (("generate", "--model", tiny, "--device", "cuda:7", "a cat"), "cuda"),
         (("generate", "--model", tiny, "--dtype", "int8", "a cat"), "dtype"),
         (("generate", "--model", tiny, "--bogus", "a cat"), "No such option"),
@@ -261,3 +274,38 @@ def test_generate_without_model_uses_the_builtin_dir(
     record = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert record["model"] == str(tmp_path / "builtin")
     assert pipeline.load_pipeline(device="cpu").config.bart is not None
+
+
+def test_generate_keeps_an_earlier_run(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    gen = ("generate", "--model", tiny, "--device", "cpu", "--seed", "0", "--out", out)
+    code, err = run_here(capsys, *gen, "--n", "2", "a cat", "a dog")  # --n: -n's old spelling
+    assert code == 0, err
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 2 * 2 + 2 + 1 + 1
+    # a second run into the same folder is refused before the model loads: nothing changes
+    code, err = run_here(capsys, *gen, "-n", "1", "a bird")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: --out {out} already holds an earlier run's images and generation.json: give "
+        "another --out folder, or --overwrite to replace them"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces the earlier run's files (none of them is left) and keeps the others
+    code, err = run_here(capsys, *gen, "--num-images", "1", "--overwrite", "a bird")
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000-000.png", "generation.json", "grid-000.png", "notes.txt"]
+    record = json.loads((out / "generation.json").read_text())
+    assert [i["prompt"] for i in record["images"]] == ["a bird"]
+    assert (out / "notes.txt").read_text() == "mine"
+    # a folder that holds other files only is no earlier run
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "photo.png").write_bytes(b"")
+    code, err = run_here(capsys, *gen[:-1], others, "-n", "1", "a cat")
+    assert code == 0, err
+    assert (others / "000-000.png").is_file() and (others / "photo.png").read_bytes() == b""

@@ -1,6 +1,7 @@
 """The `dallemini` command line: generate, convert, download, create (a random model directory),
 serve and info; encode (data/cli.py), dataset emoji, eval, recipe emoji (emoji/cli.py) and the
-trainers (training/cli.py) are mounted from their packages."""
+trainers (training/cli.py) are mounted from their packages. Commands whose extra ([serve],
+[train]) is not installed say which one to install."""
 
 from __future__ import annotations
 
@@ -14,21 +15,18 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from . import __version__
 from .checkpoints import convert as convert_checkpoint
 from .checkpoints import detect_format, hub, load_parts
 from .cli_options import DeviceOpt, DtypeOpt, VqganDtypeOpt
 from .config import PipelineConfig, SamplingConfig
 from .data.cli import mount as mount_data
 from .devices import resolve_dtype
-from .emoji.cli import mount as mount_emoji
 from .errors import DalleMiniError, InputError
+from .extras import add_stand_in, extra_of, needs_extra
 from .generate_run import GenerateRun, Interrupted, earlier_run_files
 from .pipeline import TextToImage, default_model_path, load_image
 from .random_model import create_random_model
-from .serve.app import create_app
-from .serve.server import bind_socket
-from .serve.server import run as run_server
-from .serve.settings import ServeSettings
 from .training.cli import mount as mount_training
 
 app = typer.Typer(
@@ -55,6 +53,25 @@ StoreDtypeOpt = Annotated[
     str | None,
     typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
 ]
+
+
+def _print_version(value: bool) -> None:
+    """--version: print the package version and exit."""
+    if value:
+        typer.echo(f"dallemini {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """DALL·E Mini in PyTorch: generate images from text, convert checkpoints, train and serve."""
 
 
 def _model_or_builtin(model: str | None) -> str | Path:
@@ -301,8 +318,31 @@ def create(
     typer.echo(f"wrote {path} (random weights: its images are noise until it is trained)")
 
 
+# The emoji commands without their extra: name -> help.
+_EMOJI_COMMANDS = {
+    "dataset": "Write a dataset (dataset emoji: the built-in model's emoji scenes).",
+    "eval": "Judge a model's emoji-scene images.",
+    "recipe": "Run a training recipe (recipe emoji: the built-in model's).",
+}
+
+
+def _mount_emoji(app: typer.Typer) -> None:
+    """Add `dataset emoji`, `eval` and `recipe emoji`; without their extra, stand-ins naming it."""
+    try:
+        # optional extra [train]: the emoji commands' module imports the recipe's trainers and pyarrow
+        from .emoji.cli import mount as mount_emoji
+    except ImportError as e:
+        extra = extra_of(e)
+        if extra is None:
+            raise
+        for name, help in _EMOJI_COMMANDS.items():
+            add_stand_in(app, name, extra, help)
+        return
+    mount_emoji(app)
+
+
 mount_data(app)  # encode
-mount_emoji(app)  # dataset emoji, eval, recipe emoji
+_mount_emoji(app)  # dataset emoji, eval, recipe emoji
 mount_training(app)  # train-clip, train, train-vqgan
 
 T = TypeVar("T")
@@ -354,6 +394,12 @@ def serve(
     vqgan_dtype: VqganDtypeOpt = "float32",
 ) -> None:
     """Serve the model over HTTP: JSON API, server-sent events, the original demo's /generate and a web page."""
+    with needs_extra("serve"):
+        # optional extra [serve]: FastAPI and uvicorn
+        from .serve.app import create_app
+        from .serve.server import bind_socket
+        from .serve.server import run as run_server
+        from .serve.settings import ServeSettings
     settings = _from_fields(ServeSettings, {**locals(), "api_key": api_key or None})
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")

@@ -10,9 +10,8 @@ import torch
 import typer
 
 from ..cli_options import DeviceOpt, DtypeOpt
+from ..extras import needs_extra
 from ..models.loading import load_vqgan
-from .encode import check_has_records, encode_dataset, parse_worker, worker_from_env
-from .sources import open_source
 
 
 def mount(app: typer.Typer) -> None:
@@ -48,6 +47,10 @@ def encode(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Pre-encode a caption–image dataset into VQGAN token shards (resumable; split with --shard i/n or torchrun)."""
+    with needs_extra("encode"):
+        # optional extra [train]: the token shards are Parquet files written with pyarrow
+        from .encode import check_has_records, encode_dataset, parse_worker, worker_from_env
+        from .sources import open_source
     worker = parse_worker(shard) if shard else worker_from_env()
     if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"

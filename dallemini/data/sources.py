@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from ..extras import needs_extra
 from ..text import TextNormalizer
 
 log = logging.getLogger(__name__)
@@ -551,6 +551,14 @@ class TarSource(Source):
         return Record(full_key, captions, problem="missing_image")
 
 
+def _parquet() -> Any:
+    """The pyarrow.parquet module, imported when a Parquet source is read."""
+    with needs_extra("reading Parquet files"):
+        # optional extra [train]: only Parquet sources need pyarrow
+        import pyarrow.parquet as pq
+    return pq
+
+
 class ParquetSource(Source):
     """Parquet files with one image per row: image bytes column + caption column (+ optional `key`)."""
 
@@ -571,7 +579,7 @@ class ParquetSource(Source):
         super().__init__(_sorted_paths(paths), normalizer=normalizer, description=description)
         if not self.paths:
             raise InputError("no Parquet files given")
-        names = pq.ParquetFile(self.paths[0]).schema_arrow.names
+        names = _parquet().ParquetFile(self.paths[0]).schema_arrow.names
         self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
         self.caption_column = caption_column or next(
             (c for c in CAPTION_COLUMNS if c in names), None
@@ -597,7 +605,7 @@ class ParquetSource(Source):
 
     def count_hint(self) -> int | None:
         try:
-            return sum(pq.ParquetFile(p).metadata.num_rows for p in self.paths)
+            return sum(_parquet().ParquetFile(p).metadata.num_rows for p in self.paths)
         except Exception:
             return None
 
@@ -614,6 +622,7 @@ class ParquetSource(Source):
         columns = [self.image_column, self.caption_column]
         if self.key_column:
             columns.append(self.key_column)
+        pq = _parquet()
         for path in self.paths:
             row = 0
             try:

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..extras import add_stand_in, extra_of
 from . import trainer_class
 from .distributed import shutdown
 from .loop import TrainConfig
@@ -124,6 +125,16 @@ def trainer_command(kind: str, help: str) -> Callable[..., None]:
 
 
 def mount(app: typer.Typer) -> None:
-    """Add the trainer commands (`train-clip`, `train`, `train-vqgan`) to the `dallemini` app."""
+    """Add the trainer commands (`train-clip`, `train`, `train-vqgan`) to the `dallemini` app; without
+    the [train] extra they are stand-ins that say how to install it."""
     for name, (kind, help) in COMMANDS.items():
-        app.command(name)(trainer_command(kind, help))
+        try:
+            # optional extra [train]: the trainers import pyarrow (token shards) and tensorboardX
+            command = trainer_command(kind, help)
+        except ImportError as e:
+            extra = extra_of(e)
+            if extra is None:
+                raise
+            add_stand_in(app, name, extra, help)
+            continue
+        app.command(name)(command)

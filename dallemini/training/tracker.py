@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..extras import needs_extra
 
 log = logging.getLogger("dallemini.train")
 
@@ -51,6 +51,9 @@ class Tracker:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
+            with needs_extra("TensorBoard logging"):
+                # optional extra [train]: only training writes TensorBoard event files
+                from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(log_dir), purge_step=start_step or None)
         if wandb:
             try:

@@ -52,7 +52,7 @@ from .donors import write_glyph_donors
 from .evaluation import METRICS, evaluate_model, format_report
 from .scenes import EmojiScenes, write_emoji_dataset
 from .training import EmojiVQGANTrainer
-from .vocabulary import write_model_vocabulary
+from .vocabulary import write_model_vocabulary, written_captions
 
 log = logging.getLogger("dallemini.recipe")
 
@@ -336,7 +336,8 @@ class _RecipeRun:
         shutil.copy(scenes_json, tmp / "emoji_scenes.json")
         # what the model knows: its training captions' words, and example prompts it draws right
         pipe = TextToImage.from_pretrained(tmp, device=self.device)
-        write_model_vocabulary(tmp, json.loads(scenes_json.read_text()), pipe)
+        captions = written_captions(self.data / "train")  # what the model trained on
+        write_model_vocabulary(tmp, json.loads(scenes_json.read_text()), pipe, captions)
         (tmp / "MODEL_CARD.md").write_text(model_card(out, self.cfg))
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)

@@ -2,8 +2,9 @@
 (vocabulary.txt) and a line on what it draws with a few of those captions as example prompts
 (examples.json); see `checkpoints.native`.
 
-Both come from the dataset's own training-split captions (`EmojiScenes.sample_captions`), so they
-follow whatever the caption templates are. Given the model, an example is kept only when the model
+Both come from the dataset's own training-split captions (`EmojiScenes.sample_captions`, or the
+captions of the written dataset folder when there is one), so they follow whatever the caption
+templates are. Given the model, an example is kept only when the model
 draws it right: `CHECK_IMAGES` images (seeds 0, 1, ...) all pass the judge. Nothing here draws from
 a global random generator.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ def training_captions(
     """Every caption of the training split, as `write_emoji_dataset` writes them."""
     for scene in scenes.split("train"):
         yield from scenes.sample_captions(scene, captions_per_image, epoch)
+
+
+def written_captions(folder: str | os.PathLike[str]) -> Iterator[str]:
+    """Every caption of a dataset folder written by `write_emoji_dataset` (its metadata.jsonl)."""
+    with open(Path(folder) / "metadata.jsonl", encoding="utf-8") as rows:
+        for line in rows:
+            if line.strip():
+                yield from json.loads(line)["captions"]
 
 
 def candidate_scenes(scenes: EmojiScenes, slot: int, n: int = EXAMPLES) -> Iterator[Scene]:
@@ -100,16 +109,20 @@ def drawn_right(pipe: TextToImage, scenes: EmojiScenes) -> Callable[[str], bool]
 
 
 def write_model_vocabulary(
-    model_dir: str | os.PathLike[str], config: dict[str, Any], pipe: TextToImage | None = None
+    model_dir: str | os.PathLike[str],
+    config: dict[str, Any],
+    pipe: TextToImage | None = None,
+    captions: Iterable[str] | None = None,
 ) -> None:
     """Write vocabulary.txt and examples.json into a model directory from the emoji_scenes.json
-    settings (`write_emoji_dataset`'s) of the dataset it was trained on; with the model's `pipe`,
-    only examples it draws right."""
+    settings (`write_emoji_dataset`'s) of the dataset it was trained on, or from its written
+    `captions` when given; with the model's `pipe`, only examples it draws right."""
     scenes = EmojiScenes.from_config(config)
     per_image = int(config.get("captions_per_image", 1))
     epoch = int(config.get("epoch", 0))
     normalize = TextNormalizer()
-    captions = training_captions(scenes, per_image, epoch)
+    if captions is None:
+        captions = training_captions(scenes, per_image, epoch)
     write_vocabulary(model_dir, (normalize(c) for c in captions))
     accept = drawn_right(pipe, scenes) if pipe is not None else None
     examples = model_examples(scenes, accept, epoch=epoch)

@@ -12,6 +12,7 @@ from dallemini.emoji.vocabulary import (
     model_examples,
     training_captions,
     write_model_vocabulary,
+    written_captions,
 )
 from dallemini.text import TextNormalizer
 
@@ -36,6 +37,11 @@ def test_the_vocabulary_is_the_words_of_the_written_training_captions(tmp_path: 
     assert "one of 8" in examples.description and "9 places" in examples.description
     captions = set(training_captions(EmojiScenes.from_config(config), 2))
     assert examples.prompts and set(examples.prompts) <= captions
+    assert sorted(written_captions(data)) == sorted(captions)  # what was written, read back
+    other = tmp_path / "other"
+    other.mkdir()
+    write_model_vocabulary(other, config, captions=[" A cat, TOP-left"])
+    assert read_vocabulary(other) == {"a", "cat", "top", "left"}
 
 
 def test_examples_are_spread_and_only_those_the_model_draws_right() -> None:

@@ -237,6 +237,7 @@ def generate(
         typer.echo(
             "note: --keep-rows 0 keeps nothing of --init-image: this is plain generation", err=True
         )
+    _note_unknown_words(pipe, texts)
     first = seed if seed is not None else secrets.randbelow(2**31)
     settings = pipe.sampling(**given)  # the model's defaults under the options given: one object
     run = GenerateRun(
@@ -244,6 +245,16 @@ def generate(
     )
     run.start_record(model, clip, init_image)
     run.sample()
+
+
+def _note_unknown_words(pipe: TextToImage, texts: list[str]) -> None:
+    """Say which words of each prompt the model never saw in training (it cannot draw them)."""
+    whose = "the built-in model" if pipe.is_builtin else "this model"
+    for text in texts:
+        unknown = pipe.unknown_words(text)
+        if unknown:
+            where = f" ({text!r})" if len(texts) > 1 else ""
+            typer.echo(f"note: {whose} does not know: {', '.join(unknown)}{where}", err=True)
 
 
 @app.command()

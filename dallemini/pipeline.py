@@ -26,12 +26,11 @@ from .checkpoints.native import (
     read_vocabulary,
 )
 from .config import PipelineConfig, SamplingConfig
-from .data.encode import resize_center_crop
 from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
 from .images import make_grid as make_grid  # re-exported
-from .images import to_pil
+from .images import resize_center_crop, to_pil
 from .memory import release_freed_memory
 from .models import kernels
 from .models.bart import DalleBart

@@ -13,6 +13,7 @@ import hashlib
 import html
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -28,6 +29,8 @@ from unidecode import unidecode
 
 from .config import TextConfig
 from .errors import CheckpointError, ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MASK_TOKEN",
@@ -591,6 +594,14 @@ class TextEncoder:
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encodings = self.tokenizer.encode_batch(texts)
+        for text, e in zip(texts, encodings, strict=True):
+            if e.overflowing:  # cut to max_length: say so rather than drop words silently
+                log.warning(
+                    "prompt %r is longer than the model's %d text tokens; it reads only the first %d",
+                    text.strip() if len(text) <= 80 else text.strip()[:77] + "...",
+                    self.max_length,
+                    self.max_length,
+                )
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask

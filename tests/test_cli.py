@@ -309,3 +309,12 @@ def test_generate_keeps_an_earlier_run(
     code, err = run_here(capsys, *gen[:-1], others, "-n", "1", "a cat")
     assert code == 0, err
     assert (others / "000-000.png").is_file() and (others / "photo.png").read_bytes() == b""
+
+
+def test_generate_names_the_words_the_model_does_not_know(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("generate", "-n", "1", "--seed", "0", "--device", "cpu", "--out", tmp_path / "a")
+    code, err = run_here(capsys, *args, "an armchair in the shape of an avocado")
+    assert code == 0, err
+    assert "note: the built-in model does not know: armchair, shape" in err

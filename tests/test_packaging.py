@@ -19,9 +19,8 @@ from dallemini.extras import EXTRAS, add_stand_in, extra_of, missing_extra, need
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The extras' modules that generating images must not need. pyarrow is not among them yet: the
-# pipeline still imports the image resizing it shares with `encode`, whose module imports pyarrow.
-BLOCKED = ("fastapi", "uvicorn", "starlette", "tensorboardX", "transformers", "wandb")
+# The extras' modules that generating images must not need.
+BLOCKED = ("fastapi", "uvicorn", "starlette", "tensorboardX", "pyarrow", "transformers", "wandb")
 
 # Runs `dallemini ARGS` with the modules in BLOCKED refused, as if they were not installed.
 _WITHOUT_EXTRAS = """
@@ -132,7 +131,7 @@ def test_pyproject_extras_and_package_data() -> None:
         for module in modules:
             if module != "starlette":  # comes with fastapi
                 assert module.lower() in listed, (extra, module)
-                assert module.lower() not in core or module == "pyarrow", (extra, module)
+                assert module.lower() not in core, (extra, module)
     assert "dallemini[serve,train,clip,wandb]" in extras["dev"]
     assert set(meta["urls"]) >= {"Homepage", "Documentation", "Issues"}
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["dallemini"]

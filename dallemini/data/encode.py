@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
+from ..images import resize_center_crop
 from .shards import (
     DATASET_FORMAT,
     DATASET_VERSION,
@@ -54,20 +54,8 @@ __all__ = [
     "build_manifest",
     "encode_dataset",
     "parse_worker",
-    "resize_center_crop",
     "worker_from_env",
 ]
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bicubic, antialiased when shrinking), then crop the centre square."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 def parse_worker(spec: str) -> tuple[int, int]:

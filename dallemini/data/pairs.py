@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from .encode import resize_center_crop
+from ..images import resize_center_crop
 from .shards import RankSplitBatches
 from .sources import (
     ParquetSource,

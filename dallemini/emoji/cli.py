@@ -57,7 +57,13 @@ def _parse_tier(tier: str | None) -> int | str | None:
 # The options of `dataset emoji` (and the dataset settings above).
 SplitsOpt = Annotated[str, typer.Option(help=f"comma list of {', '.join(SPLITS)}, or all")]
 CaptionsPerImageOpt = Annotated[
-    int, typer.Option(help="captions per image (distinct templates), 1 to 6")
+    int, typer.Option(help="captions per image (distinct frames): 1 to 6, or 12 with --version 2")
+]
+VersionOpt = Annotated[
+    int, typer.Option("--version", help="captions: 1 (six templates) or 2 (plain language)")
+]
+VariantsOpt = Annotated[
+    int, typer.Option(help="images per training scene (turned glyph, shaded background)")
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option(help="replace OUT if it holds an emoji dataset written before")
@@ -73,6 +79,8 @@ def dataset_emoji(
     seed: SeedOpt = 0,
     splits: SplitsOpt = "all",
     captions_per_image: CaptionsPerImageOpt = 2,
+    version: VersionOpt = 1,
+    variants: VariantsOpt = 1,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write the emoji-scenes dataset: NNNNNN.png + NNNNNN.txt, metadata.jsonl and emoji_scenes.json."""
@@ -103,6 +111,8 @@ def dataset_emoji(
             captions_per_image=captions_per_image,
             seed=seed,
             subject_size=subject_size,
+            version=version,
+            variants=variants,
         )
         if out.exists():
             shutil.rmtree(out)
@@ -161,7 +171,11 @@ ModelOpt = Annotated[
     typer.Option(help="model (directory or Hub name) to generate for held-out captions and judge"),
 ]
 SplitOpt = Annotated[
-    str, typer.Option(help="with --model: heldout-triples, heldout-colour, train or all")
+    str,
+    typer.Option(
+        help="with --model: heldout-triples, heldout-colour, heldout-frames (new sentence "
+        "frames), heldout-synonyms (synonyms, colour words, place phrases), train or all"
+    ),
 ]
 LimitOpt = Annotated[
     int, typer.Option(help="with --model: captions sampled from the split (0 = all)")

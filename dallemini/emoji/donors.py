@@ -34,9 +34,11 @@ from .scenes import EmojiScenes, glyph_cells
 __all__ = ["glyph_cell_mask", "write_glyph_donors"]
 
 
-def glyph_cell_mask(scenes: EmojiScenes, subject: str, position: str, cell: int) -> np.ndarray:
+def glyph_cell_mask(
+    scenes: EmojiScenes, subject: str, position: str, cell: int, variant: int = 0
+) -> np.ndarray:
     """[side/cell, side/cell] bool: the token cells that hold any pixel of the subject's glyph."""
-    return glyph_cells(scenes.glyph_alpha(subject, position), cell)
+    return glyph_cells(scenes.glyph_alpha(subject, position, variant), cell)
 
 
 def write_glyph_donors(
@@ -60,14 +62,14 @@ def write_glyph_donors(
     donor_codes: dict[str, np.ndarray] = {}
     missing = []
     for key in sorted(codes):
-        subject, _, position = scene_of[key]
+        subject, _, position, variant = scene_of[key]
         donor = scenes.glyph_donor(subject, position)
-        donor_key = key_of.get((subject, donor, position)) if donor else None
+        donor_key = key_of.get((subject, donor, position, variant)) if donor else None
         if donor_key is None:
             missing.append(key)
             donor_codes[key] = codes[key]
             continue
-        mask = mask_of(subject, position)
+        mask = mask_of(subject, position, variant)
         donor_codes[key] = np.where(mask, codes[donor_key], codes[key])
     if missing:
         raise InputError(
@@ -97,10 +99,12 @@ def write_glyph_donors(
     return changed
 
 
-def _mask_cache(scenes: EmojiScenes, cell: int) -> Callable[[str, str], np.ndarray]:
-    """glyph_cell_mask, flattened, computed once per (subject, position)."""
+def _mask_cache(scenes: EmojiScenes, cell: int) -> Callable[[str, str, int], np.ndarray]:
+    """glyph_cell_mask, flattened, computed once per (subject, position, variant)."""
     return functools.cache(
-        lambda subject, position: glyph_cell_mask(scenes, subject, position, cell).reshape(-1)
+        lambda subject, position, variant: glyph_cell_mask(
+            scenes, subject, position, cell, variant
+        ).reshape(-1)
     )
 
 
@@ -110,12 +114,12 @@ def _read_encoded(
     EmojiScenes,
     list[ShardInfo],
     dict[str, Any],
-    dict[str, tuple[str, str, str]],
+    dict[str, tuple[str, str, str, int]],
     dict[str, np.ndarray],
     dict[str, list[str]],
 ]:
-    """An emoji-scenes encode: scenes, shards, manifest, each key's (subject, colour, position),
-    its code grid and its captions."""
+    """An emoji-scenes encode: scenes, shards, manifest, each key's (subject, colour, position,
+    variant), its code grid and its captions."""
     data, tokens = Path(data_dir), Path(tokens_dir)
     scenes = EmojiScenes.from_folder(data)
     shards, manifest = list_shards(tokens)
@@ -132,7 +136,8 @@ def _read_encoded(
     for line in meta_path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            scene_of[row["file"]] = (row["subject"], row["colour"], row["position"])
+            scene = (row["subject"], row["colour"], row["position"], row.get("variant", 0))
+            scene_of[row["file"]] = scene
     # One code grid and the captions per image, then the images of each (subject, position).
     codes: dict[str, np.ndarray] = {}
     captions: dict[str, list[str]] = {}

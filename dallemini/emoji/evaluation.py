@@ -91,7 +91,7 @@ def evaluate_model(
         )
     judge = EmojiJudge(scenes)
     todo = sample_scenes(scenes, split, limit, seed)
-    captions = [scenes.sample_captions(sc, 1, 0)[0] for sc in todo]
+    captions = [scenes.eval_caption(sc, split) for sc in todo]
     rerank = pipe.scorer is not None
     generated: list[list[Any]] = []
     for start in range(0, len(captions), prompts_per_batch):
@@ -111,6 +111,7 @@ def evaluate_model(
         "seed": seed,
         "scenes": scenes.config(),
         "model": model,
+        "variety": variety([[im.image for im in ims] for ims in generated]),
     }
     if rerank:
         report["reranked"] = judge.evaluate(
@@ -129,6 +130,29 @@ def evaluate_model(
     ceiling = report["ceiling"]["all"]
     report["ratio_to_ceiling"] = model["all"] / ceiling if ceiling > 0 else None
     return report
+
+
+# Two images count as different when their mean absolute pixel difference reaches 4 levels of 255.
+DISTINCT_LEVELS = 4.0
+
+
+def distinct_images(images: list[Any]) -> int:
+    """How many of the images differ from every earlier distinct one (mean |difference| >= 4/255)."""
+    kept: list[np.ndarray] = []
+    for im in images:
+        arr = np.asarray(im, np.float32)
+        if all(np.abs(arr - k).mean() >= DISTINCT_LEVELS for k in kept):
+            kept.append(arr)
+    return len(kept)
+
+
+def variety(groups: list[list[Any]]) -> dict[str, float]:
+    """Per prompt, the distinct images among its candidates: the mean, and the share with >= 3."""
+    counts = [distinct_images(g) for g in groups]
+    return {
+        "distinct_mean": float(np.mean(counts)),
+        "share_at_least_3": float(np.mean([c >= 3 for c in counts])),
+    }
 
 
 METRICS = (
@@ -159,4 +183,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"model / ceiling (all): {report['ratio_to_ceiling']:.3f}")
     if "rerank_lift" in report:
         lines.append(f"CLIP rerank lift (all): {report['rerank_lift']:+.3f}")
+    if "variety" in report:
+        v = report["variety"]
+        lines.append(
+            f"distinct images per caption: {v['distinct_mean']:.2f} of {report['candidates']}; "
+            f"captions with >= 3 distinct: {v['share_at_least_3']:.3f}"
+        )
     return "\n".join(lines)

@@ -19,7 +19,6 @@ down/up-sample); a right-colour, right-place mean-of-glyphs blob scores about 1/
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from .language import FRAMES, HELDOUT_FRAMES, CaptionParser, subject_candidates
 from .scenes import COLOURS, PALETTE, POSITIONS, TEMPLATES, EmojiScenes, Scene, _clean_caption
 
 __all__ = ["EmojiJudge"]
@@ -35,27 +35,7 @@ __all__ = ["EmojiJudge"]
 _PALETTE_RGB = np.asarray([PALETTE[c] for c in COLOURS], np.float32)
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    """A regex for one caption template with named groups for name, colour and position."""
-    colours = "|".join(re.escape(c) for c in COLOURS)
-    positions = "|".join(re.escape(p) for p in sorted(POSITIONS, key=len, reverse=True))
-    parts = re.split(r"(\{\w+\})", template)
-    out = []
-    for p in parts:
-        if p == "{name}":
-            out.append(r"(?P<name>.+?)")
-        elif p == "{colour}":
-            out.append(rf"(?P<colour>{colours})")
-        elif p == "{position}":
-            out.append(rf"(?P<position>{positions})")
-        elif p == "{a}":
-            out.append(r"an?")
-        else:
-            out.append(re.escape(p).replace(r"\ ", r"\s+"))
-    return re.compile("^" + "".join(out) + "$")
-
-
-_TEMPLATE_RES = tuple(_template_regex(t) for t in TEMPLATES)
+_PARSER = CaptionParser(TEMPLATES + FRAMES + HELDOUT_FRAMES)
 
 
 class EmojiJudge:
@@ -105,17 +85,14 @@ class EmojiJudge:
     # ---- captions
 
     def parse_caption(self, caption: str) -> tuple[str, str, str]:
-        """(subject name, colour, position) of a caption written with any template, name or alias."""
+        """(subject name, colour, position) of a caption in any frame, with any name or synonym."""
         text = _clean_caption(caption)
-        for rx in _TEMPLATE_RES:
-            m = rx.match(text)
-            if m is None:
-                continue
-            try:
-                subject = self.scenes.subject(m.group("name"))
-            except InputError:
-                continue
-            return subject.name, m.group("colour"), m.group("position")
+        for phrase, colour, position in _PARSER.parse(text):
+            for name in subject_candidates(phrase):
+                try:
+                    return self.scenes.subject(name).name, colour, position
+                except InputError:
+                    continue
         raise InputError(
             f"cannot parse {caption!r} as an emoji-scenes caption of tier {self.scenes.tier!r}; "
             f"templates are {list(TEMPLATES)}"

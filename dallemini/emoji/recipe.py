@@ -13,7 +13,8 @@ interrupted recipe continues where it stopped:
    the bart model dir with that VQGAN;
 6. clip: `train-clip` on the images, inside the bart model dir (or OUT/decoder/pipeline) ->
    OUT/clip/model;
-7. eval: `eval --model` on heldout-triples and heldout-colour -> OUT/eval.json;
+7. eval: `eval --model` on the eval section's splits (default: heldout-triples and heldout-colour)
+   -> OUT/eval.json;
 8. OUT/model: the clip step's model dir plus emoji_scenes.json, MODEL_CARD.md (config, seed,
    time per step, evaluation), vocabulary.txt and examples.json (the words of the training captions,
    and a few of them that the model draws right as example prompts: `vocabulary.py`).
@@ -234,6 +235,8 @@ class _RecipeRun:
                 captions_per_image=d.get("captions_per_image", 2),
                 seed=self.seed,
                 subject_size=d.get("subject_size"),
+                version=d.get("version", 1),
+                variants=d.get("variants", 1),
             )
 
     def vqgan(self) -> None:
@@ -311,7 +314,7 @@ class _RecipeRun:
         pipe.config = replace(pipe.config, sampling=self._sampling(pipe.config.sampling))
         e = self.sec["eval"]
         reports = {}
-        for split in ("heldout-triples", "heldout-colour"):
+        for split in e.get("splits", ("heldout-triples", "heldout-colour")):
             reports[split] = evaluate_model(
                 pipe,
                 scenes,

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConfigError, InputError
+from . import language
+from .language import article
 
 __all__ = [
     "ATLAS_CELL",
@@ -95,6 +97,15 @@ TEMPLATES: tuple[str, ...] = (
     "{a} {colour} image, {name} in the {position}",
 )
 SPLITS: tuple[str, ...] = ("train", "heldout-triples", "heldout-colour")
+# Caption-level held-out sets, drawn on the heldout-triples scenes: sentence frames that training
+# never uses, and synonyms (subject words, colour words, place phrases) on scenes never seen with them.
+CAPTION_SPLITS: tuple[str, ...] = ("heldout-frames", "heldout-synonyms")
+VERSIONS = (1, 2)  # 1: the six templates; 2: plain-language captions (emoji/language.py)
+# Variants of a training scene (variant 0 is the plain scene): the glyph turned by a small angle
+# (one per subject, place and variant, so a glyph donor shares its pose) and the background a
+# shade lighter or darker (still nearest its palette colour: the judge reads it as that colour).
+VARIANT_ANGLES: tuple[float, ...] = (-10.0, -5.0, 5.0, 10.0, 0.0)
+VARIANT_SHADES: tuple[int, ...] = (-24, -12, 0, 12, 24)
 HELDOUT_TRIPLE_FRACTION = 0.10
 LOW_CONTRAST_DISTANCE = 60.0  # RGB distance under which a glyph pixel "is" the background
 LOW_CONTRAST_FRACTION = (
@@ -149,11 +160,6 @@ def _seed_int(*parts: object) -> int:
 def _rng(*parts: object) -> np.random.Generator:
     """A numpy generator seeded by `_seed_int(*parts)`, for per-item deterministic choices."""
     return np.random.default_rng(_seed_int(*parts))
-
-
-def article(word: str) -> str:
-    """'an' before a vowel-initial word, else 'a' (good enough for the palette names)."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +283,8 @@ class EmojiScenes:
         *,
         grid: int | None = None,
         alias_prob: float = 0.2,
+        version: int = 1,
+        variants: int = 1,
         render_from_font: bool = False,
         font_path: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -299,6 +307,12 @@ class EmojiScenes:
         if not 0.0 <= alias_prob <= 1.0:
             raise ConfigError(f"alias_prob must be in [0, 1], got {alias_prob}")
         self.alias_prob = float(alias_prob)
+        if version not in VERSIONS:
+            raise ConfigError(f"emoji-scenes version must be one of {VERSIONS}, got {version!r}")
+        self.version = int(version)
+        if not 1 <= int(variants) <= 64:
+            raise ConfigError(f"variants must be between 1 and 64, got {variants!r}")
+        self.variants = int(variants)
         n = _tier_count(tier, len(all_subjects))
         self.subjects: tuple[Subject, ...] = all_subjects[:n]
         self.names: tuple[str, ...] = tuple(s.name for s in self.subjects)
@@ -306,8 +320,11 @@ class EmojiScenes:
         self._by_name: dict[str, Subject] = {}
         for s in self.subjects:
             self._by_name[s.name] = s
+        synonyms = language.load_synonyms()
+        self.synonyms: dict[str, tuple[str, ...]] = {}
         for s in self.subjects:
-            for a in s.aliases:
+            self.synonyms[s.name] = tuple(dict.fromkeys((*s.aliases, *synonyms.get(s.name, ()))))
+            for a in self.synonyms[s.name]:
                 self._by_name.setdefault(a, s)
         self.font_path: Path | None = None
         if render_from_font:
@@ -341,12 +358,23 @@ class EmojiScenes:
             "seed": self.seed,
             "grid": self.grid,
             "alias_prob": self.alias_prob,
+            **({"version": self.version} if self.version != 1 else {}),
+            **({"variants": self.variants} if self.variants != 1 else {}),
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **overrides: Any) -> EmojiScenes:
         """Rebuild a dataset from `config()` output (e.g. a written folder's emoji_scenes.json)."""
-        keys = ("tier", "resolution", "subject_size", "seed", "grid", "alias_prob")
+        keys = (
+            "tier",
+            "resolution",
+            "subject_size",
+            "seed",
+            "grid",
+            "alias_prob",
+            "version",
+            "variants",
+        )
         kwargs = {k: config[k] for k in keys if k in config}
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -395,28 +423,53 @@ class EmojiScenes:
             self._glyphs[s.name] = g
         return g
 
-    def render(self, subject: str | Subject, colour: str, position: str) -> Image.Image:
-        """The RGB image of one scene: the glyph alpha-composited on a solid palette background."""
+    def render(
+        self, subject: str | Subject, colour: str, position: str, variant: int = 0
+    ) -> Image.Image:
+        """The RGB image of one scene: the glyph alpha-composited on a solid background (variant 0:
+        the plain scene; others turn the glyph and shade the background, see VARIANT_ANGLES)."""
         if colour not in PALETTE:
             raise InputError(f"unknown colour {colour!r}; the palette is {list(COLOURS)}")
         if position not in self.offsets:
             raise InputError(f"unknown position {position!r}; positions are {list(POSITIONS)}")
-        im = Image.new("RGB", (self.resolution, self.resolution), PALETTE[colour])
-        g = self.glyph(subject)
+        shade = self._shade(self.subject(subject).name, colour, position, variant)
+        rgb = tuple(min(255, max(0, v + shade)) for v in PALETTE[colour])
+        im = Image.new("RGB", (self.resolution, self.resolution), rgb)
+        g = self._posed_glyph(subject, position, variant)
         im.paste(g, self.offsets[position], g)
         return im
 
-    def glyph_alpha(self, subject: str | Subject, position: str) -> np.ndarray:
+    def _angle(self, subject: str, position: str, variant: int) -> float:
+        """The glyph's turn in a variant: one per (subject, place, variant), 0 for variant 0."""
+        if variant == 0:
+            return 0.0
+        rng = _rng(self.seed, "variant-angle", subject, position, variant)
+        return VARIANT_ANGLES[int(rng.integers(len(VARIANT_ANGLES)))]
+
+    def _shade(self, subject: str, colour: str, position: str, variant: int) -> int:
+        """The background's shift in a variant (RGB levels, each channel), 0 for variant 0."""
+        if variant == 0:
+            return 0
+        rng = _rng(self.seed, "variant-shade", subject, colour, position, variant)
+        return VARIANT_SHADES[int(rng.integers(len(VARIANT_SHADES)))]
+
+    def _posed_glyph(self, subject: str | Subject, position: str, variant: int) -> Image.Image:
+        """The glyph as a variant draws it (turned about its centre, same square)."""
+        g = self.glyph(subject)
+        angle = self._angle(self.subject(subject).name, position, variant)
+        return g.rotate(angle, resample=Image.Resampling.BICUBIC) if angle else g
+
+    def glyph_alpha(self, subject: str | Subject, position: str, variant: int = 0) -> np.ndarray:
         """[side, side] float32 in [0, 1]: where the subject's glyph covers the background."""
         alpha = np.zeros((self.resolution, self.resolution), np.float32)
-        g = np.asarray(self.glyph(subject))[..., 3].astype(np.float32) / 255.0
+        g = np.asarray(self._posed_glyph(subject, position, variant))[..., 3]
         x, y = self.offsets[position]
-        alpha[y : y + g.shape[0], x : x + g.shape[1]] = g
+        alpha[y : y + g.shape[0], x : x + g.shape[1]] = g.astype(np.float32) / 255.0
         return alpha
 
-    def render_scene(self, scene: Scene) -> Image.Image:
+    def render_scene(self, scene: Scene, variant: int = 0) -> Image.Image:
         """`render` for a Scene."""
-        return self.render(scene.subject, scene.colour, scene.position)
+        return self.render(scene.subject, scene.colour, scene.position, variant)
 
     # ---- captions
 
@@ -434,8 +487,15 @@ class EmojiScenes:
         """One caption of a scene, chosen deterministically from (seed, epoch, scene, variant)."""
         return self.sample_captions(scene, max(1, variant + 1), epoch)[variant]
 
+    @property
+    def frames(self) -> tuple[str, ...]:
+        """The caption frames training uses (the templates of version 1, the frames of version 2)."""
+        return TEMPLATES if self.version == 1 else language.FRAMES
+
     def sample_captions(self, scene: Scene, k: int = 1, epoch: int = 0) -> list[str]:
-        """k captions of a scene with distinct templates, each naming an alias with p=alias_prob."""
+        """k captions of a scene with distinct frames, each naming a synonym with p=alias_prob."""
+        if self.version == 2:
+            return self._plain_captions(scene, k, epoch)
         if not 1 <= k <= len(TEMPLATES):
             raise ConfigError(f"captions per image must be between 1 and {len(TEMPLATES)}, got {k}")
         rng = _rng(self.seed, "caption", epoch, scene.subject, scene.colour, scene.position)
@@ -452,6 +512,53 @@ class EmojiScenes:
                 TEMPLATES[t].format(name=name, colour=scene.colour, position=scene.position, a=a)
             )
         return out
+
+    def _plain_captions(self, scene: Scene, k: int, epoch: int) -> list[str]:
+        """Version 2: k captions in distinct frames, with synonyms, colour words and place phrases."""
+        frames = language.FRAMES
+        if not 1 <= k <= len(frames):
+            raise ConfigError(f"captions per image must be between 1 and {len(frames)}, got {k}")
+        rng = _rng(self.seed, "caption-v2", epoch, scene.subject, scene.colour, scene.position)
+        out = []
+        for t in rng.permutation(len(frames))[:k]:
+            out.append(self._plain_caption(scene, frames[int(t)], rng, synonyms=False))
+        return out
+
+    def _plain_caption(
+        self, scene: Scene, frame: str, rng: np.random.Generator, *, synonyms: bool
+    ) -> str:
+        """One frame filled in; `synonyms` forces a synonym, a colour word and a place phrase."""
+        words = self.synonyms[scene.subject]
+        name = scene.subject
+        if words and (synonyms or rng.random() < self.alias_prob):
+            name = words[int(rng.integers(len(words)))]
+        colours = [w for w, c in language.COLOUR_WORDS.items() if c == scene.colour]
+        if synonyms:
+            colours = [w for w in colours if w != scene.colour]
+        colour = (
+            colours[int(rng.integers(len(colours)))]
+            if rng.random() < 0.5 or synonyms
+            else scene.colour
+        )
+        position = scene.position
+        if synonyms or rng.random() < 0.3:
+            short = [w for w, p in language.POSITION_WORDS.items() if p == scene.position]
+            position = short[int(rng.integers(len(short)))]
+        phrase = language.subject_phrase(name, rng)
+        return language.fill(frame, phrase, colour, position, rng)
+
+    def eval_caption(self, scene: Scene, split: str) -> str:
+        """The caption a scene is judged with in `split` (a scene split or one of CAPTION_SPLITS)."""
+        if split == "heldout-frames":
+            rng = _rng(self.seed, "heldout-frames", scene.subject, scene.colour, scene.position)
+            frame = language.HELDOUT_FRAMES[int(rng.integers(len(language.HELDOUT_FRAMES)))]
+            name = f"{language.subject_article(scene.subject)} {scene.subject}".strip()
+            return language.fill(frame, name, scene.colour, scene.position, rng)
+        if split == "heldout-synonyms":
+            rng = _rng(self.seed, "heldout-synonyms", scene.subject, scene.colour, scene.position)
+            frame = language.FRAMES[int(rng.integers(len(language.FRAMES)))]
+            return self._plain_caption(scene, frame, rng, synonyms=True)
+        return self.sample_captions(scene, 1, 0)[0]
 
     # ---- splits
 
@@ -514,9 +621,12 @@ class EmojiScenes:
         return "train"
 
     def split(self, name: str) -> list[Scene]:
-        """The scenes of a split: 'train', 'heldout-triples', 'heldout-colour' or 'all'."""
+        """The scenes of a split: 'train', 'heldout-triples', 'heldout-colour' or 'all' (the caption
+        splits 'heldout-frames' and 'heldout-synonyms' caption the heldout-triples scenes)."""
         if name == "all":
             return self.scenes()
+        if name in CAPTION_SPLITS:
+            return list(self._splits["heldout-triples"])
         if name not in SPLITS:
             raise ConfigError(f"unknown emoji split {name!r}; splits are {[*SPLITS, 'all']}")
         return list(self._splits[name])
@@ -660,14 +770,18 @@ def write_emoji_dataset(
     seed: int = 0,
     subject_size: int | None = None,
     epoch: int = 0,
+    version: int = 1,
+    variants: int = 1,
 ) -> dict[str, int]:
     """Write an image folder: NNNNNN.png + NNNNNN.txt (one caption a line), metadata.jsonl, config.
 
     Returns the number of images written per split. `metadata.jsonl` has one row per image with
     file, subject, colour, position, split, low_contrast and captions; `emoji_scenes.json` holds
-    the EmojiScenes config so evaluation can rebuild the same dataset and judge.
+    the EmojiScenes config so evaluation can rebuild the same dataset and judge. With `variants`
+    > 1 every training scene is written that many times (variant 0 first), each with its own
+    captions (rows then also say `variant`); held-out scenes are written once, plain.
     """
-    scenes = EmojiScenes(tier, resolution, subject_size, seed)
+    scenes = EmojiScenes(tier, resolution, subject_size, seed, version=version, variants=variants)
     names = [splits] if isinstance(splits, str) else list(splits)
     if names == ["all"]:
         names = list(SPLITS)
@@ -683,21 +797,24 @@ def write_emoji_dataset(
             todo = scenes.split(n)
             counts[n] = len(todo)
             for sc in todo:
-                stem = f"{i:06d}"
-                caps = scenes.sample_captions(sc, captions_per_image, epoch)
-                scenes.render_scene(sc).save(out / f"{stem}.png", optimize=False)
-                (out / f"{stem}.txt").write_text("\n".join(caps) + "\n", encoding="utf-8")
-                row = {
-                    "file": f"{stem}.png",
-                    "subject": sc.subject,
-                    "colour": sc.colour,
-                    "position": sc.position,
-                    "split": n,
-                    "low_contrast": scenes.is_low_contrast(sc),
-                    "captions": caps,
-                }
-                meta.write(json.dumps(row, ensure_ascii=False) + "\n")
-                i += 1
+                for v in range(scenes.variants if n == "train" else 1):
+                    stem = f"{i:06d}"
+                    caps = scenes.sample_captions(sc, captions_per_image, epoch + v)
+                    scenes.render_scene(sc, v).save(out / f"{stem}.png", optimize=False)
+                    (out / f"{stem}.txt").write_text("\n".join(caps) + "\n", encoding="utf-8")
+                    row = {
+                        "file": f"{stem}.png",
+                        "subject": sc.subject,
+                        "colour": sc.colour,
+                        "position": sc.position,
+                        **({"variant": v} if scenes.variants > 1 else {}),
+                        "split": n,
+                        "low_contrast": scenes.is_low_contrast(sc),
+                        "captions": caps,
+                    }
+                    meta.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    i += 1
+            counts[n] *= scenes.variants if n == "train" else 1
     config = {
         **scenes.config(),
         "splits": names,

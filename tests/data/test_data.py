@@ -21,7 +21,6 @@ from dallemini.data.encode import (
     build_manifest,
     encode_dataset,
     parse_worker,
-    resize_center_crop,
     worker_from_env,
 )
 from dallemini.data.shards import (
@@ -44,6 +43,7 @@ from dallemini.data.sources import (
     open_source,
 )
 from dallemini.errors import ConfigError, InputError
+from dallemini.images import resize_center_crop
 from dallemini.models.vqgan import VQGAN
 
 TINY = VQGAN_PRESETS["tiny"]

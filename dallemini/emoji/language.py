@@ -177,6 +177,12 @@ def fill(
     return re.sub(r"\s+", " ", text).strip()
 
 
+def names_place_or_colour(text: str) -> bool:
+    """Whether a phrase holds a colour word or a position word (as whole words)."""
+    padded = f" {text} "
+    return any(f" {w} " in padded for w in (*COLOUR_WORDS, *POSITION_WORDS))
+
+
 def subject_phrase(name: str, rng: np.random.Generator) -> str:
     """The subject named with a random prefix: "panda", "a panda", "a photo of a panda", ..."""
     prefix = _pick(SUBJECT_PREFIXES, rng).format(article=subject_article(name))

@@ -323,9 +323,11 @@ class EmojiScenes:
         synonyms = language.load_synonyms()
         self.synonyms: dict[str, tuple[str, ...]] = {}
         for s in self.subjects:
-            self.synonyms[s.name] = tuple(dict.fromkeys((*s.aliases, *synonyms.get(s.name, ()))))
-            for a in self.synonyms[s.name]:
+            words = tuple(dict.fromkeys((*s.aliases, *synonyms.get(s.name, ()))))
+            for a in words:
                 self._by_name.setdefault(a, s)
+            # captions never use a synonym that reads as a place or a colour ("lower left crayon")
+            self.synonyms[s.name] = tuple(w for w in words if not language.names_place_or_colour(w))
         self.font_path: Path | None = None
         if render_from_font:
             self.font_path = find_font(font_path)

@@ -119,6 +119,7 @@ def test_subject_synonyms_never_name_another_subject() -> None:
     for subject in scenes.subjects:
         for word in scenes.synonyms[subject.name]:
             assert owner.setdefault(word, subject.name) == subject.name, word
+            assert not language.names_place_or_colour(word), word  # not "lower left crayon"
 
 
 def test_distinct_images_counts_images_that_really_differ() -> None:

@@ -18,7 +18,7 @@ import typer
 from . import __version__
 from .checkpoints import convert as convert_checkpoint
 from .checkpoints import detect_format, hub, load_parts
-from .cli_options import DeviceOpt, DtypeOpt, VqganDtypeOpt
+from .cli_options import DeviceOpt, DtypeOpt, ThreadsOpt, VqganDtypeOpt
 from .config import PipelineConfig, SamplingConfig
 from .data.cli import mount as mount_data
 from .devices import resolve_dtype
@@ -27,6 +27,7 @@ from .extras import add_stand_in, extra_of, needs_extra
 from .generate_run import GenerateRun, Interrupted, earlier_run_files
 from .pipeline import TextToImage, default_model_path, load_image
 from .random_model import create_random_model
+from .threads import apply_threads
 from .training.cli import mount as mount_training
 
 app = typer.Typer(
@@ -217,10 +218,12 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     vqgan_dtype: VqganDtypeOpt = "float32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generate images for prompts: one PNG per image (best first when reranked, prompt, seed and settings in its text chunks), a grid per prompt, generation.json."""
     # What can be checked without the model is checked before loading it (minutes for big ones).
     texts = _read_prompts(prompts, prompt_file)
+    apply_threads(threads)
     n = num_images
     _check_counts(texts, n, seed, max_batch, init_image is not None, keep_rows is not None)
     given = _sampling_options(
@@ -403,6 +406,7 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     vqgan_dtype: VqganDtypeOpt = "float32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serve the model over HTTP: JSON API, server-sent events, the original demo's /generate and a web page."""
     with needs_extra("serve"):
@@ -415,6 +419,7 @@ def serve(
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
     settings.check()  # before loading the model
+    apply_threads(threads)
     sock = bind_socket(host, port)  # a busy port fails here, before loading the model
     try:
         model = _model_or_builtin(model)

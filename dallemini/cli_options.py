@@ -6,6 +6,13 @@ from typing import Annotated
 
 import typer
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads (default: $DALLEMINI_THREADS, else the CPUs this process may use: its "
+        "affinity and cgroup quota)"
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 VqganDtypeOpt = Annotated[

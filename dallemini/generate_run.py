@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -139,6 +140,7 @@ class GenerateRun:
             "rerank": self.reranked,
             "init_image": None if init is None else {**init, "keep_rows": self.keep_rows},
             "max_batch": self.max_batch,
+            "threads": torch.get_num_threads(),
             "images": [],
         }
 

@@ -273,6 +273,7 @@ def test_generate_without_model_uses_the_builtin_dir(
     assert "built-in emoji-scenes model" in err
     record = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert record["model"] == str(tmp_path / "builtin")
+    assert record["threads"] >= 1  # the thread count it ran with
     assert pipeline.load_pipeline(device="cpu").config.bart is not None
 
 

@@ -9,9 +9,10 @@ from typing import Annotated
 import torch
 import typer
 
-from ..cli_options import DeviceOpt, DtypeOpt
+from ..cli_options import DeviceOpt, DtypeOpt, ThreadsOpt
 from ..extras import needs_extra
 from ..models.loading import load_vqgan
+from ..threads import apply_threads
 
 
 def mount(app: typer.Typer) -> None:
@@ -45,12 +46,14 @@ def encode(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Pre-encode a caption–image dataset into VQGAN token shards (resumable; split with --shard i/n or torchrun)."""
     with needs_extra("encode"):
         # optional extra [train]: the token shards are Parquet files written with pyarrow
         from .encode import check_has_records, encode_dataset, parse_worker, worker_from_env
         from .sources import open_source
+    apply_threads(threads)
     worker = parse_worker(shard) if shard else worker_from_env()
     if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import anyio
+import torch
 from fastapi import Depends, HTTPException, Request
 
 from .. import __version__
@@ -196,6 +197,7 @@ class Service:
                 "name": settings.model_name,
                 "device": str(getattr(pipe, "device", "")),
                 "dtype": str(getattr(pipe, "dtype", "")).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
                 "image_size": cfg.vqgan.resolution,
                 "grid": cfg.vqgan.grid_size,
                 "image_tokens": cfg.bart.image_length,

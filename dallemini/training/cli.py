@@ -14,7 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ..cli_options import ThreadsOpt
 from ..extras import add_stand_in, extra_of
+from ..threads import apply_threads
 from . import trainer_class
 from .distributed import shutdown
 from .loop import TrainConfig
@@ -60,6 +62,7 @@ COMMON = (
             ),
         ],
     ),
+    inspect.Parameter("threads", _KEYWORD, default=None, annotation=ThreadsOpt),
 )
 
 
@@ -101,6 +104,7 @@ def fit(kind: str, options: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = dict(options)
     config, sets = options.pop("config"), options.pop("set_")
+    apply_threads(options.pop("threads"))
     cls = trainer_class(kind)
     overrides = parse_overrides(sets)
     overrides.update({k: v for k, v in options.items() if v is not None})

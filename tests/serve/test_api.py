@@ -228,7 +228,7 @@ def test_health_docs_and_page(client: TestClient) -> None:
     assert body["queue"]["queued_requests"] == 0 and body["queue"]["max_queue_images"] == 64
     assert body["model"]["image_size"] == 64 and body["model"]["grid"] == 4
     assert body["limits"]["max_images"] == 8 and body["defaults"]["top_k"] == 50
-    assert body["model"]["builtin"] is False
+    assert body["model"]["builtin"] is False and body["model"]["threads"] >= 1
     assert body["model"]["description"] is None and body["model"]["examples"] == []
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()

@@ -396,6 +396,9 @@ def serve(
         float, typer.Option(help="per request, queueing included; past it 504")
     ] = 300.0,
     max_images: Annotated[int, typer.Option(help="largest num_images of one request")] = 16,
+    drain_timeout_s: Annotated[
+        float, typer.Option(help="on Ctrl-C/SIGTERM, seconds requests in flight may take")
+    ] = 60.0,
     api_key: Annotated[
         str | None,
         typer.Option(

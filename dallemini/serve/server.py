@@ -29,9 +29,12 @@ class GracefulServer(uvicorn.Server):
 
 
 def make_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> GracefulServer:
-    """A GracefulServer for the app (no time limit on finishing requests in flight)."""
+    """A GracefulServer for the app: on SIGTERM, requests in flight get the app's
+    `settings.drain_timeout_s`; connections still open then (a client stalled mid-body) are closed."""
+    settings = getattr(app.state, "settings", None)
+    drain = getattr(settings, "drain_timeout_s", None)
     config = uvicorn.Config(
-        app, host, port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=None
+        app, host, port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=drain
     )
     return GracefulServer(config)
 

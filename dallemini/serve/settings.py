@@ -23,6 +23,8 @@ class ServeSettings:
     cache_images: int = 512  # PNGs kept for response="url"
     stream_every: int | None = None  # tokens between partial frames (default: one token row)
     model_name: str = "model"
+    # on SIGTERM, how long requests in flight may take; then their connections are closed
+    drain_timeout_s: float = 60.0
 
     def check(self) -> None:
         """Raise ConfigError for limits that cannot work together."""
@@ -31,6 +33,8 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ConfigError("max_wait_ms must be >= 0 and timeout_s > 0")
+        if not self.drain_timeout_s > 0:
+            raise ConfigError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
         largest = max(self.max_images, self.original_images)
         if self.max_queue < largest:
             raise ConfigError(

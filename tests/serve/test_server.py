@@ -254,3 +254,26 @@ def test_web_page_fills_the_grid_from_the_stream(described: TextToImage, tmp_pat
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_a_client_stalled_mid_body_cannot_hold_shutdown_past_the_drain_timeout(
+    pipe: TextToImage,
+) -> None:
+    app = create_app(pipe, ServeSettings(drain_timeout_s=1.0))
+    srv = BackgroundServer(app).start()
+    stalled = socket.create_connection((srv.host, srv.port))
+    head = "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stalled.sendall(f"{head}Content-Length: 100\r\n\r\n{{".encode())  # 99 bytes never come
+    try:
+        until(lambda: httpx.get(f"{srv.url}/health").status_code == 200)
+        started = time.monotonic()
+        srv.stop(timeout=30)
+        assert not srv.thread.is_alive()
+        assert time.monotonic() - started < 10  # the drain timeout, not the client, decides
+    finally:
+        stalled.close()
+
+
+def test_drain_timeout_must_be_positive() -> None:
+    with pytest.raises(Exception, match="drain_timeout_s"):
+        ServeSettings(drain_timeout_s=0).check()

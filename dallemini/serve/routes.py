@@ -137,7 +137,7 @@ def api_router(service: Service) -> APIRouter:
     )
     async def generate_stream(
         request: Request,
-        req: Annotated[Req, Query()],  # type: ignore[valid-type]
+        req: Annotated[service.Query, Query()],  # type: ignore[name-defined]
     ) -> StreamingResponse:
         """Stream partial images as tokens arrive (in seed order), then the final images."""
         updates = Updates(asyncio.get_running_loop())

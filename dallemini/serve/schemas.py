@@ -30,9 +30,10 @@ Prompt = Annotated[
 
 
 class _Strict(BaseModel):
-    """Base: unknown fields are an error, NaN and infinity are not numbers."""
+    """Base: unknown fields are an error, NaN and infinity are not numbers, and JSON types are not
+    coerced ("4" is not a number, true is not 1, 0 is not false)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class GenerateRequest(_Strict):
@@ -61,6 +62,16 @@ class GenerateRequest(_Strict):
     def sampling_overrides(self) -> dict[str, float | int]:
         """The sampling settings this request gives (the others stay the model's defaults)."""
         return {k: v for k in SamplingConfig.BOUNDS if (v := getattr(self, k)) is not None}
+
+
+def query_model(model: type[GenerateRequest]) -> type[GenerateRequest]:
+    """The request as URL query parameters, which are all text: numbers and booleans parsed from it."""
+
+    class GenerateQuery(model):  # type: ignore[valid-type,misc]
+        model_config = ConfigDict(strict=False)
+
+    GenerateQuery.__doc__ = model.__doc__
+    return GenerateQuery
 
 
 def request_model(max_images: int, default_images: int) -> type[GenerateRequest]:

@@ -28,6 +28,7 @@ from .schemas import (
     GenerateResponse,
     ImageOut,
     Settings,
+    query_model,
     request_model,
 )
 from .security import api_key_dependency
@@ -90,6 +91,7 @@ class Service:
         self.cache = ImageCache(settings.cache_images)
         # The request model with this server's bound on num_images (the OpenAPI schema states it).
         self.Req = request_model(settings.max_images, settings.default_images)
+        self.Query = query_model(self.Req)
         self.version = f"dallemini {__version__} ({settings.model_name})"
         # Without a key the schema declares no security scheme and no 401 answers.
         key = settings.api_key

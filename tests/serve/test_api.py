@@ -306,3 +306,16 @@ def test_unknown_words_in_the_reply_and_examples_in_health(tiny_dir: Path, tmp_p
             events = dict(sse_events(r.read().decode()))
         assert events["accepted"]["unknown_words"] == ["armchair", "shape"]
         assert events["result"]["unknown_words"] == ["armchair", "shape"]
+
+
+def test_json_types_are_not_coerced(client: TestClient) -> None:
+    for wrong in ({"num_images": "2"}, {"num_images": True}, {"rerank": 0}, {"seed": "7"}):
+        r = client.post("/v1/generate", json={"prompt": "a cat", **wrong})
+        assert r.status_code == 422, (wrong, r.text)
+    ok = client.post("/v1/generate", json={"prompt": "a cat", "num_images": 1, "temperature": 1})
+    assert ok.status_code == 200  # an integer is a number
+    # URL query parameters are text: the stream's still parse
+    r = client.get(
+        "/v1/generate/stream", params={"prompt": "a cat", "num_images": "1", "rerank": "false"}
+    )
+    assert r.status_code == 200 and "event: result" in r.text

@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 # extra -> the top-level modules it installs (those the package imports)
 EXTRAS = {
-    "serve": ("fastapi", "uvicorn", "starlette"),
+    "serve": ("fastapi", "uvicorn", "starlette", "prometheus_client"),
     "train": ("tensorboardX", "pyarrow"),
     "clip": ("transformers",),
     "wandb": ("wandb",),

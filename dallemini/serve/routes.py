@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from .batcher import Job
 from .errors import job_failure
+from .metrics import CONTENT_TYPE
 from .schemas import GenerateRequest, GenerateResponse, OriginalRequest, OriginalResponse
 from .service import Service, Updates, encode_pngs
 from .support import b64, png_bytes
@@ -105,6 +106,16 @@ def page_router(service: Service) -> APIRouter:
         body = service.health()
         return JSONResponse(body, status_code=200 if service.batcher.accepting else 503)
 
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics: queue, requests by outcome, images, request latency",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    )
+    async def metrics() -> Response:
+        """The server's metrics in the Prometheus text exposition format."""
+        return Response(service.metrics.text(), media_type=CONTENT_TYPE)
+
     return router
 
 
@@ -119,8 +130,9 @@ def api_router(service: Service) -> APIRouter:
     )
     async def generate(request: Request, req: Req) -> dict[str, Any]:  # type: ignore[valid-type]
         """Make num_images images (best first when reranked), inline as base64 PNG or as URLs."""
-        job = service.submit(req, req.num_images)
-        return await service.render(request, req, job, await service.wait(job, request))
+        with service.metrics.timed("/v1/generate"):
+            job = service.submit(req, req.num_images)
+            return await service.render(request, req, job, await service.wait(job, request))
 
     @router.get(
         "/v1/generate/stream",
@@ -179,8 +191,9 @@ def original_router(service: Service) -> APIRouter:
     async def generate_original(request: Request, body: OriginalRequest) -> dict[str, Any]:
         """{"prompt": ...} -> {"images": [base64 PNG, ...], "version": ...}, best first."""
         req = GenerateRequest(prompt=body.prompt)  # the model's defaults
-        job = service.submit(req, service.settings.original_images)
-        pngs = await encode_pngs(await service.wait(job, request))
+        with service.metrics.timed("/generate"):
+            job = service.submit(req, service.settings.original_images)
+            pngs = await encode_pngs(await service.wait(job, request))
         return {"images": [b64(p) for p in pngs], "version": service.version}
 
     @router.get(

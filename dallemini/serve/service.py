@@ -22,6 +22,7 @@ from ..errors import DalleMiniError
 from ..pipeline import GeneratedImage, TextToImage
 from .batcher import Batcher, Job, Rejected
 from .errors import error_responses, invalid, job_error
+from .metrics import Metrics
 from .schemas import (
     MAX_PROMPT_CHARS,
     GenerateRequest,
@@ -89,6 +90,7 @@ class Service:
             stream_every=settings.stream_every,
         )
         self.cache = ImageCache(settings.cache_images)
+        self.metrics = Metrics(self.batcher)
         # The request model with this server's bound on num_images (the OpenAPI schema states it).
         self.Req = request_model(settings.max_images, settings.default_images)
         self.Query = query_model(self.Req)

@@ -319,3 +319,17 @@ def test_json_types_are_not_coerced(client: TestClient) -> None:
         "/v1/generate/stream", params={"prompt": "a cat", "num_images": "1", "rerank": "false"}
     )
     assert r.status_code == 200 and "event: result" in r.text
+
+
+def test_metrics_in_prometheus_format(client: TestClient) -> None:
+    assert client.post("/v1/generate", json={"prompt": "a cat", "num_images": 2}).status_code == 200
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in r.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['dallemini_requests_total{outcome="done"}'] >= 1
+    assert samples["dallemini_images_total"] >= 2 and samples["dallemini_queued_requests"] == 0
+    assert samples['dallemini_request_seconds_count{route="/v1/generate"}'] >= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import sys
@@ -422,6 +423,7 @@ def serve(
     if not 0 < port < 65536:
         raise InputError(f"--port must be between 1 and 65535, got {port}")
     settings.check()  # before loading the model
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # access log: JSON lines
     apply_threads(threads)
     sock = bind_socket(host, port)  # a busy port fails here, before loading the model
     try:

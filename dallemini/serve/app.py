@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
 from ..pipeline import TextToImage
+from .access import RequestIds
 from .errors import on_invalid
 from .routes import STATIC, routers
 from .service import Service
@@ -74,6 +75,7 @@ def create_app(
     app.state.batcher, app.state.pipe = service.batcher, service.pipe
     app.state.settings, app.state.cache = settings, service.cache
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIds)  # outermost: every answer has an id, 413s included
     app.add_exception_handler(RequestValidationError, on_invalid)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for router in routers(service):

@@ -34,7 +34,13 @@ def make_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> 
     settings = getattr(app.state, "settings", None)
     drain = getattr(settings, "drain_timeout_s", None)
     config = uvicorn.Config(
-        app, host, port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=drain
+        app,
+        host,
+        port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=drain,
+        access_log=False,  # the app writes its own, with request ids (serve/access.py)
     )
     return GracefulServer(config)
 

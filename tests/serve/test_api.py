@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -333,3 +334,21 @@ def test_metrics_in_prometheus_format(client: TestClient) -> None:
     assert samples['dallemini_requests_total{outcome="done"}'] >= 1
     assert samples["dallemini_images_total"] >= 2 and samples["dallemini_queued_requests"] == 0
     assert samples['dallemini_request_seconds_count{route="/v1/generate"}'] >= 1
+
+
+def test_every_answer_has_a_request_id_and_an_access_log_line(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dallemini.access"):
+        mine = client.get("/health", headers={"X-Request-ID": "abc-123"})
+        made = client.post("/v1/generate", json={"prompt": "a cat", "num_images": "2"})  # 422
+        odd = client.get("/health", headers={"X-Request-ID": "no spaces allowed"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    assert made.status_code == 422 and len(made.headers["x-request-id"]) == 16
+    assert odd.headers["x-request-id"] != "no spaces allowed"
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dallemini.access"]
+    assert [(x["request_id"], x["status"]) for x in lines] == [
+        ("abc-123", 200),
+        (made.headers["x-request-id"], 422),
+        (odd.headers["x-request-id"], 200),
+    ]

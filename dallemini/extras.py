@@ -13,7 +13,7 @@ from .errors import ConfigError
 # extra -> the top-level modules it installs (those the package imports)
 EXTRAS = {
     "serve": ("fastapi", "uvicorn", "starlette", "prometheus_client"),
-    "train": ("tensorboardX", "pyarrow"),
+    "train": ("tensorboardX", "pyarrow", "braceexpand"),
     "clip": ("transformers",),
     "wandb": ("wandb",),
 }

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
@@ -656,12 +657,19 @@ class ParquetSource(Source):
 
 
 def _expand(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Paths of a path, a glob, a brace pattern (`shards/{00000..00099}.tar`, `{a,b}.tar`), a `::`
+    separated list (webdataset's spelling), or a list of any of them; a missing file is an error."""
     items = (
         [path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else list(path_or_glob)  # type: ignore[arg-type]
     )
+    names = [
+        expanded
+        for item in items
+        for part in os.fspath(item).split("::")
+        for expanded in braceexpand(part)
+    ]
     out: list[Path] = []
-    for item in items:
-        s = os.fspath(item)
+    for s in names:
         if glob.has_magic(s):
             matches = sorted(glob.glob(s, recursive=True))
             if not matches:

@@ -738,3 +738,17 @@ def test_reader_on_encoded_set_with_text_encoder(tmp_path: Path, vqgan: VQGAN) -
     ids, mask, codes = batches[0]
     assert ids.shape == mask.shape == (4, 12) and codes.shape == (4, 16)
     assert int(codes.max()) < TINY.n_embed and (ids[:, 0] == 0).all()
+
+
+def test_brace_patterns_and_shard_lists(tmp_path: Path) -> None:
+    root = make_tars(tmp_path / "t")
+    for spec in (f"{root}/{{00000..00001}}.tar", f"{root}/00000.tar::{root}/00001.tar"):
+        src = open_source(spec)
+        assert isinstance(src, TarSource) and [p.name for p in src.paths] == [
+            "00000.tar",
+            "00001.tar",
+        ]
+    listed = open_source([f"{root}/{{00001,00000}}.tar"])  # a list of patterns; read in order
+    assert [p.name for p in listed.paths] == ["00000.tar", "00001.tar"]
+    with pytest.raises(InputError, match=r"00002\.tar does not exist"):
+        open_source(f"{root}/{{00000..00002}}.tar")  # a shard that is missing is named

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import SamplingConfig
 from .errors import InputError
+from .files import atomic_write, atomic_write_json
 from .images import make_grid
 from .pipeline import GeneratedImage, TextToImage
 
@@ -61,16 +61,6 @@ def earlier_run_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if _RUN_FILE.fullmatch(p.name) and p.is_file())
 
 
-def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a file whole or not at all: `write` fills a temp file that then replaces `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def png_info(fields: dict[str, Any]) -> PngInfo:
     """PNG text chunks: one per field (strings as they are, anything else as JSON) and all of them
     as JSON `parameters`."""
@@ -86,13 +76,7 @@ def png_info(fields: dict[str, Any]) -> PngInfo:
 
 def save_png(image: Any, path: Path, info: PngInfo | None = None) -> None:
     """Write an image as a PNG, with text chunks if given, whole or not at all."""
-    _write_whole(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write indented JSON whole or not at all."""
-    text = json.dumps(obj, indent=2) + "\n"
-    _write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def prompt_groups(prompts: int, n: int, max_batch: int | None) -> list[range]:
@@ -225,4 +209,4 @@ class GenerateRun:
                 save_png(make_grid([r.image for r in per_prompt]), out / grid, grid_info)
                 order = " (best first)" if self.reranked else ""
                 typer.echo(f"{self.texts[i]!r}: {len(per_prompt)} images{order}, grid {out / grid}")
-            write_json(out / "generation.json", self.record)
+            atomic_write_json(out / "generation.json", self.record)

@@ -25,13 +25,11 @@ footer under the key `dallemini`, so `dataset.json` can always be rebuilt from t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ConfigError, InputError
+from ..files import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,36 +90,6 @@ def encoding_type(n_embed: int, length: int) -> pa.DataType:
     return pa.list_(pa.int16() if n_embed <= 32767 else pa.int32(), length)
 
 
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def temp_name(path: Path) -> Path:
-    """A unique hidden temp name beside `path` (`.NAME.tmp-PID-RANDOM`), renamed over `path` when complete."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON to a temp file, fsync, rename: readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_shard(
     path: str | os.PathLike[str],
     keys: Sequence[str],
@@ -150,15 +119,7 @@ def write_shard(
         [pa.array(list(keys), pa.string()), pa.array(list(captions), pa.string()), encoding],
         schema=schema,
     )
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _unreadable_shard(path: str | os.PathLike[str], error: BaseException) -> InputError:

@@ -166,11 +166,9 @@ def fill(
     colour_word: str,
     position: str,
     rng: np.random.Generator,
-    *,
-    place: str | None = None,
 ) -> str:
     """A frame filled in; `subject` is the full subject phrase, `position` a position word."""
-    where = place if place is not None else _pick(PLACE_PHRASES[POSITION_WORDS[position]], rng)
+    where = _pick(PLACE_PHRASES[POSITION_WORDS[position]], rng)
     text = frame.format(
         subject=subject, colour=colour_word, a=article(colour_word), where=where, position=position
     )

@@ -26,6 +26,7 @@ from .checkpoints.native import (
     read_vocabulary,
 )
 from .config import PipelineConfig, SamplingConfig
+from .continuous import RowRequest, RunningBatch
 from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
@@ -358,6 +359,41 @@ class TextToImage:
             stream_every=stream_every,
         )
 
+    def row_requests(
+        self,
+        prompt: str,
+        num_images: int,
+        seed: int,
+        settings: SamplingConfig,
+        init_image: ImageSource | None = None,
+        keep_rows: int = 0,
+    ) -> list[RowRequest]:
+        """One prompt's image rows (image k with seed + k) for a `running_batch`."""
+        req = self._request(prompt, num_images, seed, init_image, keep_rows)
+        forced = [None] * len(req.seeds) if req.prefix is None else list(req.prefix)
+        return [
+            RowRequest(req.ids[0], req.mask[0], s, settings, p)
+            for s, p in zip(req.seeds, forced, strict=True)
+        ]
+
+    def running_batch(self, capacity: int) -> RunningBatch:
+        """A continuous decoder batch of at most `capacity` images over this pipeline's DalleBart."""
+        u_ids, u_mask = self.text.unconditional(1)
+        return RunningBatch(self.bart, u_ids, u_mask, self.config.vqgan.n_embed, capacity)
+
+    @torch.inference_mode()
+    def partial_images(self, tokens: Tensor) -> list[Image.Image]:
+        """Images of tokens [B, done] sampled so far: the rows not begun are grey."""
+        g, total = self.config.vqgan.grid_size, self.config.bart.image_length
+        done = tokens.shape[1]
+        full = torch.zeros((tokens.shape[0], total), dtype=torch.long, device=self.device)
+        full[:, :done] = tokens
+        images = torch.cat(list(self._decode_groups(full)))
+        if done < total:
+            cut = -(-done // g) * self.config.vqgan.downsample_factor  # token rows begun
+            images[:, :, cut:] = 0.5
+        return to_pil(images)
+
     def _decode_groups(self, tokens: Tensor) -> Iterator[Tensor]:
         """Image tokens [B, image_length] -> pixels [b, 3, H, W] in [0, 1], `decode_batch` images at a time."""
         g = self.config.vqgan.grid_size
@@ -483,16 +519,9 @@ class TextToImage:
             condition_scale=condition_scale,
         )
         req = self._request(prompt, num_images, seed, init_image, keep_rows)
-        total = self.config.bart.image_length
         for batch in self._token_stream(req, slice(None), settings, every):
-            full = torch.zeros((batch.tokens.shape[0], total), dtype=torch.long, device=self.device)
-            full[:, : batch.done] = batch.tokens
-            images = torch.cat(list(self._decode_groups(full)))
-            if not batch.finished:
-                rows = -(-batch.done // g)  # token rows begun
-                cut = rows * self.config.vqgan.downsample_factor
-                images[:, :, cut:] = 0.5
-            yield StreamFrame(to_pil(images), batch.done, total, batch.tokens)
+            images = self.partial_images(batch.tokens)
+            yield StreamFrame(images, batch.done, batch.total, batch.tokens)
 
 
 def load_pipeline(

@@ -66,6 +66,8 @@ class Job:
     rerank: bool = True
     on_frame: FrameCallback | None = None  # set: a streaming request, given partial images
     deadline: float = math.inf  # time.monotonic() by which it must be done
+    init_image: Image.Image | None = None  # completion: keep this image's top keep_rows token rows
+    keep_rows: int = 0
     id: int = field(default_factory=lambda: next(_ids))
     state: str = "queued"  # queued -> running -> done | failed; queued -> cancelled | expired
     result: list[GeneratedImage] | None = None
@@ -86,9 +88,15 @@ class Job:
         return self.on_frame is not None
 
     @property
-    def key(self) -> tuple[SamplingConfig, bool]:
-        """Requests with equal keys may share one pipeline call."""
-        return (self.settings, self.streaming)
+    def key(self) -> tuple[SamplingConfig, bool, int]:
+        """Requests with equal keys may share one pipeline call (a completion shares with none)."""
+        return (self.settings, self.streaming, self.id if self.init_image is not None else 0)
+
+    def completion(self) -> dict[str, Any]:
+        """The pipeline's completion arguments for this job (none without an init image)."""
+        if self.init_image is None:
+            return {}
+        return {"init_image": self.init_image, "keep_rows": self.keep_rows}
 
     def done(self) -> bool:
         """True once the job has a result or an error."""
@@ -137,6 +145,7 @@ class BatcherStats:
     expired: int = 0
     rejected: int = 0
     busy_s: float = 0.0
+    steps: int = 0  # decoding steps of a continuous batcher
 
 
 class Batcher:
@@ -166,6 +175,10 @@ class Batcher:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._s_per_image = 0.0  # moving average of busy time per image, for Retry-After
+        # Observers (set by the metrics): a decoding step's seconds and rows; a request's time to
+        # its first image token.
+        self.on_step: Callable[[float, int], object] | None = None
+        self.on_first_token: Callable[[float], object] | None = None
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -238,12 +251,15 @@ class Batcher:
         rerank: bool = True,
         on_frame: FrameCallback | None = None,
         timeout_s: float | None = None,
+        init_image: Image.Image | None = None,
+        keep_rows: int = 0,
     ) -> Job:
         """Queue a request, or raise Rejected (429 queue full, 503 shutting down)."""
         if not isinstance(settings, SamplingConfig):
             raise TypeError(f"settings must be a SamplingConfig, got {type(settings).__name__}")
         deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         job = Job(prompt, num_images, seed, settings, rerank, on_frame, deadline)
+        job.init_image, job.keep_rows = init_image, keep_rows
         with self._cond:
             if not self._accepting:
                 self.stats.rejected += 1
@@ -400,6 +416,10 @@ class Batcher:
             def progress(done: int, total: int) -> None:
                 if all(j.cancel_requested for j in batch):
                     raise _Abort
+                if done == 1 and self.on_first_token is not None:
+                    now = time.monotonic()
+                    for j in batch:
+                        self.on_first_token(now - j.enqueued)
 
             groups = pipe(
                 prompts,
@@ -409,6 +429,7 @@ class Batcher:
                 max_batch=self.max_batch_images,
                 progress=progress,
                 sampling=sampling,
+                **batch[0].completion(),
             )
         self.stats.images += sum(counts)
         wanted = [i for i, j in enumerate(batch) if j.rerank]
@@ -430,7 +451,12 @@ class Batcher:
         starts = [sum(counts[:i]) for i in range(len(counts))]
         last = None
         for frame in self.pipe.stream(
-            prompts, num_images=counts, seed=seeds, every=self.stream_every, sampling=sampling
+            prompts,
+            num_images=counts,
+            seed=seeds,
+            every=self.stream_every,
+            sampling=sampling,
+            **batch[0].completion(),
         ):
             last = frame
             if frame.done == frame.total:

@@ -19,7 +19,7 @@ import typer
 from . import __version__
 from .checkpoints import convert as convert_checkpoint
 from .checkpoints import detect_format, hub, load_parts
-from .cli_options import DeviceOpt, DtypeOpt, ThreadsOpt, VqganDtypeOpt
+from .cli_options import DeviceOpt, DtypeOpt, ImageStoreOpt, ThreadsOpt, VqganDtypeOpt
 from .config import PipelineConfig, SamplingConfig
 from .data.cli import mount as mount_data
 from .devices import resolve_dtype
@@ -407,6 +407,7 @@ def serve(
             help="require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (env DALLEMINI_API_KEY)",
         ),
     ] = None,
+    image_store: ImageStoreOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     vqgan_dtype: VqganDtypeOpt = "float32",

@@ -22,3 +22,10 @@ VqganDtypeOpt = Annotated[
         "and on GPUs (pixels a few levels off float32's)"
     ),
 ]
+ImageStoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="keep the PNGs of response='url' requests in this directory (created if missing) "
+        "instead of memory: replicas that share it serve each other's images"
+    ),
+]

@@ -25,7 +25,9 @@ from .service import Service, Updates, encode_pngs
 from .support import b64, png_bytes
 
 STATIC = Path(__file__).parent / "static"
-IMAGE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ImageCache ids (token_urlsafe); others are 422
+# Image ids are URL-safe base64 (support.IMAGE_ID): other characters are 422; the store answers
+# None (404) for anything not exactly an id, before any file is looked at.
+IMAGE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 GENERATION_ERRORS = (400, 401, 413, 422, 429, 503, 504)  # what a request for images may meet
 
 
@@ -173,8 +175,8 @@ def api_router(service: Service) -> APIRouter:
             str, PathParam(pattern=IMAGE_ID_PATTERN, description="id from a url reply")
         ],
     ) -> Response:
-        """The PNG, while it is still in the server's bounded cache."""
-        data = service.cache.get(image_id)
+        """The PNG, while it is still in the server's bounded store (memory or a shared directory)."""
+        data = await anyio.to_thread.run_sync(service.cache.get, image_id)
         if data is None:
             raise HTTPException(404, "no such image (images are kept for a limited time)")
         return Response(data, media_type="image/png", headers={"Cache-Control": "private"})

@@ -34,7 +34,7 @@ from .schemas import (
 )
 from .security import api_key_dependency
 from .settings import ServeSettings
-from .support import ImageCache, b64, png_bytes
+from .support import b64, image_store, png_bytes
 
 
 class Updates:
@@ -89,7 +89,8 @@ class Service:
             max_queue=settings.max_queue,
             stream_every=settings.stream_every,
         )
-        self.cache = ImageCache(settings.cache_images)
+        # response="url" PNGs: in memory, or in a directory that replicas share
+        self.cache = image_store(settings.image_store, settings.cache_images)
         self.metrics = Metrics(self.batcher)
         # The request model with this server's bound on num_images (the OpenAPI schema states it).
         self.Req = request_model(settings.max_images, settings.default_images)
@@ -158,7 +159,8 @@ class Service:
         out = []
         for g, data in zip(images, pngs, strict=True):
             if req.response == "url":
-                url = str(request.url_for("image", image_id=self.cache.put(data)))
+                image_id = await anyio.to_thread.run_sync(self.cache.put, data)  # may write a file
+                url = str(request.url_for("image", image_id=image_id))
                 out.append(ImageOut(seed=g.seed, score=g.score, url=url))
             else:
                 out.append(ImageOut(seed=g.seed, score=g.score, base64=b64(data)))

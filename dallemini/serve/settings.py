@@ -1,10 +1,12 @@
-"""The limits and options of one server, and the check that they can work together."""
+"""The limits and options of one server, and the check that they can work together (and that its
+image store directory, when it has one, can be written)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .support import open_image_dir
 
 
 @dataclass
@@ -21,14 +23,22 @@ class ServeSettings:
     original_images: int = 9  # per request of the original demo protocol
     max_body_bytes: int = 16_384
     cache_images: int = 512  # PNGs kept for response="url"
+    # a directory for those PNGs that several replicas share (None: each server's own memory)
+    image_store: str | None = None
     stream_every: int | None = None  # tokens between partial frames (default: one token row)
     model_name: str = "model"
     # on SIGTERM, how long requests in flight may take; then their connections are closed
     drain_timeout_s: float = 60.0
 
     def check(self) -> None:
-        """Raise ConfigError for limits that cannot work together."""
-        for name in ("max_batch_images", "max_queue", "max_images", "original_images"):
+        """Raise ConfigError for limits that cannot work together or an image store that cannot be written."""
+        for name in (
+            "max_batch_images",
+            "max_queue",
+            "max_images",
+            "original_images",
+            "cache_images",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
@@ -43,3 +53,5 @@ class ServeSettings:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key must not be empty")
+        if self.image_store is not None:
+            open_image_dir(self.image_store)  # created and writable, else ConfigError

@@ -1,18 +1,32 @@
-"""Small pieces of the web service: a request-body size limit, a bounded image cache, PNG encoding."""
+"""Small pieces of the web service: a request-body size limit, bounded image stores, PNG encoding."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import logging
+import os
+import re
 import secrets
 import threading
+import time
 from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
+from ..errors import ConfigError
+from ..files import atomic_write
+
 Scope = dict
 Message = dict
+log = logging.getLogger("dallemini.serve")
+
+# What secrets.token_urlsafe(16) makes: 22 characters of the URL-safe base64 alphabet.
+IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{22}")
+STALE_TEMP_S = 600.0  # a temp file this old was left by a writer that died; it is removed
 
 
 def png_bytes(image: Image.Image, fast: bool = False) -> bytes:
@@ -27,6 +41,30 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def new_image_id() -> str:
+    """A new unguessable image id."""
+    return secrets.token_urlsafe(16)
+
+
+def valid_image_id(key: str) -> bool:
+    """Whether `key` has the exact shape of an id that `new_image_id` makes."""
+    return IMAGE_ID.fullmatch(key) is not None
+
+
+class ImageStore(Protocol):
+    """Where PNG files made for response="url" are kept: put returns an id, get gives them back."""
+
+    def put(self, data: bytes) -> str:
+        """Store PNG bytes; returns their id."""
+        ...
+
+    def get(self, key: str) -> bytes | None:
+        """The PNG bytes stored under `key`, or None (never stored, dropped, or not an id)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
 class ImageCache:
     """PNG files kept in memory under unguessable ids, the oldest dropped past `max_items` or `max_bytes`."""
 
@@ -39,7 +77,7 @@ class ImageCache:
 
     def put(self, data: bytes) -> str:
         """Store PNG bytes; returns their id."""
-        key = secrets.token_urlsafe(16)
+        key = new_image_id()
         with self._lock:
             self._items[key] = data
             self._bytes += len(data)
@@ -57,6 +95,101 @@ class ImageCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def open_image_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the directory if needed and check that files can be written there; ConfigError if not."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"image store {path}: cannot create the directory ({e.strerror or e}); "
+            "give a directory this process can create or write"
+        ) from e
+    probe = path / f".probe-{os.getpid()}-{new_image_id()}"
+    try:
+        atomic_write(probe, lambda tmp: tmp.write_bytes(b"probe"))
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"image store {path}: cannot write files there ({e.strerror or e}); "
+            "give a directory this process can write"
+        ) from e
+    return path
+
+
+class ImageDir:
+    """PNG files in a directory that several servers may share: each written whole under an
+    unguessable id, the oldest (by modification time) deleted past `max_items`."""
+
+    def __init__(self, path: str | os.PathLike[str], max_items: int = 512) -> None:
+        self.path = open_image_dir(path)
+        self.max_items = max_items
+        self._lock = threading.Lock()  # one prune at a time in this process
+
+    def _file(self, key: str) -> Path:
+        return self.path / f"{key}.png"
+
+    def put(self, data: bytes) -> str:
+        """Write PNG bytes whole (temp file, fsync, rename); returns their id."""
+        key = new_image_id()
+        atomic_write(self._file(key), lambda tmp: tmp.write_bytes(data))
+        self.prune()
+        return key
+
+    def get(self, key: str) -> bytes | None:
+        """The PNG bytes stored under `key` by any server sharing the directory, or None; a
+        string that is not an id is None without touching the file system."""
+        if not valid_image_id(key):
+            return None
+        try:
+            return self._file(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _scan(self) -> tuple[list[tuple[int, str]], list[str]]:
+        """(mtime in ns, name) of every image file, and the temp files left by writers that died."""
+        images, stale = [], []
+        oldest_temp = time.time() - STALE_TEMP_S
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                name = entry.name
+                try:
+                    if name.endswith(".png") and valid_image_id(name[:-4]):
+                        images.append((entry.stat().st_mtime_ns, name))
+                    elif (
+                        name.startswith(".")
+                        and ".png.tmp-" in name
+                        and entry.stat().st_mtime < oldest_temp
+                    ):
+                        stale.append(name)
+                except FileNotFoundError:  # another server deleted it meanwhile
+                    continue
+        return images, stale
+
+    def prune(self) -> None:
+        """Delete the oldest images past `max_items`; files another server deleted first are skipped,
+        and a file that cannot be deleted is logged, not raised (the image at hand was stored)."""
+        with self._lock:
+            images, stale = self._scan()
+            images.sort()
+            doomed = [name for _, name in images[: max(0, len(images) - self.max_items)]]
+            for name in doomed + stale:
+                try:
+                    (self.path / name).unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("image store: cannot delete %s: %s", self.path / name, e)
+
+    def __len__(self) -> int:
+        return len(self._scan()[0])
+
+
+def image_store(directory: str | os.PathLike[str] | None, max_items: int) -> ImageStore:
+    """The store of a server: files in `directory` (shared by replicas), else memory."""
+    if directory is None:
+        return ImageCache(max_items)
+    return ImageDir(directory, max_items)
 
 
 class BodyLimit:

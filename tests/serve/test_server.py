@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -221,7 +222,13 @@ def test_web_page_fills_the_grid_from_the_stream(described: TextToImage, tmp_pat
             page.click("#settings summary")
             page.fill("#num_images", "4")
             page.fill("#seed", "3")
-            page.click("#run")
+            assert page.input_value("#top_p") == ""  # empty: the model's default, shown
+            assert page.get_attribute("#top_p", "placeholder") == "default (1)"
+            page.fill("#top_p", "0.9")
+            with page.expect_request(lambda r: "/v1/generate/stream" in r.url) as sent:
+                page.click("#run")
+            query = parse_qs(urlsplit(sent.value.url).query)
+            assert query["top_p"] == ["0.9"] and query["seed"] == ["3"]
             cards = page.locator(".card.done")
             sync_api.expect(cards).to_have_count(4, timeout=30_000)
             sync_api.expect(page.locator("#status")).to_contain_text("Done in")

@@ -75,6 +75,7 @@ async function loadInfo() {
     n.value = Math.min(health.defaults.num_images, health.limits.max_images);
     $("temperature").value = health.defaults.temperature;
     $("top_k").value = health.defaults.top_k;
+    $("top_p").placeholder = `default (${health.defaults.top_p})`;
     $("condition_scale").value = health.defaults.condition_scale;
     $("prompt").maxLength = health.limits.max_prompt_chars;
     $("key-field").hidden = !health.auth;
@@ -158,7 +159,7 @@ async function readEvents(res, onEvent) {
 
 function query(prompt) {
   const params = new URLSearchParams({ prompt, num_images: $("num_images").value });
-  for (const name of ["seed", "temperature", "top_k", "condition_scale"]) {
+  for (const name of ["seed", "temperature", "top_k", "top_p", "condition_scale"]) {
     const v = $(name).value.trim();
     if (v !== "") params.set(name, v);
   }

@@ -1,13 +1,16 @@
-"""Load test of `dallemini serve` on 127.0.0.1: many concurrent clients, overload, and batching's gain.
+"""Load test of `dallemini serve` on 127.0.0.1: many concurrent clients, overload, and how batching pays.
 
 Starts the real server (`python -m dallemini.cli serve`, a separate process) on a free loopback port
 with a small random model, runs `--clients` concurrent clients for `--seconds` (each: POST
-/v1/generate with 1, 2 or 4 images, again and again; after a 429/503 it waits Retry-After, at most
-1 s), then shuts the server down gracefully. It does this twice in the same run: with
-`--max-batch-images N` and with 1 (no batching). Prints and records in
-benchmarks/results/load_serve.json, per setting: responses by status, 5xx count, requests accepted
-by the server but never answered (must be 0), 429/503 overflows, p50/p95 latency, images/s; and
-the gain of batching (images/s with N over images/s with 1).
+/v1/generate with 1, 2 or 4 images and one of a few sampling settings, again and again; after a
+429/503 it waits Retry-After, at most 1 s), then shuts the server down gracefully. It does this three
+times in the same run, on the same model and workload: continuous batching (`--batching continuous`,
+at most `--batch` images), request-level batching (`--batching request`, same bound) and no batching
+(request-level, 1 image). Prints and records in benchmarks/results/load_serve.json, per setting:
+responses by status, 5xx count, requests accepted by the server but never answered (must be 0),
+429/503 overflows, p50/p95 latency (all requests, and 1-image requests), images/s; the ratios of
+continuous to request-level batching; and a drain check: a server with one stalled client (headers
+sent, body never finished) gets SIGTERM and must exit within its drain deadline + 5 s.
 
     python benchmarks/load_serve.py                 # 64 clients, 20 s per setting, tiny model
     python benchmarks/load_serve.py --seconds 5 --clients 16
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +45,24 @@ RESULTS = Path(__file__).resolve().parent / "results" / "load_serve.json"
 HOST = "127.0.0.1"
 
 
-def start_server(model: Path, port: int, max_batch_images: int, args: argparse.Namespace):
+# The workload's sampling settings (each request picks one): requests with other settings can share
+# a continuous batch, but not a request-level one.
+SETTINGS = (
+    {},
+    {"temperature": 1.3},
+    {"top_k": 8},
+    {"top_p": 0.9, "temperature": 0.8},
+)
+
+
+def start_server(
+    model: Path,
+    port: int,
+    max_batch_images: int,
+    args: argparse.Namespace,
+    batching: str = "continuous",
+    drain_timeout_s: float = 60.0,
+):
     """The server process, once /health answers."""
     cmd = [
         sys.executable,
@@ -63,6 +85,10 @@ def start_server(model: Path, port: int, max_batch_images: int, args: argparse.N
         str(args.max_queue),
         "--timeout-s",
         str(args.timeout_s),
+        "--batching",
+        batching,
+        "--drain-timeout-s",
+        str(drain_timeout_s),
     ]
     log = open(args.log_dir / f"server-{port}.log", "w")  # noqa: SIM115 (a file the process keeps)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -87,6 +113,7 @@ async def client(
     prompts = seed_captions()
     while time.monotonic() < stop_at:
         body = {"prompt": rng.choice(prompts), "num_images": rng.choice([1, 2, 4])}
+        body |= rng.choice(SETTINGS)
         t0 = time.monotonic()
         entry: dict = {"images": body["num_images"]}
         try:
@@ -127,6 +154,7 @@ def summarize(log: list[dict], wall: float, health: dict) -> dict:
         statuses[str(e["status"])] = statuses.get(str(e["status"]), 0) + 1
     ok = [e for e in log if e["status"] == 200]
     lat = np.array([e["latency"] for e in ok]) if ok else np.array([float("nan")])
+    single = [e["latency"] for e in ok if e["images"] == 1] or [float("nan")]
     images = sum(e["got"] for e in ok)
     stats = health["stats"]
     accepted = stats["done"] + stats["failed"] + stats["cancelled"] + stats["expired"]
@@ -146,6 +174,7 @@ def summarize(log: list[dict], wall: float, health: dict) -> dict:
         "images_short": sum(e["images"] - e["got"] for e in ok),
         "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
         "latency_p95_s": round(float(np.percentile(lat, 95)), 4),
+        "one_image_latency_p50_s": round(float(np.percentile(single, 50)), 4),
         "images": images,
         "wall_s": round(wall, 2),
         "images_per_s": round(images / wall, 2),
@@ -154,10 +183,12 @@ def summarize(log: list[dict], wall: float, health: dict) -> dict:
     }
 
 
-def run_setting(model: Path, max_batch_images: int, args: argparse.Namespace) -> dict:
+def run_setting(
+    model: Path, max_batch_images: int, batching: str, args: argparse.Namespace
+) -> dict:
     """Start a server, load it, read its counters, shut it down gracefully."""
     port = free_port(HOST)
-    proc = start_server(model, port, max_batch_images, args)
+    proc = start_server(model, port, max_batch_images, args, batching)
     try:
         log, wall = asyncio.run(load(port, args.clients, args.seconds, args.timeout_s))
         health = httpx.get(f"http://{HOST}:{port}/health", timeout=10).json()
@@ -169,14 +200,54 @@ def run_setting(model: Path, max_batch_images: int, args: argparse.Namespace) ->
             proc.kill()
     out = summarize(log, wall, health)
     out["max_batch_images"] = max_batch_images
+    out["batching"] = batching
     return out
+
+
+def drain_check(model: Path, args: argparse.Namespace, drain_s: float = 5.0) -> dict:
+    """SIGTERM a server that has one stalled client; seconds until it exits (must be <= drain_s + 5)."""
+    port = free_port(HOST)
+    proc = start_server(model, port, 4, args, drain_timeout_s=drain_s)
+    stalled = socket.create_connection((HOST, port), timeout=5)
+    try:
+        head = (
+            f"POST /v1/generate HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 200\r\n\r\n"
+        )
+        stalled.sendall(head.encode() + b'{"prompt": "a')  # and never the rest
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(drain_s + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        seconds = time.monotonic() - t0
+    finally:
+        stalled.close()
+    return {
+        "drain_timeout_s": drain_s,
+        "exit_s": round(seconds, 2),
+        "within_deadline_plus_5s": seconds <= drain_s + 5,
+    }
+
+
+def _line(r: dict) -> str:
+    return (
+        f"  {r['answered_200']} OK, 5xx {r['server_errors_5xx']}, "
+        f"transport errors {r['transport_errors']}, lost accepted {r['lost_accepted']}, "
+        f"overflow 429 {r['overflow_429']}, 503 {r['shutting_down_503']}, "
+        f"p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s, "
+        f"1-image p50 {r['one_image_latency_p50_s']:.3f} s, {r['images_per_s']:.1f} images/s"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=20.0, help="load time per setting")
-    p.add_argument("--batch", type=int, default=16, help="max_batch_images to compare with 1")
+    p.add_argument("--batch", type=int, default=16, help="max_batch_images of the batched runs")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--timeout-s", type=float, default=60.0)
@@ -190,27 +261,41 @@ def main() -> None:
         args.log_dir = Path(tmp)
         model = args.model or create_random_model(Path(tmp) / "model", preset=args.preset)
         runs = {}
-        for n in (args.batch, 1):
-            print(f"max_batch_images={n}: {args.clients} clients for {args.seconds:g} s ...")
-            r = run_setting(model, n, args)
-            runs[f"batch_{n}"] = r
-            print(
-                f"  {r['answered_200']} OK, 5xx {r['server_errors_5xx']}, "
-                f"transport errors {r['transport_errors']}, lost accepted {r['lost_accepted']}, "
-                f"overflow 429 {r['overflow_429']}, 503 {r['shutting_down_503']}, "
-                f"p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s, "
-                f"{r['images_per_s']:.1f} images/s, {r['images_per_pipeline_call']} images per pipeline call"
-            )
-    gain = runs[f"batch_{args.batch}"]["images_per_s"] / max(1e-9, runs["batch_1"]["images_per_s"])
-    print(f"batching gain: {gain:.2f}x images/s (max_batch_images={args.batch} vs 1)")
+        for name, n, batching in (
+            ("continuous", args.batch, "continuous"),
+            ("request", args.batch, "request"),
+            ("unbatched", 1, "request"),
+        ):
+            print(f"{name} (max_batch_images={n}): {args.clients} clients, {args.seconds:g} s ...")
+            runs[name] = run_setting(model, n, batching, args)
+            print(_line(runs[name]))
+        print("drain: SIGTERM with a stalled client ...")
+        drain = drain_check(model, args)
+        print(
+            f"  exited {drain['exit_s']} s after SIGTERM (drain deadline {drain['drain_timeout_s']} s)"
+        )
+    cont, req = runs["continuous"], runs["request"]
+    ratios = {
+        "images_per_s": round(cont["images_per_s"] / max(1e-9, req["images_per_s"]), 2),
+        "one_image_latency_p50": round(
+            cont["one_image_latency_p50_s"] / max(1e-9, req["one_image_latency_p50_s"]), 2
+        ),
+        "latency_p95": round(cont["latency_p95_s"] / max(1e-9, req["latency_p95_s"]), 2),
+    }
+    print(
+        f"continuous / request-level: {ratios['images_per_s']}x images/s, "
+        f"{ratios['one_image_latency_p50']}x 1-image p50 latency, {ratios['latency_p95']}x p95 latency"
+    )
     record = {
         "model": str(args.model) if args.model else f"random {args.preset}",
         "clients": args.clients,
         "seconds_per_setting": args.seconds,
+        "settings_mix": list(SETTINGS),
         "max_wait_ms": args.max_wait_ms,
         "max_queue_images": args.max_queue,
         "runs": runs,
-        "batching_gain": round(gain, 2),
+        "continuous_over_request": ratios,
+        "drain": drain,
         "machine": machine_info(torch.device("cpu")),
     }
     key = f"{record['model']}-{args.clients}clients"

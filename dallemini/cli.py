@@ -19,7 +19,25 @@ import typer
 from . import __version__
 from .checkpoints import convert as convert_checkpoint
 from .checkpoints import detect_format, hub, load_parts
-from .cli_options import DeviceOpt, DtypeOpt, ImageStoreOpt, ThreadsOpt, VqganDtypeOpt
+from .cli_options import (
+    ApiKeyOpt,
+    BatchingOpt,
+    CacheImagesOpt,
+    DeviceOpt,
+    DrainOpt,
+    DtypeOpt,
+    HostOpt,
+    ImageStoreOpt,
+    MaxBatchOpt,
+    MaxImagesOpt,
+    MaxQueueOpt,
+    MaxWaitOpt,
+    PortOpt,
+    ServeClipOpt,
+    ThreadsOpt,
+    TimeoutOpt,
+    VqganDtypeOpt,
+)
 from .config import PipelineConfig, SamplingConfig
 from .data.cli import mount as mount_data
 from .devices import resolve_dtype
@@ -372,42 +390,20 @@ def _from_fields(cls: type[T], values: dict[str, Any]) -> T:
 @app.command()
 def serve(
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    clip: Annotated[
-        str | None,
-        typer.Option(
-            help="reranker: `clip`, another Hub CLIP, a Hugging Face CLIP folder or a model dir "
-            "with a built-in CLIP"
-        ),
-    ] = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    clip: ServeClipOpt = None,
     vqgan: VqganOpt = None,
-    max_batch_images: Annotated[
-        int, typer.Option(help="images sampled together in one decoder batch")
-    ] = 16,
-    max_wait_ms: Annotated[
-        float, typer.Option(help="how long a request waits for others to share its batch")
-    ] = 10.0,
-    max_queue: Annotated[
-        int, typer.Option(help="images waiting at most; past it requests get 429")
-    ] = 64,
-    timeout_s: Annotated[
-        float, typer.Option(help="per request, queueing included; past it 504")
-    ] = 300.0,
-    max_images: Annotated[int, typer.Option(help="largest num_images of one request")] = 16,
-    drain_timeout_s: Annotated[
-        float, typer.Option(help="on Ctrl-C/SIGTERM, seconds requests in flight may take")
-    ] = 60.0,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar="DALLEMINI_API_KEY",
-            help="require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (env DALLEMINI_API_KEY)",
-        ),
-    ] = None,
+    batching: BatchingOpt = "continuous",
+    max_batch_images: MaxBatchOpt = 16,
+    max_wait_ms: MaxWaitOpt = 10.0,
+    max_queue: MaxQueueOpt = 64,
+    timeout_s: TimeoutOpt = 300.0,
+    max_images: MaxImagesOpt = 16,
+    drain_timeout_s: DrainOpt = 60.0,
+    api_key: ApiKeyOpt = None,
     image_store: ImageStoreOpt = None,
+    cache_images: CacheImagesOpt = 512,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     vqgan_dtype: VqganDtypeOpt = "float32",

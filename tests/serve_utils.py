@@ -37,6 +37,24 @@ class GatedPipe:
         self._enter("stream", prompts, kwargs.get("num_images", 1))
         yield from self.pipe.stream(prompts, **kwargs)
 
+    def row_requests(self, prompt: str, num_images: int, *args: Any, **kwargs: Any) -> Any:
+        """Continuous batching: a request's rows are made as it is admitted."""
+        self.calls.append(("rows", [prompt], [num_images]))
+        return self.pipe.row_requests(prompt, num_images, *args, **kwargs)
+
+    def running_batch(self, capacity: int) -> Any:
+        """Continuous batching: a running batch whose every step waits at the gate first."""
+        batch = self.pipe.running_batch(capacity)
+        step = batch.step
+
+        def gated_step() -> Any:
+            self.entered.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+            return step()
+
+        batch.step = gated_step
+        return batch
+
     def prompts_run(self) -> list[str]:
         """Every prompt that reached the pipeline, in order."""
         return [p for _, prompts, _ in self.calls for p in prompts]

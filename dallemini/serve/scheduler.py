@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..continuous import Row, RowRequest, RunningBatch
-from ..errors import DalleMiniError, InputError
+from ..errors import DalleMiniError
 from ..pipeline import GeneratedImage
 from .batcher import Batcher, Job, JobCancelled
 
@@ -26,20 +26,22 @@ log = logging.getLogger("dallemini.serve")
 
 @dataclass(eq=False)
 class _Running:
-    """A request in the running batch: its rows and when its first token came."""
+    """A request in the running batch: its rows, those still to admit (a request larger than the
+    batch joins in parts), and when its first token came."""
 
     job: Job
     rows: list[Row]
+    pending: list[RowRequest]
     first_token: float | None = None
 
     @property
     def done(self) -> int:
-        """Tokens every row of the request has."""
-        return min(row.done for row in self.rows)
+        """Tokens every row of the request has (0 while some rows wait)."""
+        return 0 if self.pending else min(row.done for row in self.rows)
 
     @property
     def finished(self) -> bool:
-        return all(row.done == row.tokens.shape[0] for row in self.rows)
+        return not self.pending and all(row.done == row.tokens.shape[0] for row in self.rows)
 
 
 class ContinuousBatcher(Batcher):
@@ -97,10 +99,38 @@ class ContinuousBatcher(Batcher):
         with self._cond:
             self._running.remove(run.job)
 
+    def _fitting(self, requests: list[RowRequest]) -> int:
+        """How many of these rows, from the first, fit in the batch now."""
+        assert self._batch is not None
+        k = 0
+        while k < len(requests) and self._batch.fits(requests[: k + 1]):
+            k += 1
+        return k
+
+    def _admit_rows(self, run: _Running) -> bool:
+        """Admit as many of a running request's waiting rows as fit; True when none waits any more."""
+        assert self._batch is not None
+        k = self._fitting(run.pending)
+        if k:
+            try:
+                run.rows += self._batch.admit(run.pending[:k])
+            except Exception as e:
+                self._leave(run)
+                self._fail(run.job, e)
+                return True
+            run.pending = run.pending[k:]
+        return not run.pending
+
     def _admit(self) -> None:
-        """Admit queued requests, oldest first, while their rows fit in the batch."""
+        """Admit the waiting rows of running requests, then queued requests, oldest first, while
+        their rows fit in the batch."""
         for job in [j for j in self._requests if j.state != "queued"]:  # cancelled or expired
             del self._requests[job]
+        if self._batch is None:
+            self._batch = self.pipe.running_batch(self.max_batch_images)
+        for run in list(self._runs):
+            if not self._admit_rows(run):
+                return  # no room for anyone behind it
         while True:
             with self._cond:
                 if not self._queue:
@@ -111,13 +141,8 @@ class ContinuousBatcher(Batcher):
             except Exception as e:
                 self._fail_queued(job, e)
                 continue
-            if self._batch is None:
-                self._batch = self.pipe.running_batch(self.max_batch_images)
-            if not self._batch.fits(requests):
-                if self._runs:
-                    return  # it waits for rows to finish
-                self._fail_queued(job, InputError(f"{job.num_images} images do not fit a batch"))
-                continue
+            if not self._fitting(requests):
+                return  # it waits for rows to finish
             with self._cond:
                 if not self._queue or self._queue[0] is not job:
                     continue  # cancelled meanwhile
@@ -126,15 +151,11 @@ class ContinuousBatcher(Batcher):
                 job.state, job.started = "running", time.monotonic()
                 self._running.append(job)
             self._requests.pop(job, None)
-            try:
-                rows = self._batch.admit(requests)
-            except Exception as e:
-                with self._cond:
-                    self._running.remove(job)
-                self._fail(job, e)
-                continue
+            run = _Running(job, [], requests)
+            self._runs.append(run)
             self.stats.batches += 1
-            self._runs.append(_Running(job, rows))
+            if not self._admit_rows(run):
+                return
 
     def _row_requests(self, job: Job) -> list[RowRequest]:
         """The job's image rows (made once, while it waits at the head of the queue)."""
@@ -204,7 +225,7 @@ class ContinuousBatcher(Batcher):
         """Send a streaming request its partial images every `stream_every` tokens."""
         every = self.stream_every or self.pipe.config.vqgan.grid_size
         done, total = run.done, run.rows[0].tokens.shape[0]
-        if done % every:
+        if not done or done % every:
             return
         try:
             tokens = torch.stack([row.tokens[:done] for row in run.rows])

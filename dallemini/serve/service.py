@@ -23,6 +23,7 @@ from ..pipeline import GeneratedImage, TextToImage
 from .batcher import Batcher, Job, Rejected
 from .errors import error_responses, invalid, job_error
 from .metrics import Metrics
+from .scheduler import ContinuousBatcher
 from .schemas import (
     MAX_PROMPT_CHARS,
     GenerateRequest,
@@ -76,19 +77,31 @@ async def encode_pngs(images: list[GeneratedImage]) -> list[bytes]:
     return await anyio.to_thread.run_sync(lambda: [png_bytes(g.image) for g in images])
 
 
+def make_batcher(pipe: TextToImage, settings: ServeSettings) -> Batcher:
+    """The server's batcher: continuous (iteration-level) or request-level, as the settings say."""
+    if settings.batching == "continuous":
+        return ContinuousBatcher(
+            pipe,
+            max_batch_images=settings.max_batch_images,
+            max_queue=settings.max_queue,
+            stream_every=settings.stream_every,
+        )
+    return Batcher(
+        pipe,
+        max_batch_images=settings.max_batch_images,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        stream_every=settings.stream_every,
+    )
+
+
 class Service:
     """One server's pipeline, batcher, image cache and settings, with the steps its routes share."""
 
     def __init__(self, pipe: TextToImage, settings: ServeSettings) -> None:
         self.pipe = pipe
         self.settings = settings
-        self.batcher = Batcher(
-            pipe,
-            max_batch_images=settings.max_batch_images,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            stream_every=settings.stream_every,
-        )
+        self.batcher = make_batcher(pipe, settings)
         # response="url" PNGs: in memory, or in a directory that replicas share
         self.cache = image_store(settings.image_store, settings.cache_images)
         self.metrics = Metrics(self.batcher)
@@ -217,6 +230,7 @@ class Service:
             | cfg.sampling.to_dict(),
             "limits": {
                 "max_images": settings.max_images,
+                "batching": settings.batching,
                 "max_batch_images": settings.max_batch_images,
                 "max_queue_images": settings.max_queue,
                 "max_prompt_chars": MAX_PROMPT_CHARS,

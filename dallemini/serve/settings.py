@@ -8,13 +8,18 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .support import open_image_dir
 
+BATCHING = ("continuous", "request")
+
 
 @dataclass
 class ServeSettings:
     """Limits and options of one server."""
 
+    # continuous: requests join the running decoder batch at every step, with any settings;
+    # request: requests with equal settings share one batch from its first step to its last
+    batching: str = "continuous"
     max_batch_images: int = 16  # images sampled together in one decoder batch
-    max_wait_ms: float = 10.0  # how long the oldest request waits for others to join its batch
+    max_wait_ms: float = 10.0  # request batching: how long the oldest request waits for others
     max_queue: int = 64  # images waiting; past it new requests get 429
     timeout_s: float = 300.0  # per request, queueing included; past it 504
     api_key: str | None = None
@@ -32,6 +37,8 @@ class ServeSettings:
 
     def check(self) -> None:
         """Raise ConfigError for limits that cannot work together or an image store that cannot be written."""
+        if self.batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {list(BATCHING)}, got {self.batching!r}")
         for name in (
             "max_batch_images",
             "max_queue",

@@ -108,3 +108,14 @@ def test_completion_keeps_the_rows_and_matches_the_pipeline(pipe: TextToImage) -
     kept = 2 * pipe.config.vqgan.grid_size
     assert all(g.tokens[:kept] == want[0].tokens[:kept] for g in job.result)
     same(plain.result, pipe("cat", num_images=1, seed=4))
+
+
+def test_a_request_larger_than_the_batch_joins_in_parts(pipe: TextToImage) -> None:
+    b = ContinuousBatcher(pipe, max_batch_images=2)
+    small = b.submit("dog", 1, 3, pipe.sampling())
+    big = b.submit("cat", 5, 7, pipe.sampling(), on_frame=lambda *a: None)
+    assert b.close()
+    total = pipe.config.bart.image_length
+    assert b.stats.steps == 3 * total  # 1 + 1 rows, then 2, then 1
+    same(small.result, pipe("dog", num_images=1, seed=3))
+    same(sorted(big.result, key=lambda g: g.seed), pipe("cat", num_images=5, seed=7, rerank=False))

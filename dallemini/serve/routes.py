@@ -83,6 +83,18 @@ async def _stream_events(
             service.batcher.cancel(job)
 
 
+def _event_stream(service: Service, request: Request, req: GenerateRequest) -> StreamingResponse:
+    """Submit a streamed request and answer with its events."""
+    updates = Updates(asyncio.get_running_loop())
+    job = service.submit(req, req.num_images, on_frame=updates.on_frame)
+    job.add_done_callback(updates.on_done)
+    return StreamingResponse(
+        _stream_events(service, request, req, job, updates),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 def page_router(service: Service) -> APIRouter:
     """GET / (the web page) and GET /health."""
     router = APIRouter()
@@ -154,14 +166,23 @@ def api_router(service: Service) -> APIRouter:
         req: Annotated[service.Query, Query()],  # type: ignore[name-defined]
     ) -> StreamingResponse:
         """Stream partial images as tokens arrive (in seed order), then the final images."""
-        updates = Updates(asyncio.get_running_loop())
-        job = service.submit(req, req.num_images, on_frame=updates.on_frame)
-        job.add_done_callback(updates.on_done)
-        return StreamingResponse(
-            _stream_events(service, request, req, job, updates),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _event_stream(service, request, req)
+
+    @router.post(
+        "/v1/generate/stream",
+        summary="Generate with server-sent events, the request as a JSON body",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "the events of GET /v1/generate/stream",
+            },
+            **errors(400, 401, 413, 422, 429, 503),
+        },
+    )
+    async def generate_stream_post(request: Request, req: Req) -> StreamingResponse:  # type: ignore[valid-type]
+        """GET /v1/generate/stream with the /v1/generate body (an init_image fits here)."""
+        return _event_stream(service, request, req)
 
     @router.get(
         "/v1/images/{image_id}.png",

@@ -11,6 +11,8 @@ from ..config import SamplingConfig
 MAX_PROMPT_CHARS = 500
 _BOUNDS = SamplingConfig.BOUNDS  # the sampling settings' ranges, declared once
 MAX_SEED = 2**62
+# An init image for completion, base64: up to ~1.5 MB of PNG/JPEG (the body limit follows it).
+MAX_INIT_IMAGE_CHARS = 2_000_000
 
 
 def _not_blank(v: str) -> str:
@@ -58,6 +60,15 @@ class GenerateRequest(_Strict):
     response: Literal["base64", "url"] = Field(
         "base64", description="images inline as base64 PNG, or as URLs to fetch within a while"
     )
+    init_image: str | None = Field(
+        None,
+        max_length=MAX_INIT_IMAGE_CHARS,
+        description="image completion: a PNG, JPEG or WebP file, base64; its top keep_rows rows "
+        "of image tokens are kept and the rest is drawn",
+    )
+    keep_rows: int = Field(
+        0, ge=0, le=64, description="token rows of init_image to keep (0: plain generation)"
+    )
 
     def sampling_overrides(self) -> dict[str, float | int]:
         """The sampling settings this request gives (the others stay the model's defaults)."""
@@ -102,6 +113,7 @@ class Settings(BaseModel):
     top_p: float
     condition_scale: float
     rerank: bool
+    keep_rows: int = 0
 
 
 class ImageOut(BaseModel):

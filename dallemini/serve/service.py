@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import torch
 from fastapi import Depends, HTTPException, Request
+from PIL import Image
 
 from .. import __version__
 from ..errors import DalleMiniError
@@ -35,7 +36,7 @@ from .schemas import (
 )
 from .security import api_key_dependency
 from .settings import ServeSettings
-from .support import b64, image_store, png_bytes
+from .support import b64, decode_image, image_store, png_bytes
 
 
 class Updates:
@@ -129,6 +130,7 @@ class Service:
             pipe.text([req.prompt])  # a prompt with nothing to tokenize fails here, not in a batch
         except DalleMiniError as e:
             raise invalid("prompt" if "prompt" in str(e) else "settings", str(e)) from e
+        init_image = self.init_image(req)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         try:
             return self.batcher.submit(
@@ -139,11 +141,29 @@ class Service:
                 rerank=req.rerank,
                 on_frame=on_frame,
                 timeout_s=self.settings.timeout_s,
+                init_image=init_image,
+                keep_rows=req.keep_rows if init_image is not None else 0,
             )
         except Rejected as e:
             raise HTTPException(
                 e.status, str(e), headers={"Retry-After": str(e.retry_after)}
             ) from e
+
+    def init_image(self, req: GenerateRequest) -> Image.Image | None:
+        """A completion's init image, decoded and checked (422 for a bad one or bad keep_rows)."""
+        grid = self.pipe.config.vqgan.grid_size
+        if req.keep_rows > grid:
+            raise invalid(
+                "keep_rows", f"keep_rows must be at most {grid} (the token grid is {grid}x{grid})"
+            )
+        if req.init_image is None:
+            if req.keep_rows:
+                raise invalid("keep_rows", "keep_rows needs an init_image to take the rows from")
+            return None
+        try:
+            return decode_image(req.init_image)
+        except ValueError as e:
+            raise invalid("init_image", str(e)) from e
 
     async def wait(self, job: Job, request: Request) -> list[GeneratedImage]:
         """Await a job; 504 past its deadline (dropped if not started), dropped if the client leaves."""
@@ -181,6 +201,7 @@ class Service:
             num_images=job.num_images,
             seed=job.seed,
             rerank=job.rerank and getattr(self.pipe, "scorer", None) is not None,
+            keep_rows=job.keep_rows,
             **job.settings.to_dict(),
         )
         queued = (job.started or job.enqueued) - job.enqueued

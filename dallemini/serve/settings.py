@@ -26,7 +26,7 @@ class ServeSettings:
     max_images: int = 16  # per request
     default_images: int = 4
     original_images: int = 9  # per request of the original demo protocol
-    max_body_bytes: int = 16_384
+    max_body_bytes: int = 2_100_000  # a completion's base64 init image fits
     cache_images: int = 512  # PNGs kept for response="url"
     # a directory for those PNGs that several replicas share (None: each server's own memory)
     image_store: str | None = None

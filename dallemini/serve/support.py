@@ -36,6 +36,27 @@ def png_bytes(image: Image.Image, fast: bool = False) -> bytes:
     return buf.getvalue()
 
 
+# An init image's largest side: anything bigger is cut down to the model's resolution anyway.
+MAX_INIT_SIDE = 4096
+
+
+def decode_image(text: str) -> Image.Image:
+    """A base64 PNG, JPEG or WebP file as an RGB image; ValueError saying what is wrong."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise ValueError("init_image is not valid base64") from e
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "WEBP"]) as im:
+            if max(im.size) > MAX_INIT_SIDE:
+                raise ValueError(
+                    f"init_image is {im.size[0]}x{im.size[1]} px; at most {MAX_INIT_SIDE}"
+                )
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError("init_image is not a PNG, JPEG or WebP image") from e
+
+
 def b64(data: bytes) -> str:
     """Base64 text of bytes."""
     return base64.b64encode(data).decode("ascii")

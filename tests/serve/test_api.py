@@ -16,6 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from dallemini.checkpoints import load_parts
 from dallemini.checkpoints.native import save_model_dir, write_examples, write_vocabulary
@@ -71,6 +72,7 @@ def test_generate_returns_images_seeds_and_settings(client: TestClient, pipe: Te
         "top_p": 1.0,
         "condition_scale": 10.0,
         "rerank": False,  # the tiny model has no CLIP
+        "keep_rows": 0,
     }
     assert [im["seed"] for im in body["images"]] == [7, 8, 9]
     assert all(im["score"] is None and im["url"] is None for im in body["images"])
@@ -149,14 +151,14 @@ def test_malformed_json_and_oversized_bodies(client: TestClient) -> None:
         "/v1/generate", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 422 and "JSON" in r.json()["detail"]
-    big = json.dumps({"prompt": "x" * 20_000}).encode()
+    big = json.dumps({"prompt": "x" * 2_200_000}).encode()  # the limit: 2.1 MB
     r = client.post("/v1/generate", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "too large" in r.json()["detail"]
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while reading
         yield b'{"prompt": "'
-        for _ in range(40):
-            yield b"x" * 1000
+        for _ in range(220):
+            yield b"x" * 10_000
         yield b'"}'
 
     r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
@@ -327,13 +329,19 @@ def test_metrics_in_prometheus_format(client: TestClient) -> None:
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in r.text.splitlines()
-        if line and not line.startswith("#")
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
     }
-    assert samples['dallemini_requests_total{outcome="done"}'] >= 1
-    assert samples["dallemini_images_total"] >= 2 and samples["dallemini_queued_requests"] == 0
-    assert samples['dallemini_request_seconds_count{route="/v1/generate"}'] >= 1
+    assert samples[("dallemini_requests_total", (("outcome", "done"),))] >= 1
+    assert samples[("dallemini_images_total", ())] >= 2
+    assert samples[("dallemini_queued_requests", ())] == 0
+    assert samples[("dallemini_request_seconds_count", (("route", "/v1/generate"),))] >= 1
+    # continuous batching: decoding steps, their time and rows, and time to the first token
+    assert samples[("dallemini_steps_total", ())] >= 16
+    assert samples[("dallemini_step_seconds_count", ())] >= 16
+    assert samples[("dallemini_step_rows_count", ())] >= 16
+    assert samples[("dallemini_time_to_first_token_seconds_count", ())] >= 1
 
 
 def test_every_answer_has_a_request_id_and_an_access_log_line(
@@ -352,3 +360,40 @@ def test_every_answer_has_a_request_id_and_an_access_log_line(
         (made.headers["x-request-id"], 422),
         (odd.headers["x-request-id"], 200),
     ]
+
+
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_completion_keeps_the_init_images_rows(client: TestClient, pipe: TextToImage) -> None:
+    init = pipe("an init image", seed=1)[0].image
+    body = {"prompt": PROMPT, "num_images": 2, "seed": 5, "init_image": _png_b64(init)}
+    r = client.post("/v1/generate", json=body | {"keep_rows": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"]["keep_rows"] == 2
+    want = pipe(PROMPT, num_images=2, seed=5, init_image=init, keep_rows=2)
+    for im, g in zip(r.json()["images"], want, strict=True):
+        got = np.asarray(png(im["base64"]).convert("RGB"), dtype=np.int16)
+        assert np.abs(got - np.asarray(g.image, dtype=np.int16)).max() <= 1
+    # the same through the event stream's JSON body
+    with client.stream("POST", "/v1/generate/stream", json=body | {"keep_rows": 2}) as s:
+        text = "".join(s.iter_text())
+    assert s.status_code == 200 and "event: result" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"keep_rows": 2}, "keep_rows needs an init_image"),
+        ({"init_image": "not base64!", "keep_rows": 1}, "not valid base64"),
+        ({"init_image": base64.b64encode(b"GIF89a...").decode(), "keep_rows": 1}, "not a PNG"),
+        ({"init_image": "", "keep_rows": 99}, "less than or equal to 64"),
+        ({"keep_rows": 5}, "at most 4"),
+    ],
+)
+def test_bad_completions_get_422(client: TestClient, extra: dict, message: str) -> None:
+    r = client.post("/v1/generate", json={"prompt": PROMPT} | extra)
+    assert r.status_code == 422 and message in r.json()["detail"], r.text

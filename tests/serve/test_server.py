@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from dallemini.checkpoints.native import write_examples, write_vocabulary
 from dallemini.pipeline import TextToImage
@@ -227,8 +227,8 @@ def test_web_page_fills_the_grid_from_the_stream(described: TextToImage, tmp_pat
             page.fill("#top_p", "0.9")
             with page.expect_request(lambda r: "/v1/generate/stream" in r.url) as sent:
                 page.click("#run")
-            query = parse_qs(urlsplit(sent.value.url).query)
-            assert query["top_p"] == ["0.9"] and query["seed"] == ["3"]
+            sent_body = sent.value.post_data_json
+            assert sent_body["top_p"] == 0.9 and sent_body["seed"] == 3
             cards = page.locator(".card.done")
             sync_api.expect(cards).to_have_count(4, timeout=30_000)
             sync_api.expect(page.locator("#status")).to_contain_text("Done in")
@@ -258,9 +258,25 @@ def test_web_page_fills_the_grid_from_the_stream(described: TextToImage, tmp_pat
             sync_api.expect(error).to_contain_text("Error 422: seed")
             sync_api.expect(cards).to_have_count(4)  # the last results stay
             page.screenshot(path=tmp_path / "error.png", full_page=True)
+            _check_completion(page, sync_api.expect, tmp_path)
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def _check_completion(page: Any, expect: Any, tmp_path: Path) -> None:
+    """Start from an image: the page sends it with the rows to keep, and the images come back."""
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
+    page.fill("#seed", "3")
+    page.set_input_files("#init_image", str(tmp_path / "init.png"))
+    page.fill("#keep_rows", "2")
+    with page.expect_request(lambda r: "/v1/generate/stream" in r.url) as sent:
+        page.click("#run")
+    body = sent.value.post_data_json
+    assert body["keep_rows"] == 2 and len(body["init_image"]) > 100
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=30_000)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator(".card.done")).to_have_count(4)
 
 
 def test_a_client_stalled_mid_body_cannot_hold_shutdown_past_the_drain_timeout(

@@ -1,6 +1,6 @@
 // The dallemini web page: reads the server's limits and what the model draws from /health, streams
-// a generation from /v1/generate/stream (server-sent events read with fetch, so an API key header
-// can be sent), fills the image grid as partial frames arrive and says which words of the prompt
+// a generation from POST /v1/generate/stream (server-sent events read with fetch, so an API key
+// header and an init image can be sent), fills the image grid as partial frames arrive and says which words of the prompt
 // the model does not know.
 "use strict";
 
@@ -157,14 +157,32 @@ async function readEvents(res, onEvent) {
   }
 }
 
-function query(prompt) {
-  const params = new URLSearchParams({ prompt, num_images: $("num_images").value });
+const MAX_INIT_BYTES = 1_500_000;  // the server takes init images of up to ~1.5 MB
+
+function readBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new Error(`Cannot read ${file.name}.`));
+    reader.readAsDataURL(file);
+  });
+}
+
+// The request body: what the form says, the model's defaults for fields left empty, and the init
+// image (base64) when one is chosen: its top rows of image tokens are kept.
+async function requestBody(prompt) {
+  const body = { prompt, num_images: Number($("num_images").value), rerank: $("rerank").checked };
   for (const name of ["seed", "temperature", "top_k", "top_p", "condition_scale"]) {
     const v = $(name).value.trim();
-    if (v !== "") params.set(name, v);
+    if (v !== "") body[name] = Number(v);
   }
-  params.set("rerank", $("rerank").checked ? "true" : "false");
-  return params;
+  const file = $("init_image").files[0];
+  if (file) {
+    if (file.size > MAX_INIT_BYTES) throw new Error("The image is too large (at most 1.5 MB).");
+    body.init_image = await readBase64(file);
+    body.keep_rows = Number($("keep_rows").value || 0);
+  }
+  return body;
 }
 
 async function generate(event) {
@@ -197,7 +215,9 @@ async function generate(event) {
   let finished = false;
   let frames = 0;
   try {
-    const res = await fetch(`/v1/generate/stream?${query(prompt)}`, { headers, signal: controller.signal });
+    const body = JSON.stringify(await requestBody(prompt));
+    headers["Content-Type"] = "application/json";
+    const res = await fetch("/v1/generate/stream", { method: "POST", headers, body, signal: controller.signal });
     if (!res.ok) throw new Error(await errorText(res));
     cards = makeCards(count);  // only now: a refused request leaves the last results in place
     await readEvents(res, (name, data) => {

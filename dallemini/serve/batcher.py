@@ -48,11 +48,16 @@ class JobCancelled(Exception):
     """The request was cancelled (its client went away) before its images were made."""
 
 
+class JobAbandoned(Exception):
+    """The server shut down (past its drain deadline) before the request was finished."""
+
+
 class _Abort(Exception):
     """Raised inside a pipeline progress callback to stop a batch nobody waits for any more."""
 
 
 _ids = count(1)
+ABANDON_JOIN_S = 2.5  # how long `abandon` waits for the worker to leave the model (a step)
 
 
 @dataclass(eq=False)
@@ -68,6 +73,7 @@ class Job:
     deadline: float = math.inf  # time.monotonic() by which it must be done
     init_image: Image.Image | None = None  # completion: keep this image's top keep_rows token rows
     keep_rows: int = 0
+    request_id: str | None = None  # the HTTP request's X-Request-ID, for the logs
     id: int = field(default_factory=lambda: next(_ids))
     state: str = "queued"  # queued -> running -> done | failed; queued -> cancelled | expired
     result: list[GeneratedImage] | None = None
@@ -173,6 +179,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._accepting = True
         self._closing = False
+        self._abandoned = False  # shut down past the deadline: the worker stops at the next step
         self._thread: threading.Thread | None = None
         self._s_per_image = 0.0  # moving average of busy time per image, for Retry-After
         # Observers (set by the metrics): a decoding step's seconds and rows; a request's time to
@@ -240,6 +247,31 @@ class Batcher:
         thread.join(timeout)
         return not thread.is_alive()
 
+    def abandon(self, reason: str) -> int:
+        """Fail every job not finished yet (queued or running), logging each with its request id;
+        returns how many. For a shutdown past its drain deadline: nothing accepted goes unsaid."""
+        with self._cond:
+            self._accepting, self._closing, self._abandoned = False, True, True
+            jobs = [*self._queue, *self._running]
+            self._queue.clear()
+            self._queued_images = 0
+            self._cond.notify_all()
+        n = 0
+        for job in jobs:
+            if job._finish("failed", None, JobAbandoned(reason)):
+                n += 1
+                log.warning(
+                    "request %s (job %d, %d images, %s) not answered: %s",
+                    job.request_id or "-",
+                    job.id,
+                    job.num_images,
+                    job.state,
+                    reason,
+                )
+        if self._thread is not None:  # out of the model before the process exits
+            self._thread.join(ABANDON_JOIN_S)
+        return n
+
     # ---- submitting --------------------------------------------------------------------------
 
     def submit(
@@ -253,13 +285,14 @@ class Batcher:
         timeout_s: float | None = None,
         init_image: Image.Image | None = None,
         keep_rows: int = 0,
+        request_id: str | None = None,
     ) -> Job:
         """Queue a request, or raise Rejected (429 queue full, 503 shutting down)."""
         if not isinstance(settings, SamplingConfig):
             raise TypeError(f"settings must be a SamplingConfig, got {type(settings).__name__}")
         deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         job = Job(prompt, num_images, seed, settings, rerank, on_frame, deadline)
-        job.init_image, job.keep_rows = init_image, keep_rows
+        job.init_image, job.keep_rows, job.request_id = init_image, keep_rows, request_id
         with self._cond:
             if not self._accepting:
                 self.stats.rejected += 1
@@ -355,7 +388,7 @@ class Batcher:
 
     def _work(self) -> None:
         """Worker loop: run batches until closed and the queue is empty."""
-        while True:
+        while not self._abandoned:
             batch = self._next_batch()
             if batch is None:
                 return
@@ -414,7 +447,7 @@ class Batcher:
         else:
 
             def progress(done: int, total: int) -> None:
-                if all(j.cancel_requested for j in batch):
+                if self._abandoned or all(j.cancel_requested for j in batch):
                     raise _Abort
                 if done == 1 and self.on_first_token is not None:
                     now = time.monotonic()

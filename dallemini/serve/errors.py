@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..errors import DalleMiniError
-from .batcher import Job, JobCancelled, JobTimeout
+from .batcher import Job, JobAbandoned, JobCancelled, JobTimeout
 from .schemas import ErrorOut, InvalidOut
 
 
@@ -49,6 +49,8 @@ def job_failure(job: Job) -> tuple[int, str]:
         return 504, "the request timed out"
     if isinstance(e, JobCancelled):
         return 499, "the request was cancelled"
+    if isinstance(e, JobAbandoned):
+        return 503, str(e)
     if isinstance(e, DalleMiniError):
         return 422, str(e)
     return 500, f"generation failed: {type(e).__name__}"

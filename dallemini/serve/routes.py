@@ -40,6 +40,11 @@ def _generation_post(
     )
 
 
+def _rid(request: Request) -> str | None:
+    """The request's id (access.RequestIds), for the logs of its job."""
+    return getattr(request.state, "request_id", None)
+
+
 def _sse(event: str, data: object) -> bytes:
     """One server-sent event."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
@@ -86,7 +91,7 @@ async def _stream_events(
 def _event_stream(service: Service, request: Request, req: GenerateRequest) -> StreamingResponse:
     """Submit a streamed request and answer with its events."""
     updates = Updates(asyncio.get_running_loop())
-    job = service.submit(req, req.num_images, on_frame=updates.on_frame)
+    job = service.submit(req, req.num_images, on_frame=updates.on_frame, request_id=_rid(request))
     job.add_done_callback(updates.on_done)
     return StreamingResponse(
         _stream_events(service, request, req, job, updates),
@@ -145,7 +150,7 @@ def api_router(service: Service) -> APIRouter:
     async def generate(request: Request, req: Req) -> dict[str, Any]:  # type: ignore[valid-type]
         """Make num_images images (best first when reranked), inline as base64 PNG or as URLs."""
         with service.metrics.timed("/v1/generate"):
-            job = service.submit(req, req.num_images)
+            job = service.submit(req, req.num_images, request_id=_rid(request))
             return await service.render(request, req, job, await service.wait(job, request))
 
     @router.get(
@@ -215,7 +220,7 @@ def original_router(service: Service) -> APIRouter:
         """{"prompt": ...} -> {"images": [base64 PNG, ...], "version": ...}, best first."""
         req = GenerateRequest(prompt=body.prompt)  # the model's defaults
         with service.metrics.timed("/generate"):
-            job = service.submit(req, service.settings.original_images)
+            job = service.submit(req, service.settings.original_images, request_id=_rid(request))
             pngs = await encode_pngs(await service.wait(job, request))
         return {"images": [b64(p) for p in pngs], "version": service.version}
 

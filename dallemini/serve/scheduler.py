@@ -62,7 +62,7 @@ class ContinuousBatcher(Batcher):
 
     def _work(self) -> None:
         """Worker loop: admit, step, answer, until closed with nothing queued or running."""
-        while self._wait_for_work():
+        while not self._abandoned and self._wait_for_work():
             self._drop_cancelled()
             self._admit()
             if self._runs:

@@ -119,7 +119,11 @@ class Service:
         return error_responses(*(c for c in codes if c != 401 or self.settings.api_key is not None))
 
     def submit(
-        self, req: GenerateRequest, num_images: int, on_frame: Callable[..., object] | None = None
+        self,
+        req: GenerateRequest,
+        num_images: int,
+        on_frame: Callable[..., object] | None = None,
+        request_id: str | None = None,
     ) -> Job:
         """Queue a validated request (429/503 with Retry-After when it cannot be taken)."""
         pipe = self.pipe
@@ -143,6 +147,7 @@ class Service:
                 timeout_s=self.settings.timeout_s,
                 init_image=init_image,
                 keep_rows=req.keep_rows if init_image is not None else 0,
+                request_id=request_id,
             )
         except Rejected as e:
             raise HTTPException(

@@ -4,6 +4,7 @@ graceful shutdown with requests in flight, and the web page driven in Chromium."
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -300,3 +301,34 @@ def test_a_client_stalled_mid_body_cannot_hold_shutdown_past_the_drain_timeout(
 def test_drain_timeout_must_be_positive() -> None:
     with pytest.raises(Exception, match="drain_timeout_s"):
         ServeSettings(drain_timeout_s=0).check()
+
+
+def test_work_cut_at_the_drain_deadline_is_logged_by_request_id(
+    pipe: TextToImage, caplog: pytest.LogCaptureFixture
+) -> None:
+    gated = GatedPipe(pipe)
+    gated.gate.clear()  # the decoding step never finishes before the deadline
+    app = create_app(gated, ServeSettings(drain_timeout_s=1.0))
+    srv = BackgroundServer(app).start()
+    try:
+        body = json.dumps({"prompt": "too slow", "num_images": 2}).encode()
+        with socket.create_connection((srv.host, srv.port)) as sock:
+            sock.sendall(
+                b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"X-Request-ID: slow-request-7\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert gated.entered.wait(10)
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="dallemini.serve"):
+                srv.stop(timeout=30)
+            assert not srv.thread.is_alive()
+            assert time.monotonic() - started < 1.0 + 5  # the drain deadline + the short grace
+    finally:
+        gated.gate.set()
+        app.state.batcher._thread.join(30)  # it stops after the step it was in
+    assert not app.state.batcher._thread.is_alive()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("slow-request-7" in m and "not answered" in m for m in lines), lines
+    assert app.state.batcher.stats.done == 0

@@ -62,7 +62,7 @@ def test_a_request_arriving_mid_batch_starts_at_the_next_step(pipe: TextToImage)
     (second,) = late
     # admitted at step 4, it took its own `total` steps while the first finished at step `total`
     assert b.stats.steps == 3 + total
-    assert rows[:3] == [4] * 3 and rows[3 : total] == [6] * (total - 3) and rows[total:] == [2] * 3
+    assert rows[:3] == [4] * 3 and rows[3:total] == [6] * (total - 3) and rows[total:] == [2] * 3
     assert second.started < first.finished
     same(first.result, pipe("cat", num_images=2, seed=1))
     same(second.result, pipe("dog", num_images=1, seed=5, top_k=3))

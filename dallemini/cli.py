@@ -71,7 +71,7 @@ DstArg = Annotated[Path, typer.Argument(help="output model directory")]
 OverwriteOpt = Annotated[bool, typer.Option(help="replace dst if it exists")]
 StoreDtypeOpt = Annotated[
     str | None,
-    typer.Option(help="store the DalleBart in this dtype (default: the checkpoint's own)"),
+    typer.Option(help="store the DalleBart in this dtype, convert: also int8 (default: its own)"),
 ]
 
 
@@ -313,7 +313,7 @@ def convert(
         attention_heads=heads,
         taming_config=taming_config,
         overwrite=overwrite,
-        dtype=None if dtype is None else resolve_dtype(dtype),
+        dtype=None if dtype is None else resolve_dtype(dtype, weights=True),
     )
     typer.echo(f"wrote {path}")
 

@@ -14,7 +14,13 @@ ThreadsOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="the DalleBart's dtype: float32, bfloat16, float16, or int8 (8-bit weights, float32 "
+        "activations)"
+    ),
+]
 VqganDtypeOpt = Annotated[
     str,
     typer.Option(

@@ -148,6 +148,9 @@ class BartConfig(_Section):
     layer_norm_eps: float = 1e-5
     dropout: float = 0.0
     init_std: float = 0.02
+    # How the stored dense weights are kept: None (float) or "int8" (models/quant.py: int8 values and
+    # a float32 scale per output channel); written to config.json only when set.
+    quantization: str | None = None
 
     PART: ClassVar[str] = "DalleBart"
     # (min, max) of each size; mega has 24+24 layers, d_model 2048, GLU 4096, 32 heads.
@@ -180,6 +183,16 @@ class BartConfig(_Section):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"bart.dropout must be in [0, 1), got {self.dropout}")
+        if self.quantization not in (None, "int8"):
+            raise ConfigError(
+                f'bart.quantization must be null or "int8", got {_shown(self.quantization)}'
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["quantization"] is None:  # float weights: config.json as before the field existed
+            del data["quantization"]
+        return data
 
     @property
     def head_dim(self) -> int:

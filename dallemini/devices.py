@@ -7,6 +7,7 @@ import torch
 from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8 = "int8"  # the DalleBart's weights in 8 bits (models/quant.py), activations in float32
 
 
 def resolve_device(
@@ -35,14 +36,31 @@ def resolve_device(
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """'float32' / 'bfloat16' / 'float16' or a torch dtype; default float32."""
+def resolve_dtype(dtype: str | torch.dtype | None, weights: bool = False) -> torch.dtype:
+    """'float32' / 'bfloat16' / 'float16' or a torch dtype; default float32. `weights=True` (the
+    DalleBart's dtype) also takes 'int8' / torch.int8: 8-bit weights, float32 activations."""
     if dtype is None:
         return torch.float32
+    if weights and dtype in (INT8, torch.int8):
+        return torch.int8
+    if dtype in (INT8, torch.int8):
+        raise ConfigError(
+            f"int8 applies to the DalleBart's weights only (--dtype int8); the VQGAN and CLIP run in "
+            f"one of {sorted(DTYPES)}"
+        )
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ConfigError(f"dtype {dtype} not supported; use one of {sorted(DTYPES)}")
+            raise ConfigError(f"dtype {dtype} not supported; use one of {_names(weights)}")
         return dtype
     if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} not supported; use one of {_names(weights)}")
     return DTYPES[dtype]
+
+
+def _names(weights: bool) -> list[str]:
+    return sorted(DTYPES) + ([INT8] if weights else [])
+
+
+def activation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model of `dtype` computes in: float32 for int8 weights, else the dtype itself."""
+    return torch.float32 if dtype == torch.int8 else dtype

@@ -25,9 +25,10 @@ from .checkpoints.native import (
     read_examples,
     read_vocabulary,
 )
+from .checkpoints.quantized import build_bart
 from .config import PipelineConfig, SamplingConfig
 from .continuous import RowRequest, RunningBatch
-from .devices import resolve_device, resolve_dtype
+from .devices import activation_dtype, resolve_device, resolve_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .generate import TokenBatch, iter_image_tokens
 from .images import make_grid as make_grid  # re-exported
@@ -192,7 +193,8 @@ class TextToImage:
     ) -> TextToImage:
         """Load a model directory (or any foreign format `dallemini convert` accepts) onto a device.
 
-        `path=None` loads the built-in emoji-scenes model (`DEFAULT_MODEL_DIR`).
+        `path=None` loads the built-in emoji-scenes model (`DEFAULT_MODEL_DIR`). `dtype="int8"` keeps the
+        DalleBart's dense layers in 8 bits (models/quant.py) computing in float32; VQGAN and CLIP stay float.
 
         `clip` is a Hugging Face CLIP folder or a dallemini model directory with a built-in CLIP; without
         it the model directory's own built-in CLIP (clip.safetensors) is the reranker when it has one.
@@ -201,9 +203,10 @@ class TextToImage:
         A model directory's vocabulary.txt and examples.json, when it has them, become `vocabulary`
         (see `unknown_words`) and `examples`.
         """
-        dev, dt, vq_dt = resolve_device(device), resolve_dtype(dtype), resolve_dtype(vqgan_dtype)
+        dev, dt = resolve_device(device), resolve_dtype(dtype, weights=True)
+        act, vq_dt = activation_dtype(dt), resolve_dtype(vqgan_dtype)  # int8: float32 activations
         path = default_model_path() if path is None else path
-        parts = load_parts(path, vqgan=vqgan, tokenizer=tokenizer, lazy=True, dtype=dt)
+        parts = load_parts(path, vqgan=vqgan, tokenizer=tokenizer, lazy=True, dtype=act)
         cfg = parts.config
         if cfg.bart is None:
             raise CheckpointError(f"{path} holds no DalleBart model; give a full model directory")
@@ -216,9 +219,8 @@ class TextToImage:
         cfg.check_memory(bytes_per_param=dt.itemsize)
         # One copy of the weights in memory: each tensor is read, converted to its dtype and moved to
         # the device on its own, and the modules adopt them (see build_from_state).
-        bart = build_from_state(
-            lambda: DalleBart(cfg.bart), parts.states.pop("bart"), f"{parts.source} (bart)", dt, dev
-        )
+        # int8: quantized layer by layer (or read as stored); see checkpoints/quantized.py
+        bart = build_bart(cfg.bart, parts.states.pop("bart"), f"{parts.source} (bart)", dt, dev)
         vq = build_from_state(
             lambda: VQGAN(cfg.vqgan),
             parts.states.pop("vqgan"),
@@ -236,17 +238,17 @@ class TextToImage:
             )
         scorer: ImageTextScorer | None = None
         if clip is not None:
-            scorer = load_scorer(clip, device=dev, dtype=dt)
+            scorer = load_scorer(clip, device=dev, dtype=act)
         elif cfg.clip is not None:
             small = load_into(SmallClip(cfg.clip), parts.states["clip"], f"{parts.source} (clip)")
-            scorer = BuiltinClipScorer(small, text).to(dev, dt)
+            scorer = BuiltinClipScorer(small, text).to(dev, act)
         # The VQGAN decoder runs in float32 unless asked otherwise: it is cheap and colours stay exact.
         # Channels-last convolutions are ~15% faster with oneDNN on CPU (measured on the f16 decoder).
         fmt = torch.channels_last if dev.type == "cpu" else torch.preserve_format
         vq = vq.to(dev, vq_dt, memory_format=fmt)
         local = Path(path) if isinstance(path, (str, os.PathLike)) else None
         model_dir = local if local is not None and is_model_dir(local) else None
-        pipe = cls(bart.to(dev, dt), vq, text, cfg, dev, dt, scorer=scorer, model_dir=model_dir)
+        pipe = cls(bart.to(dev, act), vq, text, cfg, dev, dt, scorer=scorer, model_dir=model_dir)
         release_freed_memory()  # the read buffers of tensors converted while loading
         return pipe
 

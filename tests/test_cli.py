@@ -112,7 +112,7 @@ def test_user_errors_exit_2_with_a_message(
         (("generate", "--model", tiny, "--temperature", "0", "a cat"), "temperature"),
         (("generate", "--model", tiny, "-n", "0", "a cat"), "--num-images (-n) must be"),
         (("generate", "--model", tiny, "--device", "cuda:7", "a cat"), "cuda"),
-        (("generate", "--model", tiny, "--dtype", "int8", "a cat"), "dtype"),
+        (("generate", "--model", tiny, "--dtype", "int4", "a cat"), "dtype"),
         (("generate", "--model", tiny, "--bogus", "a cat"), "No such option"),
         (("convert", tiny, tiny), "already exists"),
     ]

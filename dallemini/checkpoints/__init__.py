@@ -16,9 +16,10 @@ from ..config import PipelineConfig, TextConfig
 from ..errors import CheckpointError
 from ..models.bart import DalleBart
 from ..models.clip import SmallClip
+from ..models.quant import quantize_
 from ..models.vqgan import VQGAN
 from ..text import load_tokenizer
-from . import hub, native
+from . import hub, native, quantized
 from .flax_dalle import load_flax_dalle
 from .flax_vqgan import load_flax_vqgan
 from .lazy import TensorLike, materialize
@@ -199,12 +200,20 @@ def convert(
     """Convert any supported checkpoint into a native model directory at dst, one tensor at a time.
 
     `dtype` stores the DalleBart's (and built-in CLIP's) float weights in that dtype; the VQGAN
-    keeps its own. The result is checked as loading would check it (every tensor's name and shape
-    against the config) before anything is written. `progress(tensors written, total)` follows it.
+    keeps its own. torch.int8 stores the DalleBart's dense layers in 8 bits (checkpoints/quantized.py)
+    and leaves the other tensors as they are; a float dtype dequantizes an int8 source. The result is
+    checked as loading would check it (every tensor's name and shape against the config) before
+    anything is written. `progress(tensors written, total)` follows it.
     """
     parts = load_parts(src, vqgan, tokenizer, attention_heads, taming_config, lazy=True)
     check_parts(parts)
-    dtypes = {part: dtype for part in ("bart", "clip")} if dtype is not None else None
+    if parts.config.bart is not None and "bart" in parts.states:
+        bart, parts.states["bart"] = quantized.for_storage(
+            parts.config.bart, parts.states["bart"], dtype
+        )
+        parts.config = replace(parts.config, bart=bart)
+    floats = dtype is not None and dtype.is_floating_point
+    dtypes = {part: dtype for part in ("bart", "clip")} if floats else None
     extra = {native.WORD_LIST_FILE: parts.word_list} if parts.word_list is not None else None
     written, total = [0], sum(len(state) for state in parts.states.values())
 
@@ -232,4 +241,6 @@ def check_parts(parts: ModelParts) -> None:
     for part, state in parts.states.items():
         with torch.device("meta"):
             module = builders[part](getattr(parts.config, part))
+        if part == "bart":  # int8 layers where the state stores them
+            quantize_(module, quantized.stored_int8_layers(state))
         native.check_state_dict(module, state, f"{parts.source} ({part})")

@@ -153,6 +153,9 @@ class FusedLinears:
 
     def weight(self, x: Tensor) -> Tensor | None:
         """The packed fused weight to multiply `x` by, or None where the layers should run one by one."""
+        if not all(isinstance(m, nn.Linear) for m in self.layers):
+            self._cache = None  # int8 layers (models/quant.py) run their own products
+            return None
         first = self.layers[0].weight
         if not _onednn_applies(x, first):
             return None
@@ -193,6 +196,8 @@ class CpuAttention(Attention):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Attention.project_qkv from one fused matmul in CPU inference."""
+        if self.qkv.layers != (self.q_proj, self.k_proj, self.v_proj):  # swapped since (quantize_)
+            self._bind()
         q, k, v = self.qkv(x)
         return self.split(q), self.split(k), self.split(v)
 
@@ -215,6 +220,8 @@ class FusedGLU(GLU):
         self.fc01 = FusedLinears((self.fc0, self.fc1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fc01.layers != (self.fc0, self.fc1):  # swapped since (quantize_)
+            self._bind()
         z = self.ln0(x)
         a, b = self.fc01(z)
         return self.fc2(self.dropout(self.ln1(F.gelu(a) * b)))
@@ -285,7 +292,8 @@ class NativeStep:
 
 def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
     """The native decoder-layer step for this cache where it applies: an accelerated model in CPU
-    inference of one image (one or two rows) in float32 or bfloat16 (see cache_dtype); else None."""
+    inference of one image (one or two rows) in float32 or bfloat16 (see cache_dtype) whose decoder
+    layers are all float (not int8: models/quant.py); else None."""
     dtype = model.decoder.embed_tokens.weight.dtype
     if (
         isinstance(model.decoder.lm_head, CpuLinear)
@@ -295,10 +303,18 @@ def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
         and cache.batch_size <= 2
         and dtype in (torch.float32, torch.bfloat16)
         and native.available(dtype)
+        and all(isinstance(m, CpuLinear) for layer in model.decoder.layers for m in _dense(layer))
     ):
         layers = _bind_native(model, cache, dtype == torch.bfloat16)
         return None if layers is None else NativeStep(model, layers)
     return None
+
+
+def _dense(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """A decoder layer's dense layers in the native kernel's order (native.DecoderLayerKernel)."""
+    sa, ca, glu = layer.self_attn, layer.encoder_attn, layer.glu
+    attention = (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj)
+    return (*attention, glu.fc0, glu.fc1, glu.fc2)
 
 
 def _bind_native(
@@ -310,9 +326,7 @@ def _bind_native(
     bound = []
     mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
     for i, layer in enumerate(model.decoder.layers):
-        sa, ca, glu = layer.self_attn, layer.encoder_attn, layer.glu
-        dense = (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj)
-        dense += (glu.fc0, glu.fc1, glu.fc2)
+        dense, glu = _dense(layer), layer.glu
         if not bf16:  # bfloat16 reads its blocked copies, made on huge pages
             for m in dense:
                 native.move_to_huge_pages(m.weight)

@@ -1,0 +1,156 @@
+"""8-bit weights for DalleBart: weight-only, per-output-channel symmetric int8.
+
+Each dense layer's weight row r becomes int8 values q[r] = round(w[r] / s[r]) with one float32 scale
+s[r] = max|w[r]| / 127, so w ≈ q * s. Activations, layer norms, embeddings and the K/V cache stay in
+the model's float dtype; only the dense layers' weights (a quarter of their float32 bytes) change.
+`Int8Linear` multiplies with PyTorch's `torch._weight_int8pack_mm` where it applies and dequantizes
+otherwise; `quantize_` swaps a model's layers in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The output head is quantized with the layers: it is a dense layer read at every decoding step.
+QUANTIZE_LM_HEAD = True
+_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# On CPU, torch._weight_int8pack_mm computes one output at a time (float32: a plain loop, its sums
+# bit-identical to sequential ones), made for decoding's few rows; past this many rows the BLAS
+# matmul on a dequantized weight does the work. A first guess, not timed yet.
+_PACKED_MAX_ROWS_CPU = 4
+# (device type, dtype) pairs whose torch._weight_int8pack_mm raised: they dequantize instead.
+_REFUSED: set[tuple[str, torch.dtype]] = set()
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A float [out, in] weight -> (int8 [out, in], float32 scale [out]): w ≈ q * scale[:, None]."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero row: any scale
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """int8 [out, in] and scale [out] -> the float weight q * scale in `dtype` (computed in float32)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def _packed_mm_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether torch._weight_int8pack_mm may take x [rows, in] (contiguous) and this int8 weight.
+
+    On CPU, few rows only (_PACKED_MAX_ROWS_CPU). Its CPU bfloat16 kernel reads 16 columns at a time
+    with aligned vector loads and no tail: other widths give wrong sums or crash, and each row must
+    start 64-byte aligned. The float32 and float16 CPU kernels and the CUDA one take any width. It
+    has no backward.
+    """
+    if (
+        x.dtype not in _PACKED_DTYPES
+        or x.device != weight.device
+        or x.shape[0] == 0
+        or (x.requires_grad and torch.is_grad_enabled())
+        or (x.device.type, x.dtype) in _REFUSED
+    ):
+        return False
+    if x.device.type == "cpu":
+        if x.shape[0] > _PACKED_MAX_ROWS_CPU:
+            return False
+        if x.dtype != torch.bfloat16:
+            return True
+        k = weight.shape[1]
+        return k % 16 == 0 and x.data_ptr() % 64 == 0 and weight.data_ptr() % 64 == 0
+    return x.device.type in ("cuda", "mps")
+
+
+class Int8Linear(nn.Module):
+    """A bias-free dense layer with int8 weights [out, in] and a float32 scale per output channel.
+
+    Inference only: the weights are buffers (no gradient). `weight` and `weight_scale` are also the
+    state-dict names, so a quantized model's state dict is what an int8 model directory stores.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """The int8 copy of a bias-free nn.Linear, on its device."""
+        if linear.bias is not None:
+            raise ValueError("Int8Linear has no bias; quantize bias-free layers only")
+        out = cls(linear.in_features, linear.out_features).to(linear.weight.device)
+        if not linear.weight.is_meta:  # on the meta device the shapes are all there is
+            out.weight, out.weight_scale = quantize_weight(linear.weight)
+        return out
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight these int8 values and scales stand for."""
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        scale = self.weight_scale.to(x.dtype)
+        y = None
+        if _packed_mm_applies(x2, self.weight):
+            try:
+                y = torch._weight_int8pack_mm(x2, self.weight, scale)
+            except (RuntimeError, NotImplementedError):  # a build or device without it
+                _REFUSED.add((x2.device.type, x2.dtype))
+        if y is None:
+            # Dequantize-and-matmul, the scale applied to the product: int8 values are exact in every
+            # float dtype, so only the product rounds.
+            y = F.linear(x2, self.weight.to(x.dtype)) * scale
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def is_quantizable(name: str, lm_head: bool = QUANTIZE_LM_HEAD) -> bool:
+    """Whether the DalleBart dense layer `name` is one `quantize_` converts: every encoder and decoder
+    layer's (attention projections, GLU), and the decoder's output head with `lm_head`."""
+    return name.startswith(("encoder.layers.", "decoder.layers.")) or (
+        lm_head and name == "decoder.lm_head"
+    )
+
+
+def quantizable_layers(model: nn.Module, lm_head: bool = QUANTIZE_LM_HEAD) -> list[str]:
+    """Names of the model's dense layers that `quantize_` converts (see is_quantizable)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Int8Linear)) and is_quantizable(name, lm_head)
+    ]
+
+
+def quantize_(model: nn.Module, names: list[str] | None = None) -> nn.Module:
+    """Replace the named nn.Linear layers (default: `quantizable_layers(model)`) by Int8Linear copies,
+    in place, one at a time (each float weight can be freed once its int8 copy exists); returns model.
+
+    Works on a model on the meta device too (int8 buffers of the right shapes, for loading into).
+    """
+    for name in quantizable_layers(model) if names is None else names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, attr)
+        if isinstance(layer, Int8Linear):
+            continue
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{name} is a {type(layer).__name__}, not a dense layer")
+        setattr(parent, attr, Int8Linear.from_linear(layer))
+    return model
+
+
+def int8_layers(model: nn.Module) -> list[str]:
+    """Names of the model's Int8Linear layers."""
+    return [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of the model holds int8 weights."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())

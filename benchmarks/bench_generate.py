@@ -91,6 +91,7 @@ VARIANTS = {
     "min-dalle-fp16": ("min-dalle", "float16", "float32"),
     "ours-fp16": ("ours", "float16", "float16"),
     "min-dalle-bf16": ("min-dalle", "bfloat16", "float32"),
+    "ours-int8": ("ours", "int8", "float32"),  # 8-bit DalleBart weights, float32 activations
 }
 DEFAULT_VARIANTS = {
     "cpu": ["min-dalle", "ours", "ours-bf16"],
@@ -850,11 +851,11 @@ def summarize(
     streaming = limits.get("weight_streaming_bytes_per_s")
     for v, s in sides.items():
         dtype = VARIANTS[v][1]
-        same = "min-dalle" + {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}[dtype]
+        same = "min-dalle" + {"float16": "-fp16", "bfloat16": "-bf16"}.get(dtype, "")
         base = sides.get(same, sides.get("min-dalle"))
         for n, r in s["batches"].items():
             images = int(n)
-            elt = 4 if s["dtype"] == "float32" else 2
+            elt = {"float32": 4, "int8": 1}.get(s["dtype"], 2)  # bytes a weight streams
             costs = step_costs(s["prompt_tokens"], 2 * images, elt, shape)
             step_s = r["token_decoding_s"] / IMAGE_TOKENS
             peak = limits["matmul_flops_per_s"].get(s["dtype"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dallemini.checkpoints import convert
+from dallemini.checkpoints import convert, load_parts
+from dallemini.checkpoints.lazy import LazyTensor
+from dallemini.checkpoints.native import read_config
+from dallemini.checkpoints.quantized import build_bart, float_layers_to_quantize
 from dallemini.checkpoints.safetensors_io import read_header
 from dallemini.config import BART_PRESETS
 from dallemini.devices import resolve_dtype
@@ -139,6 +143,27 @@ def test_from_pretrained_int8_generates(tiny_dir: Path) -> None:
     two = pipe(PROMPTS, num_images=2, seed=4, max_batch=1)
     assert one[0].image.size == (64, 64) and len(two) == 2 and len(two[1]) == 2
     assert one[0].tokens == pipe("a cat", num_images=1, seed=4)[0].tokens  # seeded: repeatable
+
+
+def test_int8_loading_frees_each_float_weight_before_reading_the_next(tiny_dir: Path) -> None:
+    """Peak memory while loading with dtype="int8": the int8 model plus one float layer."""
+    state = load_parts(tiny_dir, lazy=True).states["bart"]
+    layers = set(float_layers_to_quantize(state))
+    alive: list[weakref.ref] = []
+
+    def watched(t: LazyTensor) -> LazyTensor:
+        def read() -> torch.Tensor:
+            assert all(r() is None for r in alive), "a float weight outlived its int8 copy"
+            value = t.load()
+            alive.append(weakref.ref(value))
+            return value
+
+        return LazyTensor(tuple(t.shape), t.dtype, read)
+
+    state = {k: watched(v) if k[: -len(".weight")] in layers else v for k, v in state.items()}
+    cfg = read_config(tiny_dir).bart
+    model = build_bart(cfg, state, "test", torch.int8)
+    assert len(alive) == len(layers) == len(int8_layers(model))
 
 
 def test_int8_directory_round_trip(tiny_dir: Path, int8_dir: Path, tmp_path: Path) -> None:

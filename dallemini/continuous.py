@@ -17,6 +17,7 @@ from itertools import count
 import torch
 from torch import Tensor
 
+from . import threads
 from .config import SamplingConfig
 from .errors import InputError
 from .generate import draw, filter_logits, row_uniforms, trim_padding
@@ -96,6 +97,7 @@ class RunningBatch:
         self.owner: list[tuple[Row, int]] = []  # slot -> (row, index in row.slots)
         self.rows: dict[int, Row] = {}
         self._keys = count()
+        self.tuner = threads.tuner("decode") if self.device.type == "cpu" else threads.FIXED
 
     @property
     def used_slots(self) -> int:
@@ -204,7 +206,8 @@ class RunningBatch:
         """One token for every unfinished row; returns the rows that finished (their slots freed)."""
         running = [row for row in self.rows.values() if row.slots]
         if running:
-            logits = self._logits()[:, : self.num_codes].float()  # mix in float32
+            with self.tuner.step():
+                logits = self._logits()[:, : self.num_codes].float()  # mix in float32
             by_settings: dict[SamplingConfig, list[Row]] = defaultdict(list)
             for row in running:
                 by_settings[row.request.settings].append(row)

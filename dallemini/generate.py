@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import threads
 from .config import BartConfig, SamplingConfig
 from .errors import InputError
 from .models import kernels
@@ -169,15 +170,17 @@ def iter_image_tokens(
     if m:
         out[:, :m] = prefix
     fast: Callable[[Tensor, int], Tensor] | bool | None = None  # False: tried, none applies
+    tuner = threads.tuner("decode") if device.type == "cpu" else threads.FIXED
     for step in range(m, total):
         x = feed.repeat(2, 1) if guided else feed
         if fast is None and x.shape[1] == 1:
             fast = kernels.fast_step(model, cache, x.shape[0], step) or False
-        if fast and x.shape[1] == 1:
-            out_logits = fast(x, step)
-            cache.length = step + 1
-        else:
-            out_logits = model.decode_step(x, cache, last_only=True)
+        with tuner.step():
+            if fast and x.shape[1] == 1:
+                out_logits = fast(x, step)
+                cache.length = step + 1
+            else:
+                out_logits = model.decode_step(x, cache, last_only=True)
         logits = out_logits[:, -1, :num_codes].float()  # mix in float32
         if guided:
             cond, uncond = logits[:b], logits[b:]

@@ -15,6 +15,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from . import threads
 from .checkpoints import load_parts
 from .checkpoints.native import (
     ModelExamples,
@@ -399,8 +400,13 @@ class TextToImage:
     def _decode_groups(self, tokens: Tensor) -> Iterator[Tensor]:
         """Image tokens [B, image_length] -> pixels [b, 3, H, W] in [0, 1], `decode_batch` images at a time."""
         g = self.config.vqgan.grid_size
+        # on a busy CPU one thread may be faster (pixels then may differ by a level, as between
+        # batch sizes)
+        tuner = threads.tuner("vqgan") if self.device.type == "cpu" else threads.FIXED
         for codes in tokens.to(self.device).view(-1, g, g).split(self.decode_batch):
-            yield self.vqgan.decode(codes)
+            with tuner.step():
+                pixels = self.vqgan.decode(codes)
+            yield pixels
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor) -> list[Image.Image]:

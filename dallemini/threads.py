@@ -1,10 +1,17 @@
 """How many CPU threads to compute with: what the process may use (affinity, cgroup CPU quota), or
-`--threads` / $DALLEMINI_THREADS, applied to PyTorch's intra-op pool and the native kernels."""
+`--threads` / $DALLEMINI_THREADS, applied to PyTorch's intra-op pool and the native kernels; and,
+when nobody chose a count, `tuner(loop)`: while a loop runs, use whichever of all those threads or
+one thread makes its steps fastest now (on a CPU shared with other work, every parallel region
+waits for the thread the OS has descheduled, and one thread is often several times faster)."""
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,9 +69,91 @@ def choose_threads(requested: int | str | None = None) -> int:
     return n
 
 
+def user_chose_threads(requested: int | str | None = None) -> bool:
+    """Whether the thread count was given (--threads, $DALLEMINI_THREADS or $OMP_NUM_THREADS)."""
+    return requested is not None or bool(os.environ.get(ENV) or os.environ.get("OMP_NUM_THREADS"))
+
+
 def apply_threads(requested: int | str | None = None) -> int:
-    """Choose the thread count (see choose_threads) and give it to PyTorch; returns it."""
+    """Choose the thread count (see choose_threads) and give it to PyTorch; returns it. A count the
+    user gave is kept as it is; a chosen one is the most that `tuner` loops use."""
     n = choose_threads(requested)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    _STATE["fixed"], _STATE["most"] = user_chose_threads(requested), n
+    _TUNERS.clear()  # they start again from the new count
     return n
+
+
+class ThreadTuner:
+    """Per step of one loop: the thread count (all of them, or one) whose steps are fastest now.
+
+    Every `probe_every` steps (and at the start) it times `trials` steps with each count, taking
+    turns, and keeps the count whose fastest step was fastest. Steps of one loop are alike, so a
+    probe costs little on an idle machine (a few one-thread steps) and finds out when other work
+    has taken cores.
+    """
+
+    def __init__(self, threads: int, probe_every: int = 64, trials: int = 2) -> None:
+        self.counts = sorted({max(1, threads), 1}, reverse=True)
+        self.probe_every, self.trials = probe_every, trials
+        self.best = self.counts[0]
+        self._queue: list[int] = []
+        self._times: dict[int, float] = {}
+        self._since = probe_every  # probe at the first step
+
+    def _next(self) -> int:
+        """The thread count of the coming step."""
+        if not self._queue and self._since >= self.probe_every and len(self.counts) > 1:
+            self._queue = self.counts * self.trials
+            self._times = {}
+        return self._queue[0] if self._queue else self.best
+
+    def _record(self, n: int, seconds: float) -> None:
+        if not self._queue:
+            self._since += 1
+            return
+        self._queue.pop(0)
+        self._times[n] = min(seconds, self._times.get(n, math.inf))
+        if not self._queue:
+            self.best = min(self._times, key=self._times.__getitem__)
+            self._since = 0
+
+    @contextmanager
+    def step(self) -> Iterator[int]:
+        """Run one step of the loop with the count chosen for it (yielded)."""
+        n = self._next()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        start = time.perf_counter()
+        try:
+            yield n
+        finally:
+            self._record(n, time.perf_counter() - start)
+
+
+class _FixedThreads:
+    """tuner() where the user chose the thread count: steps run with it, untouched."""
+
+    @contextmanager
+    def step(self) -> Iterator[int]:
+        yield torch.get_num_threads()
+
+
+# fixed: the user chose the count; most: the count tuners start from (apply_threads', else torch's)
+FIXED = _FixedThreads()  # for loops that never tune (not on a CPU)
+_STATE: dict[str, int] = {"fixed": user_chose_threads(), "most": torch.get_num_threads()}
+_TUNERS: dict[tuple[str, int], ThreadTuner] = {}
+_LOCK = threading.Lock()
+
+
+def tuner(loop: str) -> ThreadTuner | _FixedThreads:
+    """The thread tuner of a kind of loop ("decode", "vqgan", "train", ...), kept across calls;
+    one that changes nothing when the user chose the thread count or $DALLEMINI_TUNE_THREADS=0."""
+    if _STATE["fixed"] or os.environ.get("DALLEMINI_TUNE_THREADS", "1") == "0":
+        return FIXED
+    key = (loop, threading.get_ident())
+    with _LOCK:
+        if key not in _TUNERS:
+            _TUNERS[key] = ThreadTuner(_STATE["most"])
+        return _TUNERS[key]

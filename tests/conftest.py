@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
+from dallemini import threads
 from tests.fakehub import FakeHub, point_hf_at
+
+# Thread counts tuned by timing would make pixels (not tokens) depend on the machine's load, by a
+# level here and there; tests that compare images run with the count they set. tests/test_threads.py
+# tests the tuning itself.
+os.environ.setdefault("DALLEMINI_TUNE_THREADS", "0")
 
 
 @pytest.fixture(autouse=True)
 def _torch_globals() -> Iterator[None]:
     """Importing min_dalle turns autograd off and changes the thread count for the whole process: restore both."""
-    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    grad, count, state = torch.is_grad_enabled(), torch.get_num_threads(), dict(threads._STATE)
     yield
     torch.set_grad_enabled(grad)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(count)
+    threads._STATE.update(state)
+    threads._TUNERS.clear()
 
 
 @pytest.fixture

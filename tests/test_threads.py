@@ -5,20 +5,39 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from dallemini import threads
+from dallemini.config import BART_PRESETS, SamplingConfig
 from dallemini.errors import InputError
-from dallemini.threads import apply_threads, available_cpus, cgroup_cpu_limit, choose_threads
+from dallemini.generate import sample_image_tokens
+from dallemini.models.bart import DalleBart
+from dallemini.threads import (
+    FIXED,
+    ThreadTuner,
+    apply_threads,
+    available_cpus,
+    cgroup_cpu_limit,
+    choose_threads,
+    tuner,
+)
 
 from .test_cli import run_here
 
 
 @pytest.fixture(autouse=True)
 def _no_thread_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("DALLEMINI_THREADS", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+    for name in (
+        "DALLEMINI_THREADS",
+        "OMP_NUM_THREADS",
+        "LOCAL_WORLD_SIZE",
+        "DALLEMINI_TUNE_THREADS",
+    ):
         monkeypatch.delenv(name, raising=False)
     before = torch.get_num_threads()
     yield
@@ -70,3 +89,45 @@ def test_a_restricted_affinity_gives_fewer_threads() -> None:
 def test_threads_option_is_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_here(capsys, "generate", "--threads", "0", "--out", tmp_path, "a cat")
     assert code == 2 and "--threads must be between 1 and 1024" in err
+
+
+def test_the_tuner_keeps_the_faster_count_and_probes_again() -> None:
+    tuner = ThreadTuner(2, probe_every=3, trials=1)
+    used = []
+    for _ in range(7):
+        with tuner.step() as n:
+            used.append(n)
+            time.sleep(0.03 if n == 2 else 0.001)  # as if another process held a core
+    assert used == [2, 1, 1, 1, 1, 2, 1]  # probe both, keep one thread, probe again after 3
+    assert tuner.best == 1
+
+
+def test_a_chosen_thread_count_is_never_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    apply_threads(1)
+    assert isinstance(tuner("decode"), type(FIXED))
+    monkeypatch.setenv("DALLEMINI_THREADS", "2")
+    apply_threads()
+    assert tuner("decode") is FIXED
+    monkeypatch.delenv("DALLEMINI_THREADS")
+    apply_threads()  # automatic: tuned, and the same tuner for the same loop
+    assert isinstance(tuner("decode"), ThreadTuner) and tuner("decode") is tuner("decode")
+    monkeypatch.setenv("DALLEMINI_TUNE_THREADS", "0")
+    assert tuner("decode") is FIXED
+
+
+def test_switching_threads_between_steps_keeps_the_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = DalleBart(BART_PRESETS["tiny"]).eval()
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    u, um = ids[:1].clone(), torch.zeros_like(ids[:1])
+    um[0, :2] = 1
+    run = lambda: sample_image_tokens(model, ids, mask, u, um, [1, 2], SamplingConfig(), 60)  # noqa: E731
+    monkeypatch.setenv("DALLEMINI_TUNE_THREADS", "0")
+    torch.set_num_threads(2)
+    fixed = run()
+    monkeypatch.delenv("DALLEMINI_TUNE_THREADS")
+    apply_threads()
+    switching = ThreadTuner(2, probe_every=1, trials=1)  # 2, 1, 2, 1, ... threads
+    monkeypatch.setitem(threads._TUNERS, ("decode", threading.get_ident()), switching)
+    assert torch.equal(run(), fixed)

@@ -28,6 +28,11 @@ With --steps N < 256 the token-decoding figures are extrapolated and marked so: 
 not depend on the position (it always attends over all 256 slots), so its N steps are scaled to 256; ours
 attends over the generated prefix only, so it is timed on the first N steps and on the last N (a forced
 prefix of 256 - N tokens), and the mean of both windows is scaled to 256 (exact when cost grows linearly).
+`--competitor both` also runs every variant and batch a second time with a busy process beside it (a
+plain spinning loop pinned to one core, started before the child and stopped after it), and prints the
+slowdown of each side under contention and ours against min-dalle under contention (`one-core`: only
+contended runs). Ours then runs with its default thread settings (no OMP_NUM_THREADS), as a user's
+`dallemini generate` would.
 Writes benchmarks/results/bench_generate.json.
 """
 
@@ -39,6 +44,7 @@ import itertools
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -575,7 +581,12 @@ def run_ours(
 
 def child(args: argparse.Namespace) -> None:
     """One side in its own process: print its figures as one JSON line."""
-    torch.set_num_threads(args.threads)
+    if args.auto_threads:  # as `dallemini generate` chooses (and tunes) them
+        from dallemini.threads import apply_threads
+
+        apply_threads()
+    else:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     side, dtype, vqgan_dtype = VARIANTS[args.child]
     device = torch.device(args.device)
@@ -617,7 +628,27 @@ def spawn(variant: str, images: int, args: argparse.Namespace) -> dict[str, Any]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    if args.competitor != "none" and VARIANTS[variant][0] != "min-dalle":
+        env.pop("OMP_NUM_THREADS")  # ours as a user runs it: threads chosen (and tuned) by itself
+        cmd += ["--auto-threads"]
     return run_child(variant, cmd, env)
+
+
+@contextlib.contextmanager
+def competitor(on: bool) -> Any:
+    """A plain spinning process on one core (the last this process may use) while the block runs."""
+    if not on:
+        yield
+        return
+    cpu = max(os.sched_getaffinity(0))
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)  # spinning before the child starts
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def main() -> None:
@@ -648,6 +679,13 @@ def main() -> None:
         help="print the README table of the results file's full run for --device/--shape (else its "
         "latest run) and exit",
     )
+    p.add_argument(
+        "--competitor",
+        choices=("none", "one-core", "both"),
+        default="none",
+        help="a spinning process on one core beside each run (both: idle and contended runs)",
+    )
+    p.add_argument("--auto-threads", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -698,29 +736,33 @@ def main() -> None:
         print(f"{info['cpu']}, {args.threads} threads, load {info.get('load_average_1m_before')}")
         print(f"  limits: {_limits_line(limits_seen[0])}")
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {v: {} for v in args.variants}
-        for rep in range(args.repeats):
-            for n in args.batches:
-                for v in args.variants:
-                    load, t1 = round(os.getloadavg()[0], 2), time.perf_counter()
-                    out = spawn(v, n, args)
-                    r = out["batches"][str(n)]
-                    r.update(
-                        repeat=rep,
-                        load_average_1m_before=load,
-                        load_average_1m_after=round(os.getloadavg()[0], 2),
-                        max_rss_kib=out["max_rss_kib"],
-                        load=out["load"],
-                        host_cpu=out.get("host_cpu"),
-                    )
-                    for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads"):
-                        r[k] = out[k]
-                    runs[v].setdefault(str(n), []).append(r)
-                    other = r["host_cpu"]["other_cores"] if r["host_cpu"] else float("nan")
-                    print(
-                        f"  {v} x{n} (run {rep + 1}): {r['total_s'] / n:.2f} s/image, "
-                        f"other work {other:.2f} cores ({time.perf_counter() - t1:.0f} s)"
-                    )
-                    limits_seen.append(measure_limits(False, device))
+        contended: dict[str, dict[str, list[dict[str, Any]]]] = {v: {} for v in args.variants}
+        modes = {"none": [False], "one-core": [True], "both": [False, True]}[args.competitor]
+        for rep, n, v, busy in itertools.product(
+            range(args.repeats), args.batches, args.variants, modes
+        ):
+            load, t1 = round(os.getloadavg()[0], 2), time.perf_counter()
+            with competitor(busy):
+                out = spawn(v, n, args)
+            r = out["batches"][str(n)]
+            r.update(
+                repeat=rep,
+                load_average_1m_before=load,
+                load_average_1m_after=round(os.getloadavg()[0], 2),
+                max_rss_kib=out["max_rss_kib"],
+                load=out["load"],
+                host_cpu=out.get("host_cpu"),
+            )
+            for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads"):
+                r[k] = out[k]
+            (contended if busy else runs)[v].setdefault(str(n), []).append(r)
+            other = r["host_cpu"]["other_cores"] if r["host_cpu"] else float("nan")
+            print(
+                f"  {v} x{n} (run {rep + 1}{', contended' if busy else ''}): "
+                f"{r['total_s'] / n:.2f} s/image, other work {other:.2f} cores "
+                f"({time.perf_counter() - t1:.0f} s)"
+            )
+            limits_seen.append(measure_limits(False, device))
         limits_seen.append(measure_limits(True, device))
         print(f"  limits: {_limits_line(limits_seen[-1])}")
     finally:
@@ -742,17 +784,11 @@ def main() -> None:
         },
         "measured": limits_seen,
     }
-    sides = {}
-    for v, by_n in runs.items():
-        best = {n: min(rs, key=lambda r: r["total_s"]) for n, rs in by_n.items()}
-        first = next(iter(best.values()))
-        sides[v] = {
-            "batches": best,
-            "all_runs": by_n,
-            "max_rss_kib": max(r["max_rss_kib"] for rs in by_n.values() for r in rs),
-            **{k: first[k] for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads")},
-        }
+    sides = _sides(runs if False in modes else contended)
     report(sides, limits, args, shape)
+    contention = _contention(_sides(runs), _sides(contended)) if modes == [False, True] else None
+    if contention is not None:
+        _print_contention(contention)
     targets = [] if args.layers else check_targets(sides, summarize(sides, limits, shape), device)
     for t in targets:
         print(f"  {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}")
@@ -768,12 +804,69 @@ def main() -> None:
         "sides": sides,
         "summary": summarize(sides, limits, shape),
         "targets": targets,
+        "competitor": args.competitor,
+        "contended_sides": _sides(contended) if True in modes else None,
+        "contention": contention,
         "machine": info,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     key = full_key if args.steps >= IMAGE_TOKENS else f"{full_key}-steps{args.steps}"
+    key += {"none": "", "one-core": "-contended", "both": "-contention"}[args.competitor]
     merge_results(args.output, key, record)
     print(f"wrote {args.output}")
+
+
+def _sides(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per variant: the fastest run of each batch size, every run, and what the runs share."""
+    sides = {}
+    for v, by_n in runs.items():
+        if not by_n:
+            continue
+        best = {n: min(rs, key=lambda r: r["total_s"]) for n, rs in by_n.items()}
+        first = next(iter(best.values()))
+        sides[v] = {
+            "batches": best,
+            "all_runs": by_n,
+            "max_rss_kib": max(r["max_rss_kib"] for rs in by_n.values() for r in rs),
+            **{k: first[k] for k in ("prompt_tokens", "dtype", "vqgan_dtype", "threads")},
+        }
+    return sides
+
+
+def _contention(idle: dict[str, Any], busy: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per variant and batch: seconds per image idle and beside the competitor, the slowdown, and
+    ours against min-dalle (same dtype) under contention."""
+    rows = []
+    for v, side in busy.items():
+        for n, r in side["batches"].items():
+            quiet = idle[v]["batches"][n]["total_s"]
+            row = {
+                "variant": v,
+                "images": int(n),
+                "idle_s_per_image": round(quiet / int(n), 3),
+                "contended_s_per_image": round(r["total_s"] / int(n), 3),
+                "slowdown": round(r["total_s"] / quiet, 2),
+            }
+            md = busy.get("min-dalle", {}).get("batches", {}).get(n)
+            if VARIANTS[v][0] != "min-dalle" and md is not None:
+                row["contended_speedup_vs_min_dalle"] = round(md["total_s"] / r["total_s"], 2)
+            rows.append(row)
+    return rows
+
+
+def _print_contention(rows: list[dict[str, Any]]) -> None:
+    print("\nbeside a spinning process on one core (same run):")
+    print(
+        f"{'variant':14s} {'imgs':>4s} {'idle s/img':>10s} {'busy s/img':>10s} "
+        f"{'slowdown':>8s} {'x min-dalle':>11s}"
+    )
+    for r in rows:
+        vs = r.get("contended_speedup_vs_min_dalle")
+        print(
+            f"{r['variant']:14s} {r['images']:4d} {r['idle_s_per_image']:10.2f} "
+            f"{r['contended_s_per_image']:10.2f} {r['slowdown']:7.2f}x "
+            f"{(f'{vs:.2f}x' if vs else '-'):>11s}"
+        )
 
 
 def check_targets(

@@ -3,8 +3,9 @@
 Each dense layer's weight row r becomes int8 values q[r] = round(w[r] / s[r]) with one float32 scale
 s[r] = max|w[r]| / 127, so w ≈ q * s. Activations, layer norms, embeddings and the K/V cache stay in
 the model's float dtype; only the dense layers' weights (a quarter of their float32 bytes) change.
-`Int8Linear` multiplies with PyTorch's `torch._weight_int8pack_mm` where it applies and dequantizes
-otherwise; `quantize_` swaps a model's layers in place.
+`Int8Linear` multiplies with the native CPU kernel (kernels/native.gemv_int8: up to 32 rows), else
+PyTorch's `torch._weight_int8pack_mm` where it applies, else on a dequantized weight; `quantize_`
+swaps a model's layers in place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import native
 
 # The output head is quantized with the layers: it is a dense layer read at every decoding step.
 QUANTIZE_LM_HEAD = True
@@ -94,6 +97,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).contiguous()
+        if x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
+            # the native kernel widens each int8 weight in registers: one byte per weight read
+            y = native.gemv_int8(x2.float(), self.weight, self.weight_scale)
+            if y is not None:
+                return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         scale = self.weight_scale.to(x.dtype)
         y = None
         if _packed_mm_applies(x2, self.weight):

@@ -367,3 +367,24 @@ def test_generation_takes_the_fast_paths(
         assert dec.lm_head._packed is not None and layer.glu.fc2._packed is not None
         assert layer.self_attn.qkv._cache is not None and layer.glu.fc01._cache is not None
         assert pipe.bart.encoder.layers[0].glu.fc0._packed is None  # the encoder is not packed
+
+
+@pytest.mark.parametrize("build", ["native", "avx2"])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"), [(1, 2730, 1024), (2, 37, 50), (9, 100, 33), (32, 5, 7)]
+)
+def test_int8_kernel_matches_the_dequantized_product(
+    request: pytest.FixtureRequest, build: str, rows: int, n: int, k: int
+) -> None:
+    """Weights widened from int8 in registers, times the scale: the float product of the
+    dequantized weight, for any width (tails of K % 16) and 1 to 32 rows, in both builds."""
+    if build == "avx2":
+        request.getfixturevalue("avx2_build")
+    if not native.available(torch.int8):
+        pytest.skip("no native kernels here")
+    g = torch.Generator().manual_seed(rows + n + k)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale, x = torch.rand(n, generator=g) * 0.01, torch.randn(rows, k, generator=g)
+    want = (x.double() @ (w.double() * scale.double()[:, None]).t()).float()
+    torch.testing.assert_close(native.gemv_int8(x, w, scale), want, rtol=1e-5, atol=1e-5)
+    assert native.gemv_int8(torch.randn(33, k), w, scale) is None  # past INT8_MAX_ROWS

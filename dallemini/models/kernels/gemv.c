@@ -490,3 +490,68 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
     for (long i = 0; i < d; i++) x[r * d + i] += y[r * d + i];
   return 0;
 }
+
+/* int8 weights (weight-only quantization): Y [R, N] = (X [R, K] float32) W^T * scale, W [N, K] int8,
+ * scale [N] float32 (one per output row). Each weight value is widened to float32 in registers,
+ * so memory carries one byte per weight (a quarter of float32's); the arithmetic is float32. Four
+ * weight rows at a time against up to four X rows held in registers. */
+#define I8_ROWS 4
+#define I8_XR 4
+#ifdef __AVX512F__
+static inline __m512 widen16(const signed char* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X, float* Y, long R,
+                       long N, long K, int threads) {
+  long blocks = (N + I8_ROWS - 1) / I8_ROWS;
+  long K16 = K - K % 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long b = 0; b < blocks; b++) {
+    long n = b * I8_ROWS;
+    long rows = N - n < I8_ROWS ? N - n : I8_ROWS;
+    const signed char* w[I8_ROWS];
+    for (int i = 0; i < I8_ROWS; i++) w[i] = W + (n + (i < rows ? i : 0)) * K;
+    for (long r0 = 0; r0 < R; r0 += I8_XR) {
+      long xr = R - r0 < I8_XR ? R - r0 : I8_XR;
+      const float* x[I8_XR];
+      for (int j = 0; j < I8_XR; j++) x[j] = X + (r0 + (j < xr ? j : 0)) * K;
+      __m512 acc[I8_ROWS][I8_XR];
+      for (int i = 0; i < I8_ROWS; i++)
+        for (int j = 0; j < I8_XR; j++) acc[i][j] = _mm512_setzero_ps();
+      for (long k = 0; k < K16; k += 16) {
+        __m512 xv[I8_XR];
+        for (int j = 0; j < I8_XR; j++) xv[j] = _mm512_loadu_ps(x[j] + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < I8_ROWS; i++) {
+          __m512 wv = widen16(w[i] + k);
+          for (int j = 0; j < I8_XR; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+      }
+      for (int i = 0; i < rows; i++) {
+        for (int j = 0; j < xr; j++) {
+          float s = _mm512_reduce_add_ps(acc[i][j]);
+          for (long k = K16; k < K; k++) s += (float)w[i][k] * x[j][k]; /* the last K % 16 */
+          Y[(r0 + j) * N + n + i] = s * scale[n + i];
+        }
+      }
+    }
+  }
+}
+#else
+/* Without AVX-512: one weight row at a time, the compiler vectorizing the widening k loop. */
+void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X, float* Y, long R,
+                       long N, long K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long n = 0; n < N; n++) {
+    const signed char* w = W + n * K;
+    for (long r = 0; r < R; r++) {
+      const float* x = X + r * K;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (long k = 0; k < K; k++) s += (float)w[k] * x[k];
+      Y[r * N + n] = s * scale[n];
+    }
+  }
+}
+#endif

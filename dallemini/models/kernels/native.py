@@ -42,7 +42,7 @@ def _arch_flag() -> str:
 
 
 _LOCK = threading.Lock()
-# "fn", "bf16", "layer", "attend": the loaded functions (None where unavailable)
+# "fn", "bf16", "layer", "attend", "int8": the loaded functions (None where unavailable)
 _STATE: dict[str, object] = {}
 # The bfloat16 kernel's weight layout: blocks of ROWS (gemv.c) rows, 32 columns (one pair-dot vector).
 _BLOCK_ROWS, _BLOCK_COLS = 8, 32
@@ -148,6 +148,17 @@ def _load() -> object | None:
     attend.argtypes += [ctypes.c_void_p] * 3 + [ctypes.c_int]
     attend.restype = None
     _STATE["attend"] = attend
+    i8 = lib.dallemini_gemv_i8
+    i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    i8.restype = None
+    _STATE["int8"] = i8
+    wq = torch.randint(-127, 128, (37, 50), generator=g, dtype=torch.int8)
+    sc = torch.rand(37, generator=g) + 0.5
+    x5 = torch.randn(5, 50, generator=g)
+    yq = _run_int8(i8, x5, wq, sc)
+    if not torch.allclose(yq, x5 @ (wq.float() * sc[:, None]).t(), rtol=1e-4, atol=1e-4):
+        log.warning("native int8 kernel gives wrong results here; using PyTorch's matmul")
+        _STATE["int8"] = None
     # Built on AVX512-BF16 CPUs only.
     bf16 = getattr(lib, "dallemini_gemv2_bf16", None)
     if bf16 is not None:
@@ -168,7 +179,7 @@ def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
             # _load sets these once the float32 function passed its check
-            _STATE["bf16"] = _STATE["layer"] = _STATE["attend"] = None
+            _STATE["bf16"] = _STATE["layer"] = _STATE["attend"] = _STATE["int8"] = None
             _STATE["fn"] = _load()
         return _STATE[kind]
 
@@ -177,6 +188,8 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the native kernel for `dtype` weights runs on this machine (compiles it on the first call)."""
     if dtype == torch.bfloat16:
         return _function("bf16") is not None
+    if dtype == torch.int8:
+        return _function("int8") is not None
     return dtype == torch.float32 and _function() is not None
 
 
@@ -403,6 +416,49 @@ def attend1(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tens
         torch.get_num_threads(),
     )
     return out
+
+
+# Rows of X the int8 kernel takes: it re-reads each block of weight rows (from cache) per four X
+# rows, so past this a float matmul on the dequantized weight is faster.
+INT8_MAX_ROWS = 32
+
+
+def gemv_int8(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor | None:
+    """x [R, K] float32 times the int8 weight [N, K]^T, times scale [N]: [R, N] float32 on CPU
+    (weights widened in registers); None where the kernel does not apply."""
+    fn = _function("int8")
+    if (
+        fn is None
+        or x.dtype != torch.float32
+        or weight.dtype != torch.int8
+        or scale.dtype != torch.float32
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or x.dim() != 2
+        or not 0 < x.shape[0] <= INT8_MAX_ROWS
+        or x.shape[1] != weight.shape[1]
+        or scale.shape != weight.shape[:1]
+        or not (weight.is_contiguous() and scale.is_contiguous())
+    ):
+        return None
+    return _run_int8(fn, x.contiguous(), weight, scale)
+
+
+def _run_int8(fn: object, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """The C int8 product for contiguous x [R, K], weight [N, K], scale [N]."""
+    (r, k), n = x.shape, weight.shape[0]
+    y = torch.empty(r, n)
+    fn(  # type: ignore[operator]
+        weight.data_ptr(),
+        scale.data_ptr(),
+        x.data_ptr(),
+        y.data_ptr(),
+        r,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    return y
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor | None:

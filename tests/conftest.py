@@ -15,6 +15,9 @@ from tests.fakehub import FakeHub, point_hf_at
 # level here and there; tests that compare images run with the count they set. tests/test_threads.py
 # tests the tuning itself.
 os.environ.setdefault("DALLEMINI_TUNE_THREADS", "0")
+# Likewise the few-row product path is fixed (timing would pick it by load); tests of the choice
+# itself unset it.
+os.environ.setdefault("DALLEMINI_FEW_ROWS", "native")
 
 
 @pytest.fixture(autouse=True)

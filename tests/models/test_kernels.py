@@ -1,6 +1,8 @@
 """The speed paths of models/kernels: the native kernels give torch's products and decoder layers, the CPU
 paths bind to a model from outside and are used only where they apply."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -388,3 +390,39 @@ def test_int8_kernel_matches_the_dequantized_product(
     want = (x.double() @ (w.double() * scale.double()[:, None]).t()).float()
     torch.testing.assert_close(native.gemv_int8(x, w, scale), want, rtol=1e-5, atol=1e-5)
     assert native.gemv_int8(torch.randn(33, k), w, scale) is None  # past INT8_MAX_ROWS
+
+
+def test_the_few_row_path_is_measured_once_and_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Each weight shape's faster path (native kernel or oneDNN) is timed once, kept on disk for
+    later processes, and forced by $DALLEMINI_FEW_ROWS; a forced oneDNN path gives the same product
+    and keeps one image's float32 steps off the native layer kernel."""
+    from dallemini.models.kernels import choice
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    monkeypatch.delenv("DALLEMINI_FEW_ROWS", raising=False)
+    monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
+    monkeypatch.setattr(choice, "_CHOICES", {})
+    monkeypatch.setattr(choice, "_LOADED", [])
+    timed = []
+    monkeypatch.setattr(choice, "measure", lambda w, f: timed.append(w.shape) or "onednn")
+    layer = cpu.CpuLinear(64, 48, prepack=True)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        want = x @ layer.weight.t()
+        torch.testing.assert_close(layer(x), want)
+        layer(x)
+    assert timed == [(48, 64)]  # once
+    saved = json.loads(choice.choices_file().read_text())
+    assert list(saved.values()) == ["onednn"]
+    monkeypatch.setattr(choice, "_CHOICES", {})
+    monkeypatch.setattr(choice, "_LOADED", [])
+    assert layer.few_rows_path() == "onednn" and timed == [(48, 64)]  # read back, not timed
+    monkeypatch.setenv("DALLEMINI_FEW_ROWS", "native")
+    assert layer.few_rows_path() == "native"
+    monkeypatch.setenv("DALLEMINI_FEW_ROWS", "onednn")
+    m = _bart(torch.float32, True)
+    _, step = _greedy_logits(m, 2, use_native=True)
+    assert not isinstance(step, cpu.NativeStep)

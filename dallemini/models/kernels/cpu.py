@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ...memory import release_freed_memory
 from ..bart import GLU, Attention, DalleBart, DecoderCache
-from . import native
+from . import choice, native
 
 
 def _has_onednn_linear() -> bool:
@@ -109,6 +109,19 @@ class CpuLinear(nn.Linear):
             self._blocked = (key, packed)
         return self._blocked[1]
 
+    def few_rows_path(self) -> str:
+        """native or onednn: the faster for one image's float32 rows on this CPU (choice.py); a
+        packed copy made only to time oneDNN is dropped again when the native kernel wins."""
+        had = self._packed is not None
+
+        def onednn(x: Tensor) -> Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), None, "none", [], "")
+
+        path = choice.few_rows_path(self.weight.detach(), onednn)
+        if path == "native" and not had:
+            self._packed = None
+        return path
+
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if _onednn_applies(x, w):
@@ -116,7 +129,11 @@ class CpuLinear(nn.Linear):
             # One or two rows in all: a decoding step of one image.
             few = x.numel() <= 2 * x.shape[-1]
             if w.dtype == torch.float32:
-                if few:  # the native kernel streams the weight ~1.4x faster
+                if few and self.prepack and self.few_rows_path() == "onednn":
+                    return torch.ops.mkldnn._linear_pointwise(
+                        x, self.packed_weight(), None, "none", [], ""
+                    )
+                if few:  # the native kernel streams the weight ~1.4x faster on most CPUs
                     y = native.gemv(x, w)
                     if y is not None:
                         return y
@@ -304,10 +321,19 @@ def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
         and dtype in (torch.float32, torch.bfloat16)
         and native.available(dtype)
         and all(isinstance(m, CpuLinear) for layer in model.decoder.layers for m in _dense(layer))
+        and (dtype == torch.bfloat16 or _native_is_faster(model))
     ):
         layers = _bind_native(model, cache, dtype == torch.bfloat16)
         return None if layers is None else NativeStep(model, layers)
     return None
+
+
+def _native_is_faster(model: DalleBart) -> bool:
+    """Whether the native kernel beats oneDNN for one image's float32 products of this decoder's
+    weight shapes on this CPU (choice.py); else its steps run op by op on oneDNN."""
+    layer = model.decoder.layers[0]
+    shapes = (layer.self_attn.q_proj, layer.glu.fc0, layer.glu.fc2)
+    return all(m.few_rows_path() == "native" for m in shapes)
 
 
 def _dense(layer: nn.Module) -> tuple[nn.Module, ...]:

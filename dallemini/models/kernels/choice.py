@@ -1,0 +1,91 @@
+"""Which path multiplies a few float32 rows by a weight faster on this CPU: the native kernel or oneDNN.
+
+CPU families differ: the native kernel streams weights faster than oneDNN's small-batch matmul on
+AMD Zen 4 and on AVX-512 Xeons without AMX, while on others oneDNN's own kernels win. So each weight
+shape is timed once per CPU model and thread count (both paths on the layer's own weight, a few
+milliseconds), and the faster is kept in the kernels' cache folder (`choices.json`), so later runs
+start with it. $DALLEMINI_FEW_ROWS=native or onednn forces one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...files import atomic_write_json
+from . import native
+
+log = logging.getLogger(__name__)
+PATHS = ("native", "onednn")
+ENV = "DALLEMINI_FEW_ROWS"
+_CHOICES: dict[str, str] = {}
+_LOCK = threading.Lock()
+_LOADED: list[bool] = []
+
+
+def choices_file() -> Path:
+    """Where the measured choices are kept."""
+    return native.cache_dir() / "choices.json"
+
+
+def _cpu_key() -> str:
+    """A short name of this CPU model and its flags (the choices hold for it alone)."""
+    ident = native._cpu_identity() or "unknown"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls, after one untimed."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(weight: Tensor, onednn: Callable[[Tensor], Tensor], repeats: int = 5) -> str:
+    """Time two rows times `weight` both ways; the faster path's name."""
+    x = torch.randn(2, weight.shape[1])
+    if native.gemv(x, weight) is None:
+        return "onednn"
+    t_native = _best_of(lambda: native.gemv(x, weight), repeats)
+    t_onednn = _best_of(lambda: onednn(x), repeats)
+    return "native" if t_native <= t_onednn else "onednn"
+
+
+def few_rows_path(weight: Tensor, onednn: Callable[[Tensor], Tensor]) -> str:
+    """The faster path for one or two float32 rows times `weight` on this CPU (measured once)."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced in PATHS:
+        return forced
+    n, k = weight.shape
+    key = f"{_cpu_key()}|float32|{n}x{k}|threads{torch.get_num_threads()}"
+    with _LOCK:
+        if not _LOADED:
+            _LOADED.append(True)
+            try:
+                saved = json.loads(choices_file().read_text())
+                _CHOICES.update({k: v for k, v in saved.items() if v in PATHS})
+            except (OSError, ValueError, AttributeError):
+                pass
+        if key in _CHOICES:
+            return _CHOICES[key]
+        _CHOICES[key] = measure(weight, onednn)
+        log.info("few-row float32 product %dx%d: %s is faster here", n, k, _CHOICES[key])
+        try:
+            native.cache_dir().mkdir(parents=True, exist_ok=True)
+            atomic_write_json(choices_file(), dict(sorted(_CHOICES.items())))
+        except OSError as e:  # a read-only home: measured again next time
+            log.info("cannot keep the kernel choices in %s: %s", choices_file(), e)
+        return _CHOICES[key]

@@ -24,11 +24,15 @@ def encode(
     src: Annotated[
         str,
         typer.Argument(
-            help="image folder (+ .txt captions), webdataset .tar(s), parquet file(s) or a glob"
+            help="image folder (+ .txt captions), webdataset .tar(s), parquet file(s), a glob, "
+            "or URLs: s3://b/{00000..00099}.tar, https://…, hf://datasets/…, pipe:CMD"
         ),
     ],
     out: Annotated[
-        Path, typer.Argument(help="output folder of parquet token shards + dataset.json")
+        str,
+        typer.Argument(
+            help="output folder (or s3:// / gs:// prefix) of parquet token shards + dataset.json"
+        ),
     ],
     model: Annotated[
         Path, typer.Option(help="model directory or VQGAN checkpoint whose encoder to use")

@@ -8,6 +8,12 @@ a re-run skips the shards that exist and redoes only the missing ones. Workers s
 workers' records without reading or decoding them. When a worker ends and finds every shard
 present, it writes `dataset.json` from the shards' own footers, so the last worker to finish
 writes it, and writing it twice gives the same bytes.
+
+The output may be an object-store URL (`s3://bucket/tokens`). There is no rename there: each
+shard is one PUT (visible whole or not at all), and then a small marker `_done/part-K.parquet.json`
+(the shard's footer metadata, rows and size) commits it. A re-run counts a shard as done only
+when its marker is there and the object has the marker's size; a shard written but not marked is
+written again. `dataset.json` is built from the markers, once every shard has one.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -31,15 +38,16 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
 from ..images import resize_center_crop
+from .remote import URL, Location, as_location, check_writable, list_dir, read_many, write_bytes
 from .shards import (
     DATASET_FORMAT,
     DATASET_VERSION,
     MANIFEST_NAME,
-    atomic_write_json,
     encoding_type,
     read_shard_meta,
     shard_index,
     shard_name,
+    write_json,
     write_shard,
 )
 from .sources import Normalizer, Record, SampleError, SkipStats, Source, decode_record, open_source
@@ -50,12 +58,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DONE_DIR",
     "EncodeResult",
     "build_manifest",
     "encode_dataset",
+    "marker_name",
     "parse_worker",
     "worker_from_env",
 ]
+
+
+DONE_DIR = "_done"  # object-store outputs: one commit marker per shard in this sub-prefix
+
+
+def marker_name(index: int) -> str:
+    """The commit marker of shard `index` in an object-store output: _done/part-00000.parquet.json."""
+    return f"{DONE_DIR}/{shard_name(index)}.json"
 
 
 def parse_worker(spec: str) -> tuple[int, int]:
@@ -84,7 +102,7 @@ def worker_from_env() -> tuple[int, int]:
 class EncodeResult:
     """What one encode run did; `complete` means dataset.json now lists every shard."""
 
-    out_dir: Path
+    out_dir: Location
     worker: tuple[int, int]
     shards_written: list[int] = field(default_factory=list)
     shards_existing: list[int] = field(default_factory=list)
@@ -177,8 +195,51 @@ def _prepare(
         return SampleError("corrupt", f"{type(e).__name__}: {e}")
 
 
-def _scan_existing(out: Path, expect: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def _marked_shards(out: URL) -> dict[int, dict[str, Any]]:
+    """Object-store output: metadata (with rows) of the shards whose marker is there and whose
+    object has the size the marker records; shards written but never marked are left out."""
+    objects = list_dir(out)
+    names = {}
+    for name in list_dir(out / DONE_DIR):
+        k = shard_index(name.removesuffix(".json"))
+        if k is not None and name.endswith(".json"):
+            names[out / marker_name(k)] = k
+    done: dict[int, dict[str, Any]] = {}
+    for url, data in read_many(list(names)).items():
+        k = names[url]
+        try:
+            meta = json.loads(data)
+        except ValueError:
+            log.warning("%s is not valid JSON: shard %d will be encoded again", url, k)
+            continue
+        if objects.get(shard_name(k)) != meta.get("bytes"):
+            log.warning(
+                "%s: %s is missing or not the object its marker describes; encoding it again",
+                out,
+                shard_name(k),
+            )
+            continue
+        done[k] = meta
+    return done
+
+
+def _check_settings(out: Location, name: str, meta: dict[str, Any], expect: dict[str, Any]) -> None:
+    """ConfigError when a finished shard was made with other settings than this run's."""
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise ConfigError(
+                f"{out} already holds {name} made with {key}={meta.get(key)!r}, but this run has "
+                f"{key}={value!r}; encode into a new folder, or use the same settings to resume"
+            )
+
+
+def _scan_existing(out: Location, expect: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Footer metadata of the shards already in `out`, checked against this run's settings."""
+    if isinstance(out, URL):
+        done = _marked_shards(out)
+        for k, meta in done.items():
+            _check_settings(out, shard_name(k), meta, expect)
+        return done
     done: dict[int, dict[str, Any]] = {}
     for p in sorted(out.iterdir()):
         k = shard_index(p.name)
@@ -191,28 +252,16 @@ def _scan_existing(out: Path, expect: dict[str, Any]) -> dict[int, dict[str, Any
                 f"{p} is not a readable Parquet shard ({e}); it was not written by dallemini "
                 f"(ours appear whole or not at all). Delete it and re-run"
             ) from e
-        for name, value in expect.items():
-            if meta.get(name) != value:
-                raise ConfigError(
-                    f"{out} already holds {p.name} made with {name}={meta.get(name)!r}, but this run has "
-                    f"{name}={value!r}; encode into a new folder, or use the same settings to resume"
-                )
+        _check_settings(out, p.name, meta, expect)
         meta["rows"] = rows
         done[k] = meta
     return done
 
 
-def build_manifest(
-    out_dir: str | os.PathLike[str],
-    source_records: int,
-    defaults: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
-    """dataset.json's content rebuilt from the shard footers, or None while shards are missing.
-
-    Raises `ConfigError` when the shards present do not tile [0, source_records) (the source
-    changed between runs).
-    """
-    out = Path(out_dir)
+def _shard_metas(out: Location) -> dict[int, dict[str, Any]]:
+    """Metadata (with rows) of every finished shard: local footers, or object-store markers."""
+    if isinstance(out, URL):
+        return _marked_shards(out)
     metas: dict[int, dict[str, Any]] = {}
     for p in out.iterdir():
         k = shard_index(p.name)
@@ -220,6 +269,22 @@ def build_manifest(
             rows, meta = read_shard_meta(p)
             meta["rows"] = rows
             metas[k] = meta
+    return metas
+
+
+def build_manifest(
+    out_dir: str | os.PathLike[str] | URL,
+    source_records: int,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """dataset.json's content rebuilt from the shard footers (object store: their markers), or
+    None while shards are missing.
+
+    Raises `ConfigError` when the shards present do not tile [0, source_records) (the source
+    changed between runs).
+    """
+    out = as_location(out_dir)
+    metas = _shard_metas(out)
     if not metas and source_records:
         return None
     size = int(next(iter(metas.values()))["shard_size"]) if metas else 1
@@ -328,8 +393,10 @@ def _run_metadata(
     return expect, shard_meta
 
 
-def _remove_temp_shards(out: Path, wi: int, wn: int) -> None:
+def _remove_temp_shards(out: Location, wi: int, wn: int) -> None:
     """Delete the temp files of this worker's shards that a killed run left behind."""
+    if isinstance(out, URL):
+        return  # nothing is written under a temp name there
     for p in out.iterdir():
         if p.name.startswith(".part-") and ".parquet.tmp-" in p.name:
             k = shard_index(p.name[1:].split(".tmp-")[0])
@@ -362,7 +429,7 @@ class _EncodeRun:
         self,
         source: Source,
         vqgan: VQGAN,
-        out: Path,
+        out: Location,
         shard_meta: dict[str, Any],
         result: EncodeResult,
         bar: _Progress,
@@ -442,7 +509,10 @@ class _EncodeRun:
         }
         n_embed = self.shard_meta["n_embed"]
         path = self.out / shard_name(k)
-        write_shard(path, self.keys, self.caps, arr, n_embed=n_embed, metadata=meta)
+        size = write_shard(path, self.keys, self.caps, arr, n_embed=n_embed, metadata=meta)
+        if isinstance(self.out, URL):  # the commit point: the shard is done once this exists
+            marker = {**meta, "rows": len(self.keys), "bytes": size}
+            write_bytes(self.out / marker_name(k), json.dumps(marker, sort_keys=True).encode())
         result = self.result
         result.shards_written.append(k)
         result.images += self.images
@@ -495,7 +565,7 @@ class _EncodeRun:
 
 def encode_dataset(
     source: Source | str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | URL,
     vqgan: VQGAN,
     *,
     batch_size: int = 32,
@@ -506,7 +576,8 @@ def encode_dataset(
     normalizer: Normalizer | Literal["default"] | None = "default",
     progress: bool | None = None,
 ) -> EncodeResult:
-    """Encode every (captions, image) record of `source` into Parquet token shards in `out_dir` (see module doc).
+    """Encode every (captions, image) record of `source` into Parquet token shards in `out_dir`, a
+    folder or an object-store URL (see module doc).
 
     `vqgan` is used on the device and dtype it is on. `worker=(i, n)` encodes only shards
     k % n == i (default: torchrun's RANK/WORLD_SIZE, else all). `shard_size` counts source
@@ -521,8 +592,11 @@ def encode_dataset(
         source = open_source(source, normalizer=normalizer)
     size, grid, etype = _code_layout(vqgan.config, image_size)
     check_has_records(source)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = as_location(out_dir)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        check_writable(out)
     expect, shard_meta = _run_metadata(source, vqgan.config, size, grid, etype, shard_size)
     done = _scan_existing(out, expect)
     _remove_temp_shards(out, wi, wn)
@@ -551,7 +625,7 @@ def encode_dataset(
     result.num_shards = -(-total // shard_size)
     manifest = build_manifest(out, total, shard_meta)
     if manifest is not None:
-        atomic_write_json(out / MANIFEST_NAME, manifest)
+        write_json(out / MANIFEST_NAME, manifest)
         result.complete = True
     level = logging.WARNING if result.skipped else logging.INFO
     log.log(level, "%s", result.summary())

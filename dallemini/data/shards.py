@@ -21,11 +21,15 @@ footer under the key `dallemini`, so `dataset.json` can always be rebuilt from t
   uninterrupted run would have produced.
 - Every rank yields the same number of batches per epoch (the smallest slice // batch_size,
   or rounded up without `drop_last`), so DDP ranks never wait on each other at an epoch's end.
+- The folder may be an object-store URL (`s3://bucket/tokens`); while one shard is consumed the
+  next one of the rank's plan is read in a background thread, local or remote alike.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -44,6 +48,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ConfigError, InputError
 from ..files import atomic_write, atomic_write_json
+from .remote import URL, Location, as_location, list_dir, open_random, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ __all__ = [
     "read_shard_meta",
     "shard_index",
     "shard_name",
+    "write_json",
     "write_shard",
 ]
 
@@ -85,22 +91,28 @@ def shard_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def write_json(location: str | os.PathLike[str] | URL, obj: Any) -> None:
+    """Write indented JSON whole or not at all, to a local file or an object-store URL."""
+    write_bytes(as_location(location), (json.dumps(obj, indent=2) + "\n").encode())
+
+
 def encoding_type(n_embed: int, length: int) -> pa.DataType:
     """`fixed_size_list<int16>[length]` when codes fit in int16, else int32."""
     return pa.list_(pa.int16() if n_embed <= 32767 else pa.int32(), length)
 
 
 def write_shard(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | URL,
     keys: Sequence[str],
     captions: Sequence[str],
     codes: np.ndarray,
     *,
     n_embed: int,
     metadata: dict[str, Any] | None = None,
-) -> None:
-    """Write one shard atomically (temp file + fsync + rename); `codes` is [rows, grid²] integers."""
-    path = Path(path)
+) -> int:
+    """Write one shard whole or not at all (temp file + fsync + rename; one PUT to an object
+    store); `codes` is [rows, grid²] integers. Returns the file's size in bytes."""
+    path = as_location(path)
     codes = np.asarray(codes)
     if codes.ndim != 2 or len(codes) != len(keys) or len(keys) != len(captions):
         raise InputError(
@@ -119,10 +131,17 @@ def write_shard(
         [pa.array(list(keys), pa.string()), pa.array(list(captions), pa.string()), encoding],
         schema=schema,
     )
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    if isinstance(path, Path):
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        return path.stat().st_size
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    write_bytes(path, data)
+    return len(data)
 
 
-def _unreadable_shard(path: str | os.PathLike[str], error: BaseException) -> InputError:
+def _unreadable_shard(path: Location | str, error: BaseException) -> InputError:
     """The one-line error for a shard pyarrow cannot read: names the file and how to get it back."""
     detail = " ".join("".join(c if c.isprintable() else " " for c in str(error)).split())
     return InputError(
@@ -132,20 +151,33 @@ def _unreadable_shard(path: str | os.PathLike[str], error: BaseException) -> Inp
     )
 
 
-def read_shard_meta(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
+def read_shard_meta(path: str | os.PathLike[str] | URL) -> tuple[int, dict[str, Any]]:
     """(rows, dallemini metadata) from a shard's footer only; the metadata is {} for foreign shards."""
-    pf = pq.ParquetFile(path)
+    path = as_location(path)
+    if isinstance(path, Path):
+        pf = pq.ParquetFile(path)
+    else:
+        with open_random(path) as f:  # ranged reads: the footer only
+            return read_shard_meta_from(pq.ParquetFile(f))
+    return read_shard_meta_from(pf)
+
+
+def read_shard_meta_from(pf: pq.ParquetFile) -> tuple[int, dict[str, Any]]:
+    """(rows, dallemini metadata) of an open ParquetFile."""
     raw = (pf.schema_arrow.metadata or {}).get(META_KEY)
     meta = json.loads(raw) if raw else {}
     return pf.metadata.num_rows, meta
 
 
 def read_shard(
-    path: str | os.PathLike[str], length: int | None = None
+    path: str | os.PathLike[str] | URL, length: int | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """(captions, codes [rows, length]) of one shard; list<int> encodings (dalle-mini's datasets) work too."""
+    """(captions, codes [rows, length]) of one shard, local or a URL (fetched whole);
+    list<int> encodings (dalle-mini's datasets) work too."""
+    path = as_location(path)
     try:
-        with pq.ParquetFile(path) as pf:
+        source = path if isinstance(path, Path) else pa.BufferReader(read_bytes(path))
+        with pq.ParquetFile(source) as pf:
             missing = [c for c in ("caption", "encoding") if c not in pf.schema_arrow.names]
             if missing:
                 raise InputError(
@@ -177,13 +209,15 @@ def read_shard(
     return captions, codes
 
 
-def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_manifest(folder: str | os.PathLike[str] | URL) -> dict[str, Any] | None:
     """The folder's dataset.json, or None when it has none (an encode that has not finished)."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.exists():
+    path = as_location(folder) / MANIFEST_NAME
+    try:
+        text = read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except ValueError as e:
         raise InputError(f"{path} is not valid JSON ({e}); re-run the encode to rebuild it") from e
     if not isinstance(data, dict):
@@ -193,33 +227,45 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard file and its row count."""
+    """One shard file (a local path or a URL) and its row count."""
 
-    path: Path
+    path: Location
     rows: int
 
 
-def list_shards(folder: str | os.PathLike[str]) -> tuple[list[ShardInfo], dict[str, Any]]:
-    """Shards of an encoded dataset (from dataset.json, else every part-*.parquet) and the manifest ({} if none)."""
-    folder = Path(folder)
-    if not folder.is_dir():
+def _file_names(folder: Location) -> set[str]:
+    """Names of the files directly in a local folder or under an object-store prefix."""
+    if isinstance(folder, Path):
+        return {p.name for p in folder.iterdir() if p.is_file()}
+    return set(list_dir(folder))
+
+
+def list_shards(folder: str | os.PathLike[str] | URL) -> tuple[list[ShardInfo], dict[str, Any]]:
+    """Shards of an encoded dataset (from dataset.json, else every part-*.parquet) and the manifest
+    ({} if none); `folder` may be an object-store URL (`s3://bucket/tokens`)."""
+    folder = as_location(folder)
+    if isinstance(folder, Path) and not folder.is_dir():
         raise InputError(f"{folder} is not a folder; pass the output folder of `dallemini encode`")
     manifest = read_manifest(folder)
     shards: list[ShardInfo] = []
     if manifest is not None and isinstance(manifest.get("shards"), list):
+        present = _file_names(folder)
         for entry in manifest["shards"]:
             path = folder / entry["file"]
-            if not path.exists():
+            if entry["file"] not in present:
                 raise InputError(
                     f"{folder / MANIFEST_NAME} lists {entry['file']}, which is missing; "
                     f"re-run the encode into this folder to write it again"
                 )
             shards.append(ShardInfo(path, int(entry["rows"])))
         return shards, manifest
-    files = sorted(
-        (p for p in folder.iterdir() if shard_index(p.name) is not None),
-        key=lambda p: shard_index(p.name) or 0,
-    )
+    files = [
+        folder / name
+        for name in sorted(
+            (n for n in _file_names(folder) if shard_index(n) is not None),
+            key=lambda n: shard_index(n) or 0,
+        )
+    ]
     if not files:
         raise InputError(f"{folder} holds no part-*.parquet shards")
     log.warning(
@@ -234,6 +280,42 @@ def list_shards(folder: str | os.PathLike[str]) -> tuple[list[ShardInfo], dict[s
             raise _unreadable_shard(p, e) from e
         shards.append(ShardInfo(p, rows))
     return shards, {}
+
+
+class _ReadAhead:
+    """Loads shards in plan order one ahead of use, in a background thread: the next shard is
+    fetched while the current one is consumed (rows enter the shuffle buffer shard by shard)."""
+
+    def __init__(self, load: Callable[[int], Any], order: list[int]) -> None:
+        self._load = load
+        self._next = dict(itertools.pairwise(order))
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._pending: dict[int, cf.Future[Any]] = {}
+
+    def _submit(self, s: int) -> None:
+        if s in self._pending:
+            return
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-read-ahead")
+        self._pending[s] = self._pool.submit(self._load, s)
+
+    def get(self, s: int) -> Any:
+        """Shard `s` (waiting for it if it is still being read); starts reading the one after it."""
+        self._submit(s)
+        future = self._pending.pop(s)
+        following = self._next.get(s)
+        if following is not None:
+            self._submit(following)
+        return future.result()
+
+    def close(self) -> None:
+        """Drop what was read ahead and not used (a run that stops mid-epoch)."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class Batch(NamedTuple):
@@ -318,7 +400,7 @@ class ShardDataset(IterableDataset, RankSplitBatches):
 
     def __init__(
         self,
-        folder: str | os.PathLike[str],
+        folder: str | os.PathLike[str] | URL,
         tokenize: Tokenize,
         batch_size: int,
         *,
@@ -337,7 +419,7 @@ class ShardDataset(IterableDataset, RankSplitBatches):
         )
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        self.folder = Path(folder)
+        self.folder = as_location(folder)
         self.tokenize = tokenize
         self.shards, self.info = list_shards(self.folder)
         grid = self.info.get("grid_size")
@@ -459,10 +541,25 @@ class ShardDataset(IterableDataset, RankSplitBatches):
 
     def _epoch_batches(self, epoch: int, n: int) -> Iterator[Batch]:
         remaining: dict[int, int] = {}
-        for s, rows in self.plan(epoch, self.rank):
+        work = self.plan(epoch, self.rank)
+        for s, rows in work:
             remaining[s] = remaining.get(s, 0) + (int(self._rows[s]) if rows is None else len(rows))
         cache: dict[int, tuple[list[str], np.ndarray]] = {}
         ids = self._row_ids(epoch)
+        ahead = _ReadAhead(self._load, [s for s, _ in work])
+        try:
+            yield from self._batches_from(ids, remaining, cache, ahead, n)
+        finally:
+            ahead.close()
+
+    def _batches_from(
+        self,
+        ids: Iterator[int],
+        remaining: dict[int, int],
+        cache: dict[int, tuple[list[str], np.ndarray]],
+        ahead: _ReadAhead,
+        n: int,
+    ) -> Iterator[Batch]:
 
         def take(count: int) -> list[tuple[int, int]]:
             out = []
@@ -489,7 +586,7 @@ class ShardDataset(IterableDataset, RankSplitBatches):
             codes = []
             for s, row in picked:
                 if s not in cache:
-                    cache[s] = self._load(s)
+                    cache[s] = ahead.get(s)
                 caps, enc = cache[s]
                 captions.append(caps[row])
                 codes.append(enc[row])

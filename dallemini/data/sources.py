@@ -13,6 +13,10 @@ Layouts read:
   (the `.json` "caption" field is used when there is no `.txt`). Uncompressed tars are read lazily.
 - parquet: one row per image with an image-bytes column (binary, or a struct with a `bytes` field
   as Hugging Face `datasets` writes it) and a caption column (string or list of strings).
+
+Tars and Parquet files may also be URLs (`s3://bucket/shards/{00000..00099}.tar`, `https://…`,
+`hf://datasets/…`, or a `pipe:` command; see `remote`). Remote tars are streamed; one that is
+missing (404) or breaks off is counted as a skip under its file name, like a damaged local file.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import InputError
 from ..extras import needs_extra
 from ..text import TextNormalizer
+from .remote import (
+    URL,
+    Location,
+    filesystem,
+    glob_urls,
+    is_url,
+    list_files,
+    open_random,
+    open_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +101,7 @@ REASONS: tuple[str, ...] = (
     "too_large",
     "corrupt",
     "unreadable_file",
+    "missing_file",
 )
 
 
@@ -305,9 +320,9 @@ def _resolve_normalizer(normalizer: Normalizer | Literal["default"] | None) -> N
     return normalizer  # type: ignore[return-value]
 
 
-def _sorted_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The files of a multi-file source in the order it reads them (sorted by path)."""
-    return sorted((Path(p) for p in paths), key=str)
+def _sorted_paths(paths: Iterable[str | os.PathLike[str] | URL]) -> list[Location]:
+    """The files or URLs of a multi-file source in the order it reads them (sorted by path)."""
+    return sorted((p if isinstance(p, URL) else Path(p) for p in paths), key=str)
 
 
 class Source:
@@ -320,7 +335,7 @@ class Source:
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Location],
         *,
         normalizer: Normalizer | Literal["default"] | None = "default",
         description: str | None = None,
@@ -464,13 +479,17 @@ def _read_range(path: Path, offset: int, size: int) -> bytes:
 
 
 class TarSource(Source):
-    """webdataset shards: consecutive tar members sharing a key (`dir/key.ext`) form one sample."""
+    """webdataset shards: consecutive tar members sharing a key (`dir/key.ext`) form one sample.
+
+    Local uncompressed tars are read lazily (images by offset, when wanted); URLs and compressed
+    tars are streamed front to back.
+    """
 
     kind = "tar"
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: Sequence[str | os.PathLike[str] | URL],
         *,
         normalizer: Normalizer | Literal["default"] | None = "default",
         caption_lines: CaptionLines = "join",
@@ -483,53 +502,70 @@ class TarSource(Source):
         for path in self.paths:
             yield from self._tar_records(path)
 
-    def _tar_records(self, path: Path) -> Iterator[Record]:
-        lazy = path.suffix == ".tar"  # uncompressed: members can be read later by offset
-        group: dict[str, Any] = {}
-        current: str | None = None
+    def _tar_records(self, path: Location) -> Iterator[Record]:
+        # uncompressed local tars: members can be read later by offset
+        lazy = isinstance(path, Path) and path.suffix == ".tar"
+        stream = None
         try:
-            tf = tarfile.open(path, "r:" if lazy else "r|*")  # noqa: SIM115 (closed below)
-        except (tarfile.TarError, OSError, EOFError) as e:
+            if isinstance(path, URL):
+                stream = open_stream(path)
+                tf = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed below)
+            else:
+                tf = tarfile.open(path, "r:" if lazy else "r|*")  # noqa: SIM115 (closed below)
+        except FileNotFoundError as e:
+            log.warning("%s is missing: %s", path, e)
+            if stream is not None:
+                stream.close()
+            yield Record(path.name, (), problem="missing_file")
+            return
+        except Exception as e:  # tarfile, OS and network errors alike: this file is skipped
             log.warning("cannot open %s: %s", path, e)
+            if stream is not None:
+                stream.close()
             yield Record(path.name, (), problem="unreadable_file")
             return
-        with tf:
-            while True:
-                try:
-                    member = tf.next()
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    log.warning("%s is damaged after %r: %s", path, current, e)
-                    if current is not None:  # its members may be cut short: not to be trusted
-                        yield Record(f"{path.name}/{current}", (), problem="truncated")
-                        current = None
-                    yield Record(f"{path.name}@{tf.offset}", (), problem="unreadable_file")
-                    break
-                if member is None:
-                    break
-                if not member.isfile():
-                    continue
-                dirname, _, base = member.name.rpartition("/")
-                if base.startswith(".") or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = f"{dirname}/{stem}" if dirname else stem
-                if key != current:
-                    if current is not None:
-                        yield self._make_record(path, current, group)
-                    current, group = key, {}
-                ext = ext.lower()
-                if lazy and ext in IMAGE_EXTENSIONS:
-                    group[ext] = (member.offset_data, member.size)
-                else:
-                    try:
-                        f = tf.extractfile(member)
-                        group[ext] = f.read() if f is not None else b""
-                    except (tarfile.TarError, OSError, EOFError):
-                        group[ext] = None
-            if current is not None:
-                yield self._make_record(path, current, group)
+        with contextlib.closing(stream or io.BytesIO()), tf:
+            yield from self._members(path, tf, lazy)
 
-    def _make_record(self, path: Path, key: str, group: dict[str, Any]) -> Record:
+    def _members(self, path: Location, tf: tarfile.TarFile, lazy: bool) -> Iterator[Record]:
+        group: dict[str, Any] = {}
+        current: str | None = None
+        while True:
+            try:
+                member = tf.next()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                log.warning("%s is damaged after %r: %s", path, current, e)
+                if current is not None:  # its members may be cut short: not to be trusted
+                    yield Record(f"{path.name}/{current}", (), problem="truncated")
+                    current = None
+                yield Record(f"{path.name}@{tf.offset}", (), problem="unreadable_file")
+                break
+            if member is None:
+                break
+            if not member.isfile():
+                continue
+            dirname, _, base = member.name.rpartition("/")
+            if base.startswith(".") or "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key = f"{dirname}/{stem}" if dirname else stem
+            if key != current:
+                if current is not None:
+                    yield self._make_record(path, current, group)
+                current, group = key, {}
+            ext = ext.lower()
+            if lazy and ext in IMAGE_EXTENSIONS:
+                group[ext] = (member.offset_data, member.size)
+            else:
+                try:
+                    f = tf.extractfile(member)
+                    group[ext] = f.read() if f is not None else b""
+                except (tarfile.TarError, OSError, EOFError):
+                    group[ext] = None
+        if current is not None:
+            yield self._make_record(path, current, group)
+
+    def _make_record(self, path: Location, key: str, group: dict[str, Any]) -> Record:
         full_key = f"{path.name}/{key}"
         text: str | None = None
         if isinstance(group.get("txt"), bytes):
@@ -546,6 +582,7 @@ class TarSource(Source):
             if isinstance(item, bytes):
                 return Record(full_key, captions, loader=lambda b=item: b)
             offset, size = item
+            assert isinstance(path, Path)  # only local tars are read lazily
             return Record(
                 full_key, captions, loader=lambda o=offset, s=size: _read_range(path, o, s)
             )
@@ -560,6 +597,17 @@ def _parquet() -> Any:
     return pq
 
 
+@contextlib.contextmanager
+def _open_parquet(path: Location) -> Iterator[Any]:
+    """A pyarrow ParquetFile of a local file or a URL (read by ranges: footer first), closed after."""
+    pq = _parquet()
+    with contextlib.ExitStack() as stack:
+        source = path if isinstance(path, Path) else stack.enter_context(open_random(path))
+        pf = pq.ParquetFile(source)
+        stack.callback(pf.close)
+        yield pf
+
+
 class ParquetSource(Source):
     """Parquet files with one image per row: image bytes column + caption column (+ optional `key`)."""
 
@@ -567,7 +615,7 @@ class ParquetSource(Source):
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: Sequence[str | os.PathLike[str] | URL],
         *,
         image_column: str | None = None,
         caption_column: str | None = None,
@@ -580,7 +628,8 @@ class ParquetSource(Source):
         super().__init__(_sorted_paths(paths), normalizer=normalizer, description=description)
         if not self.paths:
             raise InputError("no Parquet files given")
-        names = _parquet().ParquetFile(self.paths[0]).schema_arrow.names
+        with _open_parquet(self.paths[0]) as pf:
+            names = pf.schema_arrow.names
         self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
         self.caption_column = caption_column or next(
             (c for c in CAPTION_COLUMNS if c in names), None
@@ -606,6 +655,8 @@ class ParquetSource(Source):
 
     def count_hint(self) -> int | None:
         try:
+            if any(isinstance(p, URL) for p in self.paths):
+                return None  # a footer fetch per file is not cheap
             return sum(_parquet().ParquetFile(p).metadata.num_rows for p in self.paths)
         except Exception:
             return None
@@ -623,11 +674,13 @@ class ParquetSource(Source):
         columns = [self.image_column, self.caption_column]
         if self.key_column:
             columns.append(self.key_column)
-        pq = _parquet()
         for path in self.paths:
-            row = 0
-            try:
-                pf = pq.ParquetFile(path)
+            yield from self._file_records(path, columns)
+
+    def _file_records(self, path: Location, columns: list[Any]) -> Iterator[Record]:
+        row = 0
+        try:
+            with _open_parquet(path) as pf:
                 missing = [c for c in columns if c not in pf.schema_arrow.names]
                 if missing:
                     raise InputError(f"{path} lacks column(s) {missing}")
@@ -649,16 +702,44 @@ class ParquetSource(Source):
                             yield Record(key, caps, problem="missing_image")
                         else:
                             yield Record(key, caps, loader=lambda b=img: bytes(b))
-            except InputError:
-                raise
-            except Exception as e:  # a damaged file: keep what was read, note the rest
-                log.warning("%s is damaged after row %d: %s", path, row, e)
-                yield Record(f"{path.name}@{row}", (), problem="unreadable_file")
+        except InputError:
+            raise
+        except FileNotFoundError as e:
+            log.warning("%s is missing: %s", path, e)
+            yield Record(path.name, (), problem="missing_file")
+        except Exception as e:  # a damaged file: keep what was read, note the rest
+            log.warning("%s is damaged after row %d: %s", path, row, e)
+            yield Record(f"{path.name}@{row}", (), problem="unreadable_file")
 
 
-def _expand(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+_FILE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
+
+
+def _expand_url(url: URL) -> list[Location]:
+    """A URL naming a file (kept as it is: a missing one is counted when read), a glob, or a folder/prefix."""
+    if url.is_pipe:
+        return [url]
+    filesystem(url)  # a protocol whose package is missing fails here, before any work
+    magic = "*[" if url.protocol in ("http", "https") else "*?["  # ? starts an http query
+    if any(c in url.url for c in magic):
+        matches: list[Location] = list(glob_urls(url))
+        if not matches:
+            raise InputError(f"no files match {url}")
+        return matches
+    if url.name.lower().endswith(_FILE_SUFFIXES):
+        return [url]
+    found: list[Location] = list(list_files(url))
+    if not found:
+        raise InputError(f"{url} holds no files (or does not exist)")
+    return found
+
+
+def _expand(
+    path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+) -> list[Location]:
     """Paths of a path, a glob, a brace pattern (`shards/{00000..00099}.tar`, `{a,b}.tar`), a `::`
-    separated list (webdataset's spelling), or a list of any of them; a missing file is an error."""
+    separated list (webdataset's spelling), or a list of any of them; a missing local file is an
+    error. URLs expand the same way (a folder URL to every file under it)."""
     items = (
         [path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else list(path_or_glob)  # type: ignore[arg-type]
     )
@@ -668,9 +749,11 @@ def _expand(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         for part in os.fspath(item).split("::")
         for expanded in braceexpand(part)
     ]
-    out: list[Path] = []
+    out: list[Location] = []
     for s in names:
-        if glob.has_magic(s):
+        if is_url(s):
+            out.extend(_expand_url(URL(s)))
+        elif glob.has_magic(s):
             matches = sorted(glob.glob(s, recursive=True))
             if not matches:
                 raise InputError(f"no files match {s!r}")
@@ -682,10 +765,13 @@ def _expand(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[st
     return out
 
 
-def _files_with(paths: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
-    found = []
+def _files_with(paths: list[Location], suffixes: tuple[str, ...]) -> list[Location]:
+    found: list[Location] = []
     for p in paths:
-        if p.is_dir():
+        if isinstance(p, URL):  # a pipe: is a tar stream, whatever its name
+            if p.name.lower().endswith(suffixes) or (p.is_pipe and ".tar" in suffixes):
+                found.append(p)
+        elif p.is_dir():
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 found.extend(
@@ -709,7 +795,8 @@ def open_source(
 ) -> Source:
     """Open a caption–image source; `kind="auto"` picks tar, else parquet, else image folder by what it finds.
 
-    `path_or_glob` is a folder, a file, a glob (`data/*.tar`) or a list of them. A folder holding
+    `path_or_glob` is a folder, a file, a glob (`data/*.tar`), a URL (`s3://b/{00000..00009}.tar`,
+    `https://…/x.tar`, `hf://datasets/…`, an object-store prefix, `pipe:CMD`) or a list of them. A folder holding
     `.tar` files is read as webdataset shards (img2dataset puts `.parquet` metadata beside them,
     which is then ignored); one holding `.parquet` files (and no tars) as Parquet; otherwise as
     an image folder. `normalizer` is applied to every caption: "default" is dalle-mini's
@@ -721,7 +808,7 @@ def open_source(
         raise InputError(f"unknown source kind {kind!r}; use auto, folder, tar or parquet")
     paths = _expand(path_or_glob)
     desc = ", ".join(
-        os.fspath(p)
+        str(p) if isinstance(p, URL) else os.fspath(p)
         for p in ([path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else path_or_glob)
     )
     tars = _files_with(paths, (".tar", ".tar.gz", ".tgz"))
@@ -731,15 +818,18 @@ def open_source(
             kind = "tar"
         elif parquets:
             kind = "parquet"
-        elif len(paths) == 1 and paths[0].is_dir():
+        elif len(paths) == 1 and isinstance(paths[0], Path) and paths[0].is_dir():
             kind = "folder"
         else:
             raise InputError(
                 f"cannot tell what {desc} is: expected an image folder, .tar shards or .parquet files"
             )
     if kind == "folder":
-        if len(paths) != 1 or not paths[0].is_dir():
-            raise InputError(f"a folder source takes exactly one folder, got {desc}")
+        if len(paths) != 1 or not isinstance(paths[0], Path) or not paths[0].is_dir():
+            raise InputError(
+                f"a folder source takes exactly one local folder, got {desc} "
+                f"(URLs are read as .tar shards or .parquet files)"
+            )
         return FolderSource(paths[0], normalizer=normalizer, caption_lines=caption_lines or "split")
     if kind == "tar":
         if not tars:

@@ -1,0 +1,420 @@
+"""Data in object stores and over HTTP: sources from s3://, http:// and pipe: URLs, encoding into
+s3://, training from s3://, all against servers on 127.0.0.1 that the tests start."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dallemini.data import remote
+from dallemini.data.encode import DONE_DIR, encode_dataset, marker_name
+from dallemini.data.remote import URL, as_location, is_url
+from dallemini.data.shards import MANIFEST_NAME, ShardDataset, read_shard, shard_name
+from dallemini.data.sources import Source, TarSource, open_source
+from dallemini.errors import ConfigError, InputError
+from dallemini.models.vqgan import VQGAN
+from tests.data.test_data import (
+    GOOD,
+    TINY,
+    _add,
+    _bytes,
+    _image,
+    _Interrupting,
+    _rows,
+    fake_tokenize,
+    make_shards,
+    make_tars,
+)
+from tests.s3server import S3Server, http_file_server, point_aws_at
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny convolutions are fastest single-threaded on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken HTTP streams are retried twice, without long waits."""
+    monkeypatch.setattr(remote, "RETRY", remote.RetryPolicy(attempts=2, backoff_s=0.01))
+
+
+@pytest.fixture(scope="module")
+def vqgan() -> VQGAN:
+    torch.manual_seed(0)
+    return VQGAN(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Bucket:
+    """A fresh bucket on the test server, with helpers to fill and inspect it."""
+
+    name: str
+    client: Any
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.name}/{key}"
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                key = f"{prefix}/{p.relative_to(folder).as_posix()}"
+                self.client.put_object(Bucket=self.name, Key=key, Body=p.read_bytes())
+        return self.url(prefix)
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.name, Prefix=prefix
+        )
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=key)
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A new bucket, with boto/s3fs in this process and its children pointed at the local server only."""
+    point_aws_at(s3_server.endpoint, tmp_path / "aws", monkeypatch)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=name)
+    return Bucket(name, client)
+
+
+def make_img2dataset(root: Path, tars: int = 2, per_tar: int = 3) -> Path:
+    """img2dataset's webdataset output: NNNNN.tar (key.jpg, key.txt, key.json) + NNNNN.parquet + NNNNN_stats.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    for t in range(tars):
+        keys = []
+        with tarfile.open(root / f"{t:05d}.tar", "w") as tf:
+            for j in range(per_tar):
+                i = t * per_tar + j
+                key = f"{t:05d}{j:04d}"
+                keys.append(key)
+                _add(tf, f"{key}.jpg", _bytes(_image(i), "JPEG"))
+                _add(tf, f"{key}.txt", f"picture number {i}".encode())
+                _add(tf, f"{key}.json", json.dumps({"key": key, "caption": f"p {i}"}).encode())
+        pq.write_table(
+            pa.table({"key": keys, "status": ["success"] * per_tar}), root / f"{t:05d}.parquet"
+        )
+        (root / f"{t:05d}_stats.json").write_text(
+            json.dumps({"count": per_tar, "successes": per_tar})
+        )
+    return root
+
+
+def _samples(src: Source) -> list[tuple[str, tuple[str, ...], bytes]]:
+    return [(s.key, s.captions, s.image.tobytes()) for s in src]
+
+
+# --------------------------------------------------------------------------------------------
+# URLs and sources
+# --------------------------------------------------------------------------------------------
+
+
+def test_urls_and_locations() -> None:
+    assert is_url("s3://b/x") and is_url("hf://datasets/a/b") and is_url("pipe:cat x.tar")
+    assert not is_url("/tmp/x.tar") and not is_url("file:///tmp/x.tar") and not is_url("a/b")
+    assert as_location("file:///tmp/a.tar") == Path("/tmp/a.tar")
+    url = URL("s3://bucket/shards/00001.tar")
+    assert (url.name, url.suffix, url.protocol) == ("00001.tar", ".tar", "s3")
+    assert URL("https://h/p/a.tar?sig=x/y").name == "a.tar"
+    assert URL("pipe:curl -s -L 'https://h/p/00007.tar'").name == "00007.tar"
+    assert URL("pipe:aws s3 cp s3://b/p/00003.tar -").name == "00003.tar"
+    assert str(URL("s3://b/tokens/") / MANIFEST_NAME) == "s3://b/tokens/dataset.json"
+
+
+def test_missing_package_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_package(url: str, **kw: object) -> None:
+        raise ImportError("Install it", name="s3fs")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_package)
+    with pytest.raises(ConfigError, match=r"s3:// URLs needs the \[train\] extra: pip install"):
+        open_source("s3://bucket/{00000..00001}.tar")
+    with pytest.raises(ConfigError, match=r"gs:// URLs needs gcsfs: pip install gcsfs"):
+        open_source("gs://bucket/00000.tar")
+
+
+def test_s3_prefix_of_img2dataset_output(bucket: Bucket, tmp_path: Path) -> None:
+    local = make_img2dataset(tmp_path / "i2d")
+    prefix = bucket.upload(local, "laion/part")
+    src = open_source(prefix)  # the .parquet and _stats.json files beside the tars are ignored
+    assert isinstance(src, TarSource)
+    assert [str(p) for p in src.paths] == [f"{prefix}/00000.tar", f"{prefix}/00001.tar"]
+    assert _samples(src) == _samples(open_source(local)) and not src.stats
+    glob = open_source(f"{prefix}/*.tar")
+    assert [p.name for p in glob.paths] == ["00000.tar", "00001.tar"]
+    with pytest.raises(InputError, match="no files match"):
+        open_source(f"{prefix}/*.tgz")
+    with pytest.raises(InputError, match="holds no files"):
+        open_source(bucket.url("nothing/here"))
+
+
+def test_s3_missing_and_truncated_shards_are_counted(bucket: Bucket, tmp_path: Path) -> None:
+    local = make_tars(tmp_path / "t")  # 00001.tar is cut inside its last image
+    prefix = bucket.upload(local, "shards")
+    src = open_source(f"{prefix}/{{00000..00002}}.tar")  # 00002.tar does not exist
+    ref = open_source(local)
+    assert _samples(src) == _samples(ref)
+    want = ref.stats.to_dict()
+    want["total"] += 1
+    want["counts"]["missing_file"] = 1
+    want["examples"]["missing_file"] = ["00002.tar"]
+    assert src.stats.to_dict() == want
+    assert "1 missing_file (00002.tar)" in src.stats.report()
+
+
+def test_http_shards_404_cut_and_retried(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    root = make_img2dataset(tmp_path / "www", tars=4, per_tar=2)
+    with http_file_server(root) as server:
+        server.cut.add("/00001.tar")  # every attempt breaks off half way
+        server.flaky["/00002.tar"] = 1  # the first attempt breaks off, the retry succeeds
+        src = open_source(f"{server.url}/{{00000..00004}}.tar")  # 00004.tar: 404
+        got = _samples(src)
+        assert server.requests.count("/00000.tar") == 1
+        assert server.requests.count("/00001.tar") >= 2  # retried, then given up
+        assert server.requests.count("/00002.tar") == 2
+    keys = [k for k, _, _ in got]
+    assert keys == ["00000.tar/000000000", "00000.tar/000000001"] + [
+        f"{t:05d}.tar/{t:05d}{j:04d}" for t in (2, 3) for j in range(2)
+    ]
+    assert src.stats.counts["missing_file"] == 1
+    assert src.stats.examples["missing_file"] == ["00004.tar"]
+    cut = src.stats.total - 1
+    assert cut >= 1 and all(
+        k.startswith("00001.tar")
+        for r, ks in src.stats.examples.items()
+        for k in ks
+        if r != "missing_file"
+    )
+
+
+def test_pipe_sources(tmp_path: Path) -> None:
+    root = make_tars(tmp_path / "t")
+    src = open_source(f"pipe:cat {root}/{{00000..00001}}.tar")
+    ref = open_source(root)
+    assert _samples(src) == _samples(ref) and src.stats.to_dict() == ref.stats.to_dict()
+    missing = open_source(f"pipe:cat {root}/nope.tar")
+    assert list(missing) == [] and missing.stats.counts == {"unreadable_file": 1}
+    size = (root / "00000.tar").stat().st_size
+    failing = open_source(f"pipe:head -c {size // 2} {root}/00000.tar; exit 3")
+    assert len(list(failing)) < 4 and failing.stats  # the non-zero exit is noticed
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding into an object store, training from it
+# --------------------------------------------------------------------------------------------
+
+
+def _remote_dataset(prefix: str) -> dict[str, tuple[list[str], list[np.ndarray]]]:
+    """key -> (captions, encodings) over every shard under an s3:// prefix, read with pyarrow."""
+    fs, path = fsspec.core.url_to_fs(prefix)
+    out: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    for name in sorted(fs.ls(path, detail=False)):
+        base = name.rsplit("/", 1)[-1]
+        if not (base.startswith("part-") and base.endswith(".parquet")):
+            continue
+        table = pq.read_table(io.BytesIO(fs.cat_file(name)))
+        for key, cap, enc in zip(
+            *(table.column(c).to_pylist() for c in table.column_names), strict=True
+        ):
+            assert key not in out or out[key][0], key
+            caps, encs = out.setdefault(key, ([], []))
+            caps.append(cap)
+            encs.append(np.array(enc))
+    return out
+
+
+def _local_dataset(folder: Path) -> dict[str, tuple[list[str], list[np.ndarray]]]:
+    out: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    for p in sorted(folder.glob("part-*.parquet")):
+        table = pq.read_table(p)
+        for key, cap, enc in zip(
+            *(table.column(c).to_pylist() for c in table.column_names), strict=True
+        ):
+            caps, encs = out.setdefault(key, ([], []))
+            caps.append(cap)
+            encs.append(np.array(enc))
+    return out
+
+
+def _same_data(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key][0] == b[key][0], key
+        assert all((x == y).all() for x, y in zip(a[key][1], b[key][1], strict=True)), key
+
+
+def _manifest_without_source(data: bytes | str) -> dict[str, Any]:
+    manifest = json.loads(data)
+    manifest.pop("source")
+    return manifest
+
+
+def test_encode_s3_to_s3_matches_local_and_trains(
+    bucket: Bucket, tmp_path: Path, vqgan: VQGAN
+) -> None:
+    from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
+    from dallemini.training.settings import load_config
+    from tests.train_utils import tiny_bart_overrides
+
+    local = make_tars(tmp_path / "t")
+    src = bucket.upload(local, "src")
+    out = bucket.url("tokens")
+    res = encode_dataset(f"{src}/{{00000..00001}}.tar", out, vqgan, shard_size=3, progress=False)
+    ref = encode_dataset(local, tmp_path / "enc", vqgan, shard_size=3, progress=False)
+    assert res.complete and (res.images, res.rows) == (ref.images, ref.rows) == (GOOD, GOOD)
+    assert res.skipped.to_dict() == ref.skipped.to_dict()
+    assert _manifest_without_source(
+        bucket.get(f"tokens/{MANIFEST_NAME}")
+    ) == _manifest_without_source((tmp_path / "enc" / MANIFEST_NAME).read_text())
+    _same_data(_remote_dataset(out), _local_dataset(tmp_path / "enc"))
+    n = res.num_shards
+    assert bucket.keys("tokens/") == sorted(
+        [f"tokens/{MANIFEST_NAME}"]
+        + [f"tokens/{shard_name(k)}" for k in range(n)]
+        + [f"tokens/{marker_name(k)}" for k in range(n)]
+    )
+    again = encode_dataset(f"{src}/{{00000..00001}}.tar", out, vqgan, shard_size=3, progress=False)
+    assert again.shards_written == [] and again.shards_existing == list(range(n)) and again.complete
+
+    cfg = load_config(
+        Seq2SeqConfig,
+        None,
+        dict(
+            data=out,
+            out=str(tmp_path / "run"),
+            steps=3,
+            batch_size=2,
+            optimizer="adamw",
+            lr=3e-3,
+            log_every=1,
+            save_every=3,
+            bart=tiny_bart_overrides(),
+            tensorboard=False,
+            shuffle_buffer=4,
+        ),
+    )
+    trainer = Seq2SeqTrainer(cfg)
+    trainer.fit()
+    state = torch.load(
+        tmp_path / "run" / "checkpoints" / "step-000003" / "trainer.pt", weights_only=True
+    )
+    assert state["data"]["batch"] == 3 and state["data"]["rows"] == GOOD
+
+
+def test_reading_shards_from_s3_is_the_same_and_resumes_exactly(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    make_shards(tmp_path / "d")
+    url = bucket.upload(tmp_path / "d", "tokens")
+
+    def make(folder: str | Path, **kw: object) -> ShardDataset:
+        return ShardDataset(
+            folder, fake_tokenize, 3, shuffle_buffer=8, seed=5, rank=1, world_size=2, **kw
+        )
+
+    reference = list(make(tmp_path / "d", epochs=2))
+    remote_batches = list(make(url, epochs=2))
+    assert _rows(remote_batches) == _rows(reference)
+    for a, b in zip(remote_batches, reference, strict=True):
+        assert torch.equal(a.codes, b.codes)
+    per_epoch = len(make(url))
+    for stop in (1, per_epoch + 1):
+        ds = make(url, epochs=2)
+        it = iter(ds)
+        head = [next(it) for _ in range(stop)]
+        state = json.loads(json.dumps(ds.state_dict()))
+        resumed = make(url, epochs=2)
+        resumed.load_state_dict(state)
+        assert _rows(head + list(resumed)) == _rows(reference)
+    captions, codes = read_shard(f"{url}/{shard_name(1)}", 4)
+    assert captions[0] == "r7" and codes.shape == (5, 4)
+    bucket.delete(f"tokens/{shard_name(2)}")
+    with pytest.raises(InputError, match=r"part-00002\.parquet, which is missing"):
+        make(url)
+
+
+def test_interrupted_s3_encode_resumes_without_duplicates_or_gaps(
+    bucket: Bucket, tmp_path: Path, vqgan: VQGAN
+) -> None:
+    local = make_tars(tmp_path / "t")
+    src = bucket.upload(local, "src")
+    out = bucket.url("tokens")
+    kw: dict[str, Any] = dict(batch_size=2, shard_size=3, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        encode_dataset(_Interrupting(open_source(src), 7), out, vqgan, **kw)
+    assert bucket.keys("tokens/") == sorted(
+        f"tokens/{n}" for n in (shard_name(0), shard_name(1), marker_name(0), marker_name(1))
+    )
+    # a crash between a shard's PUT and its marker: the shard is not done
+    bucket.delete(f"tokens/{marker_name(1)}")
+    resumed = _Interrupting(open_source(src), None)
+    res = encode_dataset(resumed, out, vqgan, **kw)
+    assert res.shards_existing == [0] and res.shards_written == [1, 2, 3] and res.complete
+    first_shard = {f"00000.tar/{i:09d}" for i in range(3)}
+    assert resumed.loaded and not first_shard & set(resumed.loaded)  # shard 0 was not read again
+
+    fresh = tmp_path / "fresh"
+    encode_dataset(local, fresh, vqgan, **kw)
+    _same_data(_remote_dataset(out), _local_dataset(fresh))
+    assert _manifest_without_source(
+        bucket.get(f"tokens/{MANIFEST_NAME}")
+    ) == _manifest_without_source((fresh / MANIFEST_NAME).read_text())
+    assert len(bucket.keys(f"tokens/{DONE_DIR}/")) == res.num_shards
+
+
+def test_two_workers_write_disjoint_s3_shards(bucket: Bucket, tmp_path: Path, vqgan: VQGAN) -> None:
+    local = make_tars(tmp_path / "t")
+    out = bucket.url("tokens")
+    r0 = encode_dataset(local, out, vqgan, shard_size=2, worker=(0, 2), progress=False)
+    assert not r0.complete and f"tokens/{MANIFEST_NAME}" not in bucket.keys("tokens/")
+    r1 = encode_dataset(local, out, vqgan, shard_size=2, worker=(1, 2), progress=False)
+    assert r1.complete and not set(r0.shards_written) & set(r1.shards_written)
+    whole = tmp_path / "whole"
+    encode_dataset(local, whole, vqgan, shard_size=2, progress=False)
+    _same_data(_remote_dataset(out), _local_dataset(whole))
+    assert json.loads(bucket.get(f"tokens/{MANIFEST_NAME}")) == json.loads(
+        (whole / MANIFEST_NAME).read_text()
+    )
+    with pytest.raises(ConfigError, match="shard_size"):
+        encode_dataset(local, out, vqgan, shard_size=3, progress=False)
+
+
+def test_unwritable_destinations(tmp_path: Path, vqgan: VQGAN, bucket: Bucket) -> None:
+    local = make_tars(tmp_path / "t")
+    with pytest.raises(InputError, match="read-only"):
+        encode_dataset(local, "https://example.invalid/tokens", vqgan, progress=False)
+    with pytest.raises(InputError, match="does not exist"):
+        encode_dataset(local, "s3://no-such-bucket-here/tokens", vqgan, progress=False)

@@ -50,6 +50,7 @@ from PIL import Image
 
 from ..errors import ConfigError, InputError
 from ..images import resize_center_crop
+from .remote import URL
 from .shards import RankSplitBatches
 from .sources import (
     ParquetSource,
@@ -124,10 +125,13 @@ def _buffer_shuffle(ids: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 
 def _holds_bytes(source: Source) -> bool:
-    """Whether the source's records carry their encoded images in memory (Parquet, compressed tars)."""
+    """Whether the source's records carry their encoded images in memory (Parquet, compressed or
+    remote tars)."""
     if isinstance(source, ParquetSource):
         return True
-    return isinstance(source, TarSource) and any(p.suffix != ".tar" for p in source.paths)
+    return isinstance(source, TarSource) and any(
+        isinstance(p, URL) or p.suffix != ".tar" for p in source.paths
+    )
 
 
 class PairDataset(RankSplitBatches):

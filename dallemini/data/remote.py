@@ -164,7 +164,9 @@ def _options(protocol: str) -> dict[str, Any]:
     if protocol in ("s3", "s3a"):
         # botocore reads AWS_ENDPOINT_URL(_S3) itself; passing it also keys fsspec's instance cache
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"endpoint_url": endpoint} if endpoint else {}
+        # listings are read afresh each time: another worker may have written shards since
+        options: dict[str, Any] = {"use_listings_cache": False}
+        return options | ({"endpoint_url": endpoint} if endpoint else {})
     return {}
 
 
@@ -400,10 +402,14 @@ def check_writable(location: Location) -> None:
             f"local folder or an object store (s3://, gs://)"
         )
     fs, path = filesystem(location)
-    if location.protocol in ("s3", "s3a", "gs", "gcs"):
+    if location.protocol in ("s3", "s3a"):
         bucket = path.split("/", 1)[0]
-        if not fs.exists(bucket):
-            raise InputError(f"{location}: bucket {bucket!r} does not exist (or is not visible)")
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise InputError(f"{location}: bucket {bucket!r} does not exist") from None
+        except Exception:  # e.g. no permission to look at the bucket: the writes will tell
+            pass
 
 
 def write_bytes(location: Location, data: bytes) -> None:

@@ -233,10 +233,13 @@ class ShardInfo:
     rows: int
 
 
-def _file_names(folder: Location) -> set[str]:
-    """Names of the files directly in a local folder or under an object-store prefix."""
+def _file_names(folder: Location) -> set[str] | None:
+    """Names of the files directly in a local folder or under an object-store prefix; None for a
+    web server, which need not list its folders."""
     if isinstance(folder, Path):
         return {p.name for p in folder.iterdir() if p.is_file()}
+    if folder.protocol in ("http", "https"):
+        return None
     return set(list_dir(folder))
 
 
@@ -252,17 +255,22 @@ def list_shards(folder: str | os.PathLike[str] | URL) -> tuple[list[ShardInfo], 
         present = _file_names(folder)
         for entry in manifest["shards"]:
             path = folder / entry["file"]
-            if entry["file"] not in present:
+            if present is not None and entry["file"] not in present:
                 raise InputError(
                     f"{folder / MANIFEST_NAME} lists {entry['file']}, which is missing; "
                     f"re-run the encode into this folder to write it again"
                 )
             shards.append(ShardInfo(path, int(entry["rows"])))
         return shards, manifest
+    names = _file_names(folder)
+    if names is None:
+        raise InputError(
+            f"{folder} has no {MANIFEST_NAME}; over HTTP only a finished dataset is read"
+        )
     files = [
         folder / name
         for name in sorted(
-            (n for n in _file_names(folder) if shard_index(n) is not None),
+            (n for n in names if shard_index(n) is not None),
             key=lambda n: shard_index(n) or 0,
         )
     ]

@@ -40,7 +40,7 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import InputError
+from ..errors import DalleMiniError, InputError
 from ..extras import needs_extra
 from ..text import TextNormalizer
 from .remote import (
@@ -518,6 +518,8 @@ class TarSource(Source):
                 stream.close()
             yield Record(path.name, (), problem="missing_file")
             return
+        except DalleMiniError:
+            raise
         except Exception as e:  # tarfile, OS and network errors alike: this file is skipped
             log.warning("cannot open %s: %s", path, e)
             if stream is not None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -220,6 +226,18 @@ def test_http_shards_404_cut_and_retried(tmp_path: Path) -> None:
     )
 
 
+def test_hf_urls(fake_hub: Any, tmp_path: Path) -> None:
+    root = make_img2dataset(tmp_path / "i2d")
+    fake_hub.add_repo(
+        "someone/laion-tiny", {f"shards/{p.name}": p.read_bytes() for p in root.iterdir()}
+    )
+    src = open_source("hf://someone/laion-tiny/shards/{00000..00002}.tar")
+    assert _samples(src) == _samples(open_source(root))
+    assert src.stats.counts == {"missing_file": 1}
+    for spec in ("hf://someone/laion-tiny/shards", "hf://someone/laion-tiny/shards/*.tar"):
+        assert [p.name for p in open_source(spec).paths] == ["00000.tar", "00001.tar"]
+
+
 def test_pipe_sources(tmp_path: Path) -> None:
     root = make_tars(tmp_path / "t")
     src = open_source(f"pipe:cat {root}/{{00000..00001}}.tar")
@@ -359,6 +377,9 @@ def test_reading_shards_from_s3_is_the_same_and_resumes_exactly(
         resumed = make(url, epochs=2)
         resumed.load_state_dict(state)
         assert _rows(head + list(resumed)) == _rows(reference)
+    pytest.importorskip("aiohttp")
+    with http_file_server(tmp_path / "d") as server:
+        assert _rows(list(make(server.url, epochs=2))) == _rows(reference)
     captions, codes = read_shard(f"{url}/{shard_name(1)}", 4)
     assert captions[0] == "r7" and codes.shape == (5, 4)
     bucket.delete(f"tokens/{shard_name(2)}")
@@ -410,6 +431,87 @@ def test_two_workers_write_disjoint_s3_shards(bucket: Bucket, tmp_path: Path, vq
     )
     with pytest.raises(ConfigError, match="shard_size"):
         encode_dataset(local, out, vqgan, shard_size=3, progress=False)
+
+
+def test_reader_reads_the_next_shard_ahead(tmp_path: Path) -> None:
+    make_shards(tmp_path / "d")
+    ds = ShardDataset(tmp_path / "d", fake_tokenize, 7, shuffle=False, epochs=1)
+    loads: list[tuple[int, str]] = []
+    load = ds._load
+
+    def recording(s: int) -> Any:
+        loads.append((s, threading.current_thread().name))
+        return load(s)
+
+    ds._load = recording  # type: ignore[method-assign]
+    it = iter(ds)
+    next(it)  # the rows of shard 0 only
+    deadline = time.time() + 10
+    while len(loads) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert [s for s, _ in loads] == [0, 1]  # shard 1 is read while shard 0 is still in use
+    assert all(name.startswith("shard-read-ahead") for _, name in loads)
+    assert _rows([next(it)]) == list(range(7, 14))
+
+
+def test_cli_encode_s3_to_s3(
+    bucket: Bucket, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dallemini.random_model import create_random_model
+    from tests.test_cli import run_cli
+
+    tiny = create_random_model(tmp_path / "tiny")
+    src = bucket.upload(make_img2dataset(tmp_path / "i2d"), "src")
+    out = bucket.url("tokens")
+    args = ("encode", f"{src}/{{00000..00001}}.tar", out, "--model", tiny, "--device", "cpu")
+    code, stdout, err = run_cli(capsys, *args, "--shard-size", "2")
+    assert code == 0, err
+    assert f"dataset complete: {out}/{MANIFEST_NAME}" in stdout and "wrote 3 shard(s)" in stdout
+    code, stdout, _ = run_cli(capsys, *args, "--shard-size", "2", "--shard", "1/2")
+    assert code == 0 and "wrote 0 shard(s), 1 were already done, of 3" in stdout
+    code, _, err = run_cli(capsys, "encode", src, "https://example.invalid/x", "--model", tiny)
+    assert code == 2 and "read-only" in err and "Traceback" not in err
+
+
+def test_killed_encode_process_resumes_on_s3(bucket: Bucket, tmp_path: Path) -> None:
+    from dallemini.models.loading import load_vqgan
+    from dallemini.random_model import create_random_model
+    from tests.train_utils import subprocess_env
+
+    tiny = create_random_model(tmp_path / "tiny")
+    local = make_img2dataset(tmp_path / "i2d")
+    out = bucket.url("tokens")
+    # the second tar arrives only after a minute: the process is killed while it waits for it
+    slow_src = f"pipe:cat {local}/00000.tar::pipe:sleep 60; cat {local}/00001.tar"
+    argv = [sys.executable, "-m", "dallemini.cli", "encode", slow_src, out]
+    argv += ["--model", str(tiny), "--shard-size", "2", "--device", "cpu"]
+    proc = subprocess.Popen(
+        argv,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the pipe's shell goes with it
+    )
+    try:
+        deadline = time.time() + 120
+        while f"tokens/{marker_name(0)}" not in bucket.keys("tokens/"):
+            assert proc.poll() is None and time.time() < deadline, "the encode did not get going"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert bucket.keys("tokens/") == [f"tokens/{marker_name(0)}", f"tokens/{shard_name(0)}"]
+
+    vq = load_vqgan(tiny)
+    src = f"pipe:cat {local}/00000.tar::pipe:cat {local}/00001.tar"
+    res = encode_dataset(src, out, vq, shard_size=2, progress=False)
+    assert res.shards_existing == [0] and res.shards_written == [1, 2] and res.complete
+    fresh = tmp_path / "fresh"
+    encode_dataset(local, fresh, vq, shard_size=2, progress=False)
+    _same_data(_remote_dataset(out), _local_dataset(fresh))
+    assert _manifest_without_source(
+        bucket.get(f"tokens/{MANIFEST_NAME}")
+    ) == _manifest_without_source((fresh / MANIFEST_NAME).read_text())
 
 
 def test_unwritable_destinations(tmp_path: Path, vqgan: VQGAN, bucket: Bucket) -> None:

@@ -51,7 +51,6 @@ __all__ = [
     "open_stream",
     "read_bytes",
     "read_many",
-    "remove",
     "write_bytes",
 ]
 
@@ -197,7 +196,8 @@ def glob_urls(url: URL) -> list[URL]:
     """The files a glob URL matches, sorted."""
     fs, path = filesystem(url)
     fs.invalidate_cache()
-    return sorted(URL(_full(fs, p)) for p in fs.glob(path) if not fs.isdir(p))
+    found = fs.glob(path, detail=True)
+    return sorted(URL(_full(fs, p)) for p, info in found.items() if info.get("type") != "directory")
 
 
 def list_files(url: URL) -> list[URL]:
@@ -378,8 +378,11 @@ def read_bytes(location: Location) -> bytes:
     """The whole content of a file or URL; `FileNotFoundError` when it does not exist."""
     if isinstance(location, Path):
         return location.read_bytes()
-    with open_stream(location) as f:
-        return f.read()
+    if location.is_pipe or location.protocol not in _OWN_RETRIES:
+        with open_stream(location) as f:
+            return f.read()
+    fs, path = filesystem(location)
+    return fs.cat_file(path)  # one GET, retried by the store's own client
 
 
 def read_many(locations: list[URL]) -> dict[URL, bytes]:
@@ -421,13 +424,3 @@ def write_bytes(location: Location, data: bytes) -> None:
         check_writable(location)  # raises: nothing can be written there
     fs, path = filesystem(location)
     fs.pipe_file(path, data)  # one PUT (a multipart upload past 50 MB, which S3 also shows whole)
-
-
-def remove(location: Location) -> None:
-    """Delete a file or object; nothing happens when it is already gone."""
-    if isinstance(location, Path):
-        location.unlink(missing_ok=True)
-        return
-    fs, path = filesystem(location)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(path)

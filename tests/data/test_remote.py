@@ -352,6 +352,21 @@ def test_encode_s3_to_s3_matches_local_and_trains(
     assert state["data"]["batch"] == 3 and state["data"]["rows"] == GOOD
 
 
+def test_encode_counts_missing_and_cut_shards_by_name(
+    bucket: Bucket, tmp_path: Path, vqgan: VQGAN
+) -> None:
+    src = bucket.upload(make_tars(tmp_path / "t"), "src")  # 00001.tar is cut inside an image
+    out = bucket.url("tokens")
+    res = encode_dataset(f"{src}/{{00000..00002}}.tar", out, vqgan, shard_size=4, progress=False)
+    assert res.complete and res.images == GOOD  # everything readable was encoded
+    summary = res.summary()
+    assert "1 missing_file (00002.tar)" in summary
+    assert "00001.tar/000000020" in summary and "00001.tar@" in summary
+    manifest = json.loads(bucket.get(f"tokens/{MANIFEST_NAME}"))
+    assert manifest["skipped"]["examples"]["missing_file"] == ["00002.tar"]
+    assert manifest["skipped"]["counts"]["truncated"] == 2
+
+
 def test_reading_shards_from_s3_is_the_same_and_resumes_exactly(
     bucket: Bucket, tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ from tests.data.test_data import (
     _Interrupting,
     _rows,
     fake_tokenize,
+    make_parquet,
     make_shards,
     make_tars,
 )
@@ -182,6 +183,12 @@ def test_s3_prefix_of_img2dataset_output(bucket: Bucket, tmp_path: Path) -> None
     assert [p.name for p in glob.paths] == ["00000.tar", "00001.tar"]
     with pytest.raises(InputError, match="no files match"):
         open_source(f"{prefix}/*.tgz")
+    parquet = bucket.upload(make_parquet(tmp_path / "pq"), "pq")  # Parquet files, read by ranges
+    remote_pq, local_pq = open_source(parquet), open_source(tmp_path / "pq")
+    assert (
+        _samples(remote_pq) == _samples(local_pq)
+        and remote_pq.stats.counts == local_pq.stats.counts
+    )
     with pytest.raises(InputError, match="holds no files"):
         open_source(bucket.url("nothing/here"))
 

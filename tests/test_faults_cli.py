@@ -114,7 +114,7 @@ def test_openapi_declares_security_only_with_a_key_and_documents_health_503(tiny
                 assert schemes is None and secured == [] and with_401 == []
             else:
                 assert set(schemes) == {"HTTPBearer", "APIKeyHeader"}
-                assert len(secured) == len(with_401) == 5  # every route but /health
+                assert len(secured) == len(with_401) == 6  # every route but /health
             health = spec["paths"]["/health"]["get"]["responses"]
             assert {"200", "503"} <= set(health)
             client.app.state.batcher.stop_accepting()  # shutting down: the documented 503

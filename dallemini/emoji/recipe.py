@@ -444,5 +444,11 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
         ]
         if "rerank_lift" in report:
             lines[-1] += f"; CLIP rerank lift (all): {report['rerank_lift']:+.3f}"
+        if "variety" in report:
+            v = report["variety"]
+            lines[-1] += (
+                f"; distinct images per caption: {v['distinct_mean']:.2f} of {report['candidates']}"
+                f", captions with >= 3 distinct: {v['share_at_least_3']:.2f}"
+            )
     lines += ["", "## recipe.json", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     return "\n".join(lines)

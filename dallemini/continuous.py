@@ -56,6 +56,7 @@ class Row:
     tokens: Tensor  # [image_length] on the CPU; the first `done` are sampled (or forced)
     uniforms: Tensor  # [image_length] float64, from the row's seed
     done: int = 0
+    text_length: int = 0  # text positions its cross-attention reads (the rest is padding)
 
 
 class RunningBatch:
@@ -171,6 +172,8 @@ class RunningBatch:
         enc_rows = torch.tensor(which_enc, device=self.device)
         # 2. their cross-attention K/V and mask, padded to the cache's text length
         t = ids.shape[1]
+        for row, _ in slot_rows:
+            row.text_length = t
         for i, layer in enumerate(self.model.decoder.layers):
             k, v = layer.encoder_attn.project_kv(enc)
             cache.cross_k[i, new, :, :t] = k.index_select(0, enc_rows).to(cache.cross_k.dtype)
@@ -249,6 +252,10 @@ class RunningBatch:
         mask = torch.zeros((n, 1, 1, end), dtype=cache.self_k.dtype, device=self.device)
         mask.masked_fill_(later[:, None, None, :], float("-inf"))
         slot = torch.arange(n, device=self.device)
+        # cross-attention reads the text positions some row uses: padding in every row is skipped
+        t = max(row.text_length for row in self.rows.values() if row.slots)
+        cross_k, cross_v = cache.cross_k[:, :n, :, :t], cache.cross_v[:, :n, :, :t]
+        cross_mask = cache.cross_mask[:n, :, :, :t]
         for i, layer in enumerate(dec.layers):
             h = layer.pre_self_attn_layer_norm(x)
             q, k, v = layer.self_attn.project_qkv(h)
@@ -259,9 +266,7 @@ class RunningBatch:
                 q, self_k[:n, :, :end], self_v[:n, :, :end], mask, dtype=x.dtype
             )
             x = x + layer.dropout(layer.self_attn_layer_norm(h))
-            x = layer.cross_and_glu(
-                x, cache.cross_k[i, :n], cache.cross_v[i, :n], cache.cross_mask[:n]
-            )
+            x = layer.cross_and_glu(x, cross_k[i], cross_v[i], cross_mask)
         return dec.lm_head(dec.final_ln(x))[:, 0]
 
     # ---- leaving -------------------------------------------------------------------------------

@@ -88,23 +88,28 @@ def apply_threads(requested: int | str | None = None) -> int:
 class ThreadTuner:
     """Per step of one loop: the thread count (all of them, or one) whose steps are fastest now.
 
-    Every `probe_every` steps (and at the start) it times `trials` steps with each count, taking
-    turns, and keeps the count whose fastest step was fastest. Steps of one loop are alike, so a
-    probe costs little on an idle machine (a few one-thread steps) and finds out when other work
-    has taken cores.
+    At the start, and again after `probe_every` steps, it times `trials` steps with each count,
+    taking turns, and keeps the count whose steps took least on average (not the luckiest step: on a
+    shared CPU a parallel step is sometimes quick and often very slow). A probe that confirms the
+    count doubles the wait before the next (up to `max_every`); one that changes it starts again
+    from `probe_every`. Steps of one loop are alike, so probing costs little on an idle machine and
+    still notices when other work takes cores.
     """
 
-    def __init__(self, threads: int, probe_every: int = 64, trials: int = 2) -> None:
+    def __init__(
+        self, threads: int, probe_every: int = 64, trials: int = 3, max_every: int = 1024
+    ) -> None:
         self.counts = sorted({max(1, threads), 1}, reverse=True)
-        self.probe_every, self.trials = probe_every, trials
+        self.probe_every, self.trials, self.max_every = probe_every, trials, max_every
         self.best = self.counts[0]
+        self._every = probe_every
         self._queue: list[int] = []
-        self._times: dict[int, float] = {}
+        self._times: dict[int, list[float]] = {}
         self._since = probe_every  # probe at the first step
 
     def _next(self) -> int:
         """The thread count of the coming step."""
-        if not self._queue and self._since >= self.probe_every and len(self.counts) > 1:
+        if not self._queue and self._since >= self._every and len(self.counts) > 1:
             self._queue = self.counts * self.trials
             self._times = {}
         return self._queue[0] if self._queue else self.best
@@ -114,10 +119,12 @@ class ThreadTuner:
             self._since += 1
             return
         self._queue.pop(0)
-        self._times[n] = min(seconds, self._times.get(n, math.inf))
+        self._times.setdefault(n, []).append(seconds)
         if not self._queue:
-            self.best = min(self._times, key=self._times.__getitem__)
-            self._since = 0
+            best = min(self._times, key=lambda c: sum(self._times[c]) / len(self._times[c]))
+            same = best == self.best
+            self._every = min(2 * self._every, self.max_every) if same else self.probe_every
+            self.best, self._since = best, 0
 
     @contextmanager
     def step(self) -> Iterator[int]:

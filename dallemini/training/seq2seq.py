@@ -53,7 +53,9 @@ class Seq2SeqConfig(TrainConfig):
     # two shared settings that are options of `dallemini train` alone
     optimizer: str = option("adafactor", "adafactor or adamw")
     distributed: str = option("ddp", "ddp or fsdp (under torchrun)")  # fsdp: fully_shard
-    data: str = option("", "folder of encoded token shards (dallemini encode)")  # parquet shards
+    data: str = option(  # parquet shards
+        "", "encoded token shards (dallemini encode): a folder, or an s3:// or https:// URL"
+    )
     eval_data: str | None = option(None, "held-out encoded shards")  # for the evaluation loss
     model: str | None = option(None, "model directory to fine-tune")  # else `preset`
     # the DalleBart shape when training from scratch

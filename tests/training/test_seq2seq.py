@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,74 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path, strategy: str) -> 
     assert state["extra"]["world_size"] == 2
     exported = load_file(str(tmp_path / "two" / "model" / "bart.safetensors"))
     assert all(torch.equal(exported[k], b[k]) for k in b)  # the model dir holds the full weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_nodes_under_torchrun_match_one_process(tmp_path: Path, strategy: str) -> None:
+    """Two "nodes" (two torchrun launchers on 127.0.0.1, one process each, c10d rendezvous, gloo)
+    with batch 8 each train as one process with batch 16."""
+    data = write_token_dataset(tmp_path / "data", rows=16, shards=3)
+    steps = 4
+    common = [
+        "--set",
+        "blank_caption_prob=0",
+        "--set",
+        "keep_last=1",
+        "--set",
+        f"save_every={steps}",
+    ]
+    one = _cli_args(data, tmp_path / "one", steps, common)
+    subprocess.run(
+        [sys.executable, "-m", "dallemini.cli", *one],
+        check=True,
+        env=subprocess_env(),
+        capture_output=True,
+    )
+    two = _cli_args(data, tmp_path / "two", steps, [*common, "--distributed", strategy])
+    two[two.index("--batch-size") + 1] = "8"
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{sock.getsockname()[1]}"
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "two-nodes",
+                "--max-restarts",
+                "0",
+                "-m",
+                "dallemini.cli",
+                *two,
+            ],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for node in nodes:
+        out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, out[-3000:]
+    last = f"step-{steps:06d}"
+    a = load_file(str(tmp_path / "one" / "checkpoints" / last / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / last / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+    state = json.loads((tmp_path / "two" / "checkpoints" / last / "state.json").read_text())
+    assert state["extra"]["world_size"] == 2
 
 
 def test_cli_train_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

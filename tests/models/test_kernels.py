@@ -426,3 +426,17 @@ def test_the_few_row_path_is_measured_once_and_kept(
     m = _bart(torch.float32, True)
     _, step = _greedy_logits(m, 2, use_native=True)
     assert not isinstance(step, cpu.NativeStep)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_native_decoder_layer_with_int8_weights_matches_torch(rows: int) -> None:
+    """8-bit weights (models/quant.py) in the native layer kernel: the op-by-op int8 model's logits."""
+    from dallemini.models.quant import quantize_
+
+    if not native.available(torch.int8):
+        pytest.skip("no native kernels here")
+    m = quantize_(_bart(torch.float32, True))
+    got, step = _greedy_logits(m, rows, use_native=True)
+    want, _ = _greedy_logits(m, rows, use_native=False)
+    assert isinstance(step, cpu.NativeStep)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

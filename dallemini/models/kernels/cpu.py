@@ -325,7 +325,59 @@ def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
     ):
         layers = _bind_native(model, cache, dtype == torch.bfloat16)
         return None if layers is None else NativeStep(model, layers)
+    if (
+        not model.training
+        and cache.self_k.device.type == "cpu"
+        and cache.self_k.dtype == torch.float32
+        and cache.batch_size <= 2
+        and dtype == torch.float32
+        and native.available(torch.int8)
+        and all(_is_int8(m) for layer in model.decoder.layers for m in _dense(layer))
+    ):  # 8-bit weights (models/quant.py): the layer kernel reads one byte per weight
+        return NativeStep(model, _bind_native_int8(model, cache))
     return None
+
+
+def _is_int8(m: nn.Module) -> bool:
+    """An int8 dense layer (models/quant.Int8Linear; named by its buffers: quant imports this
+    package)."""
+    w = getattr(m, "weight", None)
+    return isinstance(w, Tensor) and w.dtype == torch.int8 and hasattr(m, "weight_scale")
+
+
+def _norms(layer: nn.Module) -> list[tuple[Tensor | None, Tensor]]:
+    """A decoder layer's six layer norms (weight or None, bias) in the native kernel's order."""
+    glu = layer.glu
+    norms = (
+        layer.pre_self_attn_layer_norm,
+        layer.self_attn_layer_norm,
+        layer.pre_encoder_attn_layer_norm,
+        layer.encoder_attn_layer_norm,
+        glu.ln0,
+        glu.ln1,
+    )
+    return [(None if m.weight is None else m.weight.detach(), m.bias.detach()) for m in norms]
+
+
+def _bind_native_int8(model: DalleBart, cache: DecoderCache) -> list[native.DecoderLayerKernel]:
+    """One kernel per decoder layer over its int8 weights and their scales."""
+    mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
+    return [
+        native.DecoderLayerKernel(
+            [m.weight for m in _dense(layer)],
+            _norms(layer),
+            model.config.layer_norm_eps,
+            model.config.attention_heads,
+            cache.self_k[i],
+            cache.self_v[i],
+            cache.cross_k[i],
+            cache.cross_v[i],
+            mask,
+            False,
+            scales=[m.weight_scale for m in _dense(layer)],
+        )
+        for i, layer in enumerate(model.decoder.layers)
+    ]
 
 
 def _native_is_faster(model: DalleBart) -> bool:

@@ -116,8 +116,8 @@ void dallemini_gemv2_bf16(const unsigned short* Wp, const unsigned short* x0,
  * work between them (layer norms, attention, casts, dispatch: ~400 small ops) costs a bf16 step
  * ~40% on top of streaming the weights. Here the whole NormFormer layer (models/bart.py
  * DecoderLayer, eval mode) runs in C: the residual stream stays float32, weights are float32
- * row-major or the bfloat16 blocked copies above, the K/V cache float32 or (bfloat16 models)
- * bfloat16. */
+ * row-major, the bfloat16 blocked copies above or int8 rows with a scale each, the K/V cache float32
+ * or (bfloat16 models) bfloat16. */
 
 typedef struct {
   long d, heads, head_dim, ffn; /* model width, heads, head width, GLU width */
@@ -129,6 +129,8 @@ typedef struct {
   const void* w[9];             /* q, k, v, out, cross q, cross out, fc0, fc1, fc2 */
   const float* ln_w[6];         /* pre-self, self, pre-cross, cross, glu ln0, glu ln1; NULL = 1 */
   const float* ln_b[6];
+  int i8;                       /* 1: w[] are int8 [N, K] with one float32 scale per row */
+  const float* scale[9];        /* int8: the scales of w[] */
 } dallemini_layer;
 
 /* Layer norm of n floats, float32 statistics as torch's (two passes). */
@@ -144,12 +146,19 @@ static void layer_norm(const float* x, float* y, long n, const float* w, const f
   for (long i = 0; i < n; i++) y[i] = (x[i] - mean) * r * (w ? w[i] : 1.f) + b[i];
 }
 
+void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X, float* Y, long R,
+                       long N, long K, int threads);
+
 /* y[r] = W x[r] for rows r < R (x: R rows of K floats, y: R rows of N); bfloat16 weights take
  * their input rounded to bfloat16 (nearest even, as torch's cast), zero-padded to Kp. */
 static void product(const dallemini_layer* p, int which, const float* x, float* y, int R, long N,
                     long K, long Kp, void* xb, float* spare, int threads) {
   const float* x1 = R > 1 ? x + K : x;
   float* y1 = R > 1 ? y + N : spare;
+  if (p->i8) { /* rows of y are contiguous: y, y + N */
+    dallemini_gemv_i8((const signed char*)p->w[which], p->scale[which], x, y, R, N, K, threads);
+    return;
+  }
   if (!p->bf16) {
     dallemini_gemv2((const float*)p->w[which], x, x1, y, y1, N, K, threads);
     return;

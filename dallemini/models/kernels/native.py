@@ -206,6 +206,8 @@ class _LayerParams(ctypes.Structure):
         ("w", ctypes.c_void_p * 9),
         ("ln_w", ctypes.c_void_p * 6),
         ("ln_b", ctypes.c_void_p * 6),
+        ("i8", ctypes.c_int),
+        ("scale", ctypes.c_void_p * 9),
     ]
 
 
@@ -233,10 +235,10 @@ class DecoderLayerKernel:
         cross_v: Tensor,
         cross_mask: Tensor,
         bf16: bool,
+        scales: list[Tensor] | None = None,
     ) -> None:
-        funcs = (
-            _STATE.get("layer") if available(torch.bfloat16 if bf16 else torch.float32) else None
-        )
+        kind = torch.bfloat16 if bf16 else torch.int8 if scales is not None else torch.float32
+        funcs = _STATE.get("layer") if available(kind) else None
         if funcs is None:
             raise RuntimeError("the native decoder-layer kernel is not available here")
         self._fn, work_size = funcs  # type: ignore[misc]
@@ -264,12 +266,19 @@ class DecoderLayerKernel:
         p.kp_d, p.kp_f = -(-d // _BLOCK_COLS) * _BLOCK_COLS, -(-ffn // _BLOCK_COLS) * _BLOCK_COLS
         p.max_len, p.text_len, p.eps, p.bf16, p.kv16 = max_len, text_len, eps, int(bf16), int(kv16)
         for i, w in enumerate(weights):
-            want = torch.bfloat16 if bf16 else torch.float32
+            want = torch.bfloat16 if bf16 else torch.int8 if scales is not None else torch.float32
             if w.dtype != want or not w.is_contiguous() or w.device.type != "cpu":
                 raise ValueError(
                     f"decoder-layer kernel weight {i} must be contiguous {want} on CPU"
                 )
             p.w[i] = w.data_ptr()
+        if scales is not None:  # int8 weights: one float32 scale per output row
+            scales = [sc.float().contiguous() for sc in scales]
+            for i, (w, sc) in enumerate(zip(weights, scales, strict=True)):
+                if sc.shape != w.shape[:1]:
+                    raise ValueError(f"decoder-layer kernel scale {i} must have {w.shape[0]} rows")
+                p.scale[i] = sc.data_ptr()
+            p.i8 = 1
         for i, (w, b) in enumerate(norms):
             p.ln_w[i] = None if w is None else w.data_ptr()
             p.ln_b[i] = b.data_ptr()
@@ -278,7 +287,7 @@ class DecoderLayerKernel:
         self._work = torch.empty(work_size(self._ref))
         self._rows = rows
         self._ptrs = [t.data_ptr() for t in kept] + [self._work.data_ptr()]
-        self._keep = (weights, norms, kept)
+        self._keep = (weights, norms, kept, scales)
 
     def __call__(self, x: Tensor, pos: int) -> None:
         """x [rows, d] float32 contiguous, the new token at position `pos` of each row, through the

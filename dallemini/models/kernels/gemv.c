@@ -511,39 +511,51 @@ static inline __m512 widen16(const signed char* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
+/* Outputs n..n+rows-1 of X rows r0..r0+xr-1 (xr <= XR); XR is a constant at every call, so each
+ * call compiles to a loop with exactly XR accumulators per weight row (no wasted products). */
+static inline void i8_block(const signed char* W, const float* scale, const float* X, float* Y,
+                            long N, long K, long n, long rows, long r0, long xr, const int XR) {
+  long K16 = K - K % 16;
+  const signed char* w[I8_ROWS];
+  const float* x[I8_XR];
+  for (int i = 0; i < I8_ROWS; i++) w[i] = W + (n + (i < rows ? i : 0)) * K;
+  for (int j = 0; j < XR; j++) x[j] = X + (r0 + (j < xr ? j : 0)) * K;
+  __m512 acc[I8_ROWS][I8_XR];
+  for (int i = 0; i < I8_ROWS; i++)
+    for (int j = 0; j < XR; j++) acc[i][j] = _mm512_setzero_ps();
+  for (long k = 0; k < K16; k += 16) {
+    __m512 xv[I8_XR];
+    for (int j = 0; j < XR; j++) xv[j] = _mm512_loadu_ps(x[j] + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < I8_ROWS; i++) {
+      __m512 wv = widen16(w[i] + k);
+      for (int j = 0; j < XR; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < rows; i++) {
+    for (int j = 0; j < xr; j++) {
+      float s = _mm512_reduce_add_ps(acc[i][j]);
+      for (long k = K16; k < K; k++) s += (float)w[i][k] * x[j][k]; /* the last K % 16 */
+      Y[(r0 + j) * N + n + i] = s * scale[n + i];
+    }
+  }
+}
+
 void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X, float* Y, long R,
                        long N, long K, int threads) {
   long blocks = (N + I8_ROWS - 1) / I8_ROWS;
-  long K16 = K - K % 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long b = 0; b < blocks; b++) {
     long n = b * I8_ROWS;
     long rows = N - n < I8_ROWS ? N - n : I8_ROWS;
-    const signed char* w[I8_ROWS];
-    for (int i = 0; i < I8_ROWS; i++) w[i] = W + (n + (i < rows ? i : 0)) * K;
     for (long r0 = 0; r0 < R; r0 += I8_XR) {
       long xr = R - r0 < I8_XR ? R - r0 : I8_XR;
-      const float* x[I8_XR];
-      for (int j = 0; j < I8_XR; j++) x[j] = X + (r0 + (j < xr ? j : 0)) * K;
-      __m512 acc[I8_ROWS][I8_XR];
-      for (int i = 0; i < I8_ROWS; i++)
-        for (int j = 0; j < I8_XR; j++) acc[i][j] = _mm512_setzero_ps();
-      for (long k = 0; k < K16; k += 16) {
-        __m512 xv[I8_XR];
-        for (int j = 0; j < I8_XR; j++) xv[j] = _mm512_loadu_ps(x[j] + k);
-#pragma GCC unroll 4
-        for (int i = 0; i < I8_ROWS; i++) {
-          __m512 wv = widen16(w[i] + k);
-          for (int j = 0; j < I8_XR; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
-        }
-      }
-      for (int i = 0; i < rows; i++) {
-        for (int j = 0; j < xr; j++) {
-          float s = _mm512_reduce_add_ps(acc[i][j]);
-          for (long k = K16; k < K; k++) s += (float)w[i][k] * x[j][k]; /* the last K % 16 */
-          Y[(r0 + j) * N + n + i] = s * scale[n + i];
-        }
-      }
+      if (xr == 1)
+        i8_block(W, scale, X, Y, N, K, n, rows, r0, xr, 1);
+      else if (xr == 2)
+        i8_block(W, scale, X, Y, N, K, n, rows, r0, xr, 2);
+      else
+        i8_block(W, scale, X, Y, N, K, n, rows, r0, xr, 4);
     }
   }
 }

@@ -127,7 +127,14 @@ class ContinuousBatcher(Batcher):
         for job in [j for j in self._requests if j.state != "queued"]:  # cancelled or expired
             del self._requests[job]
         if self._batch is None:
-            self._batch = self.pipe.running_batch(self.max_batch_images)
+            try:
+                self._batch = self.pipe.running_batch(self.max_batch_images)
+            except Exception as e:  # e.g. no memory for its cache: the oldest request learns why
+                with self._cond:
+                    job = self._queue[0] if self._queue else None
+                if job is not None:
+                    self._fail_queued(job, e)
+                return
         for run in list(self._runs):
             if not self._admit_rows(run):
                 return  # no room for anyone behind it

@@ -9,6 +9,7 @@ start with it. $DALLEMINI_FEW_ROWS=native or onednn forces one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ def choices_file() -> Path:
     return native.cache_dir() / "choices.json"
 
 
+@functools.cache  # /proc/cpuinfo once: this is asked at every few-row product
 def _cpu_key() -> str:
     """A short name of this CPU model and its flags (the choices hold for it alone)."""
     ident = native._cpu_identity() or "unknown"
@@ -71,6 +73,9 @@ def few_rows_path(weight: Tensor, onednn: Callable[[Tensor], Tensor]) -> str:
         return forced
     n, k = weight.shape
     key = f"{_cpu_key()}|float32|{n}x{k}|threads{torch.get_num_threads()}"
+    known = _CHOICES.get(key)
+    if known is not None:  # the common case, on the decoding hot path: no lock
+        return known
     with _LOCK:
         if not _LOADED:
             _LOADED.append(True)

@@ -334,7 +334,8 @@ def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
         and native.available(torch.int8)
         and all(_is_int8(m) for layer in model.decoder.layers for m in _dense(layer))
     ):  # 8-bit weights (models/quant.py): the layer kernel reads one byte per weight
-        return NativeStep(model, _bind_native_int8(model, cache))
+        layers = _bind_native(model, cache, bf16=False, int8=True)
+        return None if layers is None else NativeStep(model, layers)
     return None
 
 
@@ -359,27 +360,6 @@ def _norms(layer: nn.Module) -> list[tuple[Tensor | None, Tensor]]:
     return [(None if m.weight is None else m.weight.detach(), m.bias.detach()) for m in norms]
 
 
-def _bind_native_int8(model: DalleBart, cache: DecoderCache) -> list[native.DecoderLayerKernel]:
-    """One kernel per decoder layer over its int8 weights and their scales."""
-    mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
-    return [
-        native.DecoderLayerKernel(
-            [m.weight for m in _dense(layer)],
-            _norms(layer),
-            model.config.layer_norm_eps,
-            model.config.attention_heads,
-            cache.self_k[i],
-            cache.self_v[i],
-            cache.cross_k[i],
-            cache.cross_v[i],
-            mask,
-            False,
-            scales=[m.weight_scale for m in _dense(layer)],
-        )
-        for i, layer in enumerate(model.decoder.layers)
-    ]
-
-
 def _native_is_faster(model: DalleBart) -> bool:
     """Whether the native kernel beats oneDNN for one image's float32 products of this decoder's
     weight shapes on this CPU (choice.py); else its steps run op by op on oneDNN."""
@@ -396,34 +376,27 @@ def _dense(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def _bind_native(
-    model: DalleBart, cache: DecoderCache, bf16: bool
+    model: DalleBart, cache: DecoderCache, bf16: bool, int8: bool = False
 ) -> list[native.DecoderLayerKernel] | None:
-    """One kernel per decoder layer over its weights (bfloat16: the layers' blocked copies)."""
-    if not bf16:
+    """One kernel per decoder layer over its weights: float32 (moved to huge pages), the layers'
+    bfloat16 blocked copies, or (int8) their int8 weights and scales."""
+    if not (bf16 or int8):
         native.move_to_huge_pages(model.decoder.lm_head.weight)
     bound = []
     mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
     for i, layer in enumerate(model.decoder.layers):
-        dense, glu = _dense(layer), layer.glu
-        if not bf16:  # bfloat16 reads its blocked copies, made on huge pages
+        dense = _dense(layer)
+        if not (bf16 or int8):  # bfloat16 reads its blocked copies, made on huge pages
             for m in dense:
                 native.move_to_huge_pages(m.weight)
             release_freed_memory()  # the weights' old homes
         weights = [m.blocked_weight() if bf16 else m.weight.detach() for m in dense]
         if any(w is None or not w.is_contiguous() for w in weights):
             return None
-        norms = (
-            layer.pre_self_attn_layer_norm,
-            layer.self_attn_layer_norm,
-            layer.pre_encoder_attn_layer_norm,
-            layer.encoder_attn_layer_norm,
-            glu.ln0,
-            glu.ln1,
-        )
         bound.append(
             native.DecoderLayerKernel(
                 weights,  # type: ignore[arg-type]
-                [(None if m.weight is None else m.weight.detach(), m.bias.detach()) for m in norms],
+                _norms(layer),
                 model.config.layer_norm_eps,
                 model.config.attention_heads,
                 cache.self_k[i],
@@ -432,6 +405,7 @@ def _bind_native(
                 cache.cross_v[i],
                 mask,
                 bf16,
+                scales=[m.weight_scale for m in dense] if int8 else None,
             )
         )
     return bound

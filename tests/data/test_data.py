@@ -49,15 +49,6 @@ from dallemini.models.vqgan import VQGAN
 TINY = VQGAN_PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny convolutions are fastest single-threaded, and 2 OpenMP threads crawl on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vqgan() -> VQGAN:
     torch.manual_seed(0)

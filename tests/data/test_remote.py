@@ -49,15 +49,6 @@ from tests.s3server import S3Server, http_file_server, point_aws_at
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny convolutions are fastest single-threaded on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken HTTP streams are retried twice, without long waits."""
     monkeypatch.setattr(remote, "RETRY", remote.RetryPolicy(attempts=2, backoff_s=0.01))

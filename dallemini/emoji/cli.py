@@ -57,10 +57,15 @@ def _parse_tier(tier: str | None) -> int | str | None:
 # The options of `dataset emoji` (and the dataset settings above).
 SplitsOpt = Annotated[str, typer.Option(help=f"comma list of {', '.join(SPLITS)}, or all")]
 CaptionsPerImageOpt = Annotated[
-    int, typer.Option(help="captions per image (distinct frames): 1 to 6, or 12 with --version 2")
+    int,
+    typer.Option(help="captions per image (distinct frames): 1 to 6, or 12 with --version 2 or 3"),
 ]
 VersionOpt = Annotated[
-    int, typer.Option("--version", help="captions: 1 (six templates) or 2 (plain language)")
+    int,
+    typer.Option(
+        "--version",
+        help="captions: 1 (six templates), 2 (plain language) or 3 (2 in free word order, held-out synonyms)",
+    ),
 ]
 VariantsOpt = Annotated[
     int, typer.Option(help="images per training scene (turned glyph, shaded background)")

@@ -1,4 +1,4 @@
-"""Plain-language captions for emoji scenes (dataset version 2) and the parser the judge reads them with.
+"""Plain-language captions for emoji scenes (dataset versions 2 and 3) and the parser the judge reads them with.
 
 A caption is a sentence frame filled with a subject phrase (the name, a synonym, an article, "a
 photo of ..."), a colour word (a palette name or a common word for one: "navy" is blue) and a
@@ -6,6 +6,12 @@ place (a position name, or a phrase such as "in the upper left corner"). Trainin
 `FRAMES`; `HELDOUT_FRAMES` never appear in training and measure how well a model reads new
 sentences. Every word list here is data: a colour word names the palette colour nearest to it,
 a place phrase names one of the 9 positions.
+
+Version 3 adds free word order: a caption is also its three parts (subject, colour, place) in any
+order, joined by varied words, with filler words ("cute", "please draw") and dropped articles
+(`compose`), so that a model learns to find the parts in sentences it never saw. Its training
+captions never use `HELDOUT_COLOUR_WORDS`, a share of the subject synonyms (`EmojiScenes.heldout_synonym`),
+or the words of `HELDOUT_FRAMES`.
 """
 
 from __future__ import annotations
@@ -48,7 +54,17 @@ COLOUR_WORDS: dict[str, str] = {
     "ivory": "white",
     "black": "black",
     "jet black": "black",
+    # version 3 on (version 2 captions never use these two)
+    "pumpkin": "orange",
+    "saffron": "yellow",
 }
+V3_COLOUR_WORDS = frozenset(("pumpkin", "saffron"))
+
+# One colour word per palette colour that version 3's training captions never use (heldout-synonyms);
+# none of them names an emoji ("lime" and "lemon" do).
+HELDOUT_COLOUR_WORDS: frozenset[str] = frozenset(
+    ("scarlet", "pumpkin", "saffron", "emerald", "cobalt", "violet", "ivory", "jet black")
+)
 
 # Phrases for the 9 positions, used where a frame says {where} ("panda {where} on a blue background").
 PLACE_PHRASES: dict[str, tuple[str, ...]] = {
@@ -139,6 +155,56 @@ HELDOUT_FRAMES: tuple[str, ...] = (
 )
 
 
+# Version 3's free word order: ways to say the colour part, words that join two parts, and filler
+# words with no meaning for the picture. None of them is a word of HELDOUT_FRAMES (tested).
+COLOUR_PARTS: tuple[str, ...] = (
+    "on {a} {colour} background",
+    "{a} {colour} background",
+    "{colour} background",
+    "with {a} {colour} background",
+    "against {a} {colour} background",
+    "on {colour}",
+    "in front of {a} {colour} background",
+    "background {colour}",
+)
+JOINERS: tuple[str, ...] = (" ", ", ", " , ", " and ", " with ", "; ", " - ")
+FILLERS: tuple[str, ...] = (
+    "cute",
+    "simple",
+    "flat",
+    "small",
+    "little",
+    "big",
+    "nice",
+    "cartoon",
+    "icon",
+    "emoji",
+    "style",
+    "digital art",
+    "clip art",
+    "vector art",
+    "minimal",
+    "detailed",
+    "high quality",
+    "4k",
+    "please",
+    "draw",
+    "make",
+    "create",
+    "generate",
+    "i want",
+    "render",
+    "one",
+    "single",
+    "colorful",
+    "bright",
+    "pretty",
+)
+HELDOUT_SYNONYM_SHARE = (
+    0.5  # of the subjects with synonyms, about this share keeps one out of training
+)
+
+
 def article(word: str) -> str:
     """'an' before a vowel-initial word, else 'a' (good enough for colour words and names)."""
     return "an" if word[:1].lower() in "aeiou" else "a"
@@ -185,6 +251,23 @@ def subject_phrase(name: str, rng: np.random.Generator) -> str:
     """The subject named with a random prefix: "panda", "a panda", "a photo of a panda", ..."""
     prefix = _pick(SUBJECT_PREFIXES, rng).format(article=subject_article(name))
     return f"{prefix} {name}".strip()
+
+
+def compose(subject: str, colour_word: str, position: str, rng: np.random.Generator) -> str:
+    """A version 3 caption: subject, colour and place parts in a random order, joined by random
+    words, with a filler word or two between or around them and (sometimes) no articles."""
+    phrases = PLACE_PHRASES[POSITION_WORDS[position]]
+    place = _pick(phrases, rng) if rng.random() < 0.5 else position
+    colour = _pick(COLOUR_PARTS, rng).format(colour=colour_word, a=article(colour_word))
+    parts = [(subject, colour, place)[int(i)] for i in rng.permutation(3)]
+    gaps = ["", *(_pick(JOINERS, rng) for _ in parts[1:]), ""]  # before, between and after parts
+    for _ in range(int(rng.choice(3, p=(0.5, 0.35, 0.15)))):
+        at = int(rng.integers(len(gaps)))
+        gaps[at] = f"{gaps[at]} {_pick(FILLERS, rng)} "
+    text = gaps[0] + "".join(part + gap for part, gap in zip(parts, gaps[1:], strict=True))
+    if rng.random() < 0.15:
+        text = " ".join(w for w in text.split(" ") if w not in ("a", "an", "the"))
+    return re.sub(r"\s+", " ", text).strip(" ,;-")
 
 
 def _pick(options: tuple[str, ...], rng: np.random.Generator) -> str:

@@ -100,7 +100,8 @@ SPLITS: tuple[str, ...] = ("train", "heldout-triples", "heldout-colour")
 # Caption-level held-out sets, drawn on the heldout-triples scenes: sentence frames that training
 # never uses, and synonyms (subject words, colour words, place phrases) on scenes never seen with them.
 CAPTION_SPLITS: tuple[str, ...] = ("heldout-frames", "heldout-synonyms")
-VERSIONS = (1, 2)  # 1: the six templates; 2: plain-language captions (emoji/language.py)
+VERSIONS = (1, 2, 3)  # 1: the six templates; 2: plain-language captions; 3: 2 + free word order,
+# held-out synonyms and colour words (emoji/language.py)
 # Variants of a training scene (variant 0 is the plain scene): the glyph turned by a small angle
 # (one per subject, place and variant, so a glyph donor shares its pose) and the background a
 # shade lighter or darker (still nearest its palette colour: the judge reads it as that colour).
@@ -491,12 +492,25 @@ class EmojiScenes:
 
     @property
     def frames(self) -> tuple[str, ...]:
-        """The caption frames training uses (the templates of version 1, the frames of version 2)."""
+        """The caption frames training uses (the templates of version 1, the frames of versions 2-3)."""
         return TEMPLATES if self.version == 1 else language.FRAMES
+
+    @functools.cached_property
+    def heldout_synonym(self) -> dict[str, str]:
+        """Version 3: per subject, the synonym training captions never use, for about
+        HELDOUT_SYNONYM_SHARE of the subjects with any (every subject with two or more)."""
+        if self.version < 3:
+            return {}
+        out = {}
+        for name, words in self.synonyms.items():
+            rng = _rng(self.seed, "heldout-synonym", name)
+            if len(words) >= 2 or (words and rng.random() < language.HELDOUT_SYNONYM_SHARE):
+                out[name] = words[int(rng.integers(len(words)))]
+        return out
 
     def sample_captions(self, scene: Scene, k: int = 1, epoch: int = 0) -> list[str]:
         """k captions of a scene with distinct frames, each naming a synonym with p=alias_prob."""
-        if self.version == 2:
+        if self.version >= 2:
             return self._plain_captions(scene, k, epoch)
         if not 1 <= k <= len(TEMPLATES):
             raise ConfigError(f"captions per image must be between 1 and {len(TEMPLATES)}, got {k}")
@@ -516,25 +530,45 @@ class EmojiScenes:
         return out
 
     def _plain_captions(self, scene: Scene, k: int, epoch: int) -> list[str]:
-        """Version 2: k captions in distinct frames, with synonyms, colour words and place phrases."""
+        """Versions 2-3: k captions in distinct frames, with synonyms, colour words and place phrases
+        (version 3: the first in a frame, the others in free word order, `language.compose`)."""
         frames = language.FRAMES
         if not 1 <= k <= len(frames):
             raise ConfigError(f"captions per image must be between 1 and {len(frames)}, got {k}")
-        rng = _rng(self.seed, "caption-v2", epoch, scene.subject, scene.colour, scene.position)
+        rng = _rng(
+            self.seed,
+            f"caption-v{self.version}",
+            epoch,
+            scene.subject,
+            scene.colour,
+            scene.position,
+        )
         out = []
-        for t in rng.permutation(len(frames))[:k]:
-            out.append(self._plain_caption(scene, frames[int(t)], rng, synonyms=False))
+        for i, t in enumerate(rng.permutation(len(frames))[:k]):
+            frame = None if self.version >= 3 and i > 0 else frames[int(t)]
+            out.append(self._plain_caption(scene, frame, rng, synonyms=False))
         return out
 
     def _plain_caption(
-        self, scene: Scene, frame: str, rng: np.random.Generator, *, synonyms: bool
+        self, scene: Scene, frame: str | None, rng: np.random.Generator, *, synonyms: bool
     ) -> str:
-        """One frame filled in; `synonyms` forces a synonym, a colour word and a place phrase."""
+        """One frame filled in (None: `language.compose`); `synonyms` forces a synonym, a colour
+        word and a place phrase (version 3: the held-out synonym and colour words)."""
+        held = self.heldout_synonym.get(scene.subject)
         words = self.synonyms[scene.subject]
+        colours = [w for w, c in language.COLOUR_WORDS.items() if c == scene.colour]
+        if self.version >= 3:
+            if synonyms:
+                words = (held,) if held else words
+                colours = [w for w in colours if w in language.HELDOUT_COLOUR_WORDS]
+            else:
+                words = tuple(w for w in words if w != held)
+                colours = [w for w in colours if w not in language.HELDOUT_COLOUR_WORDS]
+        else:
+            colours = [w for w in colours if w not in language.V3_COLOUR_WORDS]
         name = scene.subject
         if words and (synonyms or rng.random() < self.alias_prob):
             name = words[int(rng.integers(len(words)))]
-        colours = [w for w, c in language.COLOUR_WORDS.items() if c == scene.colour]
         if synonyms:
             colours = [w for w in colours if w != scene.colour]
         colour = (
@@ -547,6 +581,8 @@ class EmojiScenes:
             short = [w for w, p in language.POSITION_WORDS.items() if p == scene.position]
             position = short[int(rng.integers(len(short)))]
         phrase = language.subject_phrase(name, rng)
+        if frame is None:
+            return language.compose(phrase, colour, position, rng)
         return language.fill(frame, phrase, colour, position, rng)
 
     def eval_caption(self, scene: Scene, split: str) -> str:
@@ -627,6 +663,9 @@ class EmojiScenes:
         splits 'heldout-frames' and 'heldout-synonyms' caption the heldout-triples scenes)."""
         if name == "all":
             return self.scenes()
+        if name == "heldout-synonyms" and self.version >= 3:
+            held = self.heldout_synonym  # only subjects with a synonym that training never uses
+            return [sc for sc in self._splits["heldout-triples"] if sc.subject in held]
         if name in CAPTION_SPLITS:
             return list(self._splits["heldout-triples"])
         if name not in SPLITS:

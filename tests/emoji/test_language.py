@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def test_version_1_config_is_unchanged_and_version_2_is_recorded(plain: EmojiSce
     assert plain.config()["version"] == 2
     assert EmojiScenes.from_config(json.loads(json.dumps(plain.config()))).version == 2
     with pytest.raises(ConfigError, match="version"):
-        EmojiScenes(64, 64, version=3)
+        EmojiScenes(64, 64, version=4)
 
 
 def test_every_caption_reads_back_to_its_scene(plain: EmojiScenes) -> None:
@@ -85,6 +86,8 @@ WORD_RGB = {
     "scarlet": (255, 36, 0),
     "cherry": (222, 49, 99),
     "tangerine": (242, 133, 0),
+    "pumpkin": (255, 117, 24),
+    "saffron": (244, 196, 48),
     "gold": (255, 215, 0),
     "lemon": (255, 247, 0),
     "emerald": (80, 200, 120),
@@ -152,3 +155,51 @@ def test_variants_turn_the_glyph_and_shade_the_background_of_training_scenes(tmp
     assert {r["variant"] for r in train} == {0, 1, 2}
     assert {r.get("variant", 0) for r in rows if r["split"] != "train"} == {0}
     assert EmojiScenes.from_folder(tmp_path).variants == 3
+
+
+@pytest.fixture(scope="module")
+def free() -> EmojiScenes:
+    return EmojiScenes(256, 64, version=3)
+
+
+def test_version_3_training_captions_hold_no_heldout_word(free: EmojiScenes) -> None:
+    heldout_frame_words = set()
+    for frame in language.HELDOUT_FRAMES:
+        heldout_frame_words |= set(re.sub(r"\{\w+\}", " ", frame).split())
+    joined = " ".join((*language.COLOUR_PARTS, *language.JOINERS, *language.FILLERS))
+    # the frame words training never says (the others, "the", "of", ..., are everyday words)
+    for word in ("there", "is", "you", "can", "see", "backdrop", "canvas", "placed", "showing"):
+        assert word in heldout_frame_words and word not in joined.split(), word
+    assert len(set(free.heldout_synonym.values())) > 60
+    for scene in free.split("train")[::37]:
+        for caption in free.sample_captions(scene, 3):
+            padded = f" {caption} ".replace(scene.subject, "")  # "japan" in "map of japan"
+            own = free.heldout_synonym.get(scene.subject)
+            assert own is None or f" {own} " not in padded, caption
+            assert not any(f" {w} " in padded for w in language.HELDOUT_COLOUR_WORDS), caption
+            assert not any(f.split("{")[0] and f in caption for f in language.HELDOUT_FRAMES)
+
+
+def test_version_3_heldout_synonyms_use_heldout_words(free: EmojiScenes) -> None:
+    scenes = free.split("heldout-synonyms")
+    assert scenes and all(s.subject in free.heldout_synonym for s in scenes)
+    for scene in scenes[:50]:
+        caption = free.eval_caption(scene, "heldout-synonyms")
+        assert f" {free.heldout_synonym[scene.subject]} " in f" {caption} ".replace(",", " ")
+        assert any(w in caption for w in language.HELDOUT_COLOUR_WORDS), caption
+
+
+def test_version_3_word_order_varies_and_judge_reads_first_caption(free: EmojiScenes) -> None:
+    scene = free.split("train")[0]
+    captions = [c for e in range(20) for c in free.sample_captions(scene, 3, e)]
+    assert len(set(captions)) > 50
+    starts = {c.split()[0] for c in captions}
+    assert len(starts) > 8  # the subject, the colour or the place comes first
+    parser = language.CaptionParser(language.FRAMES)
+    assert all(parser.parse(free.sample_captions(s, 3)[0]) for s in free.split("train")[:40])
+
+
+def test_version_2_captions_never_use_version_3_colour_words(plain: EmojiScenes) -> None:
+    for scene in plain.split("train")[:300]:
+        for caption in plain.sample_captions(scene, 3):
+            assert not any(w in caption for w in language.V3_COLOUR_WORDS), caption

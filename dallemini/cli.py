@@ -270,12 +270,15 @@ def generate(
 
 
 def _note_unknown_words(pipe: TextToImage, texts: list[str]) -> None:
-    """Say which words of each prompt the model never saw in training (it cannot draw them)."""
+    """Say which words of each prompt the model reads as others, and which it never saw in training."""
     whose = "the built-in model" if pipe.is_builtin else "this model"
     for text in texts:
+        where = f" ({text!r})" if len(texts) > 1 else ""
+        read = ", ".join(f"{a!r} as {b!r}" for a, b in pipe.read_prompt(text)[1])
+        if read:
+            typer.echo(f"note: {whose} reads {read}{where}", err=True)
         unknown = pipe.unknown_words(text)
         if unknown:
-            where = f" ({text!r})" if len(texts) > 1 else ""
             typer.echo(f"note: {whose} does not know: {', '.join(unknown)}{where}", err=True)
 
 

@@ -41,6 +41,7 @@ from .models.clip import BuiltinClipScorer, ImageTextScorer, SmallClip
 from .models.loading import load_scorer
 from .models.loading import load_vqgan as load_vqgan  # re-exported
 from .models.vqgan import VQGAN
+from .synonyms import Synonyms, read_synonyms
 from .text import TextEncoder, TextNormalizer
 
 # The built-in model (emoji scenes, made by `dallemini recipe emoji`; see its MODEL_CARD.md): what
@@ -159,9 +160,12 @@ class TextToImage:
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.vocabulary: frozenset[str] | None = None
         self.examples: ModelExamples | None = None
+        # Everyday words read as the words the model knows (synonyms.json; see `read_prompt`).
+        self.synonyms: Synonyms | None = None
         if model_dir is not None:
             self.vocabulary = read_vocabulary(model_dir)
             self.examples = read_examples(model_dir)
+            self.synonyms = read_synonyms(model_dir)
 
     @property
     def is_builtin(self) -> bool:
@@ -173,13 +177,21 @@ class TextToImage:
 
         The prompt is normalized as the model's text encoder does and split into words
         (`checkpoints.native.caption_words`); small function words (`FUNCTION_WORDS`: a, the, of,
-        ...) are never reported. A model without a vocabulary (vocabulary.txt) reports none.
+        ...) are never reported, nor are words its synonym list reads as known ones (`read_prompt`).
+        A model without a vocabulary (vocabulary.txt) reports none.
         """
         if self.vocabulary is None:
             return []
-        words = caption_words(self.text.normalize(prompt))
+        words = caption_words(self.read_prompt(prompt)[0])
         unknown = (w for w in words if w not in self.vocabulary and w not in FUNCTION_WORDS)
         return list(dict.fromkeys(unknown))
+
+    def read_prompt(self, prompt: str) -> tuple[str, list[tuple[str, str]]]:
+        """The prompt as the model reads it, and the (phrase, read as) pairs of its synonym list
+        (synonyms.json) that it used: "a kitty on navy" -> "a cat on blue". Without a list, as given."""
+        if self.synonyms is None:
+            return prompt, []
+        return self.synonyms.read(self.text.normalize(prompt))
 
     @classmethod
     def from_pretrained(
@@ -320,7 +332,7 @@ class TextToImage:
         for n in counts:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
                 raise InputError(f"num_images must be between 1 and 1024, got {n}")
-        ids, mask = self.text(prompts)
+        ids, mask = self.text([self.read_prompt(p)[0] for p in prompts])
         if seed is None or isinstance(seed, int):
             # One seed for the call: its images are numbered on across all prompts.
             start = secrets.randbelow(2**31) if seed is None else seed
@@ -422,7 +434,8 @@ class TextToImage:
         if not groups or any(not g for g in groups):
             raise InputError("rerank needs a non-empty list of images for every prompt")
         images = [r.image for g in groups for r in g]
-        scores = self.scorer.score(images, [g[0].prompt for g in groups])  # [prompts, images]
+        texts = [self.read_prompt(g[0].prompt)[0] for g in groups]
+        scores = self.scorer.score(images, texts)  # [prompts, images]
         ranked, start = [], 0
         for p, group in enumerate(groups):
             mine = scores[p, start : start + len(group)]

@@ -1,6 +1,7 @@
 """What an emoji-scenes model knows, for its model directory: the words of its training captions
-(vocabulary.txt) and a line on what it draws with a few of those captions as example prompts
-(examples.json); see `checkpoints.native`.
+(vocabulary.txt), a line on what it draws with a few of those captions as example prompts
+(examples.json; see `checkpoints.native`), and the everyday words it reads as its own
+(synonyms.json: every subject's synonyms and the colour words; see `dallemini.synonyms`).
 
 Both come from the dataset's own training-split captions (`EmojiScenes.sample_captions`, or the
 captions of the written dataset folder when there is one), so they follow whatever the caption
@@ -8,7 +9,7 @@ templates are. Given the model, an example is kept only when the model
 draws it right: `CHECK_IMAGES` images (seeds 0, 1, ...) all pass the judge. Nothing here draws from
 a global random generator.
 
-`python -m dallemini.emoji.vocabulary MODEL_DIR` writes both files into a model directory from its
+`python -m dallemini.emoji.vocabulary MODEL_DIR` writes the three files into a model directory from its
 emoji_scenes.json, checking the examples with the model (how the built-in model's were made).
 """
 
@@ -23,7 +24,9 @@ from typing import Any
 
 from ..checkpoints.native import ModelExamples, write_examples, write_vocabulary
 from ..pipeline import TextToImage
+from ..synonyms import write_synonyms
 from ..text import TextNormalizer
+from . import language
 from .judge import EmojiJudge
 from .scenes import COLOURS, POSITIONS, EmojiScenes, Scene
 
@@ -108,13 +111,24 @@ def drawn_right(pipe: TextToImage, scenes: EmojiScenes) -> Callable[[str], bool]
     return accept
 
 
+def model_synonyms(scenes: EmojiScenes) -> tuple[dict[str, str], frozenset[str]]:
+    """The synonym list of a model of these scenes: each subject synonym (the held-out ones too)
+    read as its subject's name, each colour word as its palette colour; subject names are kept."""
+    names = frozenset(scenes.names)
+    phrases = {w: name for name, words in scenes.synonyms.items() for w in words if w not in names}
+    for word, colour in language.COLOUR_WORDS.items():
+        if word != colour and word not in names:  # "lime" is a fruit here, not green
+            phrases[word] = colour
+    return phrases, names
+
+
 def write_model_vocabulary(
     model_dir: str | os.PathLike[str],
     config: dict[str, Any],
     pipe: TextToImage | None = None,
     captions: Iterable[str] | None = None,
 ) -> None:
-    """Write vocabulary.txt and examples.json into a model directory from the emoji_scenes.json
+    """Write vocabulary.txt, synonyms.json and examples.json into a model directory from the emoji_scenes.json
     settings (`write_emoji_dataset`'s) of the dataset it was trained on, or from its written
     `captions` when given; with the model's `pipe`, only examples it draws right."""
     scenes = EmojiScenes.from_config(config)
@@ -124,13 +138,16 @@ def write_model_vocabulary(
     if captions is None:
         captions = training_captions(scenes, per_image, epoch)
     write_vocabulary(model_dir, (normalize(c) for c in captions))
+    phrases, keep = model_synonyms(scenes)
+    about = "emoji subject synonyms and colour words, read as the words training captions used"
+    write_synonyms(model_dir, phrases, keep, about)
     accept = drawn_right(pipe, scenes) if pipe is not None else None
     examples = model_examples(scenes, accept, epoch=epoch)
     write_examples(model_dir, examples.prompts, examples.description)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Write vocabulary.txt and examples.json into MODEL_DIR from its emoji_scenes.json."""
+    """Write vocabulary.txt, synonyms.json and examples.json into MODEL_DIR from its emoji_scenes.json."""
     parser = argparse.ArgumentParser(
         prog="python -m dallemini.emoji.vocabulary", description=__doc__
     )

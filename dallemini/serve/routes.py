@@ -55,10 +55,13 @@ async def _stream_events(
 ) -> AsyncIterator[bytes]:
     """The events of a streamed job: accepted, progress frames (and heartbeats), then result or error."""
     try:
-        unknown = service.unknown_words(req.prompt)
-        yield _sse(
-            "accepted", {"num_images": job.num_images, "seed": job.seed, "unknown_words": unknown}
-        )
+        accepted = {
+            "num_images": job.num_images,
+            "seed": job.seed,
+            "unknown_words": service.unknown_words(req.prompt),
+            "read_as": service.read_as(req.prompt),
+        }
+        yield _sse("accepted", accepted)
         last_beat = time.monotonic()
         while not job.done():
             left = job.deadline - time.monotonic()
@@ -160,7 +163,7 @@ def api_router(service: Service) -> APIRouter:
         responses={
             200: {
                 "content": {"text/event-stream": {}},
-                "description": "events: accepted {num_images, seed, unknown_words}, progress "
+                "description": "events: accepted {num_images, seed, unknown_words, read_as}, progress "
                 "{done, total, images}, result (the /v1/generate body) or error {status, detail}",
             },
             **errors(401, 422, 429, 503),

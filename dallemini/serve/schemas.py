@@ -133,6 +133,11 @@ class GenerateResponse(BaseModel):
         description="words of the prompt that the model's training captions never used (empty "
         "when the model lists no vocabulary): it draws what it knows instead"
     )
+    read_as: dict[str, str] = Field(
+        default_factory=dict,
+        description="words of the prompt that the model reads as words it knows, from its synonym "
+        'list (synonyms.json): {"kitty": "cat"}',
+    )
     images: list[ImageOut]
     settings: Settings
     model: str

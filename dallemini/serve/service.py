@@ -214,6 +214,7 @@ class Service:
         return GenerateResponse(
             prompt=req.prompt,
             unknown_words=self.unknown_words(req.prompt),
+            read_as=self.read_as(req.prompt),
             images=out,
             settings=used,
             model=self.settings.model_name,
@@ -225,6 +226,11 @@ class Service:
         """The words of a prompt the model never saw in training (none when it lists no vocabulary)."""
         find = getattr(self.pipe, "unknown_words", None)
         return find(prompt) if find is not None else []
+
+    def read_as(self, prompt: str) -> dict[str, str]:
+        """The prompt's words the model reads as others (its synonym list; none without one)."""
+        read = getattr(self.pipe, "read_prompt", None)
+        return dict(read(prompt)[1]) if read is not None else {}
 
     def health(self) -> dict[str, Any]:
         """The /health body: readiness, queue depth, counters, the model, defaults and limits."""

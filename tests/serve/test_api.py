@@ -24,6 +24,7 @@ from dallemini.models.clip import SmallClip
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve import ServeSettings, create_app
+from dallemini.synonyms import write_synonyms
 from tests.models.test_clip import tiny_config
 
 PROMPT = "pizza on a blue background, top left"
@@ -201,7 +202,7 @@ def test_stream_yields_partial_frames_then_the_final_images(client: TestClient) 
     names = [e for e, _ in events]
     assert names[0] == "accepted" and names[-1] == "result"
     assert set(names[1:-1]) == {"progress"} and len(names) >= 3
-    assert events[0][1] == {"num_images": 2, "seed": 11, "unknown_words": []}
+    assert events[0][1] == {"num_images": 2, "seed": 11, "unknown_words": [], "read_as": {}}
     dones = [d["done"] for e, d in events if e == "progress"]
     assert dones == sorted(dones) and all(0 < d < 16 for d in dones)
     first = events[1][1]
@@ -294,6 +295,7 @@ def test_unknown_words_in_the_reply_and_examples_in_health(tiny_dir: Path, tmp_p
     shutil.copytree(tiny_dir, d)
     write_vocabulary(d, [" avocado on a blue background, top left"])
     write_examples(d, ["avocado on a blue background, top left"], "avocados")
+    write_synonyms(d, {"guacamole fruit": "avocado"}, ["avocado"])
     app = create_app(d, ServeSettings(), device="cpu")
     prompt = "an armchair in the shape of an avocado"
     with TestClient(app) as c:
@@ -301,9 +303,12 @@ def test_unknown_words_in_the_reply_and_examples_in_health(tiny_dir: Path, tmp_p
         assert model["description"] == "avocados" and model["builtin"] is False
         assert model["examples"] == ["avocado on a blue background, top left"]
         body = c.post("/v1/generate", json={"prompt": prompt, "num_images": 1, "seed": 0}).json()
-        assert body["unknown_words"] == ["armchair", "shape"]
+        assert body["unknown_words"] == ["armchair", "shape"] and body["read_as"] == {}
         known = {"prompt": "Avocado, top-left", "num_images": 1, "seed": 0}
         assert c.post("/v1/generate", json=known).json()["unknown_words"] == []
+        read = {"prompt": "a Guacamole fruit, top left", "num_images": 1, "seed": 0}
+        body = c.post("/v1/generate", json=read).json()
+        assert body["read_as"] == {"guacamole fruit": "avocado"} and body["unknown_words"] == []
         params = {"prompt": prompt, "num_images": 1, "seed": 0}
         with c.stream("GET", "/v1/generate/stream", params=params) as r:
             events = dict(sse_events(r.read().decode()))

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dallemini.checkpoints.native import write_examples, write_vocabulary
+from dallemini.synonyms import write_synonyms
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve import ServeSettings, create_app
@@ -183,6 +184,7 @@ def described(tmp_path_factory: pytest.TempPathFactory) -> TextToImage:
     d = create_random_model(tmp_path_factory.mktemp("described") / "tiny", preset="tiny")
     write_vocabulary(d, EXAMPLES)
     write_examples(d, EXAMPLES, "pizza and avocados on coloured backgrounds")
+    write_synonyms(d, {"guacamole fruit": "avocado"}, ["avocado"])
     return TextToImage.from_pretrained(d, device="cpu")
 
 
@@ -198,6 +200,10 @@ def _check_examples_and_unknown_words(page: Any, expect: Any) -> None:
     page.click("#run")
     note = page.locator("#unknown")
     expect(note).to_contain_text("This model does not know: armchair, shape")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=30_000)
+    page.fill("#prompt", "a guacamole fruit on red, center")
+    page.click("#run")
+    expect(note).to_have_text('This model reads "guacamole fruit" as "avocado".')
     expect(page.locator("#status")).to_contain_text("Done in", timeout=30_000)
     buttons.nth(0).click()
     page.click("#run")

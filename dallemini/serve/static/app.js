@@ -19,13 +19,21 @@ function hideError() {
   $("error").textContent = "";
 }
 
-function showUnknown(words) {
+function showUnknown(words, readAs) {
   const note = $("unknown");
-  note.hidden = !words || words.length === 0;
-  note.textContent = note.hidden
-    ? ""
-    : `${modelName} does not know: ${words.join(", ")}. It can only draw what its training ` +
-      "captions describe, so expect something else.";
+  const read = Object.entries(readAs || {}).map(([a, b]) => `"${a}" as "${b}"`);
+  const parts = [];
+  if (read.length > 0) {
+    parts.push(`${modelName} reads ${read.join(", ")}.`);
+  }
+  if (words && words.length > 0) {
+    parts.push(
+      `${modelName} does not know: ${words.join(", ")}. It can only draw what its training ` +
+        "captions describe, so expect something else.",
+    );
+  }
+  note.hidden = parts.length === 0;
+  note.textContent = parts.join(" ");
 }
 
 function showExamples(model) {
@@ -222,7 +230,7 @@ async function generate(event) {
     cards = makeCards(count);  // only now: a refused request leaves the last results in place
     await readEvents(res, (name, data) => {
       if (name === "accepted") {
-        showUnknown(data.unknown_words);
+        showUnknown(data.unknown_words, data.read_as);
         setStatus(`Waiting for the model… (seed ${data.seed})`);
       } else if (name === "progress") {
         frames += 1;
@@ -237,7 +245,7 @@ async function generate(event) {
         });
       } else if (name === "result") {
         finished = true;
-        showUnknown(data.unknown_words);
+        showUnknown(data.unknown_words, data.read_as);
         data.images.forEach((im, i) => {
           const c = cards[i];
           if (!c) return;

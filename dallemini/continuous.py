@@ -4,7 +4,8 @@ Every image row keeps its own position, seed and sampling settings, so one batch
 requests, and a row samples the tokens `generate.iter_image_tokens` samples for it alone: the same
 encoder input, the same per-row uniforms, the same filter and draw, applied per group of equal
 settings. `admit` encodes new rows' prompts, writes their cross-attention K/V into free cache slots
-and prefills a completion's forced tokens; `step` advances every row by one token; a finished or
+and prefills a completion's forced tokens; `step` advances every row by one token (a row's tokens
+live in its slot until it leaves, or until `sync` copies them for a partial image); a finished or
 dropped row frees its slots at once. The slots in use stay dense: a freed slot takes the last one.
 """
 
@@ -53,7 +54,7 @@ class Row:
     key: int
     request: RowRequest
     slots: list[int]
-    tokens: Tensor  # [image_length] on the CPU; the first `done` are sampled (or forced)
+    tokens: Tensor  # [image_length] on the CPU: forced codes, and sampled ones once it leaves (`sync`)
     uniforms: Tensor  # [image_length] float64, from the row's seed
     done: int = 0
     text_length: int = 0  # text positions its cross-attention reads (the rest is padding)
@@ -95,6 +96,12 @@ class RunningBatch:
         )
         self.feed = torch.zeros(s, dtype=torch.long, device=self.device)  # each slot's next input
         self.pos = torch.zeros(s, dtype=torch.long, device=self.device)  # and its position
+        # Per slot: its row's uniforms and the tokens sampled so far (conditional slots), so that
+        # a step samples each settings group with a few tensor ops, not a Python loop over rows.
+        length = cfg.image_length
+        self.uniforms = torch.zeros(s, length, dtype=torch.float64, device=self.device)
+        self.tokens = torch.zeros(s, length, dtype=torch.long, device=self.device)
+        self._groups: list[tuple[SamplingConfig, Tensor, Tensor | None]] | None = None
         self.owner: list[tuple[Row, int]] = []  # slot -> (row, index in row.slots)
         self.rows: dict[int, Row] = {}
         self._keys = count()
@@ -161,6 +168,9 @@ class RunningBatch:
             row.slots.append(len(self.owner))
             self.owner.append((row, which))
         new = slice(first, self.used_slots)
+        self._groups = None
+        self.uniforms[new] = torch.stack([row.uniforms for row, _ in slot_rows]).to(self.device)
+        self.tokens[new] = torch.stack([row.tokens for row, _ in slot_rows]).to(self.device)
         # 1. one encoder pass over the group's prompts and, if any is guided, the empty caption
         ids = torch.stack([r.ids.to(self.device) for r in group] + [self.uncond_ids] * bool(guided))
         mask = torch.stack(
@@ -211,34 +221,56 @@ class RunningBatch:
         if running:
             with self.tuner.step():
                 logits = self._logits()[:, : self.num_codes].float()  # mix in float32
-            by_settings: dict[SamplingConfig, list[Row]] = defaultdict(list)
+            if self._groups is None:
+                self._groups = self._settings_groups()
+            for settings, cond, uncond in self._groups:
+                self._sample(logits, settings, cond, uncond)
+            self.pos[: self.used_slots] += 1  # every slot in use belongs to a running row
             for row in running:
-                by_settings[row.request.settings].append(row)
-            slots, values = [], []
-            for settings, rows in by_settings.items():
-                chosen = self._sample(logits, settings, rows)
-                for row, token in zip(rows, chosen.tolist(), strict=True):
-                    row.tokens[row.done] = token
-                    row.done += 1
-                    slots += row.slots
-                    values += [token] * len(row.slots)
-            idx = torch.tensor(slots, device=self.device)
-            self.feed[idx] = torch.tensor(values, device=self.device)
-            self.pos[idx] += 1
+                row.done += 1
         finished = [row for row in self.rows.values() if row.done == row.tokens.shape[0]]
         for row in finished:
             self.drop(row.key)
         return finished
 
-    def _sample(self, logits: Tensor, settings: SamplingConfig, rows: list[Row]) -> Tensor:
-        """The next token of rows sharing `settings`: iter_image_tokens' mix, filter and draw."""
-        cond = logits[[row.slots[0] for row in rows]]
-        if settings.condition_scale != 1.0:
-            uncond = logits[[row.slots[1] for row in rows]]
-            cond = uncond + settings.condition_scale * (cond - uncond)
-        lw, idx = filter_logits(cond, settings)
-        uniforms = torch.stack([row.uniforms[row.done] for row in rows]).to(self.device)
-        return draw(lw, idx, uniforms)
+    def _settings_groups(self) -> list[tuple[SamplingConfig, Tensor, Tensor | None]]:
+        """Per sampling settings: the conditional slots of its rows and their unconditional ones."""
+        by_settings: dict[SamplingConfig, list[Row]] = defaultdict(list)
+        for row in self.rows.values():
+            if row.slots:
+                by_settings[row.request.settings].append(row)
+        out = []
+        for settings, rows in by_settings.items():
+            cond = torch.tensor([row.slots[0] for row in rows], device=self.device)
+            uncond = None
+            if settings.condition_scale != 1.0:
+                uncond = torch.tensor([row.slots[1] for row in rows], device=self.device)
+            out.append((settings, cond, uncond))
+        return out
+
+    def _sample(
+        self, logits: Tensor, settings: SamplingConfig, cond: Tensor, uncond: Tensor | None
+    ) -> None:
+        """The next token of the rows of one settings group (iter_image_tokens' mix, filter and
+        draw), written to their slots' tokens and next inputs."""
+        mixed = logits.index_select(0, cond)
+        if uncond is not None:
+            u = logits.index_select(0, uncond)
+            mixed = u + settings.condition_scale * (mixed - u)
+        lw, idx = filter_logits(mixed, settings)
+        at = self.pos.index_select(0, cond)
+        chosen = draw(lw, idx, self.uniforms[cond, at])
+        self.tokens[cond, at] = chosen
+        self.feed[cond] = chosen
+        if uncond is not None:
+            self.feed[uncond] = chosen
+
+    @torch.inference_mode()
+    def sync(self, rows: list[Row]) -> None:
+        """Copy the tokens sampled so far into these rows' `tokens` (for partial images)."""
+        for row in rows:
+            if row.slots:
+                row.tokens[: row.done] = self.tokens[row.slots[0], : row.done].cpu()
 
     def _logits(self) -> Tensor:
         """Decoder logits [slots, V] of every slot's next input at its own position."""
@@ -277,6 +309,8 @@ class RunningBatch:
         row = self.rows.pop(key, None)
         if row is None:
             return None
+        self.sync([row])
+        self._groups = None
         for slot in sorted(row.slots, reverse=True):
             last = self.used_slots - 1
             if slot != last:
@@ -295,6 +329,7 @@ class RunningBatch:
         cache.cross_v[:, dst] = cache.cross_v[:, src]
         cache.cross_mask[dst] = cache.cross_mask[src]
         self.feed[dst], self.pos[dst] = self.feed[src], self.pos[src]
+        self.uniforms[dst], self.tokens[dst] = self.uniforms[src], self.tokens[src]
         row, which = self.owner[src]
         row.slots[which] = dst
         self.owner[dst] = (row, which)

@@ -235,6 +235,8 @@ class ContinuousBatcher(Batcher):
         if not done or done % every:
             return
         try:
+            assert self._batch is not None
+            self._batch.sync(run.rows)
             tokens = torch.stack([row.tokens[:done] for row in run.rows])
             run.job.on_frame(self.pipe.partial_images(tokens), done, total)
         except Exception:

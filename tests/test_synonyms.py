@@ -48,7 +48,7 @@ def test_the_file_round_trips_and_a_malformed_one_is_refused(tmp_path: Path) -> 
     assert s is not None and s.phrases == {"kitty": "cat"} and s.keep == {"cat"}
     for bad in ("[1]", '{"phrases": {"a": 1}}', '{"phrases": {}, "keep": "x"}', "{"):
         (tmp_path / SYNONYMS_FILE).write_text(bad)
-        with pytest.raises(CheckpointError, match="synonyms.json"):
+        with pytest.raises(CheckpointError, match=r"synonyms\.json"):
             read_synonyms(tmp_path)
 
 

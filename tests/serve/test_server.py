@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from dallemini.checkpoints.native import write_examples, write_vocabulary
-from dallemini.synonyms import write_synonyms
 from dallemini.pipeline import TextToImage
 from dallemini.random_model import create_random_model
 from dallemini.serve import ServeSettings, create_app
 from dallemini.serve.server import BackgroundServer
+from dallemini.synonyms import write_synonyms
 from tests.serve_utils import GatedPipe
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -3,7 +3,9 @@
 Starts the real server (`python -m dallemini.cli serve`, a separate process) on a free loopback port
 with a small random model, runs `--clients` concurrent clients for `--seconds` (each: POST
 /v1/generate with 1, 2 or 4 images and one of a few sampling settings, again and again; after a
-429/503 it waits Retry-After, at most 1 s), then shuts the server down gracefully. It does this three
+429/503 it waits Retry-After, at most 1 s), or with `--rate` requests that arrive at random
+whatever the answers (open loop: how latency behaves below saturation), then shuts the server down
+gracefully. It does this three
 times in the same run, on the same model and workload: continuous batching (`--batching continuous`,
 at most `--batch` images), request-level batching (`--batching request`, same bound) and no batching
 (request-level, 1 image). Prints and records in benchmarks/results/load_serve.json, per setting:
@@ -14,6 +16,7 @@ sent, body never finished) gets SIGTERM and must exit within its drain deadline 
 
     python benchmarks/load_serve.py                 # 64 clients, 20 s per setting, tiny model
     python benchmarks/load_serve.py --seconds 5 --clients 16
+    python benchmarks/load_serve.py --rate 8        # open loop: 8 requests/s arriving at random
 
 Traffic goes only to 127.0.0.1, and every loop is bounded in time.
 """
@@ -106,43 +109,70 @@ def start_server(
     raise RuntimeError("the server did not come up in 120 s")
 
 
+async def request(
+    http: httpx.AsyncClient, url: str, rng: random.Random, prompts: list[str], log: list[dict]
+) -> float | None:
+    """Send one request; record status, latency and images. Returns Retry-After on 429/503."""
+    body = {"prompt": rng.choice(prompts), "num_images": rng.choice([1, 2, 4])}
+    body |= rng.choice(SETTINGS)
+    t0 = time.monotonic()
+    entry: dict = {"images": body["num_images"]}
+    retry = None
+    try:
+        r = await http.post(url, json=body)
+        entry["status"] = r.status_code
+        if r.status_code == 200:
+            entry["got"] = len(r.json()["images"])
+        elif r.status_code in (429, 503):
+            retry = float(r.headers.get("retry-after", "1"))
+    except httpx.HTTPError as e:
+        entry["status"] = f"error: {type(e).__name__}"
+    entry["latency"] = time.monotonic() - t0
+    log.append(entry)
+    return retry
+
+
 async def client(
     http: httpx.AsyncClient, url: str, stop_at: float, rng: random.Random, log: list[dict]
 ) -> None:
-    """Send requests until stop_at; record status, latency and images of each."""
+    """Closed loop: send requests one after another until stop_at (after a 429/503, wait
+    Retry-After, at most 1 s)."""
     prompts = seed_captions()
     while time.monotonic() < stop_at:
-        body = {"prompt": rng.choice(prompts), "num_images": rng.choice([1, 2, 4])}
-        body |= rng.choice(SETTINGS)
-        t0 = time.monotonic()
-        entry: dict = {"images": body["num_images"]}
-        try:
-            r = await http.post(url, json=body)
-            entry["status"] = r.status_code
-            if r.status_code == 200:
-                entry["got"] = len(r.json()["images"])
-            elif r.status_code in (429, 503):
-                retry = float(r.headers.get("retry-after", "1"))
-                entry["latency"] = time.monotonic() - t0
-                log.append(entry)
-                await asyncio.sleep(min(retry, 1.0, max(0.0, stop_at - time.monotonic())))
-                continue
-        except httpx.HTTPError as e:
-            entry["status"] = f"error: {type(e).__name__}"
-        entry["latency"] = time.monotonic() - t0
-        log.append(entry)
+        retry = await request(http, url, rng, prompts, log)
+        if retry is not None:
+            await asyncio.sleep(min(retry, 1.0, max(0.0, stop_at - time.monotonic())))
 
 
-async def load(port: int, clients: int, seconds: float, timeout_s: float) -> tuple[list, float]:
-    """Run the clients; returns the log and the wall time from the first request to the last answer."""
+async def arrivals(
+    http: httpx.AsyncClient, url: str, stop_at: float, rate: float, log: list[dict]
+) -> None:
+    """Open loop: requests arrive at random (Poisson, `rate` a second) whatever the answers."""
+    rng, prompts, sent = random.Random(0), seed_captions(), []
+    while time.monotonic() < stop_at:
+        sent.append(asyncio.create_task(request(http, url, random.Random(len(sent)), prompts, log)))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*sent)
+
+
+async def load(
+    port: int, clients: int, seconds: float, timeout_s: float, rate: float | None = None
+) -> tuple[list, float]:
+    """Run the clients (or, with `rate`, open-loop arrivals over at most `clients` connections);
+    returns the log and the wall time from the first request to the last answer."""
     url = f"http://{HOST}:{port}/v1/generate"
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     log: list[dict] = []
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s + 30) as http:
         start = time.monotonic()
         stop_at = start + seconds
-        rngs = [random.Random(i) for i in range(clients)]
-        await asyncio.gather(*(client(http, url, stop_at, rngs[i], log) for i in range(clients)))
+        if rate is not None:
+            await arrivals(http, url, stop_at, rate, log)
+        else:
+            rngs = [random.Random(i) for i in range(clients)]
+            await asyncio.gather(
+                *(client(http, url, stop_at, rngs[i], log) for i in range(clients))
+            )
         wall = time.monotonic() - start
     return log, wall
 
@@ -190,7 +220,7 @@ def run_setting(
     port = free_port(HOST)
     proc = start_server(model, port, max_batch_images, args, batching)
     try:
-        log, wall = asyncio.run(load(port, args.clients, args.seconds, args.timeout_s))
+        log, wall = asyncio.run(load(port, args.clients, args.seconds, args.timeout_s, args.rate))
         health = httpx.get(f"http://{HOST}:{port}/health", timeout=10).json()
     finally:
         proc.terminate()  # SIGTERM: graceful shutdown
@@ -253,7 +283,14 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--preset", default="tiny", help="random model preset (tiny: 64 px, 16 tokens)")
     p.add_argument("--model", type=Path, help="serve this model directory instead")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: requests arrive at random, this many a second (default: closed-loop clients)",
+    )
     args = p.parse_args()
+    if args.rate is not None and not 0 < args.rate <= 1000:
+        p.error("--rate must be in (0, 1000] requests a second")
     if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 600:
         p.error("--clients must be 1..1024 and --seconds 0..600")
 
@@ -289,6 +326,8 @@ def main() -> None:
     record = {
         "model": str(args.model) if args.model else f"random {args.preset}",
         "clients": args.clients,
+        "arrivals": f"open loop, {args.rate:g} requests/s" if args.rate else "closed loop",
+        "max_batch_images": args.batch,
         "seconds_per_setting": args.seconds,
         "settings_mix": list(SETTINGS),
         "max_wait_ms": args.max_wait_ms,
@@ -298,7 +337,8 @@ def main() -> None:
         "drain": drain,
         "machine": machine_info(torch.device("cpu")),
     }
-    key = f"{record['model']}-{args.clients}clients"
+    load_kind = f"{args.rate:g}rps" if args.rate else f"{args.clients}clients"
+    key = f"{record['model']}-{load_kind}-batch{args.batch}"
     merge_results(RESULTS, key, record)
     print(f"wrote {RESULTS}")
 

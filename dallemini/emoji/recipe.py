@@ -46,6 +46,7 @@ from ..data.encode import encode_dataset
 from ..data.sources import open_source
 from ..errors import ConfigError
 from ..pipeline import TextToImage, load_vqgan
+from ..synonyms import Synonyms
 from ..training import trainer_class
 from ..training.checkpointing import list_checkpoints
 from ..training.settings import load_config
@@ -53,11 +54,13 @@ from .donors import write_glyph_donors
 from .evaluation import METRICS, evaluate_model, format_report
 from .scenes import EmojiScenes, write_emoji_dataset
 from .training import EmojiVQGANTrainer
-from .vocabulary import write_model_vocabulary, written_captions
+from .vocabulary import model_synonyms, write_model_vocabulary, written_captions
 
 log = logging.getLogger("dallemini.recipe")
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+# heldout-synonyms judged without the model's synonym list: the prompt's words as written
+AS_WRITTEN = "heldout-synonyms, without synonyms.json"
 SECTIONS = ("dataset", "vqgan", "encode", "bart", "decoder", "clip", "sampling", "eval")
 STEPS = ("dataset", "vqgan", "encode", "bart", "decoder", "clip", "eval", "model")
 # The sections each step's result depends on (beyond the seed and the steps before it), and what it writes.
@@ -312,10 +315,16 @@ class _RecipeRun:
         scenes = EmojiScenes.from_config(scenes_cfg)
         pipe = TextToImage.from_pretrained(self.out / "clip" / "model", device=self.device)
         pipe.config = replace(pipe.config, sampling=self._sampling(pipe.config.sampling))
+        synonyms = Synonyms(*model_synonyms(scenes))  # prompts read as OUT/model reads them
         e = self.sec["eval"]
+        splits = e.get("splits", ("heldout-triples", "heldout-colour"))
+        runs = [(split, split, synonyms) for split in splits]
+        if "heldout-synonyms" in splits:  # and what the DalleBart makes of words it never saw
+            runs.append((AS_WRITTEN, "heldout-synonyms", None))
         reports = {}
-        for split in e.get("splits", ("heldout-triples", "heldout-colour")):
-            reports[split] = evaluate_model(
+        for name, split, reading in runs:
+            pipe.synonyms = reading
+            reports[name] = evaluate_model(
                 pipe,
                 scenes,
                 split,
@@ -323,7 +332,7 @@ class _RecipeRun:
                 candidates=e.get("candidates", 4),
                 seed=self.seed,
             )
-            self.echo(format_report(reports[split]))
+            self.echo(format_report(reports[name]))
         (self.out / "eval.json").write_text(json.dumps(reports, indent=2) + "\n")
 
     def model(self) -> None:
@@ -415,8 +424,9 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
         "glyphs OFL-1.1 / Apache-2.0, see dallemini/emoji/assets/LICENSE-emoji.txt). It draws prompts",
         'like "strawberry on a blue background, top left"; it knows nothing else.',
         "`vocabulary.txt` lists every word of its training captions (prompts with other words get",
-        "a note saying which it does not know) and `examples.json` a few of those captions that it",
-        "draws right.",
+        "a note saying which it does not know), `synonyms.json` the everyday words it reads as",
+        'words of its captions ("kitty" as "cat", "navy" as "blue"; every split below but the last',
+        "is judged reading prompts so), and `examples.json` a few captions that it draws right.",
         "",
         "## How it was made",
         "",
@@ -450,5 +460,9 @@ def model_card(out: Path, cfg: dict[str, Any]) -> str:
                 f"; distinct images per caption: {v['distinct_mean']:.2f} of {report['candidates']}"
                 f", captions with >= 3 distinct: {v['share_at_least_3']:.2f}"
             )
+    frames, triples = reports.get("heldout-frames"), reports.get("heldout-triples")
+    if frames and triples and triples["model"]["all"] > 0:
+        ratio = frames["model"]["all"] / triples["model"]["all"]
+        lines += ["", f"heldout-frames / heldout-triples (all; the same scenes): {ratio:.3f}"]
     lines += ["", "## recipe.json", "", "```json", json.dumps(cfg, indent=2), "```", ""]
     return "\n".join(lines)

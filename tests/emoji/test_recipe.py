@@ -57,6 +57,8 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (
         "background" in words.split() and words == (out / "bart/model/vocabulary.txt").read_text()
     )
+    synonyms = json.loads((model / "synonyms.json").read_text())  # colour words at least
+    assert synonyms["phrases"]["navy"] == "blue" and "panda" in synonyms["keep"]
     examples = json.loads((model / "examples.json").read_text())
     assert "one of 8" in examples["description"] and isinstance(examples["prompts"], list)
     # the DalleBart trained on the donor-coded rows (encode.glyph_donor), the VQGAN on donor pairs

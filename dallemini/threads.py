@@ -88,24 +88,34 @@ def apply_threads(requested: int | str | None = None) -> int:
 class ThreadTuner:
     """Per step of one loop: the thread count (all of them, or one) whose steps are fastest now.
 
-    At the start, and again after `probe_every` steps, it times `trials` steps with each count,
-    taking turns, and keeps the count whose steps took least on average (not the luckiest step: on a
-    shared CPU a parallel step is sometimes quick and often very slow). A probe that confirms the
-    count doubles the wait before the next (up to `max_every`); one that changes it starts again
-    from `probe_every`. Steps of one loop are alike, so probing costs little on an idle machine and
+    At the start it times one step with one thread, then one with all (a short loop, such as one
+    small image, has few steps to spare, and on a busy CPU a parallel step can take many times a
+    serial one). After `probe_every` steps, and again and again, it times `trials` steps with each
+    count, taking turns, and keeps the count whose steps took least on average (not the luckiest
+    step: on a shared CPU a parallel step is sometimes quick and often very slow); a probe ends
+    early once one count's steps take `decisive` times the other's. A probe that confirms the count
+    doubles the wait before the next (up to `max_every`); one that changes it starts again from
+    `probe_every`. Steps of one loop are alike, so probing costs little on an idle machine and
     still notices when other work takes cores.
     """
 
     def __init__(
-        self, threads: int, probe_every: int = 64, trials: int = 3, max_every: int = 1024
+        self,
+        threads: int,
+        probe_every: int = 64,
+        trials: int = 3,
+        max_every: int = 1024,
+        decisive: float = 3.0,
     ) -> None:
         self.counts = sorted({max(1, threads), 1}, reverse=True)
         self.probe_every, self.trials, self.max_every = probe_every, trials, max_every
+        self.decisive = decisive
         self.best = self.counts[0]
         self._every = probe_every
-        self._queue: list[int] = []
+        # the first probe: one step with one thread, then one with all
+        self._queue: list[int] = self.counts[::-1] if len(self.counts) > 1 else []
         self._times: dict[int, list[float]] = {}
-        self._since = probe_every  # probe at the first step
+        self._since = 0
 
     def _next(self) -> int:
         """The thread count of the coming step."""
@@ -114,14 +124,21 @@ class ThreadTuner:
             self._times = {}
         return self._queue[0] if self._queue else self.best
 
+    def _mean(self, n: int) -> float:
+        return sum(self._times[n]) / len(self._times[n])
+
     def _record(self, n: int, seconds: float) -> None:
         if not self._queue:
             self._since += 1
             return
         self._queue.pop(0)
         self._times.setdefault(n, []).append(seconds)
+        if len(self._times) == len(self.counts):
+            means = sorted(self._mean(c) for c in self._times)
+            if means[-1] >= self.decisive * means[0]:
+                self._queue = []  # no doubt left: one count is far slower
         if not self._queue:
-            best = min(self._times, key=lambda c: sum(self._times[c]) / len(self._times[c]))
+            best = min(self._times, key=self._mean)
             same = best == self.best
             self._every = min(2 * self._every, self.max_every) if same else self.probe_every
             self.best, self._since = best, 0

@@ -98,9 +98,22 @@ def test_the_tuner_keeps_the_faster_count_and_probes_again() -> None:
         with tuner.step() as n:
             used.append(n)
             time.sleep(0.03 if n == 2 else 0.001)  # as if another process held a core
-    # probe both and keep one thread; after 3 steps probe again: confirmed, so wait 6, then 12
-    assert used == [2, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2][:14]
+    # probe one thread, then both, and keep one; after 3 steps probe again (both first, and
+    # done after a step each, 30 times slower): confirmed, so wait 6, then 12
+    assert used == [1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2]
     assert tuner.best == 1
+
+
+def test_a_probe_takes_its_trials_unless_one_count_is_far_slower() -> None:
+    tuner = ThreadTuner(2, probe_every=2, trials=3)
+    used = []
+    for _ in range(10):
+        with tuner.step() as n:
+            used.append(n)
+            time.sleep(0.004 if n == 2 else 0.006)  # an idle machine: both counts alike
+    # the first probe confirms all threads, so 4 steps wait (not 2); then 3 trials each
+    assert used == [1, 2, 2, 2, 2, 2, 2, 1, 2, 1]
+    assert tuner.best == 2
 
 
 def test_a_chosen_thread_count_is_never_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,6 +142,6 @@ def test_switching_threads_between_steps_keeps_the_tokens(monkeypatch: pytest.Mo
     fixed = run()
     monkeypatch.delenv("DALLEMINI_TUNE_THREADS")
     apply_threads()
-    switching = ThreadTuner(2, probe_every=1, trials=1)  # 2, 1, 2, 1, ... threads
+    switching = ThreadTuner(2, probe_every=1, trials=1)  # 1, 2, 2, 1, ... threads
     monkeypatch.setitem(threads._TUNERS, ("decode", threading.get_ident()), switching)
     assert torch.equal(run(), fixed)

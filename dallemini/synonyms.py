@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoints.native import read_optional_json
 from .errors import CheckpointError
 
 SYNONYMS_FILE = "synonyms.json"  # {"about": "...", "phrases": {"kitty": "cat", ...}, "keep": [...]}
@@ -72,12 +73,9 @@ def write_synonyms(
 def read_synonyms(path: str | os.PathLike) -> Synonyms | None:
     """A model directory's synonyms.json; None when it has none, CheckpointError when malformed."""
     f = Path(path) / SYNONYMS_FILE
-    if not f.is_file():
+    data = read_optional_json(f)
+    if data is None:
         return None
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {f}: {e}") from e
     phrases = data.get("phrases") if isinstance(data, dict) else None
     keep = data.get("keep", []) if isinstance(data, dict) else None
     if (

@@ -182,15 +182,23 @@ def write_examples(
     return f
 
 
-def read_examples(path: str | os.PathLike) -> ModelExamples | None:
-    """A model directory's examples.json; None when it has none, CheckpointError when it is malformed."""
-    f = Path(path) / EXAMPLES_FILE
+def read_optional_json(f: Path) -> object | None:
+    """An optional JSON file of a model directory: None when it is missing, CheckpointError when
+    it cannot be read or parsed."""
     if not f.is_file():
         return None
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
+        return json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"cannot read {f}: {e}") from e
+
+
+def read_examples(path: str | os.PathLike) -> ModelExamples | None:
+    """A model directory's examples.json; None when it has none, CheckpointError when it is malformed."""
+    f = Path(path) / EXAMPLES_FILE
+    data = read_optional_json(f)
+    if data is None:
+        return None
     prompts = data.get("prompts", []) if isinstance(data, dict) else None
     description = data.get("description") if isinstance(data, dict) else None
     if (

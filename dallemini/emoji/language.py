@@ -219,6 +219,13 @@ def subject_article(name: str) -> str:
 
 
 @cache
+def load_readings() -> dict[str, tuple[str, ...]]:
+    """Everyday words a model reads as a subject's name (synonyms.json) that no caption uses."""
+    data = json.loads((ASSETS_DIR / SYNONYMS_FILE).read_text(encoding="utf-8"))
+    return {k: tuple(v) for k, v in data.get("readings", {}).items()}
+
+
+@cache
 def load_synonyms() -> dict[str, tuple[str, ...]]:
     """Everyday words for subjects, by subject name (curated for the smaller tiers)."""
     path = ASSETS_DIR / SYNONYMS_FILE

@@ -113,9 +113,13 @@ def drawn_right(pipe: TextToImage, scenes: EmojiScenes) -> Callable[[str], bool]
 
 def model_synonyms(scenes: EmojiScenes) -> tuple[dict[str, str], frozenset[str]]:
     """The synonym list of a model of these scenes: each subject synonym (the held-out ones too)
-    read as its subject's name, each colour word as its palette colour; subject names are kept."""
+    and everyday reading ("kitty") read as its subject's name, each colour word as its palette
+    colour; subject names are kept."""
     names = frozenset(scenes.names)
     phrases = {w: name for name, words in scenes.synonyms.items() for w in words if w not in names}
+    for name, words in language.load_readings().items():  # "kitty": words no caption uses
+        if name in names:
+            phrases.update((w, name) for w in words if w not in names)
     for word, colour in language.COLOUR_WORDS.items():
         if word != colour and word not in names:  # "lime" is a fruit here, not green
             phrases[word] = colour

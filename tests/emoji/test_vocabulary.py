@@ -10,6 +10,7 @@ from dallemini.emoji.scenes import EmojiScenes, write_emoji_dataset
 from dallemini.emoji.vocabulary import (
     candidate_scenes,
     model_examples,
+    model_synonyms,
     training_captions,
     write_model_vocabulary,
     written_captions,
@@ -56,3 +57,15 @@ def test_examples_are_spread_and_only_those_the_model_draws_right() -> None:
     rejected = plain.prompts[0]
     picky = model_examples(scenes, accept=lambda caption: caption != rejected)
     assert rejected not in picky.prompts and picky.prompts[1:] == plain.prompts[1:]
+
+
+def test_the_synonym_list_reads_synonyms_readings_and_colour_words() -> None:
+    scenes = EmojiScenes(256, 64, version=3)
+    phrases, keep = model_synonyms(scenes)
+    assert keep == set(scenes.names)
+    assert phrases["kitty"] == "cat" and phrases["puppy"] == "dog"  # readings no caption uses
+    assert phrases["navy"] == "blue" and phrases["cobalt"] == "blue"  # held-out words too
+    assert "lime" not in phrases and "lime" in keep  # a fruit here, not a colour
+    for name, held in scenes.heldout_synonym.items():
+        assert phrases[held] == name
+    assert not set(phrases) & keep

@@ -461,20 +461,28 @@ class _EncodeRun:
 
     def _work(self, pool: cf.ThreadPoolExecutor) -> Iterator[tuple[Any, ...]]:
         """('rec', key, future) for my records and ('end', k, end_record) after each of my shards."""
-        open_k: int | None = None
+        size = self.shard_size
+        known = self.source.record_total()  # numbers may skip files no shard of mine needs
+        wanted = lambda i: self._mine(i // size)  # noqa: E731
+        at_k = -1  # the shard of the last number seen
         idx = -1
-        for idx, record in enumerate(self.source.records()):
-            k = idx // self.shard_size
-            if idx % self.shard_size == 0:
-                if open_k is not None:
-                    yield ("end", open_k, idx)
-                open_k = k if self._mine(k) else None
-            if open_k is not None:
+        for idx, record in self.source.indexed_records(wanted):
+            k = idx // size
+            if k != at_k:  # every shard passed since (even one with no records) ends here
+                yield from self._ends(at_k, k)
+                at_k = k
+            if self._mine(k):
                 job = pool.submit(_prepare, record, self.source.normalizer, self.size)
                 yield ("rec", record.key, job)
-        self.total = idx + 1
-        if open_k is not None:
-            yield ("end", open_k, self.total)
+        self.total = known if known is not None else idx + 1
+        yield from self._ends(at_k, -(-self.total // size))
+
+    def _ends(self, first: int, stop: int) -> Iterator[tuple[Any, ...]]:
+        """('end', k, end_record) for my shards first..stop-1 (the last one ends at the total)."""
+        for k in range(max(first, 0), stop):
+            if self._mine(k):
+                end = (k + 1) * self.shard_size
+                yield ("end", k, min(end, self.total) if self.total else end)
 
     def _run_batch(self) -> None:
         batch = self.batch

@@ -21,6 +21,7 @@ missing (404) or breaks off is counted as a skip under its file name, like a dam
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import functools
 import glob
@@ -52,6 +53,7 @@ from .remote import (
     list_files,
     open_random,
     open_stream,
+    read_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -353,6 +355,16 @@ class Source:
         """Number of records when cheap to know (for progress bars), else None."""
         return None
 
+    def indexed_records(self, wanted: Callable[[int], bool]) -> Iterator[tuple[int, Record]]:
+        """(number, record) in order, numbered 0, 1, ...; a source that knows how many records each
+        of its files holds may leave out files none of whose numbers is `wanted` (unread)."""
+        del wanted  # every record is read here
+        return enumerate(self.records())
+
+    def record_total(self) -> int | None:
+        """How many numbers `indexed_records` spans, when the source knows it ahead (else None)."""
+        return None
+
     def __iter__(self) -> Iterator[Sample]:
         """Decoded samples; bad ones are skipped, counted in `stats` and reported when the iteration ends."""
         self.stats = SkipStats()
@@ -502,6 +514,56 @@ class TarSource(Source):
         for path in self.paths:
             yield from self._tar_records(path)
 
+    @functools.cached_property
+    def _stats_counts(self) -> list[int] | None:
+        """Records per tar from img2dataset's `NNNNN_stats.json` beside each ("successes"), when
+        every tar has one; else None."""
+        sidecars = [_stats_sidecar(p) for p in self.paths]
+        if not sidecars or any(s is None for s in sidecars):
+            return None
+        # Every worker must number alike: a sidecar that is missing means "no counts", but one that
+        # cannot be read now (a network error after retries) stops the run rather than renumber it.
+        with cf.ThreadPoolExecutor(max_workers=16) as pool:
+            found = list(pool.map(_read_sidecar, sidecars))
+        if any(data is None for data in found):
+            return None
+        counts = []
+        for side, data in zip(sidecars, found, strict=True):
+            try:
+                n = json.loads(data)["successes"]
+            except (KeyError, ValueError, TypeError):
+                return None
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                log.warning("%s: 'successes' is not a count; records are numbered as read", side)
+                return None
+            counts.append(n)
+        return counts
+
+    def count_hint(self) -> int | None:
+        return self.record_total()
+
+    def record_total(self) -> int | None:
+        counts = self._stats_counts
+        return None if counts is None else sum(counts)
+
+    def indexed_records(self, wanted: Callable[[int], bool]) -> Iterator[tuple[int, Record]]:
+        """With img2dataset's per-tar counts, tar t's records are numbered from the sum of the
+        counts before it, and a tar with no wanted number is never opened (nor downloaded); a tar
+        holding more records than its count says has the rest skipped ("beyond_stats")."""
+        counts = self._stats_counts
+        if counts is None:
+            yield from enumerate(self.records())
+            return
+        start = 0
+        for path, count in zip(self.paths, counts, strict=True):
+            if any(wanted(i) for i in range(start, start + count)):
+                for j, record in enumerate(self._tar_records(path)):
+                    if j < count:
+                        yield start + j, record
+                    else:
+                        yield start + count - 1, Record(record.key, (), problem="beyond_stats")
+            start += count
+
     def _tar_records(self, path: Location) -> Iterator[Record]:
         # uncompressed local tars: members can be read later by offset
         lazy = isinstance(path, Path) and path.suffix == ".tar"
@@ -589,6 +651,30 @@ class TarSource(Source):
                 full_key, captions, loader=lambda o=offset, s=size: _read_range(path, o, s)
             )
         return Record(full_key, captions, problem="missing_image")
+
+
+def _stats_sidecar(path: Location) -> Location | None:
+    """img2dataset's `NNNNN_stats.json` beside a `NNNNN.tar` (a URL's is not checked here)."""
+    name = path.name
+    if not name.endswith(".tar"):
+        return None
+    side = name[: -len(".tar")] + "_stats.json"
+    if isinstance(path, Path):
+        found = path.with_name(side)
+        return found if found.is_file() else None
+    if path.is_pipe:
+        return None
+    return URL(path.url.split("?", 1)[0].rsplit("/", 1)[0] + "/" + side)
+
+
+def _read_sidecar(side: Location) -> bytes | None:
+    """A stats sidecar's bytes; None when it does not exist (other errors propagate)."""
+    try:
+        return read_bytes(side)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # after the retries: renumbering now could overlap another worker's shards
+        raise InputError(f"cannot read {side} now ({e}); run again when it can be read") from e
 
 
 def _parquet() -> Any:

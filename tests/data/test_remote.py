@@ -446,6 +446,40 @@ def test_two_workers_write_disjoint_s3_shards(bucket: Bucket, tmp_path: Path, vq
         encode_dataset(local, out, vqgan, shard_size=3, progress=False)
 
 
+def test_encode_workers_fetch_only_the_tars_of_their_shards(tmp_path: Path, vqgan: VQGAN) -> None:
+    pytest.importorskip("aiohttp")
+    root = make_img2dataset(tmp_path / "www", tars=4, per_tar=3)
+    out = tmp_path / "tokens"
+    with http_file_server(root) as server:
+        pattern = f"{server.url}/{{00000..00003}}.tar"
+        tars = lambda: sorted(p for p in server.requests if p.endswith(".tar"))  # noqa: E731
+        r0 = encode_dataset(pattern, out, vqgan, shard_size=3, worker=(0, 2), progress=False)
+        assert tars() == ["/00000.tar", "/00002.tar"] and not r0.complete
+        server.requests.clear()
+        r1 = encode_dataset(pattern, out, vqgan, shard_size=3, worker=(1, 2), progress=False)
+        assert tars() == ["/00001.tar", "/00003.tar"] and r1.complete
+        server.requests.clear()
+        again = encode_dataset(pattern, out, vqgan, shard_size=3, progress=False)
+        assert tars() == [] and again.shards_written == []  # all done: nothing downloaded
+    whole = tmp_path / "whole"
+    encode_dataset(root, whole, vqgan, shard_size=3, progress=False)
+    _same_data(_local_dataset(out), _local_dataset(whole))
+
+
+def test_stats_counts_number_the_records(tmp_path: Path, vqgan: VQGAN) -> None:
+    root = make_img2dataset(tmp_path / "i2d", tars=3, per_tar=3)
+    (root / "00000_stats.json").write_text(json.dumps({"successes": 4}))  # one record lost
+    (root / "00002_stats.json").write_text(json.dumps({"successes": 2}))  # one too many
+    out = tmp_path / "tokens"
+    res = encode_dataset(root, out, vqgan, shard_size=4, progress=False)
+    assert res.complete and res.source_records == 9 and res.images == 8
+    assert res.skipped.counts == {"beyond_stats": 1}
+    rows = {p.name: pq.read_table(p).column("key").to_pylist() for p in out.glob("part-*")}
+    # numbers: 00000.tar 0-3 (3 records), 00001.tar 4-6, 00002.tar 7-8; shards of 4 numbers
+    assert [len(rows[n]) for n in sorted(rows)] == [3, 4, 1]
+    assert rows[sorted(rows)[1]][0] == "00001.tar/000010000"
+
+
 def test_reader_reads_the_next_shard_ahead(tmp_path: Path) -> None:
     make_shards(tmp_path / "d")
     ds = ShardDataset(tmp_path / "d", fake_tokenize, 7, shuffle=False, epochs=1)

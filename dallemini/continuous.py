@@ -54,9 +54,7 @@ class Row:
     key: int
     request: RowRequest
     slots: list[int]
-    tokens: (
-        Tensor  # [image_length] on the CPU: forced codes, and sampled ones once it leaves (`sync`)
-    )
+    tokens: Tensor  # [image_length] on the CPU: forced codes; sampled ones from `sync`
     uniforms: Tensor  # [image_length] float64, from the row's seed
     done: int = 0
     text_length: int = 0  # text positions its cross-attention reads (the rest is padding)

@@ -145,15 +145,19 @@ class ThreadTuner:
 
     @contextmanager
     def step(self) -> Iterator[int]:
-        """Run one step of the loop with the count chosen for it (yielded)."""
+        """Run one step of the loop with the count chosen for it (yielded); the count before it is
+        back when the step ends, so that other work (a trainer after an evaluation) keeps its own."""
         n = self._next()
-        if torch.get_num_threads() != n:
+        before = torch.get_num_threads()
+        if before != n:
             torch.set_num_threads(n)
         start = time.perf_counter()
         try:
             yield n
         finally:
             self._record(n, time.perf_counter() - start)
+            if before != n:
+                torch.set_num_threads(before)
 
 
 class _FixedThreads:

@@ -104,6 +104,17 @@ def test_the_tuner_keeps_the_faster_count_and_probes_again() -> None:
     assert tuner.best == 1
 
 
+def test_a_step_leaves_the_thread_count_as_it_found_it() -> None:
+    torch.set_num_threads(2)
+    tuner = ThreadTuner(2, probe_every=100)
+    for _ in range(4):
+        with tuner.step() as n:
+            assert torch.get_num_threads() == n
+            time.sleep(0.02 if n == 2 else 0.001)  # one thread wins
+        assert torch.get_num_threads() == 2  # a trainer after an evaluation still has both
+    assert tuner.best == 1
+
+
 def test_a_probe_takes_its_trials_unless_one_count_is_far_slower() -> None:
     tuner = ThreadTuner(2, probe_every=2, trials=3)
     used = []

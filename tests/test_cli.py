@@ -319,3 +319,9 @@ def test_generate_names_the_words_the_model_does_not_know(
     code, err = run_here(capsys, *args, "an armchair in the shape of an avocado")
     assert code == 0, err
     assert "note: the built-in model does not know: armchair, shape" in err
+    code, err = run_here(
+        capsys, *args[:-1], tmp_path / "b", "a kitty on a navy background, top left"
+    )
+    assert code == 0, err
+    assert "note: the built-in model reads 'kitty' as 'cat', 'navy' as 'blue'" in err
+    assert "does not know" not in err

@@ -304,6 +304,11 @@ def test_the_builtin_model_names_the_words_it_does_not_know() -> None:
     pipe = load_pipeline(device="cpu")
     assert pipe.is_builtin and pipe.examples is not None and len(pipe.examples.prompts) >= 4
     assert pipe.unknown_words("an armchair in the shape of an avocado") == ["armchair", "shape"]
-    assert pipe.unknown_words("a photo of a kitty in the upper left corner") == ["kitty"]
+    assert pipe.unknown_words("a photo of a kitty in the upper left corner") == []  # read as cat
+    assert pipe.read_prompt("a kitty on a navy background")[1] == [
+        ("kitty", "cat"),
+        ("navy", "blue"),
+    ]
+    assert pipe.unknown_words("a photo of a sedan in the upper left corner") == ["sedan"]
     assert pipe.unknown_words("strawberry on a blue background, top left") == []
     assert all(pipe.unknown_words(p) == [] for p in pipe.examples.prompts)

@@ -10,6 +10,7 @@ Retry-After and shutdown are the request-level `Batcher`'s.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -205,15 +206,18 @@ class ContinuousBatcher(Batcher):
             return
         now = time.monotonic()
         self._account(now - t0, rows)
+        finished = []
         for run in list(self._runs):
             if run.first_token is None:
                 run.first_token = now
                 if self.on_first_token is not None:
                     self.on_first_token(now - run.job.enqueued)
             if run.finished:
-                self._answer(run)
+                finished.append(run)
             elif run.job.streaming:
                 self._frame(run)
+        if finished:
+            self._answer(finished)
 
     def _account(self, seconds: float, rows: int) -> None:
         """Step counters, the step observer, and the time-per-image estimate behind Retry-After."""
@@ -242,24 +246,37 @@ class ContinuousBatcher(Batcher):
         except Exception:
             log.exception("job %s: frame callback failed", run.job.id)
 
-    def _answer(self, run: _Running) -> None:
-        """Decode a finished request's images, rerank them if asked, and hand them over."""
-        self._leave(run)
-        job = run.job
+    def _answer(self, runs: list[_Running]) -> None:
+        """Decode the images of requests that finished together (one VQGAN pass: small images
+        decode faster in groups), rerank those that asked, and hand them over."""
+        for run in runs:
+            self._leave(run)
         try:
-            tokens = torch.stack([row.tokens for row in run.rows])
-            seeds = [row.request.seed for row in run.rows]
-            images = [
-                GeneratedImage(im, job.prompt, seed, None, row)
-                for im, seed, row in zip(
-                    self.pipe.decode(tokens), seeds, tokens.tolist(), strict=True
-                )
-            ]
-            if job.rerank and getattr(self.pipe, "scorer", None) is not None:
-                images = self.pipe.rerank([images])[0]
+            tokens = torch.stack([row.tokens for run in runs for row in run.rows])
+            pictures = self.pipe.decode(tokens)
         except Exception as e:
-            self._fail(job, e)
+            for run in runs:
+                self._fail(run.job, e)
             return
-        self.stats.images += len(images)
-        self.stats.done += 1
-        job._finish("done", images, None)
+        for run, (start, end) in zip(runs, _spans([len(run.rows) for run in runs]), strict=True):
+            job = run.job
+            try:
+                made = zip(pictures[start:end], run.rows, tokens[start:end].tolist(), strict=True)
+                images = [
+                    GeneratedImage(im, job.prompt, row.request.seed, None, codes)
+                    for im, row, codes in made
+                ]
+                if job.rerank and getattr(self.pipe, "scorer", None) is not None:
+                    images = self.pipe.rerank([images])[0]
+            except Exception as e:
+                self._fail(job, e)
+                continue
+            self.stats.images += len(images)
+            self.stats.done += 1
+            job._finish("done", images, None)
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """[(start, end)] of consecutive parts of these sizes."""
+    ends = list(itertools.accumulate(sizes))
+    return [(end - size, end) for size, end in zip(sizes, ends, strict=True)]

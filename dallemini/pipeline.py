@@ -399,6 +399,7 @@ class TextToImage:
         return RunningBatch(self.bart, u_ids, u_mask, self.config.vqgan.n_embed, capacity)
 
     @torch.inference_mode()
+    @threads.tuned("vqgan")
     def partial_images(self, tokens: Tensor) -> list[Image.Image]:
         """Images of tokens [B, done] sampled so far: the rows not begun are grey."""
         g, total = self.config.vqgan.grid_size, self.config.bart.image_length
@@ -423,6 +424,7 @@ class TextToImage:
             yield pixels
 
     @torch.inference_mode()
+    @threads.tuned("vqgan")
     def decode(self, tokens: Tensor) -> list[Image.Image]:
         """Image tokens [B, image_length] -> PIL images through the VQGAN decoder."""
         return [im for pixels in self._decode_groups(tokens) for im in to_pil(pixels)]
@@ -447,6 +449,7 @@ class TextToImage:
         return ranked
 
     @torch.inference_mode()
+    @threads.tuned("decode")  # the tuned thread count of its loops does not outlive the call
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -542,9 +545,10 @@ class TextToImage:
             condition_scale=condition_scale,
         )
         req = self._request(prompt, num_images, seed, init_image, keep_rows)
-        for batch in self._token_stream(req, slice(None), settings, every):
-            images = self.partial_images(batch.tokens)
-            yield StreamFrame(images, batch.done, batch.total, batch.tokens)
+        with threads.tuned("decode"):
+            for batch in self._token_stream(req, slice(None), settings, every):
+                images = self.partial_images(batch.tokens)
+                yield StreamFrame(images, batch.done, batch.total, batch.tokens)
 
 
 def load_pipeline(

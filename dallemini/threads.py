@@ -88,12 +88,13 @@ def apply_threads(requested: int | str | None = None) -> int:
 class ThreadTuner:
     """Per step of one loop: the thread count (all of them, or one) whose steps are fastest now.
 
-    At the start it times one step with one thread, then one with all (a short loop, such as one
-    small image, has few steps to spare, and on a busy CPU a parallel step can take many times a
-    serial one). After `probe_every` steps, and again and again, it times `trials` steps with each
-    count, taking turns, and keeps the count whose steps took least on average (not the luckiest
-    step: on a shared CPU a parallel step is sometimes quick and often very slow); a probe ends
-    early once one count's steps take `decisive` times the other's. A probe that confirms the count
+    At the start it times up to two steps with one thread and two with all, taking turns, one
+    thread first (a short loop, such as one small image, has few steps to spare, and on a busy CPU
+    a parallel step can take many times a serial one). After `probe_every` steps, and again and
+    again, it times `trials` steps with each count, taking turns, and keeps the count whose steps
+    took least on average (not the luckiest step: on a shared CPU a parallel step is sometimes
+    quick and often very slow). A probe ends early once one count's steps take `decisive` times
+    the other's. A probe that confirms the count
     doubles the wait before the next (up to `max_every`); one that changes it starts again from
     `probe_every`. Steps of one loop are alike, so probing costs little on an idle machine and
     still notices when other work takes cores.
@@ -112,8 +113,8 @@ class ThreadTuner:
         self.decisive = decisive
         self.best = self.counts[0]
         self._every = probe_every
-        # the first probe: one step with one thread, then one with all
-        self._queue: list[int] = self.counts[::-1] if len(self.counts) > 1 else []
+        # the first probe: one thread, then all, taking turns (it stops as soon as it is clear)
+        self._queue: list[int] = self.counts[::-1] * 2 if len(self.counts) > 1 else []
         self._times: dict[int, list[float]] = {}
         self._since = 0
 
@@ -145,19 +146,32 @@ class ThreadTuner:
 
     @contextmanager
     def step(self) -> Iterator[int]:
-        """Run one step of the loop with the count chosen for it (yielded); the count before it is
-        back when the step ends, so that other work (a trainer after an evaluation) keeps its own."""
+        """Run one step of the loop with the count chosen for it (yielded). The count stays after
+        the step, for the small work between steps; `tuned` puts it back after the call."""
         n = self._next()
-        before = torch.get_num_threads()
-        if before != n:
+        if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         start = time.perf_counter()
         try:
             yield n
         finally:
             self._record(n, time.perf_counter() - start)
-            if before != n:
-                torch.set_num_threads(before)
+
+
+@contextmanager
+def tuned(loop: str) -> Iterator[None]:
+    """For a whole call around a tuned loop: PyTorch's thread count set to what the loop's tuner
+    found fastest (the work between and around its steps runs as its steps do), and put back when
+    the call ends (whatever runs next, a trainer after an evaluation, keeps its own count)."""
+    n = torch.get_num_threads()
+    chosen = tuner(loop)
+    if isinstance(chosen, ThreadTuner) and chosen.best != n:
+        torch.set_num_threads(chosen.best)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 class _FixedThreads:

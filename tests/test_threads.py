@@ -98,21 +98,30 @@ def test_the_tuner_keeps_the_faster_count_and_probes_again() -> None:
         with tuner.step() as n:
             used.append(n)
             time.sleep(0.03 if n == 2 else 0.001)  # as if another process held a core
-    # probe one thread, then both, and keep one; after 3 steps probe again (both first, and
-    # done after a step each, 30 times slower): confirmed, so wait 6, then 12
+    # probe one thread, then both (30 times slower: no need for a second turn), and keep one;
+    # after 3 steps probe again (both first): confirmed, so wait 6, then 12
     assert used == [1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2]
     assert tuner.best == 1
 
 
-def test_a_step_leaves_the_thread_count_as_it_found_it() -> None:
+def test_a_call_runs_on_the_tuned_count_and_leaves_the_count_as_it_found_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DALLEMINI_TUNE_THREADS", raising=False)
+    apply_threads(None)
     torch.set_num_threads(2)
-    tuner = ThreadTuner(2, probe_every=100)
-    for _ in range(4):
-        with tuner.step() as n:
-            assert torch.get_num_threads() == n
-            time.sleep(0.02 if n == 2 else 0.001)  # one thread wins
-        assert torch.get_num_threads() == 2  # a trainer after an evaluation still has both
-    assert tuner.best == 1
+    monkeypatch.setitem(threads._STATE, "most", 2)
+    loop = tuner("test-loop")
+    assert isinstance(loop, ThreadTuner)
+    with threads.tuned("test-loop"):
+        for _ in range(4):
+            with loop.step() as n:
+                time.sleep(0.02 if n == 2 else 0.001)  # one thread wins
+        assert torch.get_num_threads() == 1 and loop.best == 1  # between steps too
+    assert torch.get_num_threads() == 2  # a trainer after an evaluation still has both
+    with threads.tuned("test-loop"):
+        assert torch.get_num_threads() == 1  # the next call starts on the count found fastest
+    assert torch.get_num_threads() == 2
 
 
 def test_a_probe_takes_its_trials_unless_one_count_is_far_slower() -> None:
@@ -122,8 +131,9 @@ def test_a_probe_takes_its_trials_unless_one_count_is_far_slower() -> None:
         with tuner.step() as n:
             used.append(n)
             time.sleep(0.004 if n == 2 else 0.006)  # an idle machine: both counts alike
-    # the first probe confirms all threads, so 4 steps wait (not 2); then 3 trials each
-    assert used == [1, 2, 2, 2, 2, 2, 2, 1, 2, 1]
+    # the first probe (two steps each, in turns) confirms all threads, so 4 steps wait (not 2);
+    # then 3 trials each
+    assert used == [1, 2, 1, 2, 2, 2, 2, 2, 2, 1]
     assert tuner.best == 2
 
 

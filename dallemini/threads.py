@@ -94,10 +94,9 @@ class ThreadTuner:
     again, it times `trials` steps with each count, taking turns, and keeps the count whose steps
     took least on average (not the luckiest step: on a shared CPU a parallel step is sometimes
     quick and often very slow). A probe ends early once one count's steps take `decisive` times
-    the other's. A probe that confirms the count
-    doubles the wait before the next (up to `max_every`); one that changes it starts again from
-    `probe_every`. Steps of one loop are alike, so probing costs little on an idle machine and
-    still notices when other work takes cores.
+    the other's. A probe that confirms the count doubles the wait before the next (up to
+    `max_every`); one that changes it starts again from `probe_every`. Steps of one loop are alike,
+    so probing costs little on an idle machine and still notices when other work takes cores.
     """
 
     def __init__(

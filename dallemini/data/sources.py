@@ -668,7 +668,7 @@ def _stats_sidecar(path: Location) -> Location | None:
 
 
 def _read_sidecar(side: Location) -> bytes | None:
-    """A stats sidecar's bytes; None when it does not exist (other errors propagate)."""
+    """A stats sidecar's bytes; None when it does not exist, InputError when it cannot be read."""
     try:
         return read_bytes(side)
     except FileNotFoundError:

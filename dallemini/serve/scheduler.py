@@ -100,31 +100,27 @@ class ContinuousBatcher(Batcher):
         with self._cond:
             self._running.remove(run.job)
 
-    def _fitting(self, requests: list[RowRequest]) -> int:
-        """How many of these rows, from the first, fit in the batch now."""
+    def _fitting(self, requests: list[RowRequest], planned: list[RowRequest]) -> int:
+        """How many of these rows, from the first, fit in the batch now beside the planned ones."""
         assert self._batch is not None
         k = 0
-        while k < len(requests) and self._batch.fits(requests[: k + 1]):
+        while k < len(requests) and self._batch.fits(planned + requests[: k + 1]):
             k += 1
         return k
 
-    def _admit_rows(self, run: _Running) -> bool:
-        """Admit as many of a running request's waiting rows as fit; True when none waits any more."""
-        assert self._batch is not None
-        k = self._fitting(run.pending)
+    def _plan(
+        self, run: _Running, plan: list[tuple[_Running, int]], rows: list[RowRequest]
+    ) -> bool:
+        """Plan to admit as many of a request's waiting rows as fit; True when none waits then."""
+        k = self._fitting(run.pending, rows)
         if k:
-            try:
-                run.rows += self._batch.admit(run.pending[:k])
-            except Exception as e:
-                self._leave(run)
-                self._fail(run.job, e)
-                return True
-            run.pending = run.pending[k:]
-        return not run.pending
+            plan.append((run, k))
+            rows.extend(run.pending[:k])
+        return k == len(run.pending)
 
     def _admit(self) -> None:
         """Admit the waiting rows of running requests, then queued requests, oldest first, while
-        their rows fit in the batch."""
+        their rows fit in the batch: all of them at once (one encoder pass for their prompts)."""
         for job in [j for j in self._requests if j.state != "queued"]:  # cancelled or expired
             del self._requests[job]
         if self._batch is None:
@@ -136,9 +132,27 @@ class ContinuousBatcher(Batcher):
                 if job is not None:
                     self._fail_queued(job, e)
                 return
-        for run in list(self._runs):
-            if not self._admit_rows(run):
-                return  # no room for anyone behind it
+        plan: list[tuple[_Running, int]] = []
+        rows: list[RowRequest] = []
+        if all(self._plan(run, plan, rows) for run in self._runs if run.pending):
+            self._plan_queued(plan, rows)  # room is left: queued requests join too
+        if not plan:
+            return
+        try:
+            admitted = self._batch.admit(rows)
+        except Exception as e:
+            for run, _ in plan:
+                self._leave(run)
+                self._fail(run.job, e)
+            return
+        start = 0
+        for run, k in plan:
+            run.rows += admitted[start : start + k]
+            run.pending = run.pending[k:]
+            start += k
+
+    def _plan_queued(self, plan: list[tuple[_Running, int]], rows: list[RowRequest]) -> None:
+        """Start queued requests, oldest first, while their first rows fit beside the planned ones."""
         while True:
             with self._cond:
                 if not self._queue:
@@ -149,7 +163,7 @@ class ContinuousBatcher(Batcher):
             except Exception as e:
                 self._fail_queued(job, e)
                 continue
-            if not self._fitting(requests):
+            if not self._fitting(requests, rows):
                 return  # it waits for rows to finish
             with self._cond:
                 if not self._queue or self._queue[0] is not job:
@@ -162,8 +176,8 @@ class ContinuousBatcher(Batcher):
             run = _Running(job, [], requests)
             self._runs.append(run)
             self.stats.batches += 1
-            if not self._admit_rows(run):
-                return
+            if not self._plan(run, plan, rows):
+                return  # no room for anyone behind it
 
     def _row_requests(self, job: Job) -> list[RowRequest]:
         """The job's image rows (made once, while it waits at the head of the queue)."""

@@ -200,9 +200,8 @@ FILLERS: tuple[str, ...] = (
     "bright",
     "pretty",
 )
-HELDOUT_SYNONYM_SHARE = (
-    0.5  # of the subjects with synonyms, about this share keeps one out of training
-)
+# Of the subjects with synonyms, about this share keeps one out of version 3's training captions.
+HELDOUT_SYNONYM_SHARE = 0.5
 
 
 def article(word: str) -> str:

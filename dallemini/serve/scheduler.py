@@ -140,16 +140,26 @@ class ContinuousBatcher(Batcher):
             return
         try:
             admitted = self._batch.admit(rows)
-        except Exception as e:
-            for run, _ in plan:
-                self._leave(run)
-                self._fail(run.job, e)
+        except Exception:  # one request's rows are at fault: each on its own, so only it fails
+            for run, k in plan:
+                self._admit_alone(run, k)
             return
         start = 0
         for run, k in plan:
             run.rows += admitted[start : start + k]
             run.pending = run.pending[k:]
             start += k
+
+    def _admit_alone(self, run: _Running, k: int) -> None:
+        """Admit a request's first k waiting rows by themselves; fail the request if they cannot be."""
+        assert self._batch is not None
+        try:
+            run.rows += self._batch.admit(run.pending[:k])
+        except Exception as e:
+            self._leave(run)
+            self._fail(run.job, e)
+            return
+        run.pending = run.pending[k:]
 
     def _plan_queued(self, plan: list[tuple[_Running, int]], rows: list[RowRequest]) -> None:
         """Start queued requests, oldest first, while their first rows fit beside the planned ones."""

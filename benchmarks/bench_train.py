@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, matmul_peak, merge_results, sync
 from dallemini.data.shards import MANIFEST_NAME, write_shard
-from dallemini.training.settings import load_config
 from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
+from dallemini.training.settings import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
 

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted(
-    p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
-)
+SCRIPTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -44,6 +44,7 @@ from .devices import resolve_dtype
 from .errors import DalleMiniError, InputError
 from .extras import add_stand_in, extra_of, needs_extra
 from .generate_run import GenerateRun, Interrupted, earlier_run_files
+from .memory import keep_freed_memory
 from .pipeline import TextToImage, default_model_path, load_image
 from .random_model import create_random_model
 from .threads import apply_threads
@@ -468,6 +469,7 @@ def info(
 
 def main() -> None:
     """Entry point: run the app; user errors print one line and exit 2, without a traceback."""
+    keep_freed_memory()  # generation steps and training steps allocate the same blocks again
     try:
         code = app(standalone_mode=False)
     except Interrupted as e:

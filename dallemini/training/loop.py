@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from ..memory import keep_freed_memory
 from . import distributed as D
 from .checkpointing import (
     list_checkpoints,
@@ -138,6 +139,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: D.DistEnv | None = None) -> None:
         cfg.validate()
+        keep_freed_memory()  # every step allocates the same large blocks again
         self.cfg = cfg
         self.env = env if env is not None else D.init_distributed(cfg.device)
         self.device = self.env.device

@@ -47,6 +47,25 @@ class Adafactor(torch.optim.Adafactor):
     row reduction; with the update's other passes fused, the step of a mini model takes 3x less time.
     """
 
+    # One buffer for every tensor's update, kept across steps: a fresh large tensor each time would
+    # page-fault its memory in again, which cost as much as the arithmetic.
+    _scratch: Tensor | None = None
+
+    def _scratch_like(self, grad: Tensor, largest: int) -> Tensor:
+        """Memory of grad's shape, dtype and device for its update (not part of the state)."""
+        buf = self._scratch
+        if (
+            buf is None
+            or buf.numel() < grad.numel()
+            or (buf.dtype, buf.device)
+            != (
+                grad.dtype,
+                grad.device,
+            )
+        ):
+            buf = self._scratch = grad.new_empty(largest)
+        return buf[: grad.numel()].view(grad.shape)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
@@ -63,6 +82,7 @@ class Adafactor(torch.optim.Adafactor):
             self._init_group(group, params, grads, rows, cols, variances, steps)
             eps1, eps2 = group["eps"]
             lr = float(group["lr"])
+            largest = max((g.numel() for g in grads), default=0)
             for param, grad, row_var, col_var, variance, step_t in zip(
                 params, grads, rows, cols, variances, steps, strict=True
             ):
@@ -73,6 +93,7 @@ class Adafactor(torch.optim.Adafactor):
                     col_var,
                     variance,
                     step_t,
+                    self._scratch_like(grad, largest),
                     lr=lr,
                     d=group["d"],
                     beta2_decay=group["beta2_decay"],
@@ -90,6 +111,7 @@ def _adafactor_update(
     col_var: Tensor | None,
     variance: Tensor | None,
     step_t: Tensor,
+    update: Tensor,
     *,
     lr: float,
     d: float,
@@ -98,7 +120,8 @@ def _adafactor_update(
     eps1: float,
     eps2: float,
 ) -> None:
-    """One tensor's Adafactor step, as torch's single-tensor update computes it."""
+    """One tensor's Adafactor step, as torch's single-tensor update computes it; `update` is scratch
+    memory of grad's shape."""
     step_t += 1
     step = float(step_t)
     one_minus_beta2 = step**beta2_decay
@@ -107,15 +130,15 @@ def _adafactor_update(
     alpha = (torch.linalg.vector_norm(param) / param.numel() ** 0.5).clamp_(min=eps2) * rho
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    squared = grad.square()
+    squared = torch.mul(grad, grad, out=update)
     if row_var is not None and col_var is not None:
         row_var.lerp_(squared.mean(dim=-1, keepdim=True), one_minus_beta2)
         col_var.lerp_(squared.mean(dim=-2, keepdim=True), one_minus_beta2)
         scaled_rows = row_var / row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1)
-        update = torch.mul(scaled_rows, col_var, out=squared)  # the factored second-moment estimate
+        torch.mul(scaled_rows, col_var, out=update)  # the factored second-moment estimate
     elif variance is not None:
         variance.lerp_(squared, one_minus_beta2)
-        update = squared.copy_(variance)
+        update.copy_(variance)
     else:
         raise AssertionError("Adafactor state has neither factored nor full second moments")
     update.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)

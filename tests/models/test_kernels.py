@@ -139,7 +139,7 @@ def _greedy_logits(
         tok = torch.tensor([[m.config.decoder_start_token_id, 5, 77]] * rows)
         logits = m.decode_step(tok, cache)
         out = [logits.float()]
-        step = cpu.native_step(m, cache) if use_native else None
+        step = cpu.native_step(m, cache, cache.length) if use_native else None
         for _ in range(steps - 1):
             tok = logits[:, -1, :128].argmax(-1, keepdim=True)
             if step is None:
@@ -174,12 +174,12 @@ def test_native_decoder_layer_only_where_it_applies() -> None:
     mask = torch.ones(3, 6, dtype=torch.long)
     with torch.inference_mode():
         enc = m.encode(torch.randint(0, 100, (3, 6)), mask)
-        assert cpu.native_step(m, m.init_cache(enc, mask)) is None  # three rows: torch's ops
-        assert isinstance(cpu.native_step(m, m.init_cache(enc[:2], mask[:2])), cpu.NativeStep)
+        assert cpu.native_step(m, m.init_cache(enc, mask), 0) is None  # three rows: torch's ops
+        assert isinstance(cpu.native_step(m, m.init_cache(enc[:2], mask[:2]), 0), cpu.NativeStep)
         plain = DalleBart(m.config).eval()  # not accelerated: torch's ops
-        assert cpu.native_step(plain, plain.init_cache(enc[:2], mask[:2])) is None
+        assert cpu.native_step(plain, plain.init_cache(enc[:2], mask[:2]), 0) is None
         m.train()
-        assert cpu.native_step(m, m.init_cache(enc[:2], mask[:2])) is None
+        assert cpu.native_step(m, m.init_cache(enc[:2], mask[:2]), 0) is None
 
 
 @needs_kernel
@@ -188,7 +188,7 @@ def test_native_decoder_layer_checks_its_arguments() -> None:
     mask = torch.ones(2, 6, dtype=torch.long)
     with torch.inference_mode():
         cache = m.init_cache(m.encode(torch.randint(0, 100, (2, 6)), mask), mask)
-        step = cpu.native_step(m, cache)
+        step = cpu.native_step(m, cache, cache.length)
         assert step is not None
         kernel = step.layers[0]
         with pytest.raises(ValueError, match="expected x"):
@@ -426,6 +426,40 @@ def test_the_few_row_path_is_measured_once_and_kept(
     m = _bart(torch.float32, True)
     _, step = _greedy_logits(m, 2, use_native=True)
     assert not isinstance(step, cpu.NativeStep)
+
+
+def test_the_decoding_step_path_is_raced_once_and_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A float32 model's one-image step takes the native layer kernels where a whole step through
+    them beats the layers op by op (timed once per model shape, kept on disk), even where oneDNN
+    wins every product alone; the timing leaves the cache as the sampling expects it."""
+    from dallemini.models.kernels import choice
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    monkeypatch.delenv("DALLEMINI_FEW_ROWS", raising=False)
+    monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
+    monkeypatch.setattr(choice, "_CHOICES", {})
+    monkeypatch.setattr(choice, "_LOADED", [])
+    monkeypatch.setattr(choice, "measure", lambda w, f: "onednn")  # every product alone
+    raced = []
+    real_best_of = choice._best_of
+
+    def best_of(fn, repeats):  # the op-by-op step is the slower, as for small models
+        raced.append(fn)
+        return real_best_of(fn, repeats) * (1.0 if len(raced) % 2 else 1e3)
+
+    monkeypatch.setattr(choice, "_best_of", best_of)
+    m = _bart(torch.float32, True)
+    got, step = _greedy_logits(m, 2, use_native=True)
+    assert isinstance(step, cpu.NativeStep) and len(raced) == 2
+    want, _ = _greedy_logits(m, 2, use_native=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the race wrote nothing stale
+    saved = json.loads(choice.choices_file().read_text())
+    assert [v for k, v in saved.items() if "|step|" in k] == ["native"]
+    _greedy_logits(m, 2, use_native=True)
+    assert len(raced) == 2  # kept, not raced again
 
 
 @pytest.mark.parametrize("rows", [1, 2])

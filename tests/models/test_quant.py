@@ -138,7 +138,9 @@ def test_from_pretrained_int8_generates(tiny_dir: Path) -> None:
     with torch.inference_mode():
         ids, mask = pipe.text(["a cat"])
         cache = pipe.bart.init_cache(pipe.bart.encode(ids, mask), mask)
-    step = cpu.native_step(pipe.bart, cache)  # the native layer kernel reads the int8 weights
+    step = cpu.native_step(
+        pipe.bart, cache, cache.length
+    )  # the native layer kernel reads the int8 weights
     assert step is None or all(k._params.i8 == 1 for k in step.layers)
     one = pipe("a cat", num_images=1, seed=4)  # one image: the one-image decoding step
     two = pipe(PROMPTS, num_images=2, seed=4, max_batch=1)

@@ -30,4 +30,4 @@ def fast_step(
     graph on CUDA, the native decoder layers for one image on CPU; None where neither applies (then
     model.decode_step). The step maps (tokens [rows, 1], position) to logits [rows, 1, V] and leaves
     cache.length to the caller."""
-    return graphed_step(model, cache, rows, pos) or native_step(model, cache)
+    return graphed_step(model, cache, rows, pos) or native_step(model, cache, pos)

@@ -1,10 +1,11 @@
-"""Which path multiplies a few float32 rows by a weight faster on this CPU: the native kernel or oneDNN.
+"""Which path is faster on this CPU for one image's float32 decoding: the native kernels or oneDNN.
 
 CPU families differ: the native kernel streams weights faster than oneDNN's small-batch matmul on
 AMD Zen 4 and on AVX-512 Xeons without AMX, while on others oneDNN's own kernels win. So each weight
-shape is timed once per CPU model and thread count (both paths on the layer's own weight, a few
-milliseconds), and the faster is kept in the kernels' cache folder (`choices.json`), so later runs
-start with it. $DALLEMINI_FEW_ROWS=native or onednn forces one.
+shape's product, and each model shape's whole decoding step (the native layer kernels against the
+layers op by op), is timed once per CPU model and thread count (a few milliseconds), and the faster
+is kept in the kernels' cache folder (`choices.json`), so later runs start with it.
+$DALLEMINI_FEW_ROWS=native or onednn forces one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 PATHS = ("native", "onednn")
 ENV = "DALLEMINI_FEW_ROWS"
 _CHOICES: dict[str, str] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # a step race times products that may be raced in turn
 _LOADED: list[bool] = []
 
 
@@ -68,11 +69,28 @@ def measure(weight: Tensor, onednn: Callable[[Tensor], Tensor], repeats: int = 5
 
 def few_rows_path(weight: Tensor, onednn: Callable[[Tensor], Tensor]) -> str:
     """The faster path for one or two float32 rows times `weight` on this CPU (measured once)."""
+    n, k = weight.shape
+    return remembered(f"float32|{n}x{k}", lambda: measure(weight, onednn))
+
+
+def step_path(shape: str, native_step: Callable[[], object], op_by_op: Callable[[], object]) -> str:
+    """The faster one-image decoding step of a model `shape` on this CPU (measured once): the
+    native layer kernels or the layers op by op, each call one step."""
+
+    def race() -> str:
+        t_native = _best_of(native_step, 3)
+        t_ops = _best_of(op_by_op, 3)
+        return "native" if t_native <= t_ops else "onednn"
+
+    return remembered(f"float32|step|{shape}", race)
+
+
+def remembered(what: str, measure_now: Callable[[], str]) -> str:
+    """The path named for `what` on this CPU model and thread count: forced, known, or measured now."""
     forced = os.environ.get(ENV, "").strip().lower()
     if forced in PATHS:
         return forced
-    n, k = weight.shape
-    key = f"{_cpu_key()}|float32|{n}x{k}|threads{torch.get_num_threads()}"
+    key = f"{_cpu_key()}|{what}|threads{torch.get_num_threads()}"
     known = _CHOICES.get(key)
     if known is not None:  # the common case, on the decoding hot path: no lock
         return known
@@ -86,8 +104,8 @@ def few_rows_path(weight: Tensor, onednn: Callable[[Tensor], Tensor]) -> str:
                 pass
         if key in _CHOICES:
             return _CHOICES[key]
-        _CHOICES[key] = measure(weight, onednn)
-        log.info("few-row float32 product %dx%d: %s is faster here", n, k, _CHOICES[key])
+        _CHOICES[key] = measure_now()
+        log.info("%s: %s is faster here", what, _CHOICES[key])
         try:
             native.cache_dir().mkdir(parents=True, exist_ok=True)
             atomic_write_json(choices_file(), dict(sorted(_CHOICES.items())))

@@ -307,10 +307,12 @@ class NativeStep:
         return dec.lm_head(dec.final_ln(h.to(x.dtype).view(b, 1, d)))
 
 
-def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
+def native_step(model: DalleBart, cache: DecoderCache, pos: int) -> NativeStep | None:
     """The native decoder-layer step for this cache where it applies: an accelerated model in CPU
     inference of one image (one or two rows) in float32 or bfloat16 (see cache_dtype) whose decoder
-    layers are all float (not int8: models/quant.py); else None."""
+    layers are all float (not int8: models/quant.py), or all int8; else None. A float32 model takes
+    it only where it beats the layers op by op on this CPU (timed once on slot `pos`, not yet
+    written)."""
     dtype = model.decoder.embed_tokens.weight.dtype
     if (
         isinstance(model.decoder.lm_head, CpuLinear)
@@ -321,10 +323,16 @@ def native_step(model: DalleBart, cache: DecoderCache) -> NativeStep | None:
         and dtype in (torch.float32, torch.bfloat16)
         and native.available(dtype)
         and all(isinstance(m, CpuLinear) for layer in model.decoder.layers for m in _dense(layer))
-        and (dtype == torch.bfloat16 or _native_is_faster(model))
     ):
         layers = _bind_native(model, cache, dtype == torch.bfloat16)
-        return None if layers is None else NativeStep(model, layers)
+        step = None if layers is None else NativeStep(model, layers)
+        if (
+            step is not None
+            and dtype == torch.float32
+            and not _native_is_faster(model, cache, step, pos)
+        ):
+            return None
+        return step
     if (
         not model.training
         and cache.self_k.device.type == "cpu"
@@ -360,12 +368,22 @@ def _norms(layer: nn.Module) -> list[tuple[Tensor | None, Tensor]]:
     return [(None if m.weight is None else m.weight.detach(), m.bias.detach()) for m in norms]
 
 
-def _native_is_faster(model: DalleBart) -> bool:
-    """Whether the native kernel beats oneDNN for one image's float32 products of this decoder's
-    weight shapes on this CPU (choice.py); else its steps run op by op on oneDNN."""
-    layer = model.decoder.layers[0]
-    shapes = (layer.self_attn.q_proj, layer.glu.fc0, layer.glu.fc2)
-    return all(m.few_rows_path() == "native" for m in shapes)
+def _native_is_faster(model: DalleBart, cache: DecoderCache, step: NativeStep, pos: int) -> bool:
+    """Whether the native layer step beats the op-by-op step (oneDNN or native products, each the
+    faster here) for this model's shape on this CPU. Timed on the real cache at slot `pos`, which
+    the sampling step writes next anyway; the per-product race alone misjudges small models, whose
+    op-by-op step is mostly the ~400 PyTorch calls the layer kernel saves."""
+    cfg = model.config
+    tokens = torch.full((cache.batch_size, 1), cfg.decoder_start_token_id, dtype=torch.long)
+    length = cache.length
+
+    def op_by_op() -> None:
+        model.decode_step(tokens, cache, last_only=True)
+        cache.length = length
+
+    shape = f"d{cfg.d_model}-f{cfg.ffn_dim}-l{cfg.decoder_layers}-v{cfg.decoder_vocab_size}"
+    shape += f"-rows{cache.batch_size}"
+    return choice.step_path(shape, lambda: step(tokens, pos), op_by_op) == "native"
 
 
 def _dense(layer: nn.Module) -> tuple[nn.Module, ...]:

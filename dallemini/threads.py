@@ -93,7 +93,9 @@ class ThreadTuner:
     a parallel step can take many times a serial one). After `probe_every` steps, and again and
     again, it times `trials` steps with each count, taking turns, and keeps the count whose steps
     took least on average (not the luckiest step: on a shared CPU a parallel step is sometimes
-    quick and often very slow). A probe ends early once one count's steps take `decisive` times
+    quick and often very slow); a later probe changes the count only where the other's steps took
+    under `switch` times as long (a few lucky parallel steps on a busy CPU would otherwise win a
+    probe, and the next hundred steps would wait on a descheduled thread). A probe ends early once one count's steps take `decisive` times
     the other's. A probe that confirms the count doubles the wait before the next (up to
     `max_every`); one that changes it starts again from `probe_every`. Steps of one loop are alike,
     so probing costs little on an idle machine and still notices when other work takes cores.
@@ -106,11 +108,13 @@ class ThreadTuner:
         trials: int = 3,
         max_every: int = 1024,
         decisive: float = 3.0,
+        switch: float = 0.8,
     ) -> None:
         self.counts = sorted({max(1, threads), 1}, reverse=True)
         self.probe_every, self.trials, self.max_every = probe_every, trials, max_every
-        self.decisive = decisive
+        self.decisive, self.switch = decisive, switch
         self.best = self.counts[0]
+        self._probed = False  # the first probe has no count to defend
         self._every = probe_every
         # the first probe: one thread, then all, taking turns (it stops as soon as it is clear)
         self._queue: list[int] = self.counts[::-1] * 2 if len(self.counts) > 1 else []
@@ -139,6 +143,14 @@ class ThreadTuner:
                 self._queue = []  # no doubt left: one count is far slower
         if not self._queue:
             best = min(self._times, key=self._mean)
+            if (
+                self._probed
+                and best != self.best
+                and self.best in self._times
+                and self._mean(best) > self.switch * self._mean(self.best)
+            ):
+                best = self.best  # not clearly faster: keep the count that was doing well
+            self._probed = True
             same = best == self.best
             self._every = min(2 * self._every, self.max_every) if same else self.probe_every
             self.best, self._since = best, 0

@@ -137,6 +137,30 @@ def test_a_probe_takes_its_trials_unless_one_count_is_far_slower() -> None:
     assert tuner.best == 2
 
 
+def test_a_later_probe_changes_the_count_only_for_a_clear_gain() -> None:
+    """Once a count is chosen, a probe where the other is a little faster (a few lucky parallel
+    steps on a busy CPU) keeps it; one where the other is clearly faster switches."""
+    tuner = ThreadTuner(2, probe_every=2, trials=2)
+    cost = {1: 0.004, 2: 0.012}  # busy: one thread first wins
+
+    def steps(k: int) -> list[int]:
+        used = []
+        for _ in range(k):
+            with tuner.step() as n:
+                used.append(n)
+                time.sleep(cost[n])
+        return used
+
+    steps(4)
+    assert tuner.best == 1
+    cost[2] = 0.0036  # 0.9x: not worth the risk
+    steps(6)
+    assert tuner.best == 1
+    cost[2] = 0.001  # 4x faster: the other work has gone
+    steps(12)
+    assert tuner.best == 2
+
+
 def test_a_chosen_thread_count_is_never_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
     apply_threads(1)
     assert isinstance(tuner("decode"), type(FIXED))

@@ -28,8 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_generate import competitor
 from benchmarks.common import machine_info, matmul_peak, merge_results, sync
 from dallemini.data.shards import MANIFEST_NAME, write_shard
+from dallemini.threads import apply_threads
 from dallemini.training.seq2seq import Seq2SeqConfig, Seq2SeqTrainer
 from dallemini.training.settings import load_config
 
@@ -108,6 +110,7 @@ def bench_shape(
         },
     )
     trainer = Seq2SeqTrainer(cfg)
+    trainer.settle_threads()  # as `fit` does: one thread where other work holds a core
     params = sum(p.numel() for p in trainer.modules["model"].parameters())
     with FlopCounterMode(display=False) as counter:
         trainer.train_step()  # also the warm-up
@@ -133,6 +136,7 @@ def bench_shape(
         "flops_per_step": flops,
         "achieved_flops_per_s": flops / seconds,
         "peak_gpu_memory_bytes": peak_mem,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -146,10 +150,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument(
+        "--competitor",
+        action="store_true",
+        help="also time each shape beside a process spinning on one core (the slowdown is recorded)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        apply_threads(args.threads)  # a chosen count: kept, not settled
     device = torch.device(args.device)
     info = machine_info(device)
     mm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
@@ -162,6 +171,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or list(SHAPES):
             r = bench_shape(name, args, device, Path(tmp))
+            if args.competitor:
+                with competitor(True):
+                    busy = bench_shape(name, args, device, Path(tmp) / "busy")
+                r["contended_seconds_per_step"] = busy["seconds_per_step"]
+                r["contended_threads"] = busy["threads"]
+                r["contended_slowdown"] = round(busy["seconds_per_step"] / r["seconds_per_step"], 2)
+                print(
+                    f"{name:5s} beside a busy core: {busy['seconds_per_step']:.3f} s/step "
+                    f"({r['contended_slowdown']:.2f}x)"
+                )
             r["fraction_of_matmul_peak"] = round(r["achieved_flops_per_s"] / peak, 3)
             shapes[name] = r
             print(
@@ -181,7 +200,8 @@ def main() -> None:
         "machine": info,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    merge_results(args.output, f"{device.type}-{args.precision}", record)
+    key = f"{device.type}-{args.precision}" + ("-contention" if args.competitor else "")
+    merge_results(args.output, key, record)
     print(f"wrote {args.output}")
 
 

@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -167,6 +167,32 @@ class ThreadTuner:
             yield n
         finally:
             self._record(n, time.perf_counter() - start)
+
+
+def tuning(loop: str) -> bool:
+    """Whether `loop` may choose its thread count (nobody chose it, and tuning is on)."""
+    return isinstance(tuner(loop), ThreadTuner)
+
+
+def settle(loop: str, probe: Callable[[], object], rounds: int = 3, switch: float = 0.8) -> int:
+    """For a loop that must keep one count while it runs (training: a resumed run repeats the same
+    arithmetic): all threads, unless `probe` calls on them do not take under `switch` times as long
+    as on one (other work holds a core), then one. Set for PyTorch and returned; unchanged where the
+    user chose the count or tuning is off."""
+    chosen = tuner(loop)
+    if not isinstance(chosen, ThreadTuner) or len(chosen.counts) == 1:
+        return torch.get_num_threads()
+    most = chosen.counts[0]
+    spent = {most: 0.0, 1: 0.0}
+    for _ in range(rounds):
+        for n in (1, most):
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            probe()
+            spent[n] += time.perf_counter() - start
+    best = most if spent[most] < switch * spent[1] else 1
+    torch.set_num_threads(best)
+    return best
 
 
 @contextmanager

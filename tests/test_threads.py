@@ -190,3 +190,21 @@ def test_switching_threads_between_steps_keeps_the_tokens(monkeypatch: pytest.Mo
     switching = ThreadTuner(2, probe_every=1, trials=1)  # 1, 2, 2, 1, ... threads
     monkeypatch.setitem(threads._TUNERS, ("decode", threading.get_ident()), switching)
     assert torch.equal(run(), fixed)
+
+
+def test_training_settles_on_one_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that keeps one count takes all threads unless they are not clearly faster now; a
+    count the user chose stays as it is."""
+    monkeypatch.delenv("DALLEMINI_TUNE_THREADS", raising=False)
+    monkeypatch.delenv("DALLEMINI_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    apply_threads(None)
+    monkeypatch.setitem(threads._STATE, "most", 2)
+    busy = lambda: time.sleep(0.01 if torch.get_num_threads() == 2 else 0.005)  # noqa: E731
+    assert threads.settle("train", busy) == 1 and torch.get_num_threads() == 1
+    idle = lambda: time.sleep(0.003 if torch.get_num_threads() == 2 else 0.006)  # noqa: E731
+    assert threads.settle("train", idle) == 2 and torch.get_num_threads() == 2
+    alike = lambda: time.sleep(0.005)  # noqa: E731  # no clear gain: one thread risks less
+    assert threads.settle("train", alike) == 1
+    apply_threads(2)
+    assert not threads.tuning("train") and threads.settle("train", busy) == 2

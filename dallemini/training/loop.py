@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..memory import keep_freed_memory
+from ..threads import settle, tuning
 from . import distributed as D
 from .checkpointing import (
     list_checkpoints,
@@ -324,7 +325,11 @@ class Trainer:
                 self.step,
                 model_state,
                 trainer,
-                extra={"config": self.cfg.to_dict(), "world_size": self.env.world_size},
+                extra={
+                    "config": self.cfg.to_dict(),
+                    "world_size": self.env.world_size,
+                    "threads": torch.get_num_threads(),
+                },
                 keep_last=self.cfg.keep_last or None,
             )
         D.barrier(self.env)
@@ -359,7 +364,32 @@ class Trainer:
             self.data.load_state_dict({**t["data"], "rank": self.env.rank})
         self._data_iter = None
         self.step = ckpt.step
+        self._resumed_threads = ckpt.extra.get("threads")
         return ckpt.step
+
+    def settle_threads(self) -> None:
+        """The run's CPU thread count, chosen once (threads.settle: one thread where other work
+        holds a core) and kept by its resumes, so that a resumed run repeats the same arithmetic."""
+        if not tuning("train"):
+            return
+        saved = getattr(self, "_resumed_threads", None)
+        if isinstance(saved, int) and saved >= 1:
+            torch.set_num_threads(saved)
+            return
+        # a product of one of the model's weights (at most 4M entries: a few ms) stands for a step
+        weights = [p for p in self.modules[self.main_module].parameters() if p.dim() == 2]
+        weights = [p for p in weights if p.numel() <= 1 << 22] or weights
+        if not weights:
+            return
+        w = max(weights, key=lambda p: p.numel()).detach()
+        x = torch.randn(256, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+
+        def probe() -> None:
+            for _ in range(8):
+                torch.mm(x, w.t())
+
+        n = settle("train", probe)
+        log.info("training with %d CPU thread(s)", n)
 
     def _prepare_out(self) -> None:
         """Refuse to mix a new run into an old one; write the effective config next to the checkpoints."""
@@ -395,6 +425,8 @@ class Trainer:
         if cfg.resume and list_checkpoints(self.ckpt_dir):
             self.load()
             log.info("resumed at step %d from %s", self.step, self.ckpt_dir)
+        if self.device.type == "cpu":
+            self.settle_threads()
         self.tracker = Tracker(
             self.out / "logs",
             cfg.steps,

@@ -95,9 +95,10 @@ class ThreadTuner:
     took least on average (not the luckiest step: on a shared CPU a parallel step is sometimes
     quick and often very slow); a later probe changes the count only where the other's steps took
     under `switch` times as long (a few lucky parallel steps on a busy CPU would otherwise win a
-    probe, and the next hundred steps would wait on a descheduled thread). A probe ends early once one count's steps take `decisive` times
-    the other's. A probe that confirms the count doubles the wait before the next (up to
-    `max_every`); one that changes it starts again from `probe_every`. Steps of one loop are alike,
+    probe, and the next hundred steps would wait on a descheduled thread). A probe ends early once
+    one count's steps take `decisive` times the other's. A probe that confirms the count doubles
+    the wait before the next (up to `max_every`); one that changes it starts again from
+    `probe_every`. Steps of one loop are alike,
     so probing costs little on an idle machine and still notices when other work takes cores.
     """
 

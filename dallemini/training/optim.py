@@ -43,8 +43,8 @@ def build_optimizer(
 class Adafactor(torch.optim.Adafactor):
     """`torch.optim.Adafactor` (same settings, state and checkpoints) with a faster per-tensor update.
 
-    Written here because torch's column statistic, `norm(grad, dim=-2)`, runs ~35x slower on CPU than a
-    row reduction; with the update's other passes fused, the step of a mini model takes 3x less time.
+    Written here because torch's column statistic, `norm(grad, dim=-2)`, runs ~35x slower on CPU than
+    a row reduction; with fewer passes over each tensor, a mini model's step takes 1.0 s, not 2.3 s.
     """
 
     # One buffer for every tensor's update, kept across steps: a fresh large tensor each time would
@@ -54,15 +54,8 @@ class Adafactor(torch.optim.Adafactor):
     def _scratch_like(self, grad: Tensor, largest: int) -> Tensor:
         """Memory of grad's shape, dtype and device for its update (not part of the state)."""
         buf = self._scratch
-        if (
-            buf is None
-            or buf.numel() < grad.numel()
-            or (buf.dtype, buf.device)
-            != (
-                grad.dtype,
-                grad.device,
-            )
-        ):
+        fits = buf is not None and buf.numel() >= grad.numel()
+        if not fits or (buf.dtype, buf.device) != (grad.dtype, grad.device):
             buf = self._scratch = grad.new_empty(largest)
         return buf[: grad.numel()].view(grad.shape)
 

@@ -175,10 +175,10 @@ def tuning(loop: str) -> bool:
     return isinstance(tuner(loop), ThreadTuner)
 
 
-def settle(loop: str, probe: Callable[[], object], rounds: int = 3, switch: float = 0.8) -> int:
+def settle(loop: str, probe: Callable[[], object], rounds: int = 3) -> int:
     """For a loop that must keep one count while it runs (training: a resumed run repeats the same
-    arithmetic): all threads, unless `probe` calls on them do not take under `switch` times as long
-    as on one (other work holds a core), then one. Set for PyTorch and returned; unchanged where the
+    arithmetic): all threads, unless `probe` calls on them do not take under the tuners' `switch`
+    times as long as on one (other work holds a core), then one. Set for PyTorch and returned; unchanged where the
     user chose the count or tuning is off."""
     chosen = tuner(loop)
     if not isinstance(chosen, ThreadTuner) or len(chosen.counts) == 1:
@@ -191,7 +191,7 @@ def settle(loop: str, probe: Callable[[], object], rounds: int = 3, switch: floa
             start = time.perf_counter()
             probe()
             spent[n] += time.perf_counter() - start
-    best = most if spent[most] < switch * spent[1] else 1
+    best = most if spent[most] < chosen.switch * spent[1] else 1
     torch.set_num_threads(best)
     return best
 

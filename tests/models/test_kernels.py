@@ -2,6 +2,7 @@
 paths bind to a model from outside and are used only where they apply."""
 
 import json
+from types import ModuleType
 
 import pytest
 import torch
@@ -392,12 +393,9 @@ def test_int8_kernel_matches_the_dequantized_product(
     assert native.gemv_int8(torch.randn(33, k), w, scale) is None  # past INT8_MAX_ROWS
 
 
-def test_the_few_row_path_is_measured_once_and_kept(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
-) -> None:
-    """Each weight shape's faster path (native kernel or oneDNN) is timed once, kept on disk for
-    later processes, and forced by $DALLEMINI_FEW_ROWS; a forced oneDNN path gives the same product
-    and keeps one image's float32 steps off the native layer kernel."""
+@pytest.fixture
+def unmeasured_choices(monkeypatch: pytest.MonkeyPatch, tmp_path) -> ModuleType:
+    """models.kernels.choice with nothing measured or forced yet, keeping its file under tmp_path."""
     from dallemini.models.kernels import choice
 
     if not native.available():
@@ -406,6 +404,16 @@ def test_the_few_row_path_is_measured_once_and_kept(
     monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
     monkeypatch.setattr(choice, "_CHOICES", {})
     monkeypatch.setattr(choice, "_LOADED", [])
+    return choice
+
+
+def test_the_few_row_path_is_measured_once_and_kept(
+    monkeypatch: pytest.MonkeyPatch, unmeasured_choices: ModuleType
+) -> None:
+    """Each weight shape's faster path (native kernel or oneDNN) is timed once, kept on disk for
+    later processes, and forced by $DALLEMINI_FEW_ROWS; a forced oneDNN path gives the same product
+    and keeps one image's float32 steps off the native layer kernel."""
+    choice = unmeasured_choices
     timed = []
     monkeypatch.setattr(choice, "measure", lambda w, f: timed.append(w.shape) or "onednn")
     layer = cpu.CpuLinear(64, 48, prepack=True)
@@ -429,19 +437,12 @@ def test_the_few_row_path_is_measured_once_and_kept(
 
 
 def test_the_decoding_step_path_is_raced_once_and_kept(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
+    monkeypatch: pytest.MonkeyPatch, unmeasured_choices: ModuleType
 ) -> None:
     """A float32 model's one-image step takes the native layer kernels where a whole step through
     them beats the layers op by op (timed once per model shape, kept on disk), even where oneDNN
     wins every product alone; the timing leaves the cache as the sampling expects it."""
-    from dallemini.models.kernels import choice
-
-    if not native.available():
-        pytest.skip("no native kernels here")
-    monkeypatch.delenv("DALLEMINI_FEW_ROWS", raising=False)
-    monkeypatch.setenv("DALLEMINI_CACHE", str(tmp_path))
-    monkeypatch.setattr(choice, "_CHOICES", {})
-    monkeypatch.setattr(choice, "_LOADED", [])
+    choice = unmeasured_choices
     monkeypatch.setattr(choice, "measure", lambda w, f: "onednn")  # every product alone
     raced = []
     real_best_of = choice._best_of

@@ -35,6 +35,31 @@ def test_gemv_matches_matmul(n: int, k: int, shape: tuple[int, ...]) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("n,k", [(37, 50), (2730, 1024), (1024, 2730), (5, 3)])
+@pytest.mark.parametrize("rows", [1, 3, 7, 18, 23])
+def test_gemm_matches_matmul_and_gemv_bitwise(n: int, k: int, rows: int) -> None:
+    """The multi-row float32 product gives torch's product, and each row exactly the bits `gemv`
+    gives it alone: a row's result does not depend on the rows decoding beside it."""
+    g = torch.Generator().manual_seed(n + k + rows)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(rows, k, generator=g)
+    y = native.gemm(x, w)
+    assert y is not None and y.shape == (rows, n)
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+    for r in range(rows):
+        assert torch.equal(y[r], native.gemv(x[r], w))
+
+
+@needs_kernel
+def test_gemm_declines_what_it_does_not_do() -> None:
+    w = torch.randn(8, 32)
+    assert native.gemm(torch.randn(3, 32, dtype=torch.bfloat16), w.bfloat16()) is None
+    assert native.gemm(torch.randn(3, 32), torch.randn(32, 8).t()) is None  # strided weight
+    assert native.gemm(torch.randn(3, 16), w) is None  # wrong width
+    assert native.gemm(torch.randn(0, 32), w) is None
+
+
+@needs_kernel
 def test_gemv_declines_what_it_does_not_do() -> None:
     w = torch.randn(8, 32)
     assert native.gemv(torch.randn(3, 32), w) is None  # more than two rows: oneDNN's matmul
@@ -153,12 +178,15 @@ def _greedy_logits(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 7])
 @pytest.mark.parametrize("scale", [False, True])
 def test_native_decoder_layer_matches_torch(dtype: torch.dtype, rows: int, scale: bool) -> None:
-    """One image's decoding steps through the C decoder layer give torch's logits."""
+    """Decoding steps through the C decoder layer give torch's logits: one image (one or two rows)
+    in float32 and bfloat16, several images in float32."""
     if not native.available(dtype):
         pytest.skip(f"no native {dtype} kernel here")
+    if dtype == torch.bfloat16 and rows > 2:
+        pytest.skip("several bfloat16 rows take oneDNN's matmuls")
     m = _bart(dtype, scale)
     got, step = _greedy_logits(m, rows, use_native=True)
     want, _ = _greedy_logits(m, rows, use_native=False)
@@ -175,12 +203,17 @@ def test_native_decoder_layer_only_where_it_applies() -> None:
     mask = torch.ones(3, 6, dtype=torch.long)
     with torch.inference_mode():
         enc = m.encode(torch.randint(0, 100, (3, 6)), mask)
-        assert cpu.native_step(m, m.init_cache(enc, mask), 0) is None  # three rows: torch's ops
+        assert isinstance(cpu.native_step(m, m.init_cache(enc, mask), 0), cpu.NativeStep)
         assert isinstance(cpu.native_step(m, m.init_cache(enc[:2], mask[:2]), 0), cpu.NativeStep)
         plain = DalleBart(m.config).eval()  # not accelerated: torch's ops
         assert cpu.native_step(plain, plain.init_cache(enc[:2], mask[:2]), 0) is None
         m.train()
         assert cpu.native_step(m, m.init_cache(enc[:2], mask[:2]), 0) is None
+        if native.available(torch.bfloat16):  # bfloat16 layers: one image (1-2 rows) only
+            mb = _bart(torch.bfloat16, False)
+            encb = mb.encode(torch.randint(0, 100, (3, 6)), mask)
+            cache = mb.init_cache(encb, mask, dtype=kernels.cache_dtype(encb.dtype, encb.device))
+            assert cpu.native_step(mb, cache, 0) is None
 
 
 @needs_kernel
@@ -313,14 +346,17 @@ def test_avx2_build_runs_float32_decoding(avx2_build: None) -> None:
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2730, 1000, generator=g) * 0.02, torch.randn(2, 1, 1000, generator=g)
     torch.testing.assert_close(native.gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    x5 = torch.randn(5, 1000, generator=g)
+    torch.testing.assert_close(native.gemm(x5, w), x5 @ w.t(), rtol=1e-5, atol=1e-5)
     k, v = torch.randn(3, 4, 9, 24, generator=g), torch.randn(3, 4, 9, 24, generator=g)
     q = torch.randn(3, 4, 1, 24, generator=g)
     torch.testing.assert_close(native.attend1(q, k, v), F.scaled_dot_product_attention(q, k, v))
     m = _bart(torch.float32, True)
-    got, step = _greedy_logits(m, 2, use_native=True)
-    want, _ = _greedy_logits(m, 2, use_native=False)
-    assert isinstance(step, cpu.NativeStep)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for rows in (2, 5):
+        got, step = _greedy_logits(m, rows, use_native=True)
+        want, _ = _greedy_logits(m, rows, use_native=False)
+        assert isinstance(step, cpu.NativeStep)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_plain_model_has_no_speed_paths() -> None:
@@ -347,8 +383,9 @@ def test_the_plain_model_has_no_speed_paths() -> None:
 def test_generation_takes_the_fast_paths(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The pipeline binds the speed paths: a float32 CPU image decodes every step through the native
-    decoder layers; two images (four rows) through oneDNN's packed and fused decoder weights."""
+    """The pipeline binds the speed paths: float32 CPU images decode every step through the native
+    decoder layers, one image or several (which then keep no oneDNN copies); with the op-by-op step
+    chosen, two images (four rows) go through oneDNN's packed and fused decoder weights."""
     pipe = TextToImage.from_pretrained(
         create_random_model(tmp_path_factory.mktemp("k") / "tiny", preset="tiny", seed=0),
         device="cpu",
@@ -363,10 +400,16 @@ def test_generation_takes_the_fast_paths(
     assert steps == list(range(total))  # every step, from the first one
     dec = pipe.bart.decoder
     assert isinstance(dec.lm_head, CpuLinear) and dec.lm_head._packed is None
+    steps.clear()
+    pipe("a cat", num_images=2, seed=0)
+    assert steps[-total:] == list(range(total))  # after the one race of this shape
+    layer = dec.layers[0]
+    assert layer.glu.fc2._packed is None and layer.self_attn.qkv._cache is None
     if cpu._ONEDNN_LINEAR:
+        monkeypatch.setenv("DALLEMINI_FEW_ROWS", "onednn")
+        steps.clear()
         pipe("a cat", num_images=2, seed=0)
-        assert len(steps) == total  # more than one image: no native layers
-        layer = dec.layers[0]
+        assert not steps
         assert dec.lm_head._packed is not None and layer.glu.fc2._packed is not None
         assert layer.self_attn.qkv._cache is not None and layer.glu.fc01._cache is not None
         assert pipe.bart.encoder.layers[0].glu.fc0._packed is None  # the encoder is not packed
@@ -463,7 +506,7 @@ def test_the_decoding_step_path_is_raced_once_and_kept(
     assert len(raced) == 2  # kept, not raced again
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 5])
 def test_native_decoder_layer_with_int8_weights_matches_torch(rows: int) -> None:
     """8-bit weights (models/quant.py) in the native layer kernel: the op-by-op int8 model's logits."""
     from dallemini.models.quant import quantize_

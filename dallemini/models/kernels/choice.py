@@ -73,16 +73,18 @@ def few_rows_path(weight: Tensor, onednn: Callable[[Tensor], Tensor]) -> str:
     return remembered(f"float32|{n}x{k}", lambda: measure(weight, onednn))
 
 
-def step_path(shape: str, native_step: Callable[[], object], op_by_op: Callable[[], object]) -> str:
-    """The faster one-image decoding step of a model `shape` on this CPU (measured once): the
-    native layer kernels or the layers op by op, each call one step."""
+def step_path(
+    kind: str, shape: str, native_step: Callable[[], object], op_by_op: Callable[[], object]
+) -> str:
+    """The faster decoding step of a model `shape` with `kind` (float32, int8) weights on this CPU
+    (measured once): the native layer kernels or the layers op by op, each call one step."""
 
     def race() -> str:
         t_native = _best_of(native_step, 3)
         t_ops = _best_of(op_by_op, 3)
         return "native" if t_native <= t_ops else "onednn"
 
-    return remembered(f"float32|step|{shape}", race)
+    return remembered(f"{kind}|step|{shape}", race)
 
 
 def remembered(what: str, measure_now: Callable[[], str]) -> str:

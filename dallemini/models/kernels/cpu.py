@@ -287,9 +287,9 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class NativeStep:
-    """One-token decoding steps of one image (one or two rows) on CPU, each decoder layer one native
-    call (native.DecoderLayerKernel) bound to one cache (benchmarks/bench_kernels.py: a bfloat16
-    step 9.6 ms against 15.9 op by op, float32 19.4 against 32.0). Leaves cache.length to the caller."""
+    """One-token decoding steps on CPU, each decoder layer one native call (native.DecoderLayerKernel)
+    bound to one cache (benchmarks/bench_kernels.py: one image's bfloat16 step 9.6 ms against 15.9
+    op by op, float32 19.4 against 32.0). Leaves cache.length to the caller."""
 
     def __init__(self, model: DalleBart, layers: list[native.DecoderLayerKernel]) -> None:
         self.model = model
@@ -309,42 +309,57 @@ class NativeStep:
 
 def native_step(model: DalleBart, cache: DecoderCache, pos: int) -> NativeStep | None:
     """The native decoder-layer step for this cache where it applies: an accelerated model in CPU
-    inference of one image (one or two rows) in float32 or bfloat16 (see cache_dtype) whose decoder
-    layers are all float (not int8: models/quant.py), or all int8; else None. A float32 model takes
-    it only where it beats the layers op by op on this CPU (timed once on slot `pos`, not yet
-    written)."""
+    inference whose decoder layers are all float32 (any number of rows), all bfloat16 (one image:
+    one or two rows; see cache_dtype) or all int8 (models/quant.py; up to native.INT8_MAX_ROWS);
+    else None. Float32 and several rows of int8 take it only where it beats the layers op by op on
+    this CPU (timed once per model shape and rows on slot `pos`, not yet written)."""
     dtype = model.decoder.embed_tokens.weight.dtype
+    rows = cache.batch_size
     if (
         isinstance(model.decoder.lm_head, CpuLinear)
         and not model.training
         and cache.self_k.device.type == "cpu"
         and cache.self_k.dtype in (torch.float32, dtype)
-        and cache.batch_size <= 2
+        and (rows <= 2 or dtype == torch.float32)
         and dtype in (torch.float32, torch.bfloat16)
         and native.available(dtype)
         and all(isinstance(m, CpuLinear) for layer in model.decoder.layers for m in _dense(layer))
     ):
         layers = _bind_native(model, cache, dtype == torch.bfloat16)
         step = None if layers is None else NativeStep(model, layers)
-        if (
-            step is not None
-            and dtype == torch.float32
-            and not _native_is_faster(model, cache, step, pos)
-        ):
-            return None
+        if step is not None and dtype == torch.float32:
+            if not _native_is_faster(model, cache, step, pos, "float32"):
+                return None
+            if rows > 2:  # the layers' packed copies served the op-by-op race only
+                _drop_packed_copies(model)
         return step
     if (
         not model.training
         and cache.self_k.device.type == "cpu"
         and cache.self_k.dtype == torch.float32
-        and cache.batch_size <= 2
+        and rows <= native.INT8_MAX_ROWS
         and dtype == torch.float32
         and native.available(torch.int8)
         and all(_is_int8(m) for layer in model.decoder.layers for m in _dense(layer))
     ):  # 8-bit weights (models/quant.py): the layer kernel reads one byte per weight
         layers = _bind_native(model, cache, bf16=False, int8=True)
-        return None if layers is None else NativeStep(model, layers)
+        step = None if layers is None else NativeStep(model, layers)
+        if step is not None and rows > 2 and not _native_is_faster(model, cache, step, pos, "int8"):
+            return None
+        return step
     return None
+
+
+def _drop_packed_copies(model: DalleBart) -> None:
+    """Free the decoder layers' oneDNN copies of their weights (re-made if an op-by-op step needs
+    them again): the native layers read the weights themselves."""
+    for layer in model.decoder.layers:
+        for m in _dense(layer):
+            if isinstance(m, CpuLinear):
+                m._packed = None
+        layer.self_attn.qkv._cache = None
+        layer.glu.fc01._cache = None
+    release_freed_memory()
 
 
 def _is_int8(m: nn.Module) -> bool:
@@ -368,7 +383,9 @@ def _norms(layer: nn.Module) -> list[tuple[Tensor | None, Tensor]]:
     return [(None if m.weight is None else m.weight.detach(), m.bias.detach()) for m in norms]
 
 
-def _native_is_faster(model: DalleBart, cache: DecoderCache, step: NativeStep, pos: int) -> bool:
+def _native_is_faster(
+    model: DalleBart, cache: DecoderCache, step: NativeStep, pos: int, kind: str
+) -> bool:
     """Whether the native layer step beats the op-by-op step (oneDNN or native products, each the
     faster here) for this model's shape on this CPU. Timed on the real cache at slot `pos`, which
     the sampling step writes next anyway; the per-product race alone misjudges small models, whose
@@ -383,7 +400,7 @@ def _native_is_faster(model: DalleBart, cache: DecoderCache, step: NativeStep, p
 
     shape = f"d{cfg.d_model}-f{cfg.ffn_dim}-l{cfg.decoder_layers}-v{cfg.decoder_vocab_size}"
     shape += f"-rows{cache.batch_size}"
-    return choice.step_path(shape, lambda: step(tokens, pos), op_by_op) == "native"
+    return choice.step_path(kind, shape, lambda: step(tokens, pos), op_by_op) == "native"
 
 
 def _dense(layer: nn.Module) -> tuple[nn.Module, ...]:

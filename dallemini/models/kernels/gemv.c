@@ -1,12 +1,12 @@
-/* Native CPU decoding kernels (see kernels/__init__.py): matrix-vector products y_r = W x_r for
- * one or two rows x_r (float32 or bfloat16 weights), single-query attention over a K/V cache, and
- * one whole decoder layer of one image's decoding step.
+/* Native CPU decoding kernels (see kernels/__init__.py): products y_r = W x_r for a few rows x_r
+ * (float32 weights, any number of rows; bfloat16 weights, one or two rows), single-query attention
+ * over a K/V cache, and one whole decoder layer of a decoding step.
  *
  * Decoding one image multiplies two rows (prompt and empty caption) by every weight matrix, so
- * the step is bound by how fast W streams from memory. The products read each weight row once,
- * eight rows at a time, and keep both x rows in registers: ~30 GB/s on a 2-core Zen 4 against
- * ~21 GB/s for oneDNN's small-batch sgemm (benchmarks/bench_generate.py measures it). Float32
- * arithmetic throughout; only the summation order differs from a plain matmul.
+ * the step is bound by how fast W streams from memory. The products read each weight row once
+ * and keep the x rows in registers: ~30 GB/s on a 2-core Zen 4 against ~21 GB/s for oneDNN's
+ * small-batch sgemm (benchmarks/bench_generate.py measures it). Float32 arithmetic throughout;
+ * only the summation order differs from a plain matmul.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -15,61 +15,91 @@
 #define ROWS 8
 
 #ifdef __AVX512F__
-/* W [N, K] row-major; x0, x1 [K]; y0, y1 [N]. For one row pass x1 = x0 and any y1 of N floats. */
-void dallemini_gemv2(const float* W, const float* x0, const float* x1, float* y0, float* y1,
-                     long N, long K, int threads) {
-  long blocks = (N + ROWS - 1) / ROWS;
+/* Outputs n..n+rows-1 of X rows r0..r0+xr-1 (xr <= XR) for dallemini_gemm_f32; XR is a constant at
+ * every call, so each call compiles to exactly XR accumulators per weight row. Per output: 16-wide
+ * partial sums over k, the masked tail, one reduction, whatever the other rows, so a row's result
+ * does not depend on which rows decode beside it. `next` (or NULL): weight rows to prefetch. */
+#define F32_ROWS 4
+#define F32_XR 6
+static inline void f32_block(const float* W, const float* X, float* Y, long N, long K, long n,
+                             long rows, long r0, long xr, const int XR, const float* next) {
+  const float* w[F32_ROWS];
+  const float* x[F32_XR];
+  for (int i = 0; i < F32_ROWS; i++) w[i] = W + (n + (i < rows ? i : 0)) * K;
+  for (int j = 0; j < XR; j++) x[j] = X + (r0 + (j < xr ? j : 0)) * K;
+  __m512 acc[F32_ROWS][F32_XR];
+  for (int i = 0; i < F32_ROWS; i++)
+    for (int j = 0; j < XR; j++) acc[i][j] = _mm512_setzero_ps();
+  long k = 0;
+  for (; k + 16 <= K; k += 16) { /* the weight vectors stay in registers, X rows stream past */
+    __m512 v[F32_ROWS];
+    for (int i = 0; i < F32_ROWS; i++) v[i] = _mm512_loadu_ps(w[i] + k);
+    if (next)
+      for (int i = 0; i < F32_ROWS; i++) _mm_prefetch((const char*)(next + i * K + k), _MM_HINT_T1);
+    for (int j = 0; j < XR; j++) {
+      __m512 xv = _mm512_loadu_ps(x[j] + k);
+      for (int i = 0; i < F32_ROWS; i++) acc[i][j] = _mm512_fmadd_ps(v[i], xv, acc[i][j]);
+    }
+  }
+  if (k < K) { /* the last K % 16 columns */
+    __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+    __m512 v[F32_ROWS];
+    for (int i = 0; i < F32_ROWS; i++) v[i] = _mm512_maskz_loadu_ps(m, w[i] + k);
+    for (int j = 0; j < XR; j++) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, x[j] + k);
+      for (int i = 0; i < F32_ROWS; i++) acc[i][j] = _mm512_fmadd_ps(v[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < rows; i++)
+    for (int j = 0; j < xr; j++) Y[(r0 + j) * N + n + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* Y [R, N] = X [R, K] W^T, W [N, K] row-major, for any number of rows R: four weight rows at a
+ * time against up to six X rows, so each weight block streams from memory once and is read again
+ * from cache per further six rows. The first pass over a block prefetches the next one, which keeps
+ * the memory busy while later passes compute: ~30 GB/s at two rows (~24 without) on a 2-core Xeon
+ * where oneDNN reaches ~22, and ~1.1x oneDNN's speed at 18 rows (benchmarks/bench_kernels.py). */
+void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N, long K,
+                        int threads) {
+  long blocks = (N + F32_ROWS - 1) / F32_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long b = 0; b < blocks; b++) {
-    long n = b * ROWS;
-    long rows = N - n < ROWS ? N - n : ROWS;
-    __m512 a0[ROWS], a1[ROWS];
-    const float* w[ROWS];
-    for (int i = 0; i < ROWS; i++) {
-      a0[i] = _mm512_setzero_ps();
-      a1[i] = _mm512_setzero_ps();
-      w[i] = W + (n + (i < rows ? i : 0)) * K;
-    }
-    long k = 0;
-    for (; k + 16 <= K; k += 16) {
-      __m512 v0 = _mm512_loadu_ps(x0 + k), v1 = _mm512_loadu_ps(x1 + k);
-#pragma GCC unroll 8
-      for (int i = 0; i < ROWS; i++) {
-        __m512 v = _mm512_loadu_ps(w[i] + k);
-        a0[i] = _mm512_fmadd_ps(v, v0, a0[i]);
-        a1[i] = _mm512_fmadd_ps(v, v1, a1[i]);
+    long n = b * F32_ROWS;
+    long rows = N - n < F32_ROWS ? N - n : F32_ROWS;
+    const float* next = b + 1 < blocks ? W + (n + F32_ROWS) * K : NULL;
+    for (long r0 = 0; r0 < R; next = NULL) {
+      long left = R - r0;
+      if (left >= 6) {
+        f32_block(W, X, Y, N, K, n, rows, r0, 6, 6, next);
+        r0 += 6;
+      } else if (left >= 4) {
+        f32_block(W, X, Y, N, K, n, rows, r0, 4, 4, next);
+        r0 += 4;
+      } else if (left >= 2) {
+        f32_block(W, X, Y, N, K, n, rows, r0, 2, 2, next);
+        r0 += 2;
+      } else {
+        f32_block(W, X, Y, N, K, n, rows, r0, 1, 1, next);
+        r0 += 1;
       }
-    }
-    if (k < K) { /* the last K % 16 columns */
-      __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
-      __m512 v0 = _mm512_maskz_loadu_ps(m, x0 + k), v1 = _mm512_maskz_loadu_ps(m, x1 + k);
-      for (int i = 0; i < ROWS; i++) {
-        __m512 v = _mm512_maskz_loadu_ps(m, w[i] + k);
-        a0[i] = _mm512_fmadd_ps(v, v0, a0[i]);
-        a1[i] = _mm512_fmadd_ps(v, v1, a1[i]);
-      }
-    }
-    for (long i = 0; i < rows; i++) {
-      y0[n + i] = _mm512_reduce_add_ps(a0[i]);
-      y1[n + i] = _mm512_reduce_add_ps(a1[i]);
     }
   }
 }
 #else
-/* Without AVX-512 (AVX2 CPUs): one weight row at a time, the compiler vectorizing the k loop. */
-void dallemini_gemv2(const float* W, const float* x0, const float* x1, float* y0, float* y1,
-                     long N, long K, int threads) {
+/* Without AVX-512 (AVX2 CPUs): one weight row at a time against each row of X, the compiler
+ * vectorizing the k loop. */
+void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N, long K,
+                        int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long n = 0; n < N; n++) {
     const float* w = W + n * K;
-    float a0 = 0.f, a1 = 0.f;
-#pragma omp simd reduction(+ : a0, a1)
-    for (long k = 0; k < K; k++) {
-      a0 += w[k] * x0[k];
-      a1 += w[k] * x1[k];
+    for (long r = 0; r < R; r++) {
+      const float* x = X + r * K;
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (long k = 0; k < K; k++) a += w[k] * x[k];
+      Y[r * N + n] = a;
     }
-    y0[n] = a0;
-    y1[n] = a1;
   }
 }
 #endif
@@ -111,10 +141,10 @@ void dallemini_gemv2_bf16(const unsigned short* Wp, const unsigned short* x0,
 }
 #endif
 
-/* ---- One decoder layer of one image's decoding step, in one call ------------------------------
+/* ---- One decoder layer of a decoding step, in one call ----------------------------------------
  * A step of one image is ~110 weight products of one or two rows; run op by op from Python, the
  * work between them (layer norms, attention, casts, dispatch: ~400 small ops) costs a bf16 step
- * ~40% on top of streaming the weights. Here the whole NormFormer layer (models/bart.py
+ * ~40% on top of streaming the weights, and a float32 step of nine images ~1/3. Here the whole NormFormer layer (models/bart.py
  * DecoderLayer, eval mode) runs in C: the residual stream stays float32, weights are float32
  * row-major, the bfloat16 blocked copies above or int8 rows with a scale each, the K/V cache float32
  * or (bfloat16 models) bfloat16. */
@@ -149,18 +179,17 @@ static void layer_norm(const float* x, float* y, long n, const float* w, const f
 void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X, float* Y, long R,
                        long N, long K, int threads);
 
-/* y[r] = W x[r] for rows r < R (x: R rows of K floats, y: R rows of N); bfloat16 weights take
- * their input rounded to bfloat16 (nearest even, as torch's cast), zero-padded to Kp. */
+/* y[r] = W x[r] for rows r < R (x: R rows of K floats, y: R rows of N; spare: N floats of
+ * scratch); bfloat16 weights take their input rounded to bfloat16 (nearest even, as torch's cast),
+ * zero-padded to Kp. */
 static void product(const dallemini_layer* p, int which, const float* x, float* y, int R, long N,
                     long K, long Kp, void* xb, float* spare, int threads) {
-  const float* x1 = R > 1 ? x + K : x;
-  float* y1 = R > 1 ? y + N : spare;
   if (p->i8) { /* rows of y are contiguous: y, y + N */
     dallemini_gemv_i8((const signed char*)p->w[which], p->scale[which], x, y, R, N, K, threads);
     return;
   }
   if (!p->bf16) {
-    dallemini_gemv2((const float*)p->w[which], x, x1, y, y1, N, K, threads);
+    dallemini_gemm_f32((const float*)p->w[which], x, y, R, N, K, threads);
     return;
   }
 #ifdef __AVX512BF16__
@@ -178,10 +207,12 @@ static void product(const dallemini_layer* p, int which, const float* x, float* 
     }
     for (; k < Kp; k++) b[r * Kp + k] = 0;
   }
-  dallemini_gemv2_bf16((const unsigned short*)p->w[which], b, R > 1 ? b + Kp : b, y, y1, N, Kp,
-                       threads);
+  for (int r = 0; r < R; r += 2) /* two rows per pass over the weight */
+    dallemini_gemv2_bf16((const unsigned short*)p->w[which], b + r * Kp,
+                         r + 1 < R ? b + (r + 1) * Kp : b + r * Kp, y + r * N,
+                         r + 1 < R ? y + (r + 1) * N : spare, N, Kp, threads);
 #else
-  (void)Kp, (void)xb; /* the layer refuses bfloat16 weights in this build */
+  (void)Kp, (void)xb, (void)spare; /* the layer refuses bfloat16 weights in this build */
 #endif
 }
 
@@ -423,11 +454,11 @@ static void glu(const float* a, float* g, long n, int threads) {
 }
 #endif
 
-/* Size in floats of the scratch `work` that dallemini_decoder_layer needs. */
-long dallemini_layer_work(const dallemini_layer* p) {
+/* Size in floats of the scratch `work` that dallemini_decoder_layer needs for R rows. */
+long dallemini_layer_work(const dallemini_layer* p, long R) {
   long d = p->d, f = p->ffn, kp = p->kp_d > p->kp_f ? p->kp_d : p->kp_f;
   long t = p->max_len > p->text_len ? p->max_len : p->text_len;
-  return 2 * (6 * d + 2 * f) + (f > d ? f : d) + kp + 2 * p->heads * t + 64;
+  return R * (6 * d + 2 * f) + (f > d ? f : d) + R * kp + R * p->heads * t + 64;
 }
 
 /* x[r] += LN_which(y[r]) for each of R rows of d (h: R rows of scratch). */
@@ -440,8 +471,8 @@ static void add_normed(const dallemini_layer* p, int which, const float* y, floa
   }
 }
 
-/* x [R, d] float32 (R = 1 or 2 rows, one new token each, at position pos) through the layer, in
- * place. self_k/self_v: this layer's cache [R][H][max_len][Dh] (position pos is written here);
+/* x [R, d] float32 (R rows, one new token each, at position pos) through the layer, in place;
+ * work: dallemini_layer_work(p, R) floats. self_k/self_v: this layer's cache [R][H][max_len][Dh] (position pos is written here);
  * cross_k/cross_v [R][H][text_len][Dh], float32 or bfloat16 (kv16); cross_mask [R][text_len]
  * additive. Returns 0, or -1 where the bfloat16 path is asked for but not built. */
 int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos, void* self_k,
@@ -451,10 +482,10 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
   if (p->bf16) return -1;
 #endif
   long d = p->d, f = p->ffn, H = p->heads, Dh = p->head_dim, L = p->max_len;
-  float *h = work, *q = h + 2 * d, *k = q + 2 * d, *v = k + 2 * d, *o = v + 2 * d, *y = o + 2 * d;
-  float *a = y + 2 * d, *g = a + 2 * f, *spare = g + 2 * f;
+  float *h = work, *q = h + R * d, *k = q + R * d, *v = k + R * d, *o = v + R * d, *y = o + R * d;
+  float *a = y + R * d, *g = a + R * f, *spare = g + R * f;
   float* s = spare + (f > d ? f : d);
-  void* xb = s + 2 * H * (L > p->text_len ? L : p->text_len);
+  void* xb = s + R * H * (L > p->text_len ? L : p->text_len);
   const long Kd = p->bf16 ? p->kp_d : d, Kf = p->bf16 ? p->kp_f : f;
 
   /* x + LN(self_attn(LN x)) */

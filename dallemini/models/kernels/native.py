@@ -1,5 +1,5 @@
-"""Optional native CPU kernels for decoding: a weight times one or two rows, and a whole decoder
-layer of one image's decoding step (see gemv.c).
+"""Optional native CPU kernels for decoding: a weight times one or two rows (or any number of
+float32 rows), and a whole decoder layer of a decoding step (see gemv.c).
 
 No library streams a few-row matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of it), so
 small C functions are compiled on first use with the system's C compiler and cached per CPU under
@@ -101,7 +101,8 @@ def _compile() -> Path | None:
 
 
 def _run(fn: object, weight: Tensor, x: Tensor, n: int, k: int, threads: int) -> Tensor:
-    """y [2, n] float32 from one C call: `weight` (its layout, k columns) times x's first and last rows."""
+    """y [2, n] float32 from one bfloat16 C call: `weight` (blocked layout, k columns) times x's first
+    and last rows."""
     y = torch.empty(2, n)
     fn(  # type: ignore[operator]
         weight.data_ptr(),
@@ -117,22 +118,22 @@ def _run(fn: object, weight: Tensor, x: Tensor, n: int, k: int, threads: int) ->
 
 
 def _load() -> object | None:
-    """The float32 C function (and into _STATE the bfloat16 one), each checked against torch on a small
-    product; None where unavailable."""
+    """The float32 C product (and into _STATE the other kernels), each checked against torch on a
+    small product; None where unavailable."""
     try:
         path = _compile()
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
-        fn = lib.dallemini_gemv2
+        fn = lib.dallemini_gemm_f32
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.info("native CPU kernel unavailable, using PyTorch's matmul: %s", e)
         return None
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
     fn.restype = None
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(37, 50, generator=g), torch.randn(2, 50, generator=g)
-    if not torch.allclose(_run(fn, w, x, 37, 50, 1), x @ w.t(), rtol=1e-5, atol=1e-5):
+    w, x = torch.randn(37, 50, generator=g), torch.randn(7, 50, generator=g)
+    if not torch.allclose(_run_gemm(fn, x, w), x @ w.t(), rtol=1e-5, atol=1e-5):
         log.warning("native CPU kernel gives wrong results here; using PyTorch's matmul")
         return None
     layer = lib.dallemini_decoder_layer
@@ -140,7 +141,7 @@ def _load() -> object | None:
     layer.argtypes += [ctypes.c_void_p] * 6 + [ctypes.c_int]
     layer.restype = ctypes.c_int
     work = lib.dallemini_layer_work
-    work.argtypes = [ctypes.POINTER(_LayerParams)]
+    work.argtypes = [ctypes.POINTER(_LayerParams), ctypes.c_long]
     work.restype = ctypes.c_long
     _STATE["layer"] = (layer, work)
     attend = lib.dallemini_attend1
@@ -162,11 +163,11 @@ def _load() -> object | None:
     # Built on AVX512-BF16 CPUs only.
     bf16 = getattr(lib, "dallemini_gemv2_bf16", None)
     if bf16 is not None:
-        bf16.argtypes = fn.argtypes
+        bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
         bf16.restype = None
         _STATE["bf16"] = bf16
         wb, xb = w.bfloat16(), x.bfloat16()
-        yb = gemv_bf16(xb, _pack(wb), 37, 50)
+        yb = gemv_bf16(xb[:2], _pack(wb), 37, 50)
         if yb is None or not torch.allclose(
             yb.float(), (xb.float() @ wb.float().t()).bfloat16().float(), rtol=1e-2, atol=1e-2
         ):
@@ -179,7 +180,8 @@ def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
             # _load sets these once the float32 function passed its check
-            _STATE["bf16"] = _STATE["layer"] = _STATE["attend"] = _STATE["int8"] = None
+            for name in ("bf16", "layer", "attend", "int8"):
+                _STATE[name] = None
             _STATE["fn"] = _load()
         return _STATE[kind]
 
@@ -213,7 +215,7 @@ class _LayerParams(ctypes.Structure):
 
 class DecoderLayerKernel:
     """One NormFormer decoder layer (models.bart.DecoderLayer in eval mode) bound to one sampling
-    run's cache, for steps that feed one token to each of one or two rows.
+    run's cache, for steps that feed one token to each row (any number of rows).
 
     weights: q, k, v, out, cross q, cross out, fc0, fc1, fc2; float32 [N, K] contiguous, or their
     `pack_bf16` copies when `bf16`. norms: (weight or None, bias) of the six layer norms in the
@@ -259,8 +261,8 @@ class DecoderLayerKernel:
             if not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("decoder-layer kernel caches must be contiguous CPU tensors")
         kept.append(cross_mask.float().contiguous())
-        if rows not in (1, 2) or cross_mask.numel() != rows * text_len:
-            raise ValueError(f"decoder-layer kernel takes one or two rows, got {rows}")
+        if rows < 1 or cross_mask.numel() != rows * text_len:
+            raise ValueError(f"decoder-layer kernel needs a cross mask [{rows}, {text_len}]")
         p = _LayerParams()
         p.d, p.heads, p.head_dim, p.ffn = d, heads, head_dim, ffn
         p.kp_d, p.kp_f = -(-d // _BLOCK_COLS) * _BLOCK_COLS, -(-ffn // _BLOCK_COLS) * _BLOCK_COLS
@@ -284,7 +286,7 @@ class DecoderLayerKernel:
             p.ln_b[i] = b.data_ptr()
         self._params = p
         self._ref = ctypes.byref(p)
-        self._work = torch.empty(work_size(self._ref))
+        self._work = torch.empty(work_size(self._ref, rows))
         self._rows = rows
         self._ptrs = [t.data_ptr() for t in kept] + [self._work.data_ptr()]
         self._keep = (weights, norms, kept, scales)
@@ -470,6 +472,33 @@ def _run_int8(fn: object, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     return y
 
 
+def gemm(x: Tensor, weight: Tensor) -> Tensor | None:
+    """x [R, K] float32 (any R) times weight [N, K]^T on CPU, each row's arithmetic that of `gemv`
+    (bitwise: a row's result does not depend on the rows beside it); None where it does not apply."""
+    fn = _function()
+    if (
+        fn is None
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or x.dim() != 2
+        or x.shape[0] == 0
+        or x.shape[1] != weight.shape[1]
+        or not weight.is_contiguous()
+    ):
+        return None
+    return _run_gemm(fn, x.contiguous(), weight)
+
+
+def _run_gemm(fn: object, x: Tensor, weight: Tensor) -> Tensor:
+    """The C multi-row float32 product for contiguous x [R, K], weight [N, K]."""
+    (r, k), n = x.shape, weight.shape[0]
+    y = torch.empty(r, n)
+    fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), r, n, k, torch.get_num_threads())  # type: ignore[operator]
+    return y
+
+
 def gemv(x: Tensor, weight: Tensor) -> Tensor | None:
     """x [..., K] (one or two rows in all) times weight [N, K]^T in float32 on CPU; None where the kernel does not apply."""
     fn = _function()
@@ -487,6 +516,5 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor | None:
     rows = x.numel() // k if k else 0
     if rows not in (1, 2):
         return None
-    n = weight.shape[0]
-    y = _run(fn, weight, x.reshape(rows, k).contiguous(), n, k, torch.get_num_threads())
-    return y[:rows].reshape(*x.shape[:-1], n)
+    y = _run_gemm(fn, x.reshape(rows, k).contiguous(), weight)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -106,6 +106,9 @@ class RunningBatch:
         self.rows: dict[int, Row] = {}
         self._keys = count()
         self.tuner = threads.tuner("decode") if self.device.type == "cpu" else threads.FIXED
+        # The native CPU decoder layers where they apply (chosen now, on the empty cache: the race
+        # against the layers op by op writes position 0 of every slot, which admission rewrites).
+        self.native = kernels.native_step(self.model, self.cache, 0)
 
     @property
     def used_slots(self) -> int:
@@ -277,6 +280,8 @@ class RunningBatch:
         model, cache, n = self.model, self.cache, self.used_slots
         dec = model.decoder
         tokens, pos = self.feed[:n, None], self.pos[:n]
+        if self.native is not None:
+            return self.native.at(tokens, pos)[:, 0]
         x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(pos)[:, None]
         x = dec.layernorm_embedding(x)
         end = max(row.done for row in self.rows.values() if row.slots) + 1  # keys any row sees

@@ -10,6 +10,7 @@ from dallemini.continuous import RowRequest, RunningBatch
 from dallemini.errors import InputError
 from dallemini.generate import sample_image_tokens
 from dallemini.models.bart import DalleBart
+from dallemini.models.kernels import native
 
 CODES = 60
 LENGTH = 24
@@ -69,11 +70,15 @@ def _run(batch: RunningBatch, joining: dict[int, list[RowRequest]]) -> dict[int,
     return admitted
 
 
+@pytest.mark.parametrize("path", ["native", "onednn"])
 def test_rows_with_any_settings_joining_mid_batch_sample_what_they_would_alone(
-    model: DalleBart,
+    model: DalleBart, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Through the native decoder layers (each row at its own position) or the layers op by op."""
+    monkeypatch.setenv("DALLEMINI_FEW_ROWS", path)  # the step path, as choice.py would pick it
     ids, mask, u, um = _prompts(3)
     batch = RunningBatch(model, u, um, CODES, capacity=6)
+    assert (batch.native is not None) == (path == "native" and native.available())
     req = lambda i, seed, s: RowRequest(ids[i], mask[i], seed, s)  # noqa: E731
     joining = {
         0: [req(0, 5, SETTINGS[0]), req(1, 6, SETTINGS[1])],

@@ -227,8 +227,12 @@ def test_native_decoder_layer_checks_its_arguments() -> None:
         kernel = step.layers[0]
         with pytest.raises(ValueError, match="expected x"):
             kernel(torch.zeros(3, 64), 1)
-        with pytest.raises(ValueError, match="position 16 outside"):
+        with pytest.raises(ValueError, match="outside the cache"):
             kernel(torch.zeros(2, 64), 16)
+        with pytest.raises(ValueError, match="outside the cache"):
+            kernel(torch.zeros(2, 64), torch.tensor([3, -1]))
+        with pytest.raises(ValueError, match="positions int64"):
+            kernel(torch.zeros(2, 64), torch.tensor([3, 1], dtype=torch.int32))
         layer = m.decoder.layers[0]
         weights = [layer.self_attn.q_proj.weight.t()] * 9  # not contiguous
         with pytest.raises(ValueError, match="weight 0"):

@@ -298,12 +298,24 @@ class NativeStep:
     @torch.no_grad()
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         """decode_step's logits [B, 1, V] for `tokens` [B, 1] at position `pos`."""
+        x = self.model.decoder.embed(tokens, pos)
+        return self._layers(x, torch.full((x.shape[0],), pos, dtype=torch.long))
+
+    @torch.no_grad()
+    def at(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits [n, 1, V] for `tokens` [n, 1] in the cache's first n rows, row r's at its own
+        position positions[r] (int64 [n]): rows at different points of their images."""
         dec = self.model.decoder
-        x = dec.embed(tokens, pos)
+        x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(positions)[:, None]
+        return self._layers(dec.layernorm_embedding(x), positions.contiguous())
+
+    def _layers(self, x: Tensor, positions: Tensor) -> Tensor:
+        """The decoder layers and head for embedded inputs x [n, 1, d] at `positions`."""
+        dec = self.model.decoder
         b, _, d = x.shape
         h = x.reshape(b, d).float().contiguous()
         for kernel in self.layers:
-            kernel(h, pos)
+            kernel(h, positions)
         return dec.lm_head(dec.final_ln(h.to(x.dtype).view(b, 1, d)))
 
 

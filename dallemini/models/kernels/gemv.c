@@ -390,17 +390,19 @@ static void attend_one(const float* q, const void* K, const void* V, int kv16, l
 #endif
 
 /* Every (row, head) pair's attention for one query: q, out [R, H*Dh]; key t of (r, h) at element
- * r*sb + h*sh + t*Dh of K (likewise V); mask [R][T] additive or NULL; s: R*H*T floats of scratch. */
-static void attention(const float* q, const void* K, const void* V, int kv16, long T, long sb,
-                      long sh, const float* mask, long R, long H, long Dh, float* s, float* out,
-                      int threads) {
+ * r*sb + h*sh + t*Dh of K (likewise V); row r reads keys 0..last[r] (last NULL: all T); mask
+ * [R][T] additive or NULL; s: R*H*T floats of scratch. */
+static void attention(const float* q, const void* K, const void* V, int kv16, long T,
+                      const long* last, long sb, long sh, const float* mask, long R, long H,
+                      long Dh, float* s, float* out, int threads) {
   float scale = 1.f / sqrtf((float)Dh);
   long size = kv16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long rh = 0; rh < R * H; rh++) {
     long r = rh / H, h = rh % H, at = (r * sb + h * sh) * size;
-    attend_one(q + rh * Dh, (const char*)K + at, (const char*)V + at, kv16, T, Dh,
-               mask ? mask + r * T : NULL, scale, s + rh * T, out + rh * Dh);
+    attend_one(q + rh * Dh, (const char*)K + at, (const char*)V + at, kv16,
+               last ? last[r] + 1 : T, Dh, mask ? mask + r * T : NULL, scale, s + rh * T,
+               out + rh * Dh);
   }
 }
 
@@ -410,7 +412,7 @@ static void attention(const float* q, const void* K, const void* V, int kv16, lo
 void dallemini_attend1(const float* q, const void* K, const void* V, int kv16, long R, long H,
                        long Dh, long T, long sb, long sh, const float* mask, float* s, float* out,
                        int threads) {
-  attention(q, K, V, kv16, T, sb, sh, mask, R, H, Dh, s, out, threads);
+  attention(q, K, V, kv16, T, NULL, sb, sh, mask, R, H, Dh, s, out, threads);
 }
 
 #ifdef __AVX512F__
@@ -471,16 +473,20 @@ static void add_normed(const dallemini_layer* p, int which, const float* y, floa
   }
 }
 
-/* x [R, d] float32 (R rows, one new token each, at position pos) through the layer, in place;
- * work: dallemini_layer_work(p, R) floats. self_k/self_v: this layer's cache [R][H][max_len][Dh] (position pos is written here);
- * cross_k/cross_v [R][H][text_len][Dh], float32 or bfloat16 (kv16); cross_mask [R][text_len]
- * additive. Returns 0, or -1 where the bfloat16 path is asked for but not built. */
-int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos, void* self_k,
-                            void* self_v, const void* cross_k, const void* cross_v,
+/* x [R, d] float32 (R rows, one new token each, row r's at position pos[r]) through the layer, in
+ * place; work: dallemini_layer_work(p, R) floats. self_k/self_v: this layer's cache
+ * [rows >= R][H][max_len][Dh] (row r's keys/values at pos[r] are written here, and it reads
+ * 0..pos[r]); cross_k/cross_v [rows][H][text_len][Dh], float32 or bfloat16 (kv16); cross_mask
+ * [rows][text_len] additive. Returns 0, -1 where the bfloat16 path is asked for but not built, or
+ * -2 where a position lies outside the cache (nothing is written then). */
+int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, const long* pos,
+                            void* self_k, void* self_v, const void* cross_k, const void* cross_v,
                             const float* cross_mask, float* work, int threads) {
 #ifndef __AVX512BF16__
   if (p->bf16) return -1;
 #endif
+  for (int r = 0; r < R; r++)
+    if (pos[r] < 0 || pos[r] >= p->max_len) return -2;
   long d = p->d, f = p->ffn, H = p->heads, Dh = p->head_dim, L = p->max_len;
   float *h = work, *q = h + R * d, *k = q + R * d, *v = k + R * d, *o = v + R * d, *y = o + R * d;
   float *a = y + R * d, *g = a + R * f, *spare = g + R * f;
@@ -495,7 +501,7 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
   product(p, 2, h, v, R, d, d, Kd, xb, spare, threads);
   for (int r = 0; r < R; r++)
     for (long hh = 0; hh < H; hh++) {
-      long at = ((r * H + hh) * L + pos) * Dh;
+      long at = ((r * H + hh) * L + pos[r]) * Dh;
       const float *kr = k + (r * H + hh) * Dh, *vr = v + (r * H + hh) * Dh;
       if (p->kv16)
         for (long j = 0; j < Dh; j++) { /* round to nearest even, as torch's cast */
@@ -507,16 +513,15 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, long pos,
         memcpy((float*)self_v + at, vr, Dh * sizeof(float));
       }
     }
-  attention(q, self_k, self_v, p->kv16, pos + 1, H * L * Dh, L * Dh, NULL, R, H, Dh, s, o,
-            threads);
+  attention(q, self_k, self_v, p->kv16, L, pos, H * L * Dh, L * Dh, NULL, R, H, Dh, s, o, threads);
   product(p, 3, o, y, R, d, d, Kd, xb, spare, threads);
   add_normed(p, 1, y, h, x, R);
   /* x + LN(cross_attn(LN x)) */
   for (int r = 0; r < R; r++) layer_norm(x + r * d, h + r * d, d, p->ln_w[2], p->ln_b[2], p->eps);
   product(p, 4, h, q, R, d, d, Kd, xb, spare, threads);
   long tl = p->text_len;
-  attention(q, cross_k, cross_v, p->kv16, tl, H * tl * Dh, tl * Dh, cross_mask, R, H, Dh, s, o,
-            threads);
+  attention(q, cross_k, cross_v, p->kv16, tl, NULL, H * tl * Dh, tl * Dh, cross_mask, R, H, Dh, s,
+            o, threads);
   product(p, 5, o, y, R, d, d, Kd, xb, spare, threads);
   add_normed(p, 3, y, h, x, R);
   /* x + fc2(LN1(gelu(fc0 z) * fc1 z)), z = LN0 x */

@@ -137,7 +137,7 @@ def _load() -> object | None:
         log.warning("native CPU kernel gives wrong results here; using PyTorch's matmul")
         return None
     layer = lib.dallemini_decoder_layer
-    layer.argtypes = [ctypes.POINTER(_LayerParams), ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+    layer.argtypes = [ctypes.POINTER(_LayerParams), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     layer.argtypes += [ctypes.c_void_p] * 6 + [ctypes.c_int]
     layer.restype = ctypes.c_int
     work = lib.dallemini_layer_work
@@ -291,20 +291,24 @@ class DecoderLayerKernel:
         self._ptrs = [t.data_ptr() for t in kept] + [self._work.data_ptr()]
         self._keep = (weights, norms, kept, scales)
 
-    def __call__(self, x: Tensor, pos: int) -> None:
-        """x [rows, d] float32 contiguous, the new token at position `pos` of each row, through the
-        layer in place (the token's keys/values go into the cache at `pos`)."""
-        if (
-            x.shape != (self._rows, self._params.d)
-            or x.dtype != torch.float32
-            or not x.is_contiguous()
-        ):
-            raise ValueError(f"expected x [{self._rows}, {self._params.d}] float32 contiguous")
-        if not 0 <= pos < self._params.max_len:
-            raise ValueError(f"position {pos} outside the cache's {self._params.max_len}")
+    def __call__(self, x: Tensor, pos: int | Tensor) -> None:
+        """x [n, d] float32 contiguous (the cache's first n <= rows rows), the new token of each row
+        at position `pos` (one for all, or int64 [n], one per row), through the layer in place (the
+        token's keys/values go into the cache at its position)."""
+        n, d = x.shape if x.dim() == 2 else (0, 0)
+        if not 0 < n <= self._rows or d != self._params.d:
+            raise ValueError(f"expected x [<= {self._rows}, {self._params.d}] float32 contiguous")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"expected x [<= {self._rows}, {self._params.d}] float32 contiguous")
+        if isinstance(pos, int):
+            pos = torch.full((n,), pos, dtype=torch.long)
+        if pos.shape != (n,) or pos.dtype != torch.long or not pos.is_contiguous():
+            raise ValueError(f"expected positions int64 [{n}] contiguous")
         rc = self._fn(
-            self._ref, x.data_ptr(), self._rows, pos, *self._ptrs, torch.get_num_threads()
+            self._ref, x.data_ptr(), n, pos.data_ptr(), *self._ptrs, torch.get_num_threads()
         )
+        if rc == -2:
+            raise ValueError(f"a position outside the cache's {self._params.max_len}: {pos}")
         if rc != 0:
             raise RuntimeError("the native decoder-layer kernel refused its arguments")
 

@@ -18,11 +18,13 @@
 /* Outputs n..n+rows-1 of X rows r0..r0+xr-1 (xr <= XR) for dallemini_gemm_f32; XR is a constant at
  * every call, so each call compiles to exactly XR accumulators per weight row. Per output: 16-wide
  * partial sums over k, the masked tail, one reduction, whatever the other rows, so a row's result
- * does not depend on which rows decode beside it. `next` (or NULL): weight rows to prefetch. */
+ * does not depend on which rows decode beside it. `next` (or NULL): the next block's weight rows,
+ * of which this call, pass `pass` of `passes` over the block, prefetches its share. */
 #define F32_ROWS 4
 #define F32_XR 6
 static inline void f32_block(const float* W, const float* X, float* Y, long N, long K, long n,
-                             long rows, long r0, long xr, const int XR, const float* next) {
+                             long rows, long r0, long xr, const int XR, const float* next,
+                             long pass, long passes) {
   const float* w[F32_ROWS];
   const float* x[F32_XR];
   for (int i = 0; i < F32_ROWS; i++) w[i] = W + (n + (i < rows ? i : 0)) * K;
@@ -34,8 +36,11 @@ static inline void f32_block(const float* W, const float* X, float* Y, long N, l
   for (; k + 16 <= K; k += 16) { /* the weight vectors stay in registers, X rows stream past */
     __m512 v[F32_ROWS];
     for (int i = 0; i < F32_ROWS; i++) v[i] = _mm512_loadu_ps(w[i] + k);
-    if (next)
-      for (int i = 0; i < F32_ROWS; i++) _mm_prefetch((const char*)(next + i * K + k), _MM_HINT_T1);
+    if (next && (k / 16) % passes == 0) { /* this pass's share of the next block */
+      long at = pass * K / passes / 16 * 16 + k / passes / 16 * 16;
+      if (at < K)
+        for (int i = 0; i < F32_ROWS; i++) _mm_prefetch((const char*)(next + i * K + at), _MM_HINT_T1);
+    }
     for (int j = 0; j < XR; j++) {
       __m512 xv = _mm512_loadu_ps(x[j] + k);
       for (int i = 0; i < F32_ROWS; i++) acc[i][j] = _mm512_fmadd_ps(v[i], xv, acc[i][j]);
@@ -54,11 +59,13 @@ static inline void f32_block(const float* W, const float* X, float* Y, long N, l
     for (int j = 0; j < xr; j++) Y[(r0 + j) * N + n + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+static inline long f32_group(long left) { return left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
 /* Y [R, N] = X [R, K] W^T, W [N, K] row-major, for any number of rows R: four weight rows at a
  * time against up to six X rows, so each weight block streams from memory once and is read again
- * from cache per further six rows. The first pass over a block prefetches the next one, which keeps
- * the memory busy while later passes compute: ~30 GB/s at two rows (~24 without) on a 2-core Xeon
- * where oneDNN reaches ~22, and ~1.1x oneDNN's speed at 18 rows (benchmarks/bench_kernels.py). */
+ * from cache per further six rows. The passes over a block prefetch the next one, a share each, so
+ * that memory stays busy while they compute: on a 2-core Xeon ~30 GB/s at two rows (~24 without
+ * prefetching; oneDNN ~22), and at 18 rows 1.4x oneDNN's speed (1.1x prefetching in one pass). */
 void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N, long K,
                         int threads) {
   long blocks = (N + F32_ROWS - 1) / F32_ROWS;
@@ -67,21 +74,20 @@ void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N
     long n = b * F32_ROWS;
     long rows = N - n < F32_ROWS ? N - n : F32_ROWS;
     const float* next = b + 1 < blocks ? W + (n + F32_ROWS) * K : NULL;
-    for (long r0 = 0; r0 < R; next = NULL) {
-      long left = R - r0;
-      if (left >= 6) {
-        f32_block(W, X, Y, N, K, n, rows, r0, 6, 6, next);
-        r0 += 6;
-      } else if (left >= 4) {
-        f32_block(W, X, Y, N, K, n, rows, r0, 4, 4, next);
-        r0 += 4;
-      } else if (left >= 2) {
-        f32_block(W, X, Y, N, K, n, rows, r0, 2, 2, next);
-        r0 += 2;
-      } else {
-        f32_block(W, X, Y, N, K, n, rows, r0, 1, 1, next);
-        r0 += 1;
-      }
+    long passes = 0;
+    for (long r0 = 0; r0 < R; r0 += f32_group(R - r0)) passes++;
+    long pass = 0;
+    for (long r0 = 0; r0 < R; pass++) {
+      long xr = f32_group(R - r0);
+      if (xr == 6)
+        f32_block(W, X, Y, N, K, n, rows, r0, 6, 6, next, pass, passes);
+      else if (xr == 4)
+        f32_block(W, X, Y, N, K, n, rows, r0, 4, 4, next, pass, passes);
+      else if (xr == 2)
+        f32_block(W, X, Y, N, K, n, rows, r0, 2, 2, next, pass, passes);
+      else
+        f32_block(W, X, Y, N, K, n, rows, r0, 1, 1, next, pass, passes);
+      r0 += xr;
     }
   }
 }

@@ -32,7 +32,8 @@ prefix of 256 - N tokens), and the mean of both windows is scaled to 256 (exact 
 plain spinning loop pinned to one core, started before the child and stopped after it), and prints the
 slowdown of each side under contention and ours against min-dalle under contention (`one-core`: only
 contended runs). Ours then runs with its default thread settings (no OMP_NUM_THREADS), as a user's
-`dallemini generate` would.
+`dallemini generate` would, and times all 256 steps (its thread tuner probes now and then, which a
+short window would weigh wrongly).
 Writes benchmarks/results/bench_generate.json.
 """
 
@@ -631,6 +632,9 @@ def spawn(variant: str, images: int, args: argparse.Namespace) -> dict[str, Any]
     if args.competitor != "none" and VARIANTS[variant][0] != "min-dalle":
         env.pop("OMP_NUM_THREADS")  # ours as a user runs it: threads chosen (and tuned) by itself
         cmd += ["--auto-threads"]
+        # Every step timed: the thread tuner probes now and then (a few slower steps), and a short
+        # window extrapolated to 256 steps would weigh those probes wrongly.
+        cmd[cmd.index("--steps") + 1] = str(IMAGE_TOKENS)
     return run_child(variant, cmd, env)
 
 

@@ -10,8 +10,9 @@ variant alike (the figures kept are medians over rounds):
 3. one image's decoding step (mini DalleBart, random weights, position 128), one child process per
    variant: native decoder layers; PyTorch ops per layer with the native products (no layer
    fusion); no native kernels at all (DALLEMINI_NATIVE_KERNELS=0); and float32 native layers of
-   the AVX2 build (DALLEMINI_KERNEL_MARCH=x86-64-v3, where the CPU has AVX2). Also two images'
-   float32 step (4 rows) on packed weights and on unpacked ones (the packing threshold before).
+   the AVX2 build (DALLEMINI_KERNEL_MARCH=x86-64-v3, where the CPU has AVX2). Also two and nine
+   images' float32 steps (4 and 18 rows) through the native layers and op by op on oneDNN's packed
+   weights (DALLEMINI_FEW_ROWS=onednn).
 
     python benchmarks/bench_kernels.py            # ~4 minutes on 2 cores
     python benchmarks/bench_kernels.py --rounds 3
@@ -135,14 +136,12 @@ def attention(rounds: int) -> dict[str, Any]:
 
 
 # --- decoding steps, one child process per variant ---------------------------------------------------
-def child(dtype_name: str, per_op: bool, steps: int, rows: int, pack_min_rows: int | None) -> None:
+def child(dtype_name: str, per_op: bool, steps: int, rows: int) -> None:
     """Time decoding steps of `rows` rows (two per image) at position 128; print them as JSON."""
     from dallemini.config import BartConfig
     from dallemini.models.bart import DalleBart
     from dallemini.models.kernels import cpu
 
-    if pack_min_rows is not None:  # the float32 packing threshold of an earlier version
-        cpu._PACK_MIN_ROWS_F32 = pack_min_rows
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     model = kernels.accelerate(DalleBart(BartConfig()).eval().to(dtype))
@@ -157,7 +156,8 @@ def child(dtype_name: str, per_op: bool, steps: int, rows: int, pack_min_rows: i
         for i in range(steps + 3):
             t0 = time.perf_counter()
             if i == 0 and not per_op:  # binds the native layers where they apply
-                step = cpu.native_step(model, cache)
+                cache.length = 128
+                step = cpu.native_step(model, cache, 128)
             if step is None:
                 cache.length = 128
                 model.decode_step(token, cache)
@@ -178,13 +178,16 @@ def decode_steps(rounds: int, steps: int) -> dict[str, Any]:
     )
     avx2_cache = tempfile.mkdtemp(prefix="dallemini-avx2-kernels-")
     off = {"DALLEMINI_NATIVE_KERNELS": "0"}
+    onednn = {"DALLEMINI_FEW_ROWS": "onednn"}  # the op-by-op step, its products on oneDNN
     variants: dict[str, tuple[str, list[str], dict[str, str]]] = {
         "float32 native layers": ("float32", [], {}),
         "float32 per-op, native products": ("float32", ["--per-op"], {}),
         "float32 no native kernels": ("float32", [], off),
-        # two images: 4 rows, oneDNN's matmuls on packed weights, and unpacked as before (threshold 8)
-        "float32 2 images, packed": ("float32", ["--rows", "4"], {}),
-        "float32 2 images, unpacked": ("float32", ["--rows", "4", "--pack-min-rows", "8"], {}),
+        # two and nine images (4 and 18 rows): native layers, and oneDNN's matmuls on packed weights
+        "float32 2 images, native layers": ("float32", ["--rows", "4"], {}),
+        "float32 2 images, oneDNN packed": ("float32", ["--rows", "4"], onednn),
+        "float32 9 images, native layers": ("float32", ["--rows", "18"], {}),
+        "float32 9 images, oneDNN packed": ("float32", ["--rows", "18"], onednn),
     }
     if has_avx2:
         variants["float32 native layers, AVX2 build"] = (
@@ -227,11 +230,10 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("--pack-min-rows", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.child:
-        child(args.child, args.per_op, args.steps, args.rows, args.pack_min_rows)
+        child(args.child, args.per_op, args.steps, args.rows)
         return
     if not native.available():
         raise SystemExit("no native kernels here (no C compiler, no AVX-512/AVX2, or switched off)")

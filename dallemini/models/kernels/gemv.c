@@ -92,14 +92,26 @@ void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N
   }
 }
 #else
-/* Without AVX-512 (AVX2 CPUs): one weight row at a time against each row of X, the compiler
- * vectorizing the k loop. */
+/* Without AVX-512 (AVX2 CPUs): one weight row at a time against two rows of X at once (then the
+ * last odd one), the compiler vectorizing the k loop. */
 void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N, long K,
                         int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long n = 0; n < N; n++) {
     const float* w = W + n * K;
-    for (long r = 0; r < R; r++) {
+    long r = 0;
+    for (; r + 2 <= R; r += 2) {
+      const float *x0 = X + r * K, *x1 = x0 + K;
+      float a0 = 0.f, a1 = 0.f;
+#pragma omp simd reduction(+ : a0, a1)
+      for (long k = 0; k < K; k++) {
+        a0 += w[k] * x0[k];
+        a1 += w[k] * x1[k];
+      }
+      Y[r * N + n] = a0;
+      Y[(r + 1) * N + n] = a1;
+    }
+    if (r < R) {
       const float* x = X + r * K;
       float a = 0.f;
 #pragma omp simd reduction(+ : a)

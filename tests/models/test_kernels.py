@@ -426,8 +426,9 @@ def test_generation_takes_the_fast_paths(
 def test_int8_kernel_matches_the_dequantized_product(
     request: pytest.FixtureRequest, build: str, rows: int, n: int, k: int
 ) -> None:
-    """Weights widened from int8 in registers, times the scale: the float product of the
-    dequantized weight, for any width (tails of K % 16) and 1 to 32 rows, in both builds."""
+    """Weights widened from int8, times the scale: the float product of the dequantized weight,
+    for any width (tails of K % 16) and 1 to 32 rows, in both builds; each row's result is the
+    one it gets alone."""
     if build == "avx2":
         request.getfixturevalue("avx2_build")
     if not native.available(torch.int8):
@@ -436,7 +437,9 @@ def test_int8_kernel_matches_the_dequantized_product(
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale, x = torch.rand(n, generator=g) * 0.01, torch.randn(rows, k, generator=g)
     want = (x.double() @ (w.double() * scale.double()[:, None]).t()).float()
-    torch.testing.assert_close(native.gemv_int8(x, w, scale), want, rtol=1e-5, atol=1e-5)
+    got = native.gemv_int8(x, w, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[-1:], native.gemv_int8(x[-1:], w, scale))
     assert native.gemv_int8(torch.randn(33, k), w, scale) is None  # past INT8_MAX_ROWS
 
 

@@ -40,7 +40,8 @@ static inline void f32_block(const float* Wn, const float* X, float* Y, long N, 
     if (next && (k / 16) % passes == 0) { /* this pass's share of the next block */
       long at = pass * K / passes / 16 * 16 + k / passes / 16 * 16;
       if (at < K)
-        for (int i = 0; i < F32_ROWS; i++) _mm_prefetch((const char*)(next + i * K + at), _MM_HINT_T1);
+        for (int i = 0; i < F32_ROWS; i++)
+          _mm_prefetch((const char*)(next + i * K + at), _MM_HINT_T1);
     }
     for (int j = 0; j < XR; j++) {
       __m512 xv = _mm512_loadu_ps(x[j] + k);
@@ -60,7 +61,10 @@ static inline void f32_block(const float* Wn, const float* X, float* Y, long N, 
     for (int j = 0; j < xr; j++) Y[(r0 + j) * N + n + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-static inline long f32_group(long left) { return left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+/* X rows in the next pass: six, then four or two, then one. */
+static inline long f32_group(long left) {
+  return left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
 
 /* Outputs n..n+rows-1 of all R rows of X from the weight block at Wn (rows of K floats), in passes
  * of up to six X rows; the passes prefetch `next` (NULL: nothing), a share each. */
@@ -86,8 +90,8 @@ static void f32_rows(const float* Wn, const float* X, float* Y, long R, long N, 
 /* Y [R, N] = X [R, K] W^T, W [N, K] row-major, for any number of rows R: four weight rows at a
  * time against up to six X rows, so each weight block streams from memory once and is read again
  * from cache per further six rows. The passes over a block prefetch the next one, a share each, so
- * that memory stays busy while they compute: on a 2-core Xeon ~30 GB/s at two rows (~24 without
- * prefetching; oneDNN ~22), and at 18 rows 1.4x oneDNN's speed (1.1x prefetching in one pass). */
+ * that memory stays busy while they compute: on a 2-core Xeon ~30 GB/s at two rows (~26 without
+ * prefetching; oneDNN ~19), and at 18 rows 1.4x oneDNN's speed (1.1x prefetching in one pass). */
 void dallemini_gemm_f32(const float* W, const float* X, float* Y, long R, long N, long K,
                         int threads) {
   long blocks = (N + F32_ROWS - 1) / F32_ROWS;
@@ -169,10 +173,10 @@ void dallemini_gemv2_bf16(const unsigned short* Wp, const unsigned short* x0,
 /* ---- One decoder layer of a decoding step, in one call ----------------------------------------
  * A step of one image is ~110 weight products of one or two rows; run op by op from Python, the
  * work between them (layer norms, attention, casts, dispatch: ~400 small ops) costs a bf16 step
- * ~40% on top of streaming the weights, and a float32 step of nine images ~1/3. Here the whole NormFormer layer (models/bart.py
- * DecoderLayer, eval mode) runs in C: the residual stream stays float32, weights are float32
- * row-major, the bfloat16 blocked copies above or int8 rows with a scale each, the K/V cache float32
- * or (bfloat16 models) bfloat16. */
+ * ~40% on top of streaming the weights, and a float32 step of nine images ~1/3. Here the whole
+ * NormFormer layer (models/bart.py DecoderLayer, eval mode) runs in C: the residual stream stays
+ * float32, weights are float32 row-major, the bfloat16 blocked copies above or int8 rows with a
+ * scale each, the K/V cache float32 or (bfloat16 models) bfloat16. */
 
 typedef struct {
   long d, heads, head_dim, ffn; /* model width, heads, head width, GLU width */
@@ -602,7 +606,7 @@ static inline void i8_block(const signed char* W, const float* scale, const floa
   }
 }
 
-/* Rows b*F32_ROWS.. of W widened to float32 into f (F32_ROWS rows of K), prefetching `next`. */
+/* Rows n..n+rows-1 of W widened to float32 into f (rows of K floats), prefetching `next`. */
 static void i8_widen(const signed char* W, float* f, long K, long n, long rows,
                      const signed char* next) {
   for (long i = 0; i < rows; i++) {
@@ -619,7 +623,7 @@ static void i8_widen(const signed char* W, float* f, long K, long n, long rows,
 /* Each block of F32_ROWS weight rows widened to float32 once, into per-thread scratch that stays
  * in cache, and multiplied as float32 (f32_rows): 1.2x (two rows) to 1.3x (18 rows) faster than
  * widening in registers per four rows of X (i8_block), and a row's result does not depend on the
- * rows beside it. Returns -1 (nothing done) where the scratch cannot be had. */
+ * rows beside it. Returns -1 where a thread could not get its scratch (Y is then incomplete). */
 static int i8_widened(const signed char* W, const float* scale, const float* X, float* Y, long R,
                       long N, long K, int threads) {
   long blocks = (N + F32_ROWS - 1) / F32_ROWS;

@@ -296,14 +296,22 @@ class DecoderLayerKernel:
         at position `pos` (one for all, or int64 [n], one per row), through the layer in place (the
         token's keys/values go into the cache at its position)."""
         n, d = x.shape if x.dim() == 2 else (0, 0)
-        if not 0 < n <= self._rows or d != self._params.d:
-            raise ValueError(f"expected x [<= {self._rows}, {self._params.d}] float32 contiguous")
-        if x.dtype != torch.float32 or not x.is_contiguous():
+        if (
+            not 0 < n <= self._rows
+            or d != self._params.d
+            or x.dtype != torch.float32
+            or not x.is_contiguous()
+        ):
             raise ValueError(f"expected x [<= {self._rows}, {self._params.d}] float32 contiguous")
         if isinstance(pos, int):
             pos = torch.full((n,), pos, dtype=torch.long)
-        if pos.shape != (n,) or pos.dtype != torch.long or not pos.is_contiguous():
-            raise ValueError(f"expected positions int64 [{n}] contiguous")
+        if (
+            pos.shape != (n,)
+            or pos.dtype != torch.long
+            or not pos.is_contiguous()
+            or pos.device.type != "cpu"
+        ):
+            raise ValueError(f"expected positions int64 [{n}] contiguous on CPU")
         rc = self._fn(
             self._ref, x.data_ptr(), n, pos.data_ptr(), *self._ptrs, torch.get_num_threads()
         )

@@ -1,10 +1,11 @@
-"""Which path is faster on this CPU for one image's float32 decoding: the native kernels or oneDNN.
+"""Which path is faster on this CPU for decoding: the native kernels or oneDNN.
 
 CPU families differ: the native kernel streams weights faster than oneDNN's small-batch matmul on
 AMD Zen 4 and on AVX-512 Xeons without AMX, while on others oneDNN's own kernels win. So each weight
 shape's product, and each model shape's whole decoding step (the native layer kernels against the
-layers op by op), is timed once per CPU model and thread count (a few milliseconds), and the faster
-is kept in the kernels' cache folder (`choices.json`), so later runs start with it.
+layers op by op, per number of rows), is timed once per CPU model and thread count (a few
+milliseconds for a product; a few steps for a step), and the faster is kept in the kernels' cache
+folder (`choices.json`), so later runs start with it.
 $DALLEMINI_FEW_ROWS=native or onednn forces one.
 """
 

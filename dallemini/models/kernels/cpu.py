@@ -8,8 +8,9 @@ layers (used at every step) keep a second copy of their weight in oneDNN's block
 faster again: always in bfloat16, in float32 once a step has _PACK_MIN_ROWS_F32 rows or more; in
 bfloat16 one image's steps use the native kernel's blocked copy instead (one copy at a time). Layers
 that read the same input (q/k/v, GLU fc0/fc1) run as one matmul on one packed copy. Single-query
-attention runs in C (native.attend1), and one image's decoding step runs each decoder layer as one
-native call (NativeStep).
+attention runs in C (native.attend1), and a decoding step runs each decoder layer as one native
+call (NativeStep): one image in bfloat16, any number of images in float32 and int8 where that beats
+the layers op by op (choice.step_path).
 
 `accelerate` swaps the modules' classes for the subclasses here, which add no parameters (the same
 parameters and state-dict names; torch.nn.utils.parametrize swaps classes the same way). With

@@ -12,7 +12,7 @@ dropped row frees its slots at once. The slots in use stay dense: a freed slot t
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 
 import torch
@@ -60,6 +60,19 @@ class Row:
     text_length: int = 0  # text positions its cross-attention reads (the rest is padding)
 
 
+@dataclass
+class _Group:
+    """Rows that sample with the same top-k and top-p: their conditional slots, unconditional ones
+    (None without super-conditioning), and per row [n, 1] temperatures and condition scales
+    (float32); `settings` has temperature 1."""
+
+    settings: SamplingConfig
+    cond: Tensor
+    uncond: Tensor | None
+    temperature: Tensor
+    scale: Tensor
+
+
 class RunningBatch:
     """A decoder batch of at most `capacity` guided image rows that rows join and leave between steps."""
 
@@ -101,7 +114,7 @@ class RunningBatch:
         length = cfg.image_length
         self.uniforms = torch.zeros(s, length, dtype=torch.float64, device=self.device)
         self.tokens = torch.zeros(s, length, dtype=torch.long, device=self.device)
-        self._groups: list[tuple[SamplingConfig, Tensor, Tensor | None]] | None = None
+        self._groups: list[_Group] | None = None
         self.owner: list[tuple[Row, int]] = []  # slot -> (row, index in row.slots)
         self.rows: dict[int, Row] = {}
         self._keys = count()
@@ -226,8 +239,8 @@ class RunningBatch:
                 logits = self._logits()[:, : self.num_codes].float()  # mix in float32
             if self._groups is None:
                 self._groups = self._settings_groups()
-            for settings, cond, uncond in self._groups:
-                self._sample(logits, settings, cond, uncond)
+            for group in self._groups:
+                self._sample(logits, group)
             self.pos[: self.used_slots] += 1  # every slot in use belongs to a running row
             for row in running:
                 row.done += 1
@@ -236,31 +249,47 @@ class RunningBatch:
             self.drop(row.key)
         return finished
 
-    def _settings_groups(self) -> list[tuple[SamplingConfig, Tensor, Tensor | None]]:
-        """Per sampling settings: the conditional slots of its rows and their unconditional ones."""
-        by_settings: dict[SamplingConfig, list[Row]] = defaultdict(list)
+    def _settings_groups(self) -> list[_Group]:
+        """The rows in groups that filter alike (top-k, top-p, with or without an unconditional
+        row), each row with its own temperature and condition scale."""
+        by_filter: dict[tuple[int, float, bool], list[Row]] = defaultdict(list)
         for row in self.rows.values():
             if row.slots:
-                by_settings[row.request.settings].append(row)
+                s = row.request.settings
+                by_filter[(s.top_k, s.top_p, row.request.guided)].append(row)
         out = []
-        for settings, rows in by_settings.items():
-            cond = torch.tensor([row.slots[0] for row in rows], device=self.device)
-            uncond = None
-            if settings.condition_scale != 1.0:
-                uncond = torch.tensor([row.slots[1] for row in rows], device=self.device)
-            out.append((settings, cond, uncond))
+        for rows in by_filter.values():
+            settings, guided = (
+                replace(rows[0].request.settings, temperature=1.0),
+                rows[0].request.guided,
+            )
+            per_row = [
+                (row.request.settings.temperature, row.request.settings.condition_scale)
+                for row in rows
+            ]
+            out.append(
+                _Group(
+                    settings,
+                    torch.tensor([row.slots[0] for row in rows], device=self.device),
+                    torch.tensor([row.slots[1] for row in rows], device=self.device)
+                    if guided
+                    else None,
+                    torch.tensor([[t] for t, _ in per_row], device=self.device),
+                    torch.tensor([[c] for _, c in per_row], device=self.device),
+                )
+            )
         return out
 
-    def _sample(
-        self, logits: Tensor, settings: SamplingConfig, cond: Tensor, uncond: Tensor | None
-    ) -> None:
-        """The next token of the rows of one settings group (iter_image_tokens' mix, filter and
-        draw), written to their slots' tokens and next inputs."""
+    def _sample(self, logits: Tensor, group: _Group) -> None:
+        """The next token of one group's rows (iter_image_tokens' mix, filter and draw: a row's
+        temperature and scale as a tensor give the bits a number gives), written to their slots'
+        tokens and next inputs."""
+        cond, uncond = group.cond, group.uncond
         mixed = logits.index_select(0, cond)
         if uncond is not None:
             u = logits.index_select(0, uncond)
-            mixed = u + settings.condition_scale * (mixed - u)
-        lw, idx = filter_logits(mixed, settings)
+            mixed = u + group.scale * (mixed - u)
+        lw, idx = filter_logits(mixed / group.temperature, group.settings)
         at = self.pos.index_select(0, cond)
         chosen = draw(lw, idx, self.uniforms[cond, at])
         self.tokens[cond, at] = chosen

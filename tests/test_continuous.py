@@ -8,7 +8,7 @@ import torch
 from dallemini.config import BART_PRESETS, SamplingConfig
 from dallemini.continuous import RowRequest, RunningBatch
 from dallemini.errors import InputError
-from dallemini.generate import sample_image_tokens
+from dallemini.generate import filter_logits, sample_image_tokens
 from dallemini.models.bart import DalleBart
 from dallemini.models.kernels import native
 
@@ -41,6 +41,7 @@ SETTINGS = [
     SamplingConfig(temperature=1.0, top_k=0, condition_scale=1.0),
     SamplingConfig(temperature=0.7, top_k=8, condition_scale=3.0),
     SamplingConfig(temperature=1.3, top_k=0, top_p=0.9, condition_scale=1.5),
+    SamplingConfig(temperature=1.6, top_k=8, condition_scale=2.0),  # samples with SETTINGS[1]
 ]
 
 
@@ -81,7 +82,7 @@ def test_rows_with_any_settings_joining_mid_batch_sample_what_they_would_alone(
     assert (batch.native is not None) == (path == "native" and native.available())
     req = lambda i, seed, s: RowRequest(ids[i], mask[i], seed, s)  # noqa: E731
     joining = {
-        0: [req(0, 5, SETTINGS[0]), req(1, 6, SETTINGS[1])],
+        0: [req(0, 5, SETTINGS[0]), req(1, 6, SETTINGS[1]), req(2, 11, SETTINGS[3])],
         5: [req(2, 7, SETTINGS[2]), req(0, 8, SETTINGS[1])],  # admitted before step 5 of 16
         11: [req(1, 9, SETTINGS[0])],
         16: [req(2, 10, SETTINGS[1])],  # as the first rows finish
@@ -145,3 +146,23 @@ def test_bad_rows_are_refused(model: DalleBart) -> None:
         batch.admit([RowRequest(ids[0, :5], mask[0, :5], 1, SETTINGS[1])])
     with pytest.raises(InputError, match="capacity"):
         RunningBatch(model, u, um, CODES, capacity=0)
+
+
+def test_a_temperature_and_scale_per_row_give_the_bits_of_each_rows_own() -> None:
+    """Rows that differ only in temperature and condition scale sample in one group: dividing and
+    mixing by [n, 1] float32 tensors gives the very logits the numbers give, row by row."""
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(3, 512, generator=g) * 4, torch.randn(3, 512, generator=g) * 4
+    rows = [(0.7, 3.0), (1.6, 2.0), (0.33, 10.0)]
+    temperature = torch.tensor([[t] for t, _ in rows])
+    scale = torch.tensor([[c] for _, c in rows])
+    together = filter_logits(
+        (uncond + scale * (cond - uncond)) / temperature,
+        SamplingConfig(temperature=1.0, top_k=8, condition_scale=2.0),
+    )
+    for r, (t, c) in enumerate(rows):
+        alone = filter_logits(
+            uncond[r : r + 1] + c * (cond[r : r + 1] - uncond[r : r + 1]),
+            SamplingConfig(temperature=t, top_k=8, condition_scale=c),
+        )
+        assert torch.equal(together[0][r], alone[0][0]) and torch.equal(together[1][r], alone[1][0])

@@ -63,14 +63,14 @@ class Row:
 @dataclass
 class _Group:
     """Rows that sample with the same top-k and top-p: their conditional slots, unconditional ones
-    (None without super-conditioning), and per row [n, 1] temperatures and condition scales
-    (float32); `settings` has temperature 1."""
+    (None without super-conditioning), and where the rows' temperatures or condition scales differ
+    (on CPU), those per row as [n, 1] float32 tensors (else None: `settings`' own)."""
 
     settings: SamplingConfig
     cond: Tensor
     uncond: Tensor | None
-    temperature: Tensor
-    scale: Tensor
+    temperature: Tensor | None = None
+    scale: Tensor | None = None
 
 
 class RunningBatch:
@@ -251,45 +251,49 @@ class RunningBatch:
 
     def _settings_groups(self) -> list[_Group]:
         """The rows in groups that filter alike (top-k, top-p, with or without an unconditional
-        row), each row with its own temperature and condition scale."""
-        by_filter: dict[tuple[int, float, bool], list[Row]] = defaultdict(list)
+        row). On CPU a group's rows may differ in temperature and condition scale: there x / t and
+        s * x with t and s in float32 tensors give the bits the numbers give (tested); elsewhere
+        (CUDA divides by a number as a product with its reciprocal) only equal settings share one."""
+        by_filter: dict[tuple, list[Row]] = defaultdict(list)
         for row in self.rows.values():
             if row.slots:
                 s = row.request.settings
-                by_filter[(s.top_k, s.top_p, row.request.guided)].append(row)
+                key: tuple = (s.top_k, s.top_p, row.request.guided)
+                if self.device.type != "cpu":
+                    key += (s.temperature, s.condition_scale)
+                by_filter[key].append(row)
         out = []
         for rows in by_filter.values():
-            settings, guided = (
-                replace(rows[0].request.settings, temperature=1.0),
-                rows[0].request.guided,
+            first = rows[0].request
+            group = _Group(
+                first.settings,
+                torch.tensor([row.slots[0] for row in rows], device=self.device),
+                torch.tensor([row.slots[1] for row in rows], device=self.device)
+                if first.guided
+                else None,
             )
-            per_row = [
-                (row.request.settings.temperature, row.request.settings.condition_scale)
-                for row in rows
-            ]
-            out.append(
-                _Group(
-                    settings,
-                    torch.tensor([row.slots[0] for row in rows], device=self.device),
-                    torch.tensor([row.slots[1] for row in rows], device=self.device)
-                    if guided
-                    else None,
-                    torch.tensor([[t] for t, _ in per_row], device=self.device),
-                    torch.tensor([[c] for _, c in per_row], device=self.device),
-                )
-            )
+            temperatures = [row.request.settings.temperature for row in rows]
+            scales = [row.request.settings.condition_scale for row in rows]
+            if len(set(temperatures)) > 1:
+                group.temperature = torch.tensor(temperatures, device=self.device)[:, None]
+                group.settings = replace(first.settings, temperature=1.0)
+            if len(set(scales)) > 1:
+                group.scale = torch.tensor(scales, device=self.device)[:, None]
+            out.append(group)
         return out
 
     def _sample(self, logits: Tensor, group: _Group) -> None:
-        """The next token of one group's rows (iter_image_tokens' mix, filter and draw: a row's
-        temperature and scale as a tensor give the bits a number gives), written to their slots'
-        tokens and next inputs."""
+        """The next token of one group's rows (iter_image_tokens' mix, filter and draw), written to
+        their slots' tokens and next inputs."""
         cond, uncond = group.cond, group.uncond
         mixed = logits.index_select(0, cond)
         if uncond is not None:
             u = logits.index_select(0, uncond)
-            mixed = u + group.scale * (mixed - u)
-        lw, idx = filter_logits(mixed / group.temperature, group.settings)
+            scale = group.settings.condition_scale if group.scale is None else group.scale
+            mixed = u + scale * (mixed - u)
+        if group.temperature is not None:  # group.settings' temperature is 1 then
+            mixed = mixed / group.temperature
+        lw, idx = filter_logits(mixed, group.settings)
         at = self.pos.index_select(0, cond)
         chosen = draw(lw, idx, self.uniforms[cond, at])
         self.tokens[cond, at] = chosen

@@ -315,8 +315,7 @@ class RunningBatch:
         tokens, pos = self.feed[:n, None], self.pos[:n]
         if self.native is not None:
             return self.native.at(tokens, pos)[:, 0]
-        x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(pos)[:, None]
-        x = dec.layernorm_embedding(x)
+        x = dec.embed(tokens, pos)
         end = max(row.done for row in self.rows.values() if row.slots) + 1  # keys any row sees
         later = torch.arange(end, device=self.device)[None, :] > pos[:, None]
         mask = torch.zeros((n, 1, 1, end), dtype=cache.self_k.dtype, device=self.device)

@@ -178,8 +178,8 @@ def tuning(loop: str) -> bool:
 def settle(loop: str, probe: Callable[[], object], rounds: int = 3) -> int:
     """For a loop that must keep one count while it runs (training: a resumed run repeats the same
     arithmetic): all threads, unless `probe` calls on them do not take under the tuners' `switch`
-    times as long as on one (other work holds a core), then one. Set for PyTorch and returned; unchanged where the
-    user chose the count or tuning is off."""
+    times as long as on one (other work holds a core), then one. Set for PyTorch and returned;
+    unchanged where the user chose the count or tuning is off."""
     chosen = tuner(loop)
     if not isinstance(chosen, ThreadTuner) or len(chosen.counts) == 1:
         return torch.get_num_threads()

@@ -241,9 +241,11 @@ class DalleBartDecoder(nn.Module):
         self.lm_head = linear(cfg.d_model, cfg.decoder_vocab_size)
         self.embed_scale = cfg.d_model**0.5 if cfg.scale_embedding else 1.0
 
-    def embed(self, tokens: Tensor, start: int) -> Tensor:
-        """Token ids [B, n] at positions start.. -> normalized embeddings [B, n, d]."""
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    def embed(self, tokens: Tensor, start: int | Tensor) -> Tensor:
+        """Token ids [B, n] at positions start.. (one start for all, or int64 [B]: row b's own)
+        -> normalized embeddings [B, n, d]."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        pos = start[:, None] + pos if isinstance(start, Tensor) else pos + start
         x = self.embed_tokens(tokens) * self.embed_scale + self.embed_positions(pos)
         return self.layernorm_embedding(x)
 

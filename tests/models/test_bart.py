@@ -104,6 +104,19 @@ def test_cached_decoding_equals_full_forward(tiny: DalleBart) -> None:
         torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
 
 
+def test_embedding_rows_at_their_own_positions(tiny: DalleBart) -> None:
+    """embed with one start per row gives each row what embed with that start gives it alone."""
+    length = tiny.config.image_length
+    tokens = torch.randint(0, tiny.config.image_vocab_size, (3, 2))
+    starts = torch.tensor([0, length // 2, length - 2])
+    with torch.no_grad():
+        together = tiny.decoder.embed(tokens, starts)
+        for r in range(3):
+            assert torch.equal(
+                together[r], tiny.decoder.embed(tokens[r : r + 1], int(starts[r]))[0]
+            )
+
+
 def test_padding_does_not_leak(tiny: DalleBart) -> None:
     """Tokens behind the attention mask must not change anything."""
     ids, mask, labels = _inputs(tiny.config)

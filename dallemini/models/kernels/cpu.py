@@ -306,9 +306,7 @@ class NativeStep:
     def at(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Logits [n, 1, V] for `tokens` [n, 1] in the cache's first n rows, row r's at its own
         position positions[r] (int64 [n]): rows at different points of their images."""
-        dec = self.model.decoder
-        x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(positions)[:, None]
-        return self._layers(dec.layernorm_embedding(x), positions.contiguous())
+        return self._layers(self.model.decoder.embed(tokens, positions), positions.contiguous())
 
     def _layers(self, x: Tensor, positions: Tensor) -> Tensor:
         """The decoder layers and head for embedded inputs x [n, 1, d] at `positions`."""

@@ -100,7 +100,7 @@ def _compile() -> Path | None:
     return out
 
 
-def _run(fn: object, weight: Tensor, x: Tensor, n: int, k: int, threads: int) -> Tensor:
+def _run_bf16(fn: object, weight: Tensor, x: Tensor, n: int, k: int, threads: int) -> Tensor:
     """y [2, n] float32 from one bfloat16 C call: `weight` (blocked layout, k columns) times x's first
     and last rows."""
     y = torch.empty(2, n)
@@ -386,7 +386,7 @@ def gemv_bf16(x: Tensor, packed: Tensor, n: int, k: int) -> Tensor | None:
     kp = packed.shape[1] * _BLOCK_COLS
     xp = torch.zeros(rows, kp, dtype=torch.bfloat16)
     xp[:, :k] = x.reshape(rows, k)
-    y = _run(fn, packed, xp, n, kp, torch.get_num_threads())
+    y = _run_bf16(fn, packed, xp, n, kp, torch.get_num_threads())
     return y[:rows].to(torch.bfloat16).reshape(*x.shape[:-1], n)
 
 
@@ -513,20 +513,9 @@ def _run_gemm(fn: object, x: Tensor, weight: Tensor) -> Tensor:
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor | None:
     """x [..., K] (one or two rows in all) times weight [N, K]^T in float32 on CPU; None where the kernel does not apply."""
-    fn = _function()
     k = weight.shape[-1]
-    if (
-        fn is None
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or x.shape[-1] != k
-        or not weight.is_contiguous()
-    ):
-        return None
     rows = x.numel() // k if k else 0
-    if rows not in (1, 2):
+    if x.shape[-1] != k or rows not in (1, 2):
         return None
-    y = _run_gemm(fn, x.reshape(rows, k).contiguous(), weight)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    y = gemm(x.reshape(rows, k), weight)  # the same product and checks, for one or two rows
+    return None if y is None else y.reshape(*x.shape[:-1], weight.shape[0])

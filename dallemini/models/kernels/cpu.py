@@ -318,8 +318,8 @@ class NativeStep:
         out = dec.final_ln(h.to(x.dtype).view(b, 1, d))
         head = dec.lm_head
         if b > 2 and isinstance(head, CpuLinear) and head.weight.dtype == torch.float32:
-            # several images: the native product streams the head's weight ~1.8x faster than
-            # oneDNN's at 18 rows (one or two rows take CpuLinear's measured choice)
+            # several images: the native product, as in the layers (the step is raced whole against
+            # the op-by-op one); one or two rows take CpuLinear's measured choice
             y = native.gemm(out.view(b, d), head.weight)
             if y is not None:
                 return y.view(b, 1, -1)

@@ -58,17 +58,25 @@ def _parse_tier(tier: str | None) -> int | str | None:
 SplitsOpt = Annotated[str, typer.Option(help=f"comma list of {', '.join(SPLITS)}, or all")]
 CaptionsPerImageOpt = Annotated[
     int,
-    typer.Option(help="captions per image (distinct frames): 1 to 6, or 12 with --version 2 or 3"),
+    typer.Option(help="captions per image (distinct frames): 1 to 6, or 12 with --version 2 to 4"),
 ]
 VersionOpt = Annotated[
     int,
     typer.Option(
         "--version",
-        help="captions: 1 (six templates), 2 (plain language) or 3 (2 in free word order, held-out synonyms)",
+        help="captions: 1 (six templates), 2 (plain language), 3 (2 in free word order, held-out "
+        "synonyms) or 4 (2 with held-out synonyms)",
     ),
 ]
 VariantsOpt = Annotated[
     int, typer.Option(help="images per training scene (turned glyph, shaded background)")
+]
+LooksOpt = Annotated[
+    str,
+    typer.Option(
+        help="how variants differ: turn-shade (a turn and a shade each) or shade (a background "
+        "shade of its own each: every two variants differ)"
+    ),
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option(help="replace OUT if it holds an emoji dataset written before")
@@ -86,6 +94,7 @@ def dataset_emoji(
     captions_per_image: CaptionsPerImageOpt = 2,
     version: VersionOpt = 1,
     variants: VariantsOpt = 1,
+    looks: LooksOpt = "turn-shade",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write the emoji-scenes dataset: NNNNNN.png + NNNNNN.txt, metadata.jsonl and emoji_scenes.json."""
@@ -118,6 +127,7 @@ def dataset_emoji(
             subject_size=subject_size,
             version=version,
             variants=variants,
+            looks=looks,
         )
         if out.exists():
             shutil.rmtree(out)

@@ -240,6 +240,7 @@ class _RecipeRun:
                 subject_size=d.get("subject_size"),
                 version=d.get("version", 1),
                 variants=d.get("variants", 1),
+                looks=d.get("looks", "turn-shade"),
             )
 
     def vqgan(self) -> None:

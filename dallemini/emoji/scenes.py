@@ -100,18 +100,48 @@ SPLITS: tuple[str, ...] = ("train", "heldout-triples", "heldout-colour")
 # Caption-level held-out sets, drawn on the heldout-triples scenes: sentence frames that training
 # never uses, and synonyms (subject words, colour words, place phrases) on scenes never seen with them.
 CAPTION_SPLITS: tuple[str, ...] = ("heldout-frames", "heldout-synonyms")
-VERSIONS = (1, 2, 3)  # 1: the six templates; 2: plain-language captions; 3: 2 + free word order,
-# held-out synonyms and colour words (emoji/language.py)
+VERSIONS = (1, 2, 3, 4)  # 1: the six templates; 2: plain-language captions; 3: 2 + free word
+# order, held-out synonyms and colour words (emoji/language.py); 4: 3 without free word order
 # Variants of a training scene (variant 0 is the plain scene): the glyph turned by a small angle
 # (one per subject, place and variant, so a glyph donor shares its pose) and the background a
 # shade lighter or darker (still nearest its palette colour: the judge reads it as that colour).
 VARIANT_ANGLES: tuple[float, ...] = (-10.0, -5.0, 5.0, 10.0, 0.0)
 VARIANT_SHADES: tuple[int, ...] = (-24, -12, 0, 12, 24)
+# How variants differ: "turn-shade" draws a turn and a shade per variant (two variants may look
+# alike); "shade" keeps the glyph upright and gives every variant of a colour its own background
+# shade (`look_shades`), so any two variants of a scene are distinct images.
+LOOKS: tuple[str, ...] = ("turn-shade", "shade")
+LOOK_SHADE_STEP = 10  # RGB levels between a colour's shades, before clipping
+# mean |RGB difference| every two of a colour's shades keep after clipping: with the glyph on ~1/5 of
+# the image, two looks then differ by >= 5 levels, above the 4 of "distinct" (evaluation.py)
+LOOK_MIN_DIFFERENCE = 6.5
 HELDOUT_TRIPLE_FRACTION = 0.10
 LOW_CONTRAST_DISTANCE = 60.0  # RGB distance under which a glyph pixel "is" the background
 LOW_CONTRAST_FRACTION = (
     0.5  # a (subject, colour) pair is low contrast above this share of such pixels
 )
+
+
+@functools.cache
+def look_shades(colour: str, k: int = 8) -> tuple[int, ...]:
+    """Up to k background shifts for `colour` (0 first): 0, +10, -10, +20, ... keeping those whose
+    clipped colour stays nearest `colour` and differs from every kept one by LOOK_MIN_DIFFERENCE
+    (black has 7 of 8: a colour with fewer shades than variants repeats them in turn)."""
+    base = np.asarray(PALETTE[colour], np.float32)
+    palette = np.asarray([PALETTE[c] for c in COLOURS], np.float32)
+    kept: list[int] = []
+    rgbs: list[np.ndarray] = []
+    for i in range(64):
+        shift = (i + 1) // 2 * LOOK_SHADE_STEP * (1 if i % 2 else -1)
+        rgb = np.clip(base + shift, 0, 255)
+        if COLOURS[int(np.argmin(((palette - rgb) ** 2).sum(1)))] != colour:
+            continue
+        if all(np.abs(rgb - r).mean() >= LOOK_MIN_DIFFERENCE for r in rgbs):
+            kept.append(shift)
+            rgbs.append(rgb)
+        if len(kept) == k:
+            break
+    return tuple(kept)
 
 
 @dataclass(frozen=True)
@@ -286,6 +316,7 @@ class EmojiScenes:
         alias_prob: float = 0.2,
         version: int = 1,
         variants: int = 1,
+        looks: str = "turn-shade",
         render_from_font: bool = False,
         font_path: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -314,6 +345,9 @@ class EmojiScenes:
         if not 1 <= int(variants) <= 64:
             raise ConfigError(f"variants must be between 1 and 64, got {variants!r}")
         self.variants = int(variants)
+        if looks not in LOOKS:
+            raise ConfigError(f"looks must be one of {list(LOOKS)}, got {looks!r}")
+        self.looks = looks
         n = _tier_count(tier, len(all_subjects))
         self.subjects: tuple[Subject, ...] = all_subjects[:n]
         self.names: tuple[str, ...] = tuple(s.name for s in self.subjects)
@@ -363,6 +397,7 @@ class EmojiScenes:
             "alias_prob": self.alias_prob,
             **({"version": self.version} if self.version != 1 else {}),
             **({"variants": self.variants} if self.variants != 1 else {}),
+            **({"looks": self.looks} if self.looks != "turn-shade" else {}),
         }
 
     @classmethod
@@ -377,6 +412,7 @@ class EmojiScenes:
             "alias_prob",
             "version",
             "variants",
+            "looks",
         )
         kwargs = {k: config[k] for k in keys if k in config}
         kwargs.update(overrides)
@@ -444,7 +480,7 @@ class EmojiScenes:
 
     def _angle(self, subject: str, position: str, variant: int) -> float:
         """The glyph's turn in a variant: one per (subject, place, variant), 0 for variant 0."""
-        if variant == 0:
+        if variant == 0 or self.looks == "shade":
             return 0.0
         rng = _rng(self.seed, "variant-angle", subject, position, variant)
         return VARIANT_ANGLES[int(rng.integers(len(VARIANT_ANGLES)))]
@@ -453,6 +489,9 @@ class EmojiScenes:
         """The background's shift in a variant (RGB levels, each channel), 0 for variant 0."""
         if variant == 0:
             return 0
+        if self.looks == "shade":
+            shades = look_shades(colour, self.variants)
+            return shades[variant % len(shades)]
         rng = _rng(self.seed, "variant-shade", subject, colour, position, variant)
         return VARIANT_SHADES[int(rng.integers(len(VARIANT_SHADES)))]
 
@@ -492,12 +531,12 @@ class EmojiScenes:
 
     @property
     def frames(self) -> tuple[str, ...]:
-        """The caption frames training uses (the templates of version 1, the frames of versions 2-3)."""
+        """The caption frames training uses (the templates of version 1, the frames of versions 2-4)."""
         return TEMPLATES if self.version == 1 else language.FRAMES
 
     @functools.cached_property
     def heldout_synonym(self) -> dict[str, str]:
-        """Version 3: per subject, the synonym training captions never use, for about
+        """Versions 3-4: per subject, the synonym training captions never use, for about
         HELDOUT_SYNONYM_SHARE of the subjects with any (every subject with two or more)."""
         if self.version < 3:
             return {}
@@ -530,7 +569,7 @@ class EmojiScenes:
         return out
 
     def _plain_captions(self, scene: Scene, k: int, epoch: int) -> list[str]:
-        """Versions 2-3: k captions in distinct frames, with synonyms, colour words and place phrases
+        """Versions 2-4: k captions in distinct frames, with synonyms, colour words and place phrases
         (version 3: the first in a frame, the others in free word order, `language.compose`)."""
         frames = language.FRAMES
         if not 1 <= k <= len(frames):
@@ -545,7 +584,7 @@ class EmojiScenes:
         )
         out = []
         for i, t in enumerate(rng.permutation(len(frames))[:k]):
-            frame = None if self.version >= 3 and i > 0 else frames[int(t)]
+            frame = None if self.version == 3 and i > 0 else frames[int(t)]
             out.append(self._plain_caption(scene, frame, rng, synonyms=False))
         return out
 
@@ -553,7 +592,7 @@ class EmojiScenes:
         self, scene: Scene, frame: str | None, rng: np.random.Generator, *, synonyms: bool
     ) -> str:
         """One frame filled in (None: `language.compose`); `synonyms` forces a synonym, a colour
-        word and a place phrase (version 3: the held-out synonym and colour words)."""
+        word and a place phrase (versions 3-4: the held-out synonym and colour words)."""
         held = self.heldout_synonym.get(scene.subject)
         words = self.synonyms[scene.subject]
         colours = [w for w, c in language.COLOUR_WORDS.items() if c == scene.colour]
@@ -813,6 +852,7 @@ def write_emoji_dataset(
     epoch: int = 0,
     version: int = 1,
     variants: int = 1,
+    looks: str = "turn-shade",
 ) -> dict[str, int]:
     """Write an image folder: NNNNNN.png + NNNNNN.txt (one caption a line), metadata.jsonl, config.
 
@@ -822,7 +862,9 @@ def write_emoji_dataset(
     > 1 every training scene is written that many times (variant 0 first), each with its own
     captions (rows then also say `variant`); held-out scenes are written once, plain.
     """
-    scenes = EmojiScenes(tier, resolution, subject_size, seed, version=version, variants=variants)
+    scenes = EmojiScenes(
+        tier, resolution, subject_size, seed, version=version, variants=variants, looks=looks
+    )
     names = [splits] if isinstance(splits, str) else list(splits)
     if names == ["all"]:
         names = list(SPLITS)

@@ -12,7 +12,14 @@ from PIL import Image
 from dallemini.emoji import language
 from dallemini.emoji.evaluation import distinct_images, variety
 from dallemini.emoji.judge import EmojiJudge
-from dallemini.emoji.scenes import CAPTION_SPLITS, PALETTE, EmojiScenes
+from dallemini.emoji.scenes import (
+    CAPTION_SPLITS,
+    COLOURS,
+    LOOK_MIN_DIFFERENCE,
+    PALETTE,
+    EmojiScenes,
+    look_shades,
+)
 from dallemini.errors import ConfigError
 
 
@@ -26,7 +33,7 @@ def test_version_1_config_is_unchanged_and_version_2_is_recorded(plain: EmojiSce
     assert plain.config()["version"] == 2
     assert EmojiScenes.from_config(json.loads(json.dumps(plain.config()))).version == 2
     with pytest.raises(ConfigError, match="version"):
-        EmojiScenes(64, 64, version=4)
+        EmojiScenes(64, 64, version=5)
 
 
 def test_every_caption_reads_back_to_its_scene(plain: EmojiScenes) -> None:
@@ -157,9 +164,40 @@ def test_variants_turn_the_glyph_and_shade_the_background_of_training_scenes(tmp
     assert EmojiScenes.from_folder(tmp_path).variants == 3
 
 
-@pytest.fixture(scope="module")
-def free() -> EmojiScenes:
-    return EmojiScenes(256, 64, version=3)
+def test_shade_looks_are_distinct_images_of_the_same_colour() -> None:
+    for colour in COLOURS:
+        rgbs = [np.clip(np.asarray(PALETTE[colour]) + s, 0, 255) for s in look_shades(colour, 8)]
+        assert len(rgbs) >= 7 and look_shades(colour, 8)[0] == 0
+        for i, a in enumerate(rgbs):
+            assert all(np.abs(a - b).mean() >= LOOK_MIN_DIFFERENCE for b in rgbs[:i]), colour
+    scenes = EmojiScenes(16, 64, version=2, variants=8, looks="shade")
+    judge = EmojiJudge(scenes)
+    for scene in scenes.split("train")[::97]:
+        drawn = [scenes.render_scene(scene, v) for v in range(8)]
+        expected = len(look_shades(scene.colour, 8))
+        assert distinct_images(drawn) == expected, scene
+        alpha = scenes.glyph_alpha(scene.subject, scene.position, 0)
+        assert all(
+            np.array_equal(scenes.glyph_alpha(scene.subject, scene.position, v), alpha)
+            for v in range(8)
+        )  # the glyph stays upright: only the background changes
+        caption = scenes.sample_captions(scene)[0]
+        assert all(judge.judge(d, caption)["colour_ok"] for d in drawn)
+    assert EmojiScenes.from_config(scenes.config()).looks == "shade"
+    with pytest.raises(ConfigError, match="looks"):
+        EmojiScenes(16, 64, looks="wobbly")
+
+
+@pytest.fixture(scope="module", params=[3, 4])
+def free(request) -> EmojiScenes:
+    return EmojiScenes(256, 64, version=request.param)
+
+
+def test_version_4_captions_are_frames_without_heldout_words() -> None:
+    scenes = EmojiScenes(256, 64, version=4)
+    parser = language.CaptionParser(language.FRAMES)
+    for scene in scenes.split("train")[::53]:
+        assert all(parser.parse(c) for c in scenes.sample_captions(scene, 3))
 
 
 def test_version_3_training_captions_hold_no_heldout_word(free: EmojiScenes) -> None:
@@ -189,7 +227,8 @@ def test_version_3_heldout_synonyms_use_heldout_words(free: EmojiScenes) -> None
         assert any(w in caption for w in language.HELDOUT_COLOUR_WORDS), caption
 
 
-def test_version_3_word_order_varies_and_judge_reads_first_caption(free: EmojiScenes) -> None:
+def test_version_3_word_order_varies_and_judge_reads_first_caption() -> None:
+    free = EmojiScenes(256, 64, version=3)
     scene = free.split("train")[0]
     captions = [c for e in range(20) for c in free.sample_captions(scene, 3, e)]
     assert len(set(captions)) > 50

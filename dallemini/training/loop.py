@@ -376,12 +376,14 @@ class Trainer:
         if isinstance(saved, int) and saved >= 1:
             torch.set_num_threads(saved)
             return
-        # a product of one of the model's weights (at most 4M entries: a few ms) stands for a step
-        weights = [p for p in self.modules[self.main_module].parameters() if p.dim() == 2]
+        # a product of one of the model's weights (at most 4M entries: a few ms) stands for a step;
+        # a convolution's weight [out, in, kh, kw] as the matmul it is ([out, in * kh * kw]): a
+        # VQGAN's only 2-D weight, its codebook, is a product too thin to show what threads give
+        weights = [p for p in self.modules[self.main_module].parameters() if p.dim() >= 2]
         weights = [p for p in weights if p.numel() <= 1 << 22] or weights
         if not weights:
             return
-        w = max(weights, key=lambda p: p.numel()).detach()
+        w = max(weights, key=lambda p: p.numel()).detach().flatten(1)
         x = torch.randn(256, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
 
         def probe() -> None:

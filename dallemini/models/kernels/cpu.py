@@ -6,11 +6,12 @@ through the native kernel (native.gemv, ~1.4x oneDNN's streaming) where it build
 products through oneDNN, which streams weights ~2x faster than MKL's small-batch sgemm. The decoder's
 layers (used at every step) keep a second copy of their weight in oneDNN's blocked layout, 20-50%
 faster again: always in bfloat16, in float32 once a step has _PACK_MIN_ROWS_F32 rows or more; in
-bfloat16 one image's steps use the native kernel's blocked copy instead (one copy at a time). Layers
+bfloat16 one image's steps use the native kernel's copy instead (one copy at a time; none where it
+reads the plain weight, on CPUs without AVX512-BF16). Layers
 that read the same input (q/k/v, GLU fc0/fc1) run as one matmul on one packed copy. Single-query
 attention runs in C (native.attend1), and a decoding step runs each decoder layer as one native
-call (NativeStep): one image in bfloat16, any number of images in float32 and int8 where that beats
-the layers op by op (choice.step_path).
+call (NativeStep): one image in bfloat16, any number of images in float32, int8 and plain bfloat16
+where that beats the layers op by op (choice.step_path).
 
 `accelerate` swaps the modules' classes for the subclasses here, which add no parameters (the same
 parameters and state-dict names; torch.nn.utils.parametrize swaps classes the same way). With
@@ -317,10 +318,15 @@ class NativeStep:
             kernel(h, positions)
         out = dec.final_ln(h.to(x.dtype).view(b, 1, d))
         head = dec.lm_head
-        if b > 2 and isinstance(head, CpuLinear) and head.weight.dtype == torch.float32:
+        if b > 2 and isinstance(head, CpuLinear):
             # several images: the native product, as in the layers (the step is raced whole against
             # the op-by-op one); one or two rows take CpuLinear's measured choice
-            y = native.gemm(out.view(b, d), head.weight)
+            w = head.weight
+            y = None
+            if w.dtype == torch.float32:
+                y = native.gemm(out.view(b, d), w)
+            elif w.dtype == torch.bfloat16 and native.bf16_layout() == "plain":
+                y = native.gemv_bf16(out.view(b, d), w.detach(), *w.shape)
             if y is not None:
                 return y.view(b, 1, -1)
         return head(out)
@@ -328,8 +334,8 @@ class NativeStep:
 
 def native_step(model: DalleBart, cache: DecoderCache, pos: int) -> NativeStep | None:
     """The native decoder-layer step for this cache where it applies: an accelerated model in CPU
-    inference whose decoder layers are all float32 (any number of rows), all bfloat16 (one image:
-    one or two rows; see cache_dtype) or all int8 (models/quant.py; up to native.INT8_MAX_ROWS);
+    inference whose decoder layers are all float32 (any number of rows), all bfloat16 (see
+    cache_dtype; one image, or any number of rows where the kernel reads plain bfloat16) or all int8 (models/quant.py; up to native.INT8_MAX_ROWS);
     else None. Float32 and several rows of int8 take it only where it beats the layers op by op on
     this CPU (timed once per model shape and rows on slot `pos`, not yet written)."""
     dtype = model.decoder.embed_tokens.weight.dtype
@@ -339,15 +345,16 @@ def native_step(model: DalleBart, cache: DecoderCache, pos: int) -> NativeStep |
         and not model.training
         and cache.self_k.device.type == "cpu"
         and cache.self_k.dtype in (torch.float32, dtype)
-        and (rows <= 2 or dtype == torch.float32)
+        and (rows <= 2 or dtype == torch.float32 or native.bf16_layout() == "plain")
         and dtype in (torch.float32, torch.bfloat16)
         and native.available(dtype)
         and all(isinstance(m, CpuLinear) for layer in model.decoder.layers for m in _dense(layer))
     ):
         layers = _bind_native(model, cache, dtype == torch.bfloat16)
         step = None if layers is None else NativeStep(model, layers)
-        if step is not None and dtype == torch.float32:
-            if not _native_is_faster(model, cache, step, pos, "float32"):
+        if step is not None and (dtype == torch.float32 or rows > 2):
+            kind = "float32" if dtype == torch.float32 else "bfloat16"
+            if not _native_is_faster(model, cache, step, pos, kind):
                 return None
             if rows > 2:  # the layers' packed copies served the op-by-op race only
                 _drop_packed_copies(model)
@@ -434,13 +441,16 @@ def _bind_native(
 ) -> list[native.DecoderLayerKernel] | None:
     """One kernel per decoder layer over its weights: float32 (moved to huge pages), the layers'
     bfloat16 blocked copies, or (int8) their int8 weights and scales."""
-    if not (bf16 or int8):
+    # float32 and plain bfloat16 read the weights themselves, moved to huge pages; blocked bfloat16
+    # reads its copies, made on huge pages
+    own = not int8 and (not bf16 or native.bf16_layout() == "plain")
+    if own:
         native.move_to_huge_pages(model.decoder.lm_head.weight)
     bound = []
     mask = cache.cross_mask.reshape(cache.batch_size, -1).contiguous()
     for i, layer in enumerate(model.decoder.layers):
         dense = _dense(layer)
-        if not (bf16 or int8):  # bfloat16 reads its blocked copies, made on huge pages
+        if own:
             for m in dense:
                 native.move_to_huge_pages(m.weight)
             release_freed_memory()  # the weights' old homes

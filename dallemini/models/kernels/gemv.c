@@ -183,7 +183,7 @@ typedef struct {
   long kp_d, kp_f;              /* bfloat16: d and ffn padded to the blocked layout's 32 columns */
   long max_len, text_len;       /* self-attention cache positions, cross-attention keys */
   float eps;
-  int bf16;                     /* 1: w[] are bfloat16 blocked copies, 0: float32 [N, K] */
+  int bf16; /* 1: w[] are bfloat16 blocked copies, 2: bfloat16 [N, K], 0: float32 [N, K] */
   int kv16;                     /* 1: the K/V caches are bfloat16, 0: float32 */
   const void* w[9];             /* q, k, v, out, cross q, cross out, fc0, fc1, fc2 */
   const float* ln_w[6];         /* pre-self, self, pre-cross, cross, glu ln0, glu ln1; NULL = 1 */
@@ -208,6 +208,10 @@ static void layer_norm(const float* x, float* y, long n, const float* w, const f
 void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X, float* Y, long R,
                        long N, long K, int threads);
 
+int dallemini_gemm_bf16w(const unsigned short* W, const float* X, float* Y, long R, long N, long K,
+                         int threads);
+static inline unsigned short to_bf16(float f);
+
 /* y[r] = W x[r] for rows r < R (x: R rows of K floats, y: R rows of N; spare: N floats of
  * scratch); bfloat16 weights take their input rounded to bfloat16 (nearest even, as torch's cast),
  * zero-padded to Kp. */
@@ -219,6 +223,16 @@ static void product(const dallemini_layer* p, int which, const float* x, float* 
   }
   if (!p->bf16) {
     dallemini_gemm_f32((const float*)p->w[which], x, y, R, N, K, threads);
+    return;
+  }
+  if (p->bf16 == 2) { /* plain bfloat16 [N, K]: the input rounded to bfloat16, kept as floats */
+    float* xr = (float*)xb;
+    for (long i = 0; i < R * K; i++) {
+      unsigned int u = (unsigned int)to_bf16(x[i]) << 16;
+      memcpy(xr + i, &u, 4);
+    }
+    if (dallemini_gemm_bf16w((const unsigned short*)p->w[which], xr, y, R, N, K, threads) != 0)
+      for (long i = 0; i < R * N; i++) y[i] = NAN; /* no scratch memory: never a silent result */
     return;
   }
 #ifdef __AVX512BF16__
@@ -512,7 +526,7 @@ int dallemini_decoder_layer(const dallemini_layer* p, float* x, int R, const lon
                             void* self_k, void* self_v, const void* cross_k, const void* cross_v,
                             const float* cross_mask, float* work, int threads) {
 #ifndef __AVX512BF16__
-  if (p->bf16) return -1;
+  if (p->bf16 == 1) return -1;
 #endif
   for (int r = 0; r < R; r++)
     if (pos[r] < 0 || pos[r] >= p->max_len) return -2;
@@ -682,3 +696,73 @@ void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X,
   }
 }
 #endif
+
+/* bfloat16 weights on CPUs without AVX512-BF16: Y [R, N] = X [R, K] W^T, W [N, K] bfloat16
+ * row-major, X float32 holding bfloat16 values (the caller rounds it), so every product is exact in
+ * float32 and only the summation order differs from bfloat16 pair dot products. Memory carries two
+ * bytes per weight; each block of weight rows is widened to float32 in cache, as int8's. */
+#ifdef __AVX512F__
+static inline __m512 widen_bf16(const unsigned short* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* Rows n..n+rows-1 of W widened to float32 into f (rows of K floats), prefetching `next`. */
+static void bf16_widen(const unsigned short* W, float* f, long K, long n, long rows,
+                       const unsigned short* next) {
+  for (long i = 0; i < rows; i++) {
+    const unsigned short* w = W + (n + i) * K;
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+      if (next && k % 32 == 0) _mm_prefetch((const char*)(next + i * K + k), _MM_HINT_T1);
+      _mm512_storeu_ps(f + i * K + k, widen_bf16(w + k));
+    }
+    for (; k < K; k++) {
+      unsigned int u = (unsigned int)w[k] << 16;
+      memcpy(f + i * K + k, &u, 4);
+    }
+  }
+}
+#endif
+
+/* Returns -1 where a thread could not get its scratch (Y is then incomplete). */
+int dallemini_gemm_bf16w(const unsigned short* W, const float* X, float* Y, long R, long N, long K,
+                         int threads) {
+#ifdef __AVX512F__
+  long blocks = (N + F32_ROWS - 1) / F32_ROWS;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    float* f = (float*)malloc(F32_ROWS * K * sizeof(float));
+    failed = f == NULL;
+#pragma omp for schedule(static)
+    for (long b = 0; b < blocks; b++) {
+      if (!f) continue;
+      long n = b * F32_ROWS, rows = N - n < F32_ROWS ? N - n : F32_ROWS;
+      bf16_widen(W, f, K, n, rows, b + 1 < blocks ? W + (n + F32_ROWS) * K : NULL);
+      f32_rows(f, X, Y, R, N, K, n, rows, NULL);
+    }
+    free(f);
+  }
+  return failed ? -1 : 0;
+#else
+  /* Without AVX-512: one weight row at a time, the compiler vectorizing the widening k loop. */
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long n = 0; n < N; n++) {
+    const unsigned short* w = W + n * K;
+    for (long r = 0; r < R; r++) {
+      const float* x = X + r * K;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (long k = 0; k < K; k++) {
+        unsigned int u = (unsigned int)w[k] << 16;
+        float wf;
+        memcpy(&wf, &u, 4);
+        s += wf * x[k];
+      }
+      Y[r * N + n] = s;
+    }
+  }
+  return 0;
+#endif
+}

@@ -3,8 +3,9 @@ float32 rows), and a whole decoder layer of a decoding step (see gemv.c).
 
 No library streams a few-row matmul at the memory's speed on CPU (oneDNN reaches ~2/3 of it), so
 small C functions are compiled on first use with the system's C compiler and cached per CPU under
-~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512 or AVX2+FMA), bfloat16 on a blocked
-copy of the weight (`pack_bf16` + `gemv_bf16`, needs AVX512-BF16), single-query attention
+~/.cache/dallemini/kernels: float32 (`gemv`, needs AVX-512 or AVX2+FMA), bfloat16 (`pack_bf16` +
+`gemv_bf16`: pair dot products on a blocked copy of the weight with AVX512-BF16, else the weight
+itself widened to float32 in cache, which halves the bytes a float32 step reads), single-query attention
 (`attend1`) and `DecoderLayerKernel`, which runs a NormFormer decoder layer for one new token per
 row in one call. Without them (no compiler, another CPU, or DALLEMINI_NATIVE_KERNELS=0) these
 return None / report unavailable and callers use PyTorch's ops.
@@ -42,7 +43,8 @@ def _arch_flag() -> str:
 
 
 _LOCK = threading.Lock()
-# "fn", "bf16", "layer", "attend", "int8": the loaded functions (None where unavailable)
+# "fn", "bf16" (blocked), "bf16w" (plain, widened), "layer", "attend", "int8": the loaded functions
+# (None where unavailable)
 _STATE: dict[str, object] = {}
 # The bfloat16 kernel's weight layout: blocks of ROWS (gemv.c) rows, 32 columns (one pair-dot vector).
 _BLOCK_ROWS, _BLOCK_COLS = 8, 32
@@ -173,6 +175,18 @@ def _load() -> object | None:
         ):
             log.warning("native bfloat16 kernel gives wrong results here; using PyTorch's matmul")
             _STATE["bf16"] = None
+    if _STATE.get("bf16") is None:  # no pair dot products: plain bfloat16 weights, widened
+        bf16w = lib.dallemini_gemm_bf16w
+        bf16w.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        bf16w.restype = ctypes.c_int
+        _STATE["bf16w"] = bf16w
+        wb, xb = w.bfloat16(), x.bfloat16()
+        yb = gemv_bf16(xb, wb, 37, 50)
+        if yb is None or not torch.allclose(
+            yb.float(), (xb.float() @ wb.float().t()).bfloat16().float(), rtol=1e-2, atol=1e-2
+        ):
+            log.warning("native bfloat16 kernel gives wrong results here; using PyTorch's matmul")
+            _STATE["bf16w"] = None
     return fn
 
 
@@ -180,7 +194,7 @@ def _function(kind: str = "fn") -> object | None:
     with _LOCK:
         if "fn" not in _STATE:
             # _load sets these once the float32 function passed its check
-            for name in ("bf16", "layer", "attend", "int8"):
+            for name in ("bf16", "bf16w", "layer", "attend", "int8"):
                 _STATE[name] = None
             _STATE["fn"] = _load()
         return _STATE[kind]
@@ -189,10 +203,18 @@ def _function(kind: str = "fn") -> object | None:
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the native kernel for `dtype` weights runs on this machine (compiles it on the first call)."""
     if dtype == torch.bfloat16:
-        return _function("bf16") is not None
+        return bf16_layout() is not None
     if dtype == torch.int8:
         return _function("int8") is not None
     return dtype == torch.float32 and _function() is not None
+
+
+def bf16_layout() -> str | None:
+    """How the native bfloat16 kernels read weights here: "blocked" (AVX512-BF16 pair dot products
+    on a `pack_bf16` copy), "plain" (the [N, K] weight, widened to float32 in cache), or None."""
+    if _function("bf16") is not None:
+        return "blocked"
+    return "plain" if _function("bf16w") is not None else None
 
 
 class _LayerParams(ctypes.Structure):
@@ -265,8 +287,12 @@ class DecoderLayerKernel:
             raise ValueError(f"decoder-layer kernel needs a cross mask [{rows}, {text_len}]")
         p = _LayerParams()
         p.d, p.heads, p.head_dim, p.ffn = d, heads, head_dim, ffn
+        plain = bf16 and bf16_layout() == "plain"
         p.kp_d, p.kp_f = -(-d // _BLOCK_COLS) * _BLOCK_COLS, -(-ffn // _BLOCK_COLS) * _BLOCK_COLS
-        p.max_len, p.text_len, p.eps, p.bf16, p.kv16 = max_len, text_len, eps, int(bf16), int(kv16)
+        if plain:  # the [N, K] weights themselves: no padded columns
+            p.kp_d, p.kp_f = d, ffn
+        p.max_len, p.text_len, p.eps, p.kv16 = max_len, text_len, eps, int(kv16)
+        p.bf16 = (2 if plain else 1) if bf16 else 0
         for i, w in enumerate(weights):
             want = torch.bfloat16 if bf16 else torch.int8 if scales is not None else torch.float32
             if w.dtype != want or not w.is_contiguous() or w.device.type != "cpu":
@@ -366,22 +392,33 @@ def _pack(weight: Tensor) -> Tensor:
 
 
 def pack_bf16(weight: Tensor) -> Tensor | None:
-    """A bfloat16 [N, K] CPU weight in the layout `gemv_bf16` reads (a copy), or None without the kernel."""
+    """A bfloat16 [N, K] CPU weight in the layout `gemv_bf16` reads (blocked: a copy; plain: the
+    weight itself, contiguous), or None without the kernel."""
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
         return None
-    if not available(torch.bfloat16):
+    layout = bf16_layout()
+    if layout is None:
         return None
-    return _pack(weight.detach())
+    return _pack(weight.detach()) if layout == "blocked" else weight.detach().contiguous()
 
 
 def gemv_bf16(x: Tensor, packed: Tensor, n: int, k: int) -> Tensor | None:
-    """x [..., k] bfloat16 (one or two rows in all) times the packed [n, k] weight, float32
-    accumulation, bfloat16 out; None where the kernel does not apply."""
-    fn = _STATE.get("bf16")
-    if fn is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
+    """x [..., k] bfloat16 times the `pack_bf16` [n, k] weight (blocked: one or two rows in all;
+    plain: any number), float32 accumulation, bfloat16 out; None where the kernel does not apply."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
         return None
     rows = x.numel() // k if k else 0
-    if rows not in (1, 2):
+    plain = _STATE.get("bf16w")
+    if plain is not None and packed.shape == (n, k) and rows > 0:
+        y = torch.empty(rows, n)
+        xf = x.reshape(rows, k).float().contiguous()  # exact: bfloat16 values
+        if plain(
+            packed.data_ptr(), xf.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads()
+        ):  # type: ignore[operator]
+            return None  # no scratch memory
+        return y.to(torch.bfloat16).reshape(*x.shape[:-1], n)
+    fn = _STATE.get("bf16")
+    if fn is None or rows not in (1, 2):
         return None
     kp = packed.shape[1] * _BLOCK_COLS
     xp = torch.zeros(rows, kp, dtype=torch.bfloat16)

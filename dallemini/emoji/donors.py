@@ -64,7 +64,10 @@ def write_glyph_donors(
     for key in sorted(codes):
         subject, _, position, variant = scene_of[key]
         donor = scenes.glyph_donor(subject, position)
-        donor_key = key_of.get((subject, donor, position, variant)) if donor else None
+        # shade looks keep the glyph upright: every look takes the plain donor's glyph codes, so a
+        # glyph has one set of codes whatever the look (turned glyphs take their own look's)
+        look = 0 if scenes.looks == "shade" else variant
+        donor_key = key_of.get((subject, donor, position, look)) if donor else None
         if donor_key is None:
             missing.append(key)
             donor_codes[key] = codes[key]

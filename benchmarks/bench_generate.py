@@ -689,6 +689,9 @@ def main() -> None:
         default="none",
         help="a spinning process on one core beside each run (both: idle and contended runs)",
     )
+    p.add_argument(
+        "--key-suffix", default="", help="appended to the results key (keeps another run's figures)"
+    )
     p.add_argument("--auto-threads", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -816,6 +819,7 @@ def main() -> None:
     }
     key = full_key if args.steps >= IMAGE_TOKENS else f"{full_key}-steps{args.steps}"
     key += {"none": "", "one-core": "-contended", "both": "-contention"}[args.competitor]
+    key += f"-{args.key_suffix}" if args.key_suffix else ""
     merge_results(args.output, key, record)
     print(f"wrote {args.output}")
 

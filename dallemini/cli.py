@@ -280,7 +280,11 @@ def _note_unknown_words(pipe: TextToImage, texts: list[str]) -> None:
             typer.echo(f"note: {whose} reads {read}{where}", err=True)
         unknown = pipe.unknown_words(text)
         if unknown:
-            typer.echo(f"note: {whose} does not know: {', '.join(unknown)}{where}", err=True)
+            reads = pipe.read_prompt(text)[0].strip()
+            typer.echo(
+                f"note: {whose} does not know: {', '.join(unknown)}{where}; it reads {reads!r}",
+                err=True,
+            )
 
 
 @app.command()

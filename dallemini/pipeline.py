@@ -22,6 +22,7 @@ from .checkpoints.native import (
     build_from_state,
     caption_words,
     is_model_dir,
+    known_words_only,
     load_into,
     read_examples,
     read_vocabulary,
@@ -184,16 +185,26 @@ class TextToImage:
         """
         if self.vocabulary is None:
             return []
-        words = caption_words(self.read_prompt(prompt)[0])
+        text = self.text.normalize(prompt)
+        words = caption_words(text if self.synonyms is None else self.synonyms.read(text)[0])
         unknown = (w for w in words if w not in self.vocabulary and w not in FUNCTION_WORDS)
         return list(dict.fromkeys(unknown))
 
     def read_prompt(self, prompt: str) -> tuple[str, list[tuple[str, str]]]:
         """The prompt as the model reads it, and the (phrase, read as) pairs of its synonym list
-        (synonyms.json) that it used: "a kitty on navy" -> "a cat on blue". Without a list, as given."""
-        if self.synonyms is None:
+        (synonyms.json) that it used: "a kitty on navy" -> "a cat on blue". A model with a
+        vocabulary (vocabulary.txt) leaves out the words it never saw: a word no training caption
+        used means nothing to it, and would only disturb how it reads the words around it.
+        Without either, as given."""
+        if self.synonyms is None and self.vocabulary is None:
             return prompt, []
-        return self.synonyms.read(self.text.normalize(prompt))
+        text = self.text.normalize(prompt)
+        read: list[tuple[str, str]] = []
+        if self.synonyms is not None:
+            text, read = self.synonyms.read(text)
+        if self.vocabulary is not None:
+            text = known_words_only(text, self.vocabulary)
+        return text, read
 
     @classmethod
     def from_pretrained(

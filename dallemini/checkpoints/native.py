@@ -150,6 +150,18 @@ def caption_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def known_words_only(text: str, vocabulary: Iterable[str]) -> str:
+    """`text` without the words (as `caption_words` splits it) that are not in `vocabulary`, or
+    `text` itself where no word of it is."""
+    known = vocabulary if isinstance(vocabulary, (set, frozenset)) else set(vocabulary)
+    if not any(w in known for w in caption_words(text)):
+        return text
+    kept = _WORD.sub(lambda m: m.group(0) if m.group(0).lower() in known else "", text)
+    kept = re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", kept))
+    kept = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", kept)  # "a, , b" -> "a, b"
+    return kept.strip(" ,;:")
+
+
 def write_vocabulary(path: str | os.PathLike, captions: Iterable[str]) -> Path:
     """Write vocabulary.txt into a model directory: every word of the (normalized) captions, sorted."""
     words: set[str] = set()

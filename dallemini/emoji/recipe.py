@@ -28,6 +28,7 @@ is what a fresh run of the new settings makes).
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import platform
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..checkpoints.native import WEIGHT_FILES
 from ..config import PipelineConfig, SamplingConfig
 from ..data.encode import encode_dataset
 from ..data.sources import open_source
@@ -311,10 +313,22 @@ class _RecipeRun:
             out=self.out / "clip",
         )
 
+    def _pipeline(self) -> Path:
+        """The CLIP step's pipeline directory with the bart step's DalleBart in it: the decoder and
+        CLIP steps never read the DalleBart's weights, so one trained again after them joins too."""
+        name = WEIGHT_FILES["bart"]
+        src = self.out / "bart" / "model" / name
+        dst = self.out / "clip" / "model" / name
+        if not filecmp.cmp(src, dst, shallow=False):
+            tmp = dst.with_name(f".{name}.tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        return dst.parent
+
     def evaluate(self) -> None:
         scenes_cfg = json.loads((self.data / "train" / "emoji_scenes.json").read_text())
         scenes = EmojiScenes.from_config(scenes_cfg)
-        pipe = TextToImage.from_pretrained(self.out / "clip" / "model", device=self.device)
+        pipe = TextToImage.from_pretrained(self._pipeline(), device=self.device)
         pipe.config = replace(pipe.config, sampling=self._sampling(pipe.config.sampling))
         synonyms = Synonyms(*model_synonyms(scenes))  # prompts read as OUT/model reads them
         e = self.sec["eval"]
@@ -341,7 +355,7 @@ class _RecipeRun:
         dst = out / "model"
         tmp = out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / "clip" / "model", tmp)
+        shutil.copytree(self._pipeline(), tmp)
         config = PipelineConfig.from_dict(json.loads((tmp / "config.json").read_text()))
         config = replace(config, sampling=self._sampling(config.sampling))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")

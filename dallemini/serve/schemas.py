@@ -131,7 +131,8 @@ class GenerateResponse(BaseModel):
     prompt: str
     unknown_words: list[str] = Field(
         description="words of the prompt that the model's training captions never used (empty "
-        "when the model lists no vocabulary): it draws what it knows instead"
+        "when the model lists no vocabulary): it reads the prompt without them and draws what it "
+        "knows"
     )
     read_as: dict[str, str] = Field(
         default_factory=dict,

@@ -1,6 +1,7 @@
 /* Native CPU decoding kernels (see kernels/__init__.py): products y_r = W x_r for a few rows x_r
- * (float32 weights, any number of rows; bfloat16 weights, one or two rows), single-query attention
- * over a K/V cache, and one whole decoder layer of a decoding step.
+ * (float32 and int8 weights, any number of rows; bfloat16 weights, one or two rows with AVX512-BF16
+ * pair dot products, any number widened to float32 without them), single-query attention over a
+ * K/V cache, and one whole decoder layer of a decoding step.
  *
  * Decoding one image multiplies two rows (prompt and empty caption) by every weight matrix, so
  * the step is bound by how fast W streams from memory. The products read each weight row once

@@ -28,8 +28,8 @@ function showUnknown(words, readAs) {
   }
   if (words && words.length > 0) {
     parts.push(
-      `${modelName} does not know: ${words.join(", ")}. It can only draw what its training ` +
-        "captions describe, so expect something else.",
+      `${modelName} does not know: ${words.join(", ")}. It reads the prompt without them and ` +
+        "can only draw what its training captions describe, so expect something else.",
     );
   }
   note.hidden = parts.length === 0;

@@ -95,6 +95,7 @@ VARIANTS = {
     "min-dalle": ("min-dalle", "float32", "float32"),
     "ours": ("ours", "float32", "float32"),
     "ours-bf16": ("ours", "bfloat16", "bfloat16"),
+    "ours-bf16-vqgan32": ("ours", "bfloat16", "float32"),  # --dtype bfloat16's default VQGAN
     "min-dalle-fp16": ("min-dalle", "float16", "float32"),
     "ours-fp16": ("ours", "float16", "float16"),
     "min-dalle-bf16": ("min-dalle", "bfloat16", "float32"),
@@ -920,15 +921,16 @@ def check_targets(
                     "met": a / b >= goal,
                 }
             )
-        c = per_s("ours-bf16", n)
-        if a and c:
-            out.append(
-                {
-                    "target": f"bfloat16 images/s >= 1.6x our float32 at {n} image(s)",
-                    "measured": f"{c / a:.2f}x",
-                    "met": c / a >= 1.6,
-                }
-            )
+        for variant, what in (("ours-bf16", ""), ("ours-bf16-vqgan32", " (float32 VQGAN)")):
+            c = per_s(variant, n)
+            if a and c:
+                out.append(
+                    {
+                        "target": f"bfloat16{what} images/s >= 1.6x our float32 at {n} image(s)",
+                        "measured": f"{c / a:.2f}x",
+                        "met": c / a >= 1.6,
+                    }
+                )
     if "ours" in sides and "min-dalle" in sides:
         mine, theirs = sides["ours"]["max_rss_kib"], sides["min-dalle"]["max_rss_kib"]
         out.append(

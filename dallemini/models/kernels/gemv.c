@@ -17,19 +17,39 @@
 #define ROWS 8
 
 #ifdef __AVX512F__
-/* Outputs n..n+rows-1 of X rows r0..r0+xr-1 (xr <= XR) for dallemini_gemm_f32; XR is a constant at
+#define F32_ROWS 4
+#define F32_XR 6
+/* 16 weights from element k of a float32 (BF16 = 0) or bfloat16 (BF16 = 1, widened: exact) row;
+ * m masks a tail. */
+static inline __m512 load_w(const void* row, long k, __mmask16 m, const int BF16) {
+  if (BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const unsigned short*)row + k)), 16));
+  return _mm512_maskz_loadu_ps(m, (const float*)row + k);
+}
+
+/* load_w of a whole vector (plain loads, as before bfloat16 shared this code). */
+static inline __m512 load_w16(const void* row, long k, const int BF16) {
+  if (BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const unsigned short*)row + k))),
+        16));
+  return _mm512_loadu_ps((const float*)row + k);
+}
+
+/* Outputs n..n+rows-1 of X rows r0..r0+xr-1 (xr <= XR) for dallemini_gemm_f32 (BF16:
+ * for dallemini_gemm_bf16w, weights widened as loaded); XR is a constant at
  * every call, so each call compiles to exactly XR accumulators per weight row. Per output: 16-wide
  * partial sums over k, the masked tail, one reduction, whatever the other rows, so a row's result
  * does not depend on which rows decode beside it. `next` (or NULL): the next block's weight rows,
  * of which this call, pass `pass` of `passes` over the block, prefetches its share. */
-#define F32_ROWS 4
-#define F32_XR 6
-static inline void f32_block(const float* Wn, const float* X, float* Y, long N, long K, long n,
-                             long rows, long r0, long xr, const int XR, const float* next,
-                             long pass, long passes) {
-  const float* w[F32_ROWS];
+static inline void f32_block(const void* Wn, const float* X, float* Y, long N, long K, long n,
+                             long rows, long r0, long xr, const int XR, const void* next,
+                             long pass, long passes, const int BF16) {
+  const long size = BF16 ? 2 : 4; /* bytes per weight */
+  const char* w[F32_ROWS];
   const float* x[F32_XR];
-  for (int i = 0; i < F32_ROWS; i++) w[i] = Wn + (i < rows ? i : 0) * K;
+  for (int i = 0; i < F32_ROWS; i++) w[i] = (const char*)Wn + (i < rows ? i : 0) * K * size;
   for (int j = 0; j < XR; j++) x[j] = X + (r0 + (j < xr ? j : 0)) * K;
   __m512 acc[F32_ROWS][F32_XR];
   for (int i = 0; i < F32_ROWS; i++)
@@ -37,12 +57,12 @@ static inline void f32_block(const float* Wn, const float* X, float* Y, long N, 
   long k = 0;
   for (; k + 16 <= K; k += 16) { /* the weight vectors stay in registers, X rows stream past */
     __m512 v[F32_ROWS];
-    for (int i = 0; i < F32_ROWS; i++) v[i] = _mm512_loadu_ps(w[i] + k);
+    for (int i = 0; i < F32_ROWS; i++) v[i] = load_w16(w[i], k, BF16);
     if (next && (k / 16) % passes == 0) { /* this pass's share of the next block */
       long at = pass * K / passes / 16 * 16 + k / passes / 16 * 16;
       if (at < K)
         for (int i = 0; i < F32_ROWS; i++)
-          _mm_prefetch((const char*)(next + i * K + at), _MM_HINT_T1);
+          _mm_prefetch((const char*)next + (i * K + at) * size, _MM_HINT_T1);
     }
     for (int j = 0; j < XR; j++) {
       __m512 xv = _mm512_loadu_ps(x[j] + k);
@@ -52,7 +72,7 @@ static inline void f32_block(const float* Wn, const float* X, float* Y, long N, 
   if (k < K) { /* the last K % 16 columns */
     __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
     __m512 v[F32_ROWS];
-    for (int i = 0; i < F32_ROWS; i++) v[i] = _mm512_maskz_loadu_ps(m, w[i] + k);
+    for (int i = 0; i < F32_ROWS; i++) v[i] = load_w(w[i], k, m, BF16);
     for (int j = 0; j < XR; j++) {
       __m512 xv = _mm512_maskz_loadu_ps(m, x[j] + k);
       for (int i = 0; i < F32_ROWS; i++) acc[i][j] = _mm512_fmadd_ps(v[i], xv, acc[i][j]);
@@ -69,23 +89,34 @@ static inline long f32_group(long left) {
 
 /* Outputs n..n+rows-1 of all R rows of X from the weight block at Wn (rows of K floats), in passes
  * of up to six X rows; the passes prefetch `next` (NULL: nothing), a share each. */
-static void f32_rows(const float* Wn, const float* X, float* Y, long R, long N, long K, long n,
-                     long rows, const float* next) {
+static inline void f32_rows_of(const void* Wn, const float* X, float* Y, long R, long N, long K,
+                               long n, long rows, const void* next, const int BF16) {
   long passes = 0;
   for (long r0 = 0; r0 < R; r0 += f32_group(R - r0)) passes++;
   long pass = 0;
   for (long r0 = 0; r0 < R; pass++) {
     long xr = f32_group(R - r0);
     if (xr == 6)
-      f32_block(Wn, X, Y, N, K, n, rows, r0, 6, 6, next, pass, passes);
+      f32_block(Wn, X, Y, N, K, n, rows, r0, 6, 6, next, pass, passes, BF16);
     else if (xr == 4)
-      f32_block(Wn, X, Y, N, K, n, rows, r0, 4, 4, next, pass, passes);
+      f32_block(Wn, X, Y, N, K, n, rows, r0, 4, 4, next, pass, passes, BF16);
     else if (xr == 2)
-      f32_block(Wn, X, Y, N, K, n, rows, r0, 2, 2, next, pass, passes);
+      f32_block(Wn, X, Y, N, K, n, rows, r0, 2, 2, next, pass, passes, BF16);
     else
-      f32_block(Wn, X, Y, N, K, n, rows, r0, 1, 1, next, pass, passes);
+      f32_block(Wn, X, Y, N, K, n, rows, r0, 1, 1, next, pass, passes, BF16);
     r0 += xr;
   }
+}
+
+static void f32_rows(const float* Wn, const float* X, float* Y, long R, long N, long K, long n,
+                     long rows, const float* next) {
+  f32_rows_of(Wn, X, Y, R, N, K, n, rows, next, 0);
+}
+
+/* As f32_rows, for a block of bfloat16 weight rows, each vector widened in registers. */
+static void bf16_rows(const unsigned short* Wn, const float* X, float* Y, long R, long N, long K,
+                      long n, long rows, const unsigned short* next) {
+  f32_rows_of(Wn, X, Y, R, N, K, n, rows, next, 1);
 }
 
 /* Y [R, N] = X [R, K] W^T, W [N, K] row-major, for any number of rows R: four weight rows at a
@@ -701,51 +732,19 @@ void dallemini_gemv_i8(const signed char* W, const float* scale, const float* X,
 /* bfloat16 weights on CPUs without AVX512-BF16: Y [R, N] = X [R, K] W^T, W [N, K] bfloat16
  * row-major, X float32 holding bfloat16 values (the caller rounds it), so every product is exact in
  * float32 and only the summation order differs from bfloat16 pair dot products. Memory carries two
- * bytes per weight; each block of weight rows is widened to float32 in cache, as int8's. */
-#ifdef __AVX512F__
-static inline __m512 widen_bf16(const unsigned short* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-/* Rows n..n+rows-1 of W widened to float32 into f (rows of K floats), prefetching `next`. */
-static void bf16_widen(const unsigned short* W, float* f, long K, long n, long rows,
-                       const unsigned short* next) {
-  for (long i = 0; i < rows; i++) {
-    const unsigned short* w = W + (n + i) * K;
-    long k = 0;
-    for (; k + 16 <= K; k += 16) {
-      if (next && k % 32 == 0) _mm_prefetch((const char*)(next + i * K + k), _MM_HINT_T1);
-      _mm512_storeu_ps(f + i * K + k, widen_bf16(w + k));
-    }
-    for (; k < K; k++) {
-      unsigned int u = (unsigned int)w[k] << 16;
-      memcpy(f + i * K + k, &u, 4);
-    }
-  }
-}
-#endif
-
-/* Returns -1 where a thread could not get its scratch (Y is then incomplete). */
+ * bytes per weight; each weight vector is widened to float32 in registers (two instructions) and
+ * used for up to six X rows, as the float32 product's. */
+/* Returns 0 (an int, so that callers can tell a build that reports failures). */
 int dallemini_gemm_bf16w(const unsigned short* W, const float* X, float* Y, long R, long N, long K,
                          int threads) {
 #ifdef __AVX512F__
   long blocks = (N + F32_ROWS - 1) / F32_ROWS;
-  int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-  {
-    float* f = (float*)malloc(F32_ROWS * K * sizeof(float));
-    failed = f == NULL;
-#pragma omp for schedule(static)
-    for (long b = 0; b < blocks; b++) {
-      if (!f) continue;
-      long n = b * F32_ROWS, rows = N - n < F32_ROWS ? N - n : F32_ROWS;
-      bf16_widen(W, f, K, n, rows, b + 1 < blocks ? W + (n + F32_ROWS) * K : NULL);
-      f32_rows(f, X, Y, R, N, K, n, rows, NULL);
-    }
-    free(f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long b = 0; b < blocks; b++) {
+    long n = b * F32_ROWS, rows = N - n < F32_ROWS ? N - n : F32_ROWS;
+    bf16_rows(W + n * K, X, Y, R, N, K, n, rows, b + 1 < blocks ? W + (n + F32_ROWS) * K : NULL);
   }
-  return failed ? -1 : 0;
+  return 0;
 #else
   /* Without AVX-512: one weight row at a time, the compiler vectorizing the widening k loop. */
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dallemini.emoji.recipe import STEPS, first_changed_step, load_recipe, run_recipe
 from dallemini.errors import ConfigError, InputError
@@ -102,3 +103,13 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert json.loads((model / "config.json").read_text())["sampling"]["top_k"] == 3
     assert (out / "vqgan" / "model" / "vqgan.safetensors").read_bytes() == vqgan_before
     assert json.loads((out / "recipe.json").read_text())["sampling"] == {"top_k": 3}
+    # A DalleBart trained again after the decoder and CLIP steps (which never read its weights)
+    # is the one eval scores and the model ships.
+    bart = out / "bart" / "model" / "bart.safetensors"
+    weights = load_file(bart)
+    weights = {k: v * 0.5 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, bart)
+    for step in ("eval", "model"):
+        (out / "steps" / f"{step}.json").unlink()
+    run_recipe(out, "tiny", {"sampling.top_k": 3}, device="cpu", echo=said.append)
+    assert (model / "bart.safetensors").read_bytes() == bart.read_bytes()

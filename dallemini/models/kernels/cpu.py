@@ -335,8 +335,9 @@ class NativeStep:
 def native_step(model: DalleBart, cache: DecoderCache, pos: int) -> NativeStep | None:
     """The native decoder-layer step for this cache where it applies: an accelerated model in CPU
     inference whose decoder layers are all float32 (any number of rows), all bfloat16 (see
-    cache_dtype; one image, or any number of rows where the kernel reads plain bfloat16) or all int8 (models/quant.py; up to native.INT8_MAX_ROWS);
-    else None. Float32 and several rows of int8 take it only where it beats the layers op by op on
+    cache_dtype; one image, or any number of rows where the kernel reads plain bfloat16) or all
+    int8 (models/quant.py; up to native.INT8_MAX_ROWS); else None. Float32, and several rows of
+    int8 or plain bfloat16, take it only where it beats the layers op by op on
     this CPU (timed once per model shape and rows on slot `pos`, not yet written)."""
     dtype = model.decoder.embed_tokens.weight.dtype
     rows = cache.batch_size

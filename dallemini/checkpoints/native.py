@@ -154,12 +154,14 @@ def known_words_only(text: str, vocabulary: Iterable[str]) -> str:
     """`text` without the words (as `caption_words` splits it) that are not in `vocabulary`, or
     `text` itself where no word of it is."""
     known = vocabulary if isinstance(vocabulary, (set, frozenset)) else set(vocabulary)
-    if not any(w in known for w in caption_words(text)):
+    words = caption_words(text)
+    if all(w in known for w in words) or not any(w in known for w in words):
         return text
     kept = _WORD.sub(lambda m: m.group(0) if m.group(0).lower() in known else "", text)
     kept = re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", kept))
     kept = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", kept)  # "a, , b" -> "a, b"
-    return kept.strip(" ,;:")
+    lead = text[: len(text) - len(text.lstrip())]  # the normalizer's leading space, kept
+    return lead + kept.strip(" ,;:")
 
 
 def write_vocabulary(path: str | os.PathLike, captions: Iterable[str]) -> Path:

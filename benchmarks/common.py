@@ -23,10 +23,36 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Instruction sets that decide which native kernels and oneDNN paths run.
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> dict[str, object]:
+    """The CPU's family/model numbers (virtual machines often hide the marketing name) and which
+    of the instruction sets that matter here it has, from /proc/cpuinfo; {} elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model_number": fields.get("model"),
+        "cpu_isa": [f for f in _CPU_FEATURES if f in flags],
+    }
+
+
 def machine_info(device: torch.device) -> dict[str, object]:
     """What the figures were measured on, including load (other work on the box slows them)."""
     info: dict[str, object] = {
         "cpu": cpu_model(),
+        **cpu_features(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

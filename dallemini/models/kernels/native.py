@@ -52,7 +52,7 @@ _BLOCK_ROWS, _BLOCK_COLS = 8, 32
 
 def _cpu_identity() -> str | None:
     """The CPU's model name and flags (the cache key: -march=native code runs only on its CPU), or None
-    without AVX-512 or AVX2+FMA (AVX2 builds have the float32 kernels in plain vectorized loops)."""
+    without AVX-512 or AVX2+FMA (AVX2 builds use 8-wide vectors where AVX-512 builds use 16)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

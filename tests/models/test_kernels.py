@@ -540,6 +540,25 @@ def test_the_decoding_step_path_is_raced_once_and_kept(
     assert len(raced) == 2  # kept, not raced again
 
 
+@pytest.mark.skipif(native.bf16_layout() != "plain", reason="plain bfloat16 layer kernels only")
+@pytest.mark.parametrize("avx512", [False, True])
+def test_several_bf16_rows_race_only_where_onednn_could_win(
+    monkeypatch: pytest.MonkeyPatch, unmeasured_choices: ModuleType, avx512: bool
+) -> None:
+    """Several images' plain-bfloat16 steps race the layers op by op only on CPUs with AVX-512:
+    without it oneDNN's bfloat16 matmuls are far too slow to win, and racing them costs minutes."""
+    choice = unmeasured_choices
+    monkeypatch.setattr(native, "has_avx512", lambda: avx512)
+    raced = []
+    real_best_of = choice._best_of
+    monkeypatch.setattr(choice, "_best_of", lambda fn, n: raced.append(fn) or real_best_of(fn, n))
+    m = _bart(torch.bfloat16, True)
+    _, step = _greedy_logits(m, 4, use_native=True, steps=3)
+    assert len(raced) == (2 if avx512 else 0)
+    if not avx512:
+        assert isinstance(step, cpu.NativeStep)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_native_decoder_layer_with_int8_weights_matches_torch(rows: int) -> None:
     """8-bit weights (models/quant.py) in the native layer kernel: the op-by-op int8 model's logits."""

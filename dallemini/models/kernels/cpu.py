@@ -355,7 +355,10 @@ def native_step(model: DalleBart, cache: DecoderCache, pos: int) -> NativeStep |
         step = None if layers is None else NativeStep(model, layers)
         if step is not None and (dtype == torch.float32 or rows > 2):
             kind = "float32" if dtype == torch.float32 else "bfloat16"
-            if not _native_is_faster(model, cache, step, pos, kind):
+            # bfloat16 op by op without AVX-512 is hundreds of times slower: a race would cost
+            # a minute of steps the first time and always pick the native step
+            race = kind == "float32" or native.has_avx512()
+            if race and not _native_is_faster(model, cache, step, pos, kind):
                 return None
             if rows > 2:  # the layers' packed copies served the op-by-op race only
                 _drop_packed_copies(model)

@@ -365,6 +365,17 @@ int dallemini_gemm_bf16w(const unsigned short* W, const float* X, float* Y, long
                          int threads);
 static inline unsigned short to_bf16(float f);
 
+/* 8 floats rounded to bfloat16 and widened back (the bits of to_bf16 << 16, NaN included). */
+static inline __m256i round_bf16_8(const float* x) {
+  const __m256i u = _mm256_loadu_si256((const __m256i*)x), high = _mm256_set1_epi32((int)0xffff0000u);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), high);
+  __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                   _mm256_set1_epi32(0x7f800000));
+  __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), high);
+  return _mm256_blendv_epi8(r, quiet, nan);
+}
+
 /* y[r] = W x[r] for rows r < R (x: R rows of K floats, y: R rows of N; spare: N floats of
  * scratch); bfloat16 weights take their input rounded to bfloat16 (nearest even, as torch's cast),
  * zero-padded to Kp. */
@@ -380,7 +391,9 @@ static void product(const dallemini_layer* p, int which, const float* x, float* 
   }
   if (p->bf16 == 2) { /* plain bfloat16 [N, K]: the input rounded to bfloat16, kept as floats */
     float* xr = (float*)xb;
-    for (long i = 0; i < R * K; i++) {
+    long i = 0;
+    for (; i + 8 <= R * K; i += 8) _mm256_storeu_si256((__m256i*)(xr + i), round_bf16_8(x + i));
+    for (; i < R * K; i++) {
       unsigned int u = (unsigned int)to_bf16(x[i]) << 16;
       memcpy(xr + i, &u, 4);
     }

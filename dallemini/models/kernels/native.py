@@ -63,6 +63,13 @@ def _cpu_identity() -> str | None:
     return f"{model}\n{flags}" if "avx512f" in words or {"avx2", "fma"} <= words else None
 
 
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (without it, oneDNN's bfloat16 matmuls ran at 0.3 GFLOP/s against
+    185 for float32 on an AVX2-only AMD EPYC: benchmarks/bench_generate.py's limits)."""
+    ident = _cpu_identity()
+    return ident is not None and "avx512f" in ident.split()
+
+
 def cache_dir() -> Path:
     """Where compiled kernels live: $DALLEMINI_CACHE, else $XDG_CACHE_HOME/dallemini, else ~/.cache/dallemini."""
     root = os.environ.get("DALLEMINI_CACHE")

@@ -227,6 +227,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
     p.add_argument("--steps", type=int, default=20, help="decoding steps timed per child")
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--key", default="cpu", help="results key (another machine's keeps its own)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, default=2, help=argparse.SUPPRESS)
@@ -250,7 +251,7 @@ def main() -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     info["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    merge_results(args.output, "cpu", record)
+    merge_results(args.output, args.key, record)
     print(f"wrote {args.output}")
 
 

@@ -48,12 +48,12 @@ SHAPES = [(D, D)] * 6 + [(FFN, D), (FFN, D), (D, FFN)]  # q k v out, cross q out
 
 
 def _products(ws: list[tuple[torch.Tensor, int, int]], xs: dict[int, torch.Tensor]) -> None:
-    """Every weight times its two rows (bfloat16 weights in the kernel's blocked layout)."""
+    """Every weight times its two rows (bfloat16 weights in the kernel's layout: pack_bf16)."""
     for w, n, k in ws:
-        if w.dtype == torch.bfloat16:
-            native.gemv_bf16(xs[k], w, n, k)
-        else:
-            native.gemv(xs[k], w)
+        bf16 = w.dtype == torch.bfloat16
+        y = native.gemv_bf16(xs[k], w, n, k) if bf16 else native.gemv(xs[k], w)
+        if y is None:  # a product the kernel declined would time nothing
+            raise RuntimeError(f"the native kernel declined a {tuple(w.shape)} {w.dtype} product")
 
 
 def _attend(
@@ -74,8 +74,9 @@ def streaming(rounds: int) -> dict[str, Any]:
             for n, k in SHAPES:
                 w = torch.randn(n, k) * 0.02
                 if dtype == torch.bfloat16:
-                    plain = native._pack(w.bfloat16())
-                    plain = plain.clone()  # an ordinary allocation: 4 KiB pages
+                    packed = native.pack_bf16(w.bfloat16())
+                    assert packed is not None  # native.available(bfloat16) said so
+                    plain = packed.clone()  # an ordinary allocation: 4 KiB pages
                 else:
                     plain = w
                 huge = native.huge_page_empty(tuple(plain.shape), plain.dtype).copy_(plain)

@@ -546,7 +546,8 @@ def test_several_bf16_rows_race_only_where_onednn_could_win(
     monkeypatch: pytest.MonkeyPatch, unmeasured_choices: ModuleType, avx512: bool
 ) -> None:
     """Several images' plain-bfloat16 steps race the layers op by op only on CPUs with AVX-512:
-    without it oneDNN's bfloat16 matmuls are far too slow to win, and racing them costs minutes."""
+    without it oneDNN's bfloat16 matmuls are far too slow to win, and a race costs about a
+    minute."""
     choice = unmeasured_choices
     monkeypatch.setattr(native, "has_avx512", lambda: avx512)
     raced = []

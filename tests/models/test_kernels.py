@@ -215,6 +215,25 @@ def test_native_decoder_layer_matches_torch(dtype: torch.dtype, rows: int, scale
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_gives_a_row_the_bits_it_gets_alone(dtype: torch.dtype) -> None:
+    """A row's logits through the native layers are bitwise those it gets alone, whatever rows
+    step beside it (the GLU width, 90, leaves a different tail of the flattened rows each time)."""
+    if not native.available(dtype) or (dtype == torch.bfloat16 and BLOCKED_BF16):
+        pytest.skip(f"no native {dtype} kernel for several rows here")
+    m = _bart(dtype, True)
+    _, step = _greedy_logits(m, 3, use_native=True, steps=3)
+    assert isinstance(step, cpu.NativeStep)
+    g = torch.Generator().manual_seed(0)
+    for position in range(5, 16):  # slots past those written, each written twice alike
+        tokens = torch.randint(0, 128, (3, 1), generator=g)
+        positions = torch.full((3,), position, dtype=torch.long)
+        with torch.inference_mode():
+            together = step.at(tokens, positions)
+            alone = step.at(tokens[:1], positions[:1])
+        assert torch.equal(alone[0], together[0])
+
+
 @needs_kernel
 def test_native_decoder_layer_only_where_it_applies() -> None:
     m = _bart(torch.float32, False)

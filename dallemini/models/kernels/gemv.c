@@ -738,21 +738,19 @@ static inline __m256 erf8(__m256 x) {
   return _mm256_or_ps(y, _mm256_and_ps(x, sign_bit));
 }
 
-/* g = gelu(a) * g over n floats, as the AVX-512 glu, 8 at a time (libm's erff only for a tail). */
+/* g = gelu(a) * g over n floats, as the AVX-512 glu, 8 at a time. */
 static void glu(const float* a, float* g, long n, int threads) {
   long chunks = (n + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long c = 0; c < chunks; c++) {
     long i = c * 8;
-    if (n - i < 8) { /* the last n % 8 */
-      for (; i < n; i++) g[i] *= 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678118654752f));
-      continue;
-    }
-    __m256 x = _mm256_loadu_ps(a + i);
+    /* the last n % 8 masked: every value takes the same formula, whatever rows run beside it */
+    __m256i m = tail_mask(n - i < 8 ? n - i : 8);
+    __m256 x = _mm256_maskload_ps(a + i, m);
     __m256 e = erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
     __m256 h = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x),
                              _mm256_add_ps(_mm256_set1_ps(1.f), e));
-    _mm256_storeu_ps(g + i, _mm256_mul_ps(h, _mm256_loadu_ps(g + i)));
+    _mm256_maskstore_ps(g + i, m, _mm256_mul_ps(h, _mm256_maskload_ps(g + i, m)));
   }
 }
 #endif

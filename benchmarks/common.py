@@ -12,15 +12,24 @@ from typing import Any
 import torch
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, else whatever platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 # Instruction sets that decide which native kernels and oneDNN paths run.
@@ -30,16 +39,9 @@ _CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf
 def cpu_features() -> dict[str, object]:
     """The CPU's family/model numbers (virtual machines often hide the marketing name) and which
     of the instruction sets that matter here it has, from /proc/cpuinfo; {} elsewhere."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
+    fields = _cpuinfo()
+    if not fields:
         return {}
-    fields = {}
-    for line in lines:
-        if not line.strip():
-            break  # the first processor's block
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
     flags = set(fields.get("flags", "").split())
     return {
         "cpu_family": fields.get("cpu family"),

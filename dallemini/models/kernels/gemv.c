@@ -151,6 +151,17 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* acc[i][j] += the 8 weights of row w[i] from element k times those of x[j] (j < XR). */
+static inline void fma8(__m256 acc[F32_ROWS][F32_XR], const char* const* w, const float* const* x,
+                        long k, const int XR, const int T) {
+  __m256 xv[F32_XR];
+  for (int j = 0; j < XR; j++) xv[j] = _mm256_loadu_ps(x[j] + k);
+  for (int i = 0; i < F32_ROWS; i++) {
+    __m256 v = load_w8(w[i], k, T);
+    for (int j = 0; j < XR; j++) acc[i][j] = _mm256_fmadd_ps(v, xv[j], acc[i][j]);
+  }
+}
+
 /* As the AVX-512 f32_block: outputs n..n+rows-1 of X rows r0..r0+xr-1 (xr <= XR <= 2), per output
  * 8-wide partial sums over k, the tail, one reduction, so a row's result does not depend on the
  * rows beside it; each pass prefetches its share of `next`, one cache line per row at a time. */
@@ -166,19 +177,33 @@ static inline void f32_block(const void* Wn, const float* X, float* Y, long N, l
   for (int i = 0; i < F32_ROWS; i++)
     for (int j = 0; j < XR; j++) acc[i][j] = _mm256_setzero_ps();
   long k = 0;
+  if (T != W_F32) {
+    /* Widened weights: a cache line of every weight row per step (L elements); every `passes`
+     * lines this pass prefetches the next line of its share of `next`. Per output the same sums
+     * in the same order as below (int8 products of two rows: 1.3-1.6x faster than prefetching every
+     * 16 elements, on a 2-core AVX2 EPYC). */
+    const long L = 64 / size;
+    long at = pass * K / passes / L * L, tick = 0;
+    for (; k + L <= K; k += L) {
+      if (next && tick == 0 && at < K)
+        for (int i = 0; i < F32_ROWS; i++)
+          _mm_prefetch((const char*)next + (i * K + at) * size, _MM_HINT_T1);
+      if (++tick == passes) {
+        tick = 0;
+        at += L;
+      }
+#pragma GCC unroll 8
+      for (long u = 0; u < L; u += 8) fma8(acc, w, x, k + u, XR, T);
+    }
+  }
   for (; k + 8 <= K; k += 8) {
-    if (next && k % 16 == 0 && (k / 16) % passes == 0) {
+    if (T == W_F32 && next && k % 16 == 0 && (k / 16) % passes == 0) {
       long at = pass * K / passes / 16 * 16 + k / passes / 16 * 16;
       if (at < K)
         for (int i = 0; i < F32_ROWS; i++)
           _mm_prefetch((const char*)next + (i * K + at) * size, _MM_HINT_T1);
     }
-    __m256 xv[F32_XR];
-    for (int j = 0; j < XR; j++) xv[j] = _mm256_loadu_ps(x[j] + k);
-    for (int i = 0; i < F32_ROWS; i++) {
-      __m256 v = load_w8(w[i], k, T);
-      for (int j = 0; j < XR; j++) acc[i][j] = _mm256_fmadd_ps(v, xv[j], acc[i][j]);
-    }
+    fma8(acc, w, x, k, XR, T);
   }
   if (k < K) { /* the last K % 8 columns */
     __m256i m = tail_mask(K - k);

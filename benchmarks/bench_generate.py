@@ -820,7 +820,8 @@ def main() -> None:
     }
     key = full_key if args.steps >= IMAGE_TOKENS else f"{full_key}-steps{args.steps}"
     key += {"none": "", "one-core": "-contended", "both": "-contention"}[args.competitor]
-    key += f"-{args.key_suffix}" if args.key_suffix else ""
+    suffix = args.key_suffix.lstrip("-")  # "-avx2" and "avx2" name the same key
+    key += f"-{suffix}" if suffix else ""
     merge_results(args.output, key, record)
     print(f"wrote {args.output}")
 

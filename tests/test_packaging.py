@@ -148,3 +148,17 @@ def test_pyproject_extras_and_package_data() -> None:
     assert set(meta["urls"]) >= {"Homepage", "Documentation", "Issues"}
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["dallemini"]
     assert (ROOT / "dallemini" / "py.typed").is_file()
+
+
+def test_the_cli_does_not_import_distributed_training_machinery() -> None:
+    # torch.distributed.checkpoint and fsdp take about a second to import (sympy): a command that
+    # does not train must not pay for them.
+    code = (
+        "import sys, dallemini.cli\n"
+        "print(sorted(m for m in ('torch.distributed.checkpoint', 'torch.distributed.fsdp', 'sympy')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"

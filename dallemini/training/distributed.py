@@ -8,6 +8,7 @@ command under `torchrun --nproc-per-node N` (or on many nodes) becomes data-para
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 from collections.abc import Iterator
@@ -18,20 +19,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..devices import resolve_device
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+# torch.distributed.fsdp and torch.distributed.checkpoint are imported where used: each takes about
+# a second to import (sympy), which every `dallemini` command, training or not, would pay.
+def _fsdp() -> Any:
+    return importlib.import_module("torch.distributed.fsdp")
+
+
+def _dcp() -> Any:
+    return importlib.import_module("torch.distributed.checkpoint.state_dict")
+
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -123,8 +127,8 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Modu
         if not env.distributed:
             return model
         for unit in _shard_units(model):
-            fully_shard(unit)
-        fully_shard(model)
+            _fsdp().fully_shard(unit)
+        _fsdp().fully_shard(model)
         return model
     if not env.distributed:
         return model
@@ -157,12 +161,12 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 
 
 def _options(**kw: Any) -> Any:
-    return StateDictOptions(**kw)
+    return _dcp().StateDictOptions(**kw)
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     """The whole model's weights on CPU (gathered from shards under FSDP); every rank must call it."""
-    state = get_model_state_dict(
+    state = _dcp().get_model_state_dict(
         unwrap(model), options=_options(full_state_dict=True, cpu_offload=True)
     )
     # A copy even on CPU: callers keep it while the live weights change (e.g. EMA swapped back out).
@@ -171,12 +175,12 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load full weights into a plain, DDP or FSDP model (each rank keeps its shard)."""
-    set_model_state_dict(unwrap(model), state, options=_options(full_state_dict=True))
+    _dcp().set_model_state_dict(unwrap(model), state, options=_options(full_state_dict=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's state keyed by parameter names, unsharded, on CPU; every rank must call it."""
-    return get_optimizer_state_dict(
+    return _dcp().get_optimizer_state_dict(
         unwrap(model), optimizer, options=_options(full_state_dict=True, cpu_offload=True)
     )
 
@@ -185,6 +189,6 @@ def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Load what `full_optimizer_state` returned (parameters matched by name)."""
-    set_optimizer_state_dict(
+    _dcp().set_optimizer_state_dict(
         unwrap(model), optimizer, state, options=_options(full_state_dict=True)
     )

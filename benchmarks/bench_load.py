@@ -14,12 +14,16 @@ measurement in its own process and records its peak RSS (VmHWM) beside the RSS i
   stream-to-device  the bfloat16 directory built on the "meta" device: what a GPU load costs the
                host (each tensor read, cast and moved on its own), measurable without a GPU
   load-cuda    the bfloat16 directory loaded onto a GPU (host RSS beyond the baseline), when CUDA is there
+  convert-int8 / load-int8 (--int8)  the same Flax Mega -> a model directory with 8-bit dense
+               layers (`dallemini convert --dtype int8`), loaded with dtype="int8" and generating as
+               load-bf16 does; --int8 runs convert, load-bf16 and these two only, under its own key
   hub-first / hub-second  TextToImage.from_pretrained("mega", dtype=bfloat16) against a local
                Hub-compatible server (tests/fakehub.py) serving those files: first start (download,
                hash checks, conversion, load) and second start (the converted cache, no network)
 
     python benchmarks/bench_load.py --work /var/tmp/dallemini-load      # ~40 GB of disk
     python benchmarks/bench_load.py --shape mini --work /tmp/load-mini  # the same at mini's shape
+    python benchmarks/bench_load.py --int8 --work /var/tmp/dallemini-load  # int8 against bfloat16
 """
 
 from __future__ import annotations
@@ -124,7 +128,15 @@ def make_checkpoints(work: Path, shape: str) -> dict[str, Any]:
     return info
 
 
-LOADS = ("load-bf16", "load-f32", "load-min-dalle", "load-cuda", "hub-first", "hub-second")
+LOADS = (
+    "load-bf16",
+    "load-int8",
+    "load-f32",
+    "load-min-dalle",
+    "load-cuda",
+    "hub-first",
+    "hub-second",
+)
 
 
 class _Stop(Exception):
@@ -153,11 +165,12 @@ def child(step: str, work: Path, shape: str) -> None:
     base_kib = _status_kib("VmRSS")
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
-    if step == "convert":
-        dst = work / "converted-bf16"
+    if step in ("convert", "convert-int8"):
+        dtype = torch.int8 if step == "convert-int8" else torch.bfloat16
+        dst = work / ("converted-int8" if step == "convert-int8" else "converted-bf16")
         shutil.rmtree(dst, ignore_errors=True)
         flax = work / "flax"
-        convert(flax / f"dalle-{shape}", dst, vqgan=flax / "vqgan", dtype=torch.bfloat16)
+        convert(flax / f"dalle-{shape}", dst, vqgan=flax / "vqgan", dtype=dtype)
         out["weight_bytes"] = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
     elif step == "stream-to-device":
         # What a GPU load does on the host, on any machine: each tensor is read, cast and moved to
@@ -174,8 +187,9 @@ def child(step: str, work: Path, shape: str) -> None:
             )
     elif step in LOADS:
         device = "cuda" if step == "load-cuda" else "cpu"
-        dtype = "float32" if step == "load-f32" else "bfloat16"
+        dtype = {"load-f32": "float32", "load-int8": "int8"}.get(step, "bfloat16")
         src: Any = {
+            "load-int8": work / "converted-int8",
             "load-f32": work / "flax" / f"dalle-{shape}",
             "load-min-dalle": work / "min-dalle",
             "hub-first": shape,
@@ -194,7 +208,7 @@ def child(step: str, work: Path, shape: str) -> None:
         out["model_bytes"], out["largest_tensor_bytes"] = sum(sizes), max(sizes)
         out["final_rss_gb"] = round(_status_kib("VmRSS") * 1024 / GB, 3)
         out["load_peak_rss_gb"] = round(_status_kib("VmHWM") * 1024 / GB, 3)
-        if step in ("load-bf16", "load-f32"):
+        if step in ("load-bf16", "load-int8", "load-f32"):
             out["generation_peak_rss_gb"] = _generate_a_little(pipe)
     else:
         raise SystemExit(f"unknown step {step}")
@@ -224,12 +238,38 @@ def serve_hub(work: Path, shape: str) -> Any:
     return hub
 
 
+def record_int8(args: argparse.Namespace, steps: dict[str, Any], run: Any) -> None:
+    """--int8: the bfloat16 and int8 model directories' loads and generation, side by side."""
+    for step in ("load-bf16", "convert-int8", "load-int8"):
+        steps[step] = run(step)
+    bf16, int8 = steps["load-bf16"], steps["load-int8"]
+    summary = {
+        key: round(int8[key] / bf16[key], 3)
+        for key in ("load_peak_rss_gb", "generation_peak_rss_gb", "model_bytes")
+    }
+    summary["int8_weight_bytes_over_bf16"] = round(
+        steps["convert-int8"]["weight_bytes"] / steps["convert"]["weight_bytes"], 3
+    )
+    print(f"int8 / bfloat16: {json.dumps(summary)}", flush=True)
+    record = {
+        "machine": machine_info(torch.device("cpu")),
+        "shape": args.shape,
+        "steps": steps,
+        "int8_over_bf16": summary,
+    }
+    merge_results(args.json, f"{args.shape}-int8", record)
+    if not args.keep:
+        for name in ("converted-bf16", "converted-int8"):
+            shutil.rmtree(args.work / name, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", choices=["mega", "mini"], default="mega")
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/dallemini-bench-load"))
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    ap.add_argument("--int8", action="store_true", help="int8 against bfloat16 only (own key)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -248,6 +288,9 @@ def main() -> None:
         return r
 
     steps: dict[str, Any] = {"convert": run("convert")}
+    if args.int8:
+        record_int8(args, steps, run)
+        return
     for step in ("load-bf16", "load-f32", "load-min-dalle"):
         steps[step] = run(step)
     steps["stream-to-device"] = run("stream-to-device")

@@ -1,8 +1,9 @@
 """8-bit weights for DalleBart: weight-only, per-output-channel symmetric int8.
 
 Each dense layer's weight row r becomes int8 values q[r] = round(w[r] / s[r]) with one float32 scale
-s[r] = max|w[r]| / 127, so w ≈ q * s. Activations, layer norms, embeddings and the K/V cache stay in
-the model's float dtype; only the dense layers' weights (a quarter of their float32 bytes) change.
+s[r] = max|w[r]| / 127, so w ≈ q * s. The encoder's text embedding (Mega's largest tensor, read
+once per prompt) is quantized the same way, one scale per token. Activations, layer norms, the
+decoder's image-token embedding and the K/V cache stay in the model's float dtype.
 `Int8Linear` multiplies with the native CPU kernel (kernels/native.gemv_int8: up to 32 rows), else
 PyTorch's `torch._weight_int8pack_mm` where it applies, else on a dequantized weight; `quantize_`
 swaps a model's layers in place.
@@ -18,6 +19,10 @@ from .kernels import native
 
 # The output head is quantized with the layers: it is a dense layer read at every decoding step.
 QUANTIZE_LM_HEAD = True
+# Embeddings stored in 8 bits: the text embedding (50264 x 2048 for Mega: 0.41 GB in float32, 0.10 in
+# int8; without it Mega's int8 generation peaked at 0.64x bfloat16's, benchmarks/bench_load.py
+# --int8). The image-token embedding stays float: decoding reads its dtype as the model's.
+QUANTIZED_EMBEDDINGS = ("encoder.embed_tokens",)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # On CPU, torch._weight_int8pack_mm computes one output at a time (float32: a plain loop, its sums
 # bit-identical to sequential ones), made for decoding's few rows; past this many rows the BLAS
@@ -119,26 +124,65 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table with int8 rows [num, dim] and a float32 scale per row (per token).
+
+    Inference only, like Int8Linear: `weight` and `weight_scale` are buffers and state-dict names. A
+    lookup returns the rows times their scales, in the scale's dtype (the model's float dtype).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        """The int8 copy of an nn.Embedding, on its device."""
+        weight = embedding.weight
+        out = cls(embedding.num_embeddings, embedding.embedding_dim).to(weight.device)
+        if not weight.is_meta:
+            out.weight, out.weight_scale = quantize_weight(weight)
+        return out
+
+    def forward(self, ids: Tensor) -> Tensor:
+        scale = self.weight_scale
+        return self.weight[ids].to(scale.dtype) * scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+_INT8_MODULES = (Int8Linear, Int8Embedding)
+
+
 def is_quantizable(name: str, lm_head: bool = QUANTIZE_LM_HEAD) -> bool:
-    """Whether the DalleBart dense layer `name` is one `quantize_` converts: every encoder and decoder
-    layer's (attention projections, GLU), and the decoder's output head with `lm_head`."""
-    return name.startswith(("encoder.layers.", "decoder.layers.")) or (
-        lm_head and name == "decoder.lm_head"
+    """Whether the DalleBart layer `name` is one `quantize_` converts: every encoder and decoder
+    layer's dense layers (attention projections, GLU), the decoder's output head with `lm_head`, and
+    the embeddings of QUANTIZED_EMBEDDINGS."""
+    return (
+        name.startswith(("encoder.layers.", "decoder.layers."))
+        or (lm_head and name == "decoder.lm_head")
+        or name in QUANTIZED_EMBEDDINGS
     )
 
 
 def quantizable_layers(model: nn.Module, lm_head: bool = QUANTIZE_LM_HEAD) -> list[str]:
-    """Names of the model's dense layers that `quantize_` converts (see is_quantizable)."""
+    """Names of the model's layers that `quantize_` converts (see is_quantizable)."""
+    kinds = (nn.Linear, nn.Embedding, *_INT8_MODULES)
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, Int8Linear)) and is_quantizable(name, lm_head)
+        if isinstance(m, kinds) and is_quantizable(name, lm_head)
     ]
 
 
 def quantize_(model: nn.Module, names: list[str] | None = None) -> nn.Module:
-    """Replace the named nn.Linear layers (default: `quantizable_layers(model)`) by Int8Linear copies,
-    in place, one at a time (each float weight can be freed once its int8 copy exists); returns model.
+    """Replace the named nn.Linear (nn.Embedding) layers, default `quantizable_layers(model)`, by
+    Int8Linear (Int8Embedding) copies, in place, one at a time (each float weight can be freed once
+    its int8 copy exists); returns model.
 
     Works on a model on the meta device too (int8 buffers of the right shapes, for loading into).
     """
@@ -146,19 +190,22 @@ def quantize_(model: nn.Module, names: list[str] | None = None) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, attr)
-        if isinstance(layer, Int8Linear):
+        if isinstance(layer, _INT8_MODULES):
             continue
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{name} is a {type(layer).__name__}, not a dense layer")
-        setattr(parent, attr, Int8Linear.from_linear(layer))
+        if isinstance(layer, nn.Linear):
+            setattr(parent, attr, Int8Linear.from_linear(layer))
+        elif isinstance(layer, nn.Embedding):
+            setattr(parent, attr, Int8Embedding.from_embedding(layer))
+        else:
+            raise ValueError(f"{name} is a {type(layer).__name__}, not a dense layer or embedding")
     return model
 
 
 def int8_layers(model: nn.Module) -> list[str]:
-    """Names of the model's Int8Linear layers."""
-    return [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    """Names of the model's int8 layers (Int8Linear, Int8Embedding)."""
+    return [name for name, m in model.named_modules() if isinstance(m, _INT8_MODULES)]
 
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of the model holds int8 weights."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, _INT8_MODULES) for m in model.modules())

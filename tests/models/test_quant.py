@@ -15,14 +15,16 @@ from dallemini.checkpoints import convert, load_parts
 from dallemini.checkpoints.lazy import LazyTensor
 from dallemini.checkpoints.native import read_config
 from dallemini.checkpoints.quantized import build_bart, float_layers_to_quantize
-from dallemini.checkpoints.safetensors_io import read_header
+from dallemini.checkpoints.safetensors_io import read_header, read_safetensors, write_safetensors
 from dallemini.config import BART_PRESETS
 from dallemini.devices import resolve_dtype
 from dallemini.errors import CheckpointError, ConfigError
 from dallemini.models.bart import DalleBart
 from dallemini.models.kernels import cpu
 from dallemini.models.quant import (
+    Int8Embedding,
     Int8Linear,
+    dequantize_weight,
     int8_layers,
     quantizable_layers,
     quantize_,
@@ -117,8 +119,9 @@ def test_quantize_replaces_the_layers_and_keeps_logits_close(tiny_dir: Path) -> 
     pipe = TextToImage.from_pretrained(tiny_dir, device="cpu")
     ref = logits(pipe)
     names = quantizable_layers(pipe.bart)
-    assert "decoder.lm_head" in names and len(names) == 2 * 7 + 2 * 11 + 1  # 2 + 2 layers
-    assert not any("embed" in n for n in names)  # embeddings stay float
+    assert "decoder.lm_head" in names and len(names) == 2 * 7 + 2 * 11 + 1 + 1  # 2 + 2 layers
+    # the text embedding is int8 (one scale per token); the image-token one stays float
+    assert [n for n in names if "embed" in n] == ["encoder.embed_tokens"]
     quantize_(pipe.bart)  # an accelerated model that has run: its fused layers follow the swap
     assert int8_layers(pipe.bart) == names
     got = logits(pipe)
@@ -177,6 +180,10 @@ def test_int8_directory_round_trip(tiny_dir: Path, int8_dir: Path, tmp_path: Pat
     assert header["decoder.layers.0.glu.fc2.weight"]["dtype"] == "I8"
     assert header["decoder.layers.0.glu.fc2.weight_scale"]["dtype"] == "F32"
     assert header["decoder.embed_tokens.weight"]["dtype"] == "F32"
+    assert header["encoder.embed_tokens.weight"]["dtype"] == "I8"
+    assert header["encoder.embed_tokens.weight_scale"]["shape"] == [
+        BART_PRESETS["tiny"].encoder_vocab_size
+    ]
     assert (int8_dir / "bart.safetensors").stat().st_size < (
         tiny_dir / "bart.safetensors"
     ).stat().st_size
@@ -195,6 +202,36 @@ def test_int8_directory_round_trip(tiny_dir: Path, int8_dir: Path, tmp_path: Pat
     # converting int8 to int8 keeps it as it is
     again = convert(int8_dir, tmp_path / "again", dtype=torch.int8)
     assert torch.equal(logits(TextToImage.from_pretrained(again, dtype="int8")), quantized_at_load)
+
+
+def test_int8_embedding_looks_up_the_dequantized_rows() -> None:
+    emb = nn.Embedding(10, 6)
+    q = Int8Embedding.from_embedding(emb)
+    ids = torch.tensor([[1, 2, 2], [9, 0, 3]])
+    want = dequantize_weight(q.weight, q.weight_scale)[ids]
+    assert q.weight.dtype == torch.int8 and torch.equal(q(ids), want)
+    assert (q(ids) - emb(ids)).abs().max() <= q.weight_scale.max() / 2 + 1e-6
+    assert q.to(torch.bfloat16)(ids).dtype == torch.bfloat16  # the model's float dtype
+    assert not list(q.parameters())
+
+
+def test_int8_directory_with_a_float_text_embedding_still_loads(
+    int8_dir: Path, tmp_path: Path
+) -> None:
+    # directories written before the text embedding was quantized store it in float32
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in int8_dir.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    state = read_safetensors(old / "bart.safetensors")
+    name = "encoder.embed_tokens.weight"
+    state[name] = dequantize_weight(state[name], state.pop(name + "_scale"))
+    write_safetensors(old / "bart.safetensors", state)
+    pipe = TextToImage.from_pretrained(old, dtype="int8")
+    assert type(pipe.bart.encoder.embed_tokens) is nn.Embedding
+    assert isinstance(pipe.bart.decoder.lm_head, Int8Linear)
+    # the float table holds the int8 values times their scales: the same logits
+    assert torch.equal(logits(pipe), logits(TextToImage.from_pretrained(int8_dir, dtype="int8")))
 
 
 def test_int8_state_and_config_must_agree(int8_dir: Path, tmp_path: Path) -> None:

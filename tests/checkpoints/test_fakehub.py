@@ -8,12 +8,12 @@ import sys
 import types
 from pathlib import Path
 
+import httpx  # huggingface_hub's HTTP client: its errors reach the caller
 import pytest
 
 from tests.fakehub import FakeHub, hub_offline
 
 hf = pytest.importorskip("huggingface_hub")
-httpx2 = pytest.importorskip("httpx2")
 from huggingface_hub import HfApi, file_download, hf_hub_download, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     IncompleteSnapshotError,
@@ -170,9 +170,9 @@ def test_dropped_connection_resumes_or_raises(
     assert [h.get("range") for h in fake_hub.request_headers] == [None, None, "bytes=768-"]
     fake_hub.clear_requests()
 
-    # Cut before any byte, every time: after 5 retries the httpx2 error itself escapes.
+    # Cut before any byte, every time: after 5 retries the httpx error itself escapes.
     fake_hub.drop_always["vqgan/flax_model.msgpack"] = 0
-    with pytest.raises(httpx2.RemoteProtocolError):
+    with pytest.raises(httpx.RemoteProtocolError):
         hf_hub_download(REPO, "vqgan/flax_model.msgpack")
     assert len(fake_hub.file_requests()) == 6  # the first try and 5 retries
     fake_hub.drop_always.clear()

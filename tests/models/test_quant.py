@@ -284,3 +284,13 @@ def test_cli_generate_and_convert_int8(
     assert json.loads((dst / "config.json").read_text())["bart"]["quantization"] == "int8"
     code, _, err = run_cli(capsys, "download", "mini", "--dtype", "int8")
     assert code == 2 and "int8" in err
+
+
+def test_quantize_weight_in_blocks_of_rows_gives_the_whole_weights_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = torch.randn(37, 11)
+    whole = quantize_weight(w)
+    monkeypatch.setattr("dallemini.models.quant._QUANTIZE_BLOCK", 11 * 5)  # 5 rows a block
+    blocks = quantize_weight(w)
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])

@@ -11,6 +11,8 @@ swaps a model's layers in place.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,33 +85,46 @@ def _packed_mm_applies(x: Tensor, weight: Tensor) -> bool:
     return x.device.type in ("cuda", "mps")
 
 
-class Int8Linear(nn.Module):
-    """A bias-free dense layer with int8 weights [out, in] and a float32 scale per output channel.
+class _Int8Rows(nn.Module):
+    """int8 rows [rows, cols] with a float32 scale per row, as the buffers `weight` and
+    `weight_scale`: inference only (no gradient), and the state-dict names an int8 model directory
+    stores."""
 
-    Inference only: the weights are buffers (no gradient). `weight` and `weight_scale` are also the
-    state-dict names, so a quantized model's state dict is what an int8 model directory stores.
-    """
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(rows, cols, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(rows, dtype=torch.float32))
+
+    def _quantized_from(self: _Rows, weight: Tensor) -> _Rows:
+        """These buffers on `weight`'s device, holding it quantized (on the meta device the shapes
+        are all there is)."""
+        self.to(weight.device)
+        if not weight.is_meta:
+            self.weight, self.weight_scale = quantize_weight(weight)
+        return self
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight these int8 values and scales stand for."""
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+
+_Rows = TypeVar("_Rows", bound=_Int8Rows)
+
+
+class Int8Linear(_Int8Rows):
+    """A bias-free dense layer with int8 weights [out, in] and a float32 scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
+        super().__init__(out_features, in_features)
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """The int8 copy of a bias-free nn.Linear, on its device."""
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; quantize bias-free layers only")
-        out = cls(linear.in_features, linear.out_features).to(linear.weight.device)
-        if not linear.weight.is_meta:  # on the meta device the shapes are all there is
-            out.weight, out.weight_scale = quantize_weight(linear.weight)
-        return out
-
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The float weight these int8 values and scales stand for."""
-        return dequantize_weight(self.weight, self.weight_scale, dtype)
+        return cls(linear.in_features, linear.out_features)._quantized_from(linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).contiguous()
@@ -135,28 +150,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int8Embedding(nn.Module):
-    """An embedding table with int8 rows [num, dim] and a float32 scale per row (per token).
-
-    Inference only, like Int8Linear: `weight` and `weight_scale` are buffers and state-dict names. A
-    lookup returns the rows times their scales, in the scale's dtype (the model's float dtype).
-    """
+class Int8Embedding(_Int8Rows):
+    """An embedding table with int8 rows [num, dim] and a float32 scale per row (per token). A
+    lookup returns the rows times their scales, in the scale's dtype (the model's float dtype)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__()
+        super().__init__(num_embeddings, embedding_dim)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
-        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32))
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
         """The int8 copy of an nn.Embedding, on its device."""
-        weight = embedding.weight
-        out = cls(embedding.num_embeddings, embedding.embedding_dim).to(weight.device)
-        if not weight.is_meta:
-            out.weight, out.weight_scale = quantize_weight(weight)
-        return out
+        return cls(embedding.num_embeddings, embedding.embedding_dim)._quantized_from(
+            embedding.weight
+        )
 
     def forward(self, ids: Tensor) -> Tensor:
         scale = self.weight_scale
@@ -164,9 +172,6 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
-
-
-_INT8_MODULES = (Int8Linear, Int8Embedding)
 
 
 def is_quantizable(name: str, lm_head: bool = QUANTIZE_LM_HEAD) -> bool:
@@ -182,7 +187,7 @@ def is_quantizable(name: str, lm_head: bool = QUANTIZE_LM_HEAD) -> bool:
 
 def quantizable_layers(model: nn.Module, lm_head: bool = QUANTIZE_LM_HEAD) -> list[str]:
     """Names of the model's layers that `quantize_` converts (see is_quantizable)."""
-    kinds = (nn.Linear, nn.Embedding, *_INT8_MODULES)
+    kinds = (nn.Linear, nn.Embedding, _Int8Rows)
     return [
         name
         for name, m in model.named_modules()
@@ -201,7 +206,7 @@ def quantize_(model: nn.Module, names: list[str] | None = None) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, attr)
-        if isinstance(layer, _INT8_MODULES):
+        if isinstance(layer, _Int8Rows):
             continue
         if isinstance(layer, nn.Linear):
             setattr(parent, attr, Int8Linear.from_linear(layer))
@@ -214,9 +219,9 @@ def quantize_(model: nn.Module, names: list[str] | None = None) -> nn.Module:
 
 def int8_layers(model: nn.Module) -> list[str]:
     """Names of the model's int8 layers (Int8Linear, Int8Embedding)."""
-    return [name for name, m in model.named_modules() if isinstance(m, _INT8_MODULES)]
+    return [name for name, m in model.named_modules() if isinstance(m, _Int8Rows)]
 
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of the model holds int8 weights."""
-    return any(isinstance(m, _INT8_MODULES) for m in model.modules())
+    return any(isinstance(m, _Int8Rows) for m in model.modules())

@@ -180,8 +180,8 @@ static inline void f32_block(const void* Wn, const float* X, float* Y, long N, l
   if (T != W_F32) {
     /* Widened weights: a cache line of every weight row per step (L elements); every `passes`
      * lines this pass prefetches the next line of its share of `next`. Per output the same sums
-     * in the same order as below (int8 products of two rows: 1.3-1.6x faster than prefetching every
-     * 16 elements, on a 2-core AVX2 EPYC). */
+     * in the same order as below, without a prefetch test and division every 16 elements (one
+     * image's int8 step on an AVX2 EPYC: docs/speed.md, benchmarks/bench_generate.py). */
     const long L = 64 / size;
     long at = pass * K / passes / L * L, tick = 0;
     for (; k + L <= K; k += L) {

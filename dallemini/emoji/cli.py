@@ -74,8 +74,9 @@ VariantsOpt = Annotated[
 LooksOpt = Annotated[
     str,
     typer.Option(
-        help="how variants differ: turn-shade (a turn and a shade each) or shade (a background "
-        "shade of its own each: every two variants differ)"
+        help="how variants differ: turn-shade (a turn and a shade each), shade (a background "
+        "shade of its own each: every two variants differ) or tile (as shade, with the glyph's "
+        "square kept on the plain colour)"
     ),
 ]
 OverwriteOpt = Annotated[

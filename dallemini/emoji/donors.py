@@ -64,9 +64,9 @@ def write_glyph_donors(
     for key in sorted(codes):
         subject, _, position, variant = scene_of[key]
         donor = scenes.glyph_donor(subject, position)
-        # shade looks keep the glyph upright: every look takes the plain donor's glyph codes, so a
-        # glyph has one set of codes whatever the look (turned glyphs take their own look's)
-        look = 0 if scenes.looks == "shade" else variant
+        # shade and tile looks keep the glyph upright: every look takes the plain donor's glyph
+        # codes, so a glyph has one set of codes whatever the look (turned glyphs take their own look's)
+        look = variant if scenes.looks == "turn-shade" else 0
         donor_key = key_of.get((subject, donor, position, look)) if donor else None
         if donor_key is None:
             missing.append(key)

@@ -8,7 +8,8 @@ Analysis by synthesis (DESIGN.md §5; the prototype of emoji-data.md §4.2, tune
    percentiles), is `position_by="mask"`; it agrees on clean images but breaks down on noisy
    backgrounds (σ=30 noise: 12 % vs 100 %) and on glyphs that partly blend into the background;
 3. subject: the subject square at that placement, box-downsampled to 8×8 and minus the measured
-   background, is compared by MSE with every candidate glyph composited on the judged palette
+   background (or minus the plain palette colour, whichever fits better: a glyph may sit on a
+   square of the plain colour in a shaded background), is compared by MSE with every candidate glyph composited on the judged palette
    colour (minus that colour), so a global colour drift cancels; the error of each candidate is
    its minimum over small shifts (±1/8 of the subject side); candidates are ranked by it.
 
@@ -187,12 +188,18 @@ class EmojiJudge:
         m, norms = self._stack(colour)
         return norms[:, None] - 2 * (m @ sq.T) + (sq**2).sum(1)[None, :]
 
-    def _synthesise_position(self, dev: np.ndarray, colour: str) -> str:
+    def _synthesise_position(
+        self, dev: np.ndarray, colour: str, plain_dev: np.ndarray | None = None
+    ) -> str:
         """The placement whose synthesis fits the reduced image best: best candidate in its square,
-        plain background elsewhere (total energy - square energy + best candidate SSE)."""
+        plain background elsewhere (total energy - square energy + best candidate SSE). With
+        `plain_dev` (the image minus the palette colour), a square may also hold the candidate on
+        the plain colour."""
         f, c = self.factor, self.compare_size
         corners = [(x // f, y // f) for x, y in (self.scenes.offsets[p] for p in POSITIONS)]
         errs = self._squares(dev, colour, corners)
+        if plain_dev is not None:
+            errs = np.minimum(errs, self._squares(plain_dev, colour, corners))
         own = np.asarray(
             [float((dev[y : y + c, x : x + c].astype(np.float64) ** 2).sum()) for x, y in corners]
         )
@@ -225,11 +232,17 @@ class EmojiJudge:
         arr = self._array(image)
         colour, bg = self.background(arr)
         dev_full = arr - bg
+        # the glyph's square may keep the plain palette colour in a shaded background ("tile" looks)
+        plain = np.asarray(PALETTE[colour], np.float32)
+        shaded = bool(np.abs(bg - plain).max() > 1.0)
         position = self.locate(arr, bg) if self.position_by == "mask" else None
         located = position is not None
         if position is None:
-            position = self._synthesise_position(self._reduce(dev_full), colour)
+            plain_dev = self._reduce(arr - plain) if shaded else None
+            position = self._synthesise_position(self._reduce(dev_full), colour, plain_dev)
         errors = self._subject_errors(dev_full, colour, position)
+        if shaded:
+            errors = np.minimum(errors, self._subject_errors(arr - plain, colour, position))
         best = int(np.argmin(errors))
         return {
             "colour": colour,

@@ -109,8 +109,10 @@ VARIANT_ANGLES: tuple[float, ...] = (-10.0, -5.0, 5.0, 10.0, 0.0)
 VARIANT_SHADES: tuple[int, ...] = (-24, -12, 0, 12, 24)
 # How variants differ: "turn-shade" draws a turn and a shade per variant (two variants may look
 # alike); "shade" keeps the glyph upright and gives every variant of a colour its own background
-# shade (`look_shades`), so any two variants of a scene are distinct images.
-LOOKS: tuple[str, ...] = ("turn-shade", "shade")
+# shade (`look_shades`), so any two variants of a scene are distinct images; "tile" shades the
+# background as "shade" does but keeps the glyph's square on the plain colour, so the glyph's
+# pixels (and so its VQGAN codes) are the same in every look.
+LOOKS: tuple[str, ...] = ("turn-shade", "shade", "tile")
 LOOK_SHADE_STEP = 10  # RGB levels between a colour's shades, before clipping
 # mean |RGB difference| every two of a colour's shades keep after clipping: with the glyph on ~1/5 of
 # the image, two looks then differ by >= 5 levels, above the 4 of "distinct" (evaluation.py)
@@ -474,13 +476,16 @@ class EmojiScenes:
         shade = self._shade(self.subject(subject).name, colour, position, variant)
         rgb = tuple(min(255, max(0, v + shade)) for v in PALETTE[colour])
         im = Image.new("RGB", (self.resolution, self.resolution), rgb)
+        if self.looks == "tile" and shade:
+            x, y = self.offsets[position]
+            im.paste(PALETTE[colour], (x, y, x + self.subject_size, y + self.subject_size))
         g = self._posed_glyph(subject, position, variant)
         im.paste(g, self.offsets[position], g)
         return im
 
     def _angle(self, subject: str, position: str, variant: int) -> float:
         """The glyph's turn in a variant: one per (subject, place, variant), 0 for variant 0."""
-        if variant == 0 or self.looks == "shade":
+        if variant == 0 or self.looks != "turn-shade":
             return 0.0
         rng = _rng(self.seed, "variant-angle", subject, position, variant)
         return VARIANT_ANGLES[int(rng.integers(len(VARIANT_ANGLES)))]
@@ -489,7 +494,7 @@ class EmojiScenes:
         """The background's shift in a variant (RGB levels, each channel), 0 for variant 0."""
         if variant == 0:
             return 0
-        if self.looks == "shade":
+        if self.looks != "turn-shade":
             shades = look_shades(colour, self.variants)
             return shades[variant % len(shades)]
         rng = _rng(self.seed, "variant-shade", subject, colour, position, variant)

@@ -242,3 +242,21 @@ def test_version_2_captions_never_use_version_3_colour_words(plain: EmojiScenes)
     for scene in plain.split("train")[:300]:
         for caption in plain.sample_captions(scene, 3):
             assert not any(w in caption for w in language.V3_COLOUR_WORDS), caption
+
+
+def test_tile_looks_shade_the_background_and_keep_the_glyph_square() -> None:
+    scenes = EmojiScenes(16, 64, version=2, variants=8, looks="tile")
+    judge = EmojiJudge(scenes)
+    side = scenes.subject_size
+    for scene in scenes.split("train")[::97]:
+        drawn = [np.asarray(scenes.render_scene(scene, v)) for v in range(8)]
+        x, y = scenes.offsets[scene.position]
+        square = [d[y : y + side, x : x + side] for d in drawn]
+        assert all(np.array_equal(s, square[0]) for s in square)  # the glyph's cells never change
+        images = [Image.fromarray(d) for d in drawn]
+        assert distinct_images(images) == len(look_shades(scene.colour, 8)), scene
+        caption = scenes.sample_captions(scene)[0]
+        for im in images:
+            verdict = judge.judge(im, caption)
+            assert verdict["colour_ok"] and verdict["position_ok"] and verdict["subject_ok"], scene
+    assert EmojiScenes.from_config(scenes.config()).looks == "tile"

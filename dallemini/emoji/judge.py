@@ -9,8 +9,9 @@ Analysis by synthesis (DESIGN.md §5; the prototype of emoji-data.md §4.2, tune
    backgrounds (σ=30 noise: 12 % vs 100 %) and on glyphs that partly blend into the background;
 3. subject: the subject square at that placement, box-downsampled to 8×8 and minus the measured
    background (or minus the plain palette colour, whichever fits better: a glyph may sit on a
-   square of the plain colour in a shaded background), is compared by MSE with every candidate glyph composited on the judged palette
-   colour (minus that colour), so a global colour drift cancels; the error of each candidate is
+   square of the plain colour in a shaded background), is compared by MSE with every candidate
+   glyph composited on the judged palette colour (minus that colour), so a global colour drift
+   cancels; the error of each candidate is
    its minimum over small shifts (±1/8 of the subject side); candidates are ranked by it.
 
 Candidate stacks are cached per colour. Ground-truth images score 100 % (≥ 99.9 % after a 2×

@@ -11,8 +11,8 @@ Analysis by synthesis (DESIGN.md §5; the prototype of emoji-data.md §4.2, tune
    background (or minus the plain palette colour, whichever fits better: a glyph may sit on a
    square of the plain colour in a shaded background), is compared by MSE with every candidate
    glyph composited on the judged palette colour (minus that colour), so a global colour drift
-   cancels; the error of each candidate is
-   its minimum over small shifts (±1/8 of the subject side); candidates are ranked by it.
+   cancels; the error of each candidate is its minimum over small shifts (±1/8 of the subject
+   side); candidates are ranked by it.
 
 Candidate stacks are cached per colour. Ground-truth images score 100 % (≥ 99.9 % after a 2×
 down/up-sample); a right-colour, right-place mean-of-glyphs blob scores about 1/N on subject.

@@ -468,6 +468,14 @@ class ShardDataset(IterableDataset, RankSplitBatches):
                 break
         return work
 
+    def epoch_coverage(self, rows: int) -> float:
+        """The share of this rank's epoch-0 rows (so of its shards, which hold consecutive rows)
+        that the stream has read by the time it hands out `rows` rows: below 1, a dataset stored
+        in some order (by subject, by source) is learnt from part of its shards only."""
+        total = self._plan_rows(self.plan(0, self.rank))
+        buffer = self.shuffle_buffer if self.shuffle and self.shuffle_buffer else 0
+        return min(1.0, (rows + buffer) / max(total, 1))
+
     def _plan_rows(self, work: list[tuple[int, np.ndarray | None]]) -> int:
         return sum(int(self._rows[s]) if r is None else len(r) for s, r in work)
 

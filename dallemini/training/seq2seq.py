@@ -124,8 +124,27 @@ class Seq2SeqTrainer(Trainer):
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
+        self._warn_partial_epoch(cfg)
         self.uncond = self.text.unconditional(1)
         self._micro = 0  # micro-batch index within a step: one blanking draw per micro-batch
+
+    def _warn_partial_epoch(self, cfg: Seq2SeqConfig) -> None:
+        """Warn when the run ends before its stream has read every shard: shards are read whole, in
+        a shuffled order, so rows stored by subject or source would be learnt from some of them only."""
+        coverage = self.data.epoch_coverage(cfg.steps * cfg.batch_size * cfg.grad_accum)
+        if coverage < 1:
+            rows = self.data.total_rows // self.env.world_size
+            log.warning(
+                "%d steps read about %.0f%% of the %d rows of %s (shuffle_buffer %s): unless its "
+                "shards are in random order, set shuffle_buffer >= %d (the rows of an epoch) to "
+                "draw every update from the whole dataset",
+                cfg.steps,
+                100 * coverage,
+                rows,
+                cfg.data,
+                cfg.shuffle_buffer,
+                rows,
+            )
 
     # --- building -------------------------------------------------------------------------------
     def _text_encoder(self, cfg: Seq2SeqConfig) -> TextEncoder:

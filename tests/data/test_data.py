@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 import threading
@@ -636,6 +637,22 @@ def test_reader_epoch_reads_every_row_once(tmp_path: Path) -> None:
     assert _rows(list(again)) == e0  # same seed, same order
     plain = ShardDataset(tmp_path / "d", fake_tokenize, 4, shuffle=False, epochs=1, drop_last=False)
     assert _rows(list(plain)) == list(range(28))
+
+
+def test_reader_coverage_of_a_partial_epoch(tmp_path: Path) -> None:
+    """A small buffer streams whole shards, so a short run reads some of them; an epoch-sized one
+    draws the first batches from every shard."""
+    make_shards(tmp_path / "d", rows=(9,) * 10)  # shard k holds rows 9k..9k+8
+    small = ShardDataset(tmp_path / "d", fake_tokenize, 4, shuffle_buffer=6, seed=3)
+    assert small.epoch_coverage(8) == pytest.approx(14 / 90)
+    shards_seen = {r // 9 for r in _rows(list(itertools.islice(small, 3)))}
+    assert len(shards_seen) <= 3
+    whole = ShardDataset(tmp_path / "d", fake_tokenize, 4, shuffle_buffer=90, seed=3)
+    assert whole.epoch_coverage(8) == 1.0
+    shards_seen = {r // 9 for r in _rows(list(itertools.islice(whole, 3)))}
+    assert len(shards_seen) >= 6  # 12 rows drawn from 90: all from <= 3 shards is vanishingly rare
+    plain = ShardDataset(tmp_path / "d", fake_tokenize, 4, shuffle=False)
+    assert plain.epoch_coverage(45) == 0.5
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 6, 40])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -114,6 +115,19 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
         load_config(Seq2SeqConfig, f, parse_overrides(["steps=many"]))
     with pytest.raises(ConfigError, match="bart: unknown"):
         Seq2SeqTrainer(_cfg(data, tmp_path / "r", bart={"d_modle": 8}))
+
+
+def test_a_run_shorter_than_its_shards_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_token_dataset(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="dallemini.train"):
+        Seq2SeqTrainer(_cfg(data, tmp_path / "short", steps=1, shuffle_buffer=0))
+    assert "set shuffle_buffer >= " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dallemini.train"):
+        Seq2SeqTrainer(_cfg(data, tmp_path / "whole", steps=1, shuffle_buffer=1_000_000))
+    assert "shuffle_buffer" not in caplog.text
 
 
 def test_original_recipe_is_one_config_away(tmp_path: Path) -> None:

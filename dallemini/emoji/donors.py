@@ -64,9 +64,9 @@ def write_glyph_donors(
     for key in sorted(codes):
         subject, _, position, variant = scene_of[key]
         donor = scenes.glyph_donor(subject, position)
-        # shade and tile looks keep the glyph upright: every look takes the plain donor's glyph
-        # codes, so a glyph has one set of codes whatever the look (turned glyphs take their own look's)
-        look = variant if scenes.looks == "turn-shade" else 0
+        # an upright glyph takes the plain donor's glyph codes in every look, so it has one set of
+        # codes whatever the look (a turned glyph takes its own look's)
+        look = 0 if scenes.upright_glyph else variant
         donor_key = key_of.get((subject, donor, position, look)) if donor else None
         if donor_key is None:
             missing.append(key)

@@ -483,9 +483,14 @@ class EmojiScenes:
         im.paste(g, self.offsets[position], g)
         return im
 
+    @property
+    def upright_glyph(self) -> bool:
+        """Whether every look draws the glyph upright (shade and tile; turn-shade turns it)."""
+        return self.looks != "turn-shade"
+
     def _angle(self, subject: str, position: str, variant: int) -> float:
         """The glyph's turn in a variant: one per (subject, place, variant), 0 for variant 0."""
-        if variant == 0 or self.looks != "turn-shade":
+        if variant == 0 or self.upright_glyph:
             return 0.0
         rng = _rng(self.seed, "variant-angle", subject, position, variant)
         return VARIANT_ANGLES[int(rng.integers(len(VARIANT_ANGLES)))]
@@ -494,11 +499,11 @@ class EmojiScenes:
         """The background's shift in a variant (RGB levels, each channel), 0 for variant 0."""
         if variant == 0:
             return 0
-        if self.looks != "turn-shade":
-            shades = look_shades(colour, self.variants)
-            return shades[variant % len(shades)]
-        rng = _rng(self.seed, "variant-shade", subject, colour, position, variant)
-        return VARIANT_SHADES[int(rng.integers(len(VARIANT_SHADES)))]
+        if self.looks == "turn-shade":
+            rng = _rng(self.seed, "variant-shade", subject, colour, position, variant)
+            return VARIANT_SHADES[int(rng.integers(len(VARIANT_SHADES)))]
+        shades = look_shades(colour, self.variants)
+        return shades[variant % len(shades)]
 
     def _posed_glyph(self, subject: str | Subject, position: str, variant: int) -> Image.Image:
         """The glyph as a variant draws it (turned about its centre, same square)."""

@@ -334,7 +334,7 @@ RerunChangedOpt = Annotated[
     bool,
     typer.Option(
         "--rerun-changed",
-        help="OUT holds a run with other settings: redo the first changed step and those after it",
+        help="OUT holds a run with other settings: redo the changed steps and those that use their results",
     ),
 ]
 

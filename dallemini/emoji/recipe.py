@@ -9,10 +9,9 @@ interrupted recipe continues where it stopped:
    of its glyph donor colour, see `donors.py`, which the DalleBart trains on instead);
 4. bart: `train` (DalleBart) on the tokens -> OUT/bart/model (with the VQGAN);
 5. decoder (only with a `decoder` section): the emoji VQGAN trainer with train_encoder=false on the VQGAN
-   (every code stays, so the DalleBart stays valid) -> OUT/decoder/model, and OUT/decoder/pipeline:
-   the bart model dir with that VQGAN;
-6. clip: `train-clip` on the images, inside the bart model dir (or OUT/decoder/pipeline) ->
-   OUT/clip/model;
+   (every code stays, so the DalleBart stays valid) -> OUT/decoder/model;
+6. clip: `train-clip` on the images, inside the bart model dir (or OUT/decoder/pipeline: the bart
+   model dir with the decoder step's VQGAN) -> OUT/clip/model;
 7. eval: `eval --model` on the eval section's splits (default: heldout-triples and heldout-colour)
    -> OUT/eval.json;
 8. OUT/model: the clip step's model dir plus emoji_scenes.json, MODEL_CARD.md (config, seed,
@@ -21,9 +20,10 @@ interrupted recipe continues where it stopped:
 Settings come from a recipe YAML (packaged: `dallemini/emoji/recipes/<name>.yaml`) with sections
 dataset, vqgan, encode, bart, decoder, clip, sampling, eval, and `section.key=value` overrides. `sampling`
 (temperature, top_k, top_p, condition_scale) is what eval uses and what OUT/model's config.json keeps.
-Continuing a run whose settings changed is refused unless `rerun_changed`, which redoes the first
-step whose section changed and every step after it (earlier steps are deterministic, so the result
-is what a fresh run of the new settings makes).
+Continuing a run whose settings changed is refused unless `rerun_changed`, which redoes every step
+whose section changed and every step that reads its results (`STEP_INPUTS`): a new DalleBart setting
+redoes bart, clip, eval and model, not the decoder fine-tune. The steps kept are deterministic, so
+the result is what a fresh run of the new settings makes.
 """
 
 from __future__ import annotations
@@ -75,6 +75,17 @@ STEP_SECTIONS = {
     "clip": ("clip",),
     "eval": ("sampling", "eval"),
     "model": (),
+}
+# The earlier steps whose results each step reads.
+STEP_INPUTS: dict[str, tuple[str, ...]] = {
+    "dataset": (),
+    "vqgan": ("dataset",),
+    "encode": ("dataset", "vqgan"),
+    "bart": ("encode", "vqgan"),
+    "decoder": ("dataset", "vqgan"),
+    "clip": ("dataset", "bart", "decoder"),  # the bart model dir's tokenizer and config
+    "eval": ("dataset", "bart", "clip"),
+    "model": ("dataset", "bart", "clip", "eval"),
 }
 STEP_OUTPUT = {
     "dataset": "data",
@@ -147,33 +158,43 @@ def _train(kind: str, settings: dict[str, Any]) -> None:
     cls(load_config(cls.config_class, None, settings)).fit()
 
 
+def changed_steps(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The steps whose results differ between two recipe settings, in STEPS order: those whose
+    sections changed and those that read their results (all of them when the seed changed)."""
+    if before.get("seed") != now.get("seed"):
+        return list(STEPS)
+    redo: list[str] = []
+    for step in STEPS:
+        if any(before.get(sec) != now.get(sec) for sec in STEP_SECTIONS[step]) or any(
+            dep in redo for dep in STEP_INPUTS[step]
+        ):
+            redo.append(step)
+    return redo
+
+
 def first_changed_step(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     """The first step whose result differs between two recipe settings (None: same settings)."""
-    if before.get("seed") != now.get("seed"):
-        return STEPS[0]
-    for step in STEPS:
-        if any(before.get(sec) != now.get(sec) for sec in STEP_SECTIONS[step]):
-            return step
-    return None
+    redo = changed_steps(before, now)
+    return redo[0] if redo else None
 
 
-def _forget_from(out: Path, step: str, echo: Callable[[str], object]) -> None:
-    """Delete the results (markers and outputs) of `step` and every later step."""
-    for later in STEPS[STEPS.index(step) :]:
-        _marker(out, later).unlink(missing_ok=True)
-        target = out / STEP_OUTPUT[later]
+def _forget(out: Path, steps: list[str], echo: Callable[[str], object]) -> None:
+    """Delete the results (markers and outputs) of `steps`."""
+    for step in steps:
+        _marker(out, step).unlink(missing_ok=True)
+        target = out / STEP_OUTPUT[step]
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    echo(f"recipe: settings changed; redoing {', '.join(STEPS[STEPS.index(step) :])}")
+    echo(f"recipe: settings changed; redoing {', '.join(steps)}")
 
 
 def _check_saved_settings(
     out: Path, cfg: dict[str, Any], rerun_changed: bool, echo: Callable[[str], object]
 ) -> None:
     """Refuse to continue a run in `out` made with other settings, or (`rerun_changed`) forget the
-    results of its first changed step and those after it."""
+    results of its changed steps."""
     saved = out / "recipe.json"
     if not saved.is_file():
         return
@@ -181,16 +202,16 @@ def _check_saved_settings(
         before = json.loads(saved.read_text())
     except ValueError as e:
         raise ConfigError(f"{saved} is not valid JSON ({e}); use a new OUT folder") from e
-    changed = first_changed_step(before, cfg)
-    if changed is None:
+    redo = changed_steps(before, cfg)
+    if not redo:
         return
     if not rerun_changed:
         raise ConfigError(
-            f"{out} holds a recipe run with other settings ({saved}; the {changed!r} step "
-            "and those after it differ): use a new OUT folder, or --rerun-changed to redo "
-            "them (their results in OUT are deleted)"
+            f"{out} holds a recipe run with other settings ({saved}; the {', '.join(redo)} "
+            "step(s) differ): use a new OUT folder, or --rerun-changed to redo them (their "
+            "results in OUT are deleted)"
         )
-    _forget_from(out, changed, echo)
+    _forget(out, redo, echo)
 
 
 class _RecipeRun:
@@ -282,7 +303,7 @@ class _RecipeRun:
     def decoder(self) -> None:
         if not self.sec["decoder"]:
             return  # nothing to fine-tune: the CLIP step takes the bart model dir as it is
-        out, tuned = self.out, self.tuned
+        out = self.out
         self._trainer(
             "vqgan",
             "decoder",
@@ -292,6 +313,13 @@ class _RecipeRun:
             eval_data=self.data / "heldout",
             out=out / "decoder",
         )
+
+    def _tuned_pipeline(self) -> Path:
+        """OUT/decoder/pipeline: the bart model dir with the decoder step's VQGAN (made afresh, so a
+        DalleBart trained again after the decoder step joins it), or the bart model dir itself."""
+        out, tuned = self.out, self.tuned
+        if not (out / "decoder" / "model").is_dir():
+            return out / "bart" / "model"
         before = json.loads((out / "bart" / "model" / "config.json").read_text())["vqgan"]
         after = json.loads((out / "decoder" / "model" / "config.json").read_text())["vqgan"]
         if before != after:  # cannot happen unless a file was edited: the shape is the model's
@@ -300,8 +328,9 @@ class _RecipeRun:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(out / "bart" / "model", tmp)
         shutil.copy(out / "decoder" / "model" / "vqgan.safetensors", tmp / "vqgan.safetensors")
-        shutil.rmtree(tuned, ignore_errors=True)  # left by a run stopped before its marker
+        shutil.rmtree(tuned, ignore_errors=True)  # an earlier one, or one left by a stopped run
         tmp.rename(tuned)
+        return tuned
 
     def clip(self) -> None:
         self._trainer(
@@ -309,7 +338,7 @@ class _RecipeRun:
             "clip",
             data=self.data / "train",
             eval_data=self.data / "heldout",
-            model=self.tuned if self.tuned.is_dir() else self.out / "bart" / "model",
+            model=self._tuned_pipeline(),
             out=self.out / "clip",
         )
 

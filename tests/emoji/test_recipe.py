@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dallemini.emoji.recipe import STEPS, first_changed_step, load_recipe, run_recipe
+from dallemini.emoji.recipe import (
+    STEPS,
+    changed_steps,
+    first_changed_step,
+    load_recipe,
+    run_recipe,
+)
 from dallemini.errors import ConfigError, InputError
 from dallemini.pipeline import TextToImage, load_vqgan
 from tests.test_cli import run_here
@@ -36,6 +42,24 @@ def test_first_changed_step() -> None:
     assert first_changed_step(base, load_recipe("tiny", {"sampling.top_k": 3})) == "eval"
     assert first_changed_step(base, load_recipe("tiny", {"eval.limit": 3})) == "eval"
     assert first_changed_step(base, load_recipe("tiny", {"vqgan.lr": 0.1})) == "vqgan"
+
+
+def test_changed_steps_are_those_that_read_a_changed_result() -> None:
+    base = load_recipe("tiny")
+    assert changed_steps(base, load_recipe("tiny")) == []
+    assert changed_steps(base, load_recipe("tiny", {"seed": 1})) == list(STEPS)
+    # the decoder fine-tune never reads the DalleBart: a DalleBart setting leaves it alone
+    bart = ["bart", "clip", "eval", "model"]
+    assert changed_steps(base, load_recipe("tiny", {"bart.lr": 0.1})) == bart
+    assert changed_steps(base, load_recipe("tiny", {"decoder.lr": 0.1})) == [
+        "decoder",
+        "clip",
+        "eval",
+        "model",
+    ]
+    assert changed_steps(base, load_recipe("tiny", {"encode.batch_size": 8})) == ["encode", *bart]
+    assert changed_steps(base, load_recipe("tiny", {"vqgan.lr": 0.1})) == list(STEPS[1:])
+    assert changed_steps(base, load_recipe("tiny", {"sampling.top_k": 3})) == ["eval", "model"]
 
 
 @pytest.mark.slow
@@ -109,7 +133,21 @@ def test_tiny_recipe_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     weights = load_file(bart)
     weights = {k: v * 0.5 if v.is_floating_point() else v for k, v in weights.items()}
     save_file(weights, bart)
+    weights_bytes = bart.read_bytes()
     for step in ("eval", "model"):
         (out / "steps" / f"{step}.json").unlink()
     run_recipe(out, "tiny", {"sampling.top_k": 3}, device="cpu", echo=said.append)
     assert (model / "bart.safetensors").read_bytes() == bart.read_bytes()
+    # A new DalleBart setting trains the DalleBart and the CLIP again, and keeps the decoder step.
+    decoder_before = (out / "decoder" / "model" / "vqgan.safetensors").read_bytes()
+    said.clear()
+    changed = {"sampling.top_k": 3, "bart.steps": 20}
+    run_recipe(out, "tiny", changed, device="cpu", rerun_changed=True, echo=said.append)
+    assert "recipe: settings changed; redoing bart, clip, eval, model" in said
+    assert "recipe: decoder done before, skipped" in said
+    assert (out / "decoder" / "model" / "vqgan.safetensors").read_bytes() == decoder_before
+    assert (model / "bart.safetensors").read_bytes() == bart.read_bytes() != weights_bytes
+    assert json.loads((out / "bart" / "train_config.json").read_text())["steps"] == 20
+    tuned = load_vqgan(out / "decoder" / "pipeline").state_dict()
+    shipped = load_vqgan(model).state_dict()
+    assert all(torch.equal(tuned[k], shipped[k]) for k in tuned)

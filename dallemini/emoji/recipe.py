@@ -172,12 +172,6 @@ def changed_steps(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return redo
 
 
-def first_changed_step(before: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """The first step whose result differs between two recipe settings (None: same settings)."""
-    redo = changed_steps(before, now)
-    return redo[0] if redo else None
-
-
 def _forget(out: Path, steps: list[str], echo: Callable[[str], object]) -> None:
     """Delete the results (markers and outputs) of `steps`."""
     for step in steps:
